@@ -1,0 +1,45 @@
+"""Small helpers shared by every vqlab module (defined once, imported everywhere)."""
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["seed_everything", "default_device", "index_dtype", "bits_for", "fast_mode"]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and CUDA); return a CPU generator seeded with `seed`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bits_for(k: int) -> int:
+    """Bits one index into a K-entry codebook takes: ceil(log2 K), at least 1."""
+    if k < 2:
+        raise ValueError(f"codebook size K must be >= 2, got K={k}")
+    return max(1, math.ceil(math.log2(k)))
+
+
+def index_dtype(k: int) -> torch.dtype:
+    """Smallest torch integer dtype that holds indices 0..K-1 (uint8, int16 or int32)."""
+    if k <= 256:
+        return torch.uint8
+    if k <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def fast_mode() -> bool:
+    """True when notebooks/CI asked for the quick variant (environment VQLAB_FAST=1)."""
+    return os.environ.get("VQLAB_FAST") == "1"
