@@ -23,13 +23,13 @@ lab: venv
 
 # Unit tests, then every notebook under nbval in fast mode (lax: only cells marked NBVAL_CHECK_OUTPUT are compared).
 test: venv
-	VQLAB_FAST=1 $(PY) -m pytest -p no:cacheprovider tests notebooks --nbval-lax --durations=10
+	VQLAB_FAST=1 $(PY) -m pytest -p no:cacheprovider tests $(wildcard notebooks/*.ipynb) --nbval-lax --durations=10
 
 test-unit: venv
 	$(PY) -m pytest tests
 
 test-notebooks: venv
-	VQLAB_FAST=1 $(PY) -m pytest -p no:cacheprovider notebooks --nbval-lax
+	VQLAB_FAST=1 $(PY) -m pytest -p no:cacheprovider $(wildcard notebooks/*.ipynb) --nbval-lax
 
 bench: venv
 	$(PY) benchmarks/kmeans.py
