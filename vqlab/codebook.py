@@ -1,0 +1,524 @@
+"""Codebooks and how to fit them: k-means(++), mini-batch k-means, product and residual VQ.
+
+    res = kmeans(x, k=256)                  # x: (N, d) -> res.codebook (256, d), res.assignments (N,)
+    codes = assign(x, res.codebook)         # nearest codeword of every row, (N,) int64
+    x_hat = decode(res.codebook, codes)     # (N, d)
+
+Conventions: a codebook is (K, d) float; `Codebook` (an nn.Module) holds G of them as one (G, K, d)
+parameter.  distortion := mean over the N vectors of ||x - c||^2 / d, i.e. the per-weight mean squared
+error.  Everything is deterministic under `seed` (a private torch.Generator; the global RNG is never
+touched); the device follows `x`; fitting runs in float32 (float64 stays float64) and codebooks come
+back in x's dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "KMeansResult", "PQResult", "RVQResult", "Codebook",
+    "kmeans", "assign", "decode", "product_quantize", "pq_decode", "residual_quantize", "rvq_decode",
+]
+
+# A distance chunk holds at most this many (row, codeword) entries (8 MiB in float32): small enough
+# to stay in cache, large enough that the matmul is efficient (measured: 8192 rows x K=256 is best).
+_DIST_BUDGET = 2**21
+# k-means++ seeding runs on a random subsample of min(N, max(_PP_MIN, _PP_PER_CENTER * k)) points, so
+# seeding 256 centers costs the same for N = 1e4 and N = 1e6; Lloyd then refines on all N points.
+_PP_PER_CENTER = 20
+_PP_MIN = 4096
+# After the last iteration empty clusters are re-seeded and the points re-assigned, at most this often.
+_POLISH_ROUNDS = 16
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass
+class KMeansResult:
+    """Result of `kmeans`.
+
+    codebook: (k, d) in x's dtype and device.  assignments: (N,) int64, each row's nearest codeword
+    in `codebook`.  distortion: mean ||x - codebook[assignments]||^2 / d.  n_iter: iterations run
+    (Lloyd steps, or passes over the data for mini-batch).  dead_reseeded: how many times an empty
+    cluster's center was moved onto a badly served point.
+    """
+
+    codebook: torch.Tensor
+    assignments: torch.Tensor
+    distortion: float
+    n_iter: int
+    dead_reseeded: int
+
+
+@dataclass
+class PQResult:
+    """Result of `product_quantize`: codebooks (M, k, D/M), codes (N, M) int64, distortion (per element)."""
+
+    codebooks: torch.Tensor
+    codes: torch.Tensor
+    distortion: float
+
+
+@dataclass
+class RVQResult:
+    """Result of `residual_quantize`: codebooks (S, k, d), codes (N, S) int64, distortion after all
+    stages and after each stage (`distortion_per_stage[s]` = distortion using stages 0..s)."""
+
+    codebooks: torch.Tensor
+    codes: torch.Tensor
+    distortion: float
+    distortion_per_stage: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float dtype is fitted in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_x(x, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (N, d), got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N vectors, d dims), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must hold at least one vector of at least one dim, got shape {tuple(x.shape)}")
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf); clean or clip them first")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {name}={value}")
+
+
+def _check_k(k, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"K must be an int, got K={k!r}")
+    if k < 2:
+        raise ValueError(f"K must be >= 2, got K={k}")
+    if k > n:
+        raise ValueError(f"K={k} is larger than the number of vectors N={n}; use K <= N")
+
+
+def _rows_per_chunk(k: int, chunk: int) -> int:
+    return max(1, min(chunk, _DIST_BUDGET // k))
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codeword of every row.  x: (N, d), c: (k, d), same dtype.
+
+    Returns (idx (N,) int64, sqdist (N,)) with sqdist = ||x - c[idx]||^2 computed exactly.  The search
+    uses ||c||^2 - 2 x.c (one matmul per chunk of rows, never an (N, k) matrix); ties go to the lowest
+    index.  That expansion is off by up to ~eps * (||x||^2 + ||c||^2), so rows whose chosen codeword is
+    within that bound (e.g. a row with an exact copy among the codewords) are settled with exact
+    differences: a codeword equal to a row is always found.
+    """
+    n, d = x.shape
+    k = c.shape[0]
+    rows = _rows_per_chunk(k, chunk)
+    c_sq = (c * c).sum(1)                                              # (k,)
+    ct = c.t()
+    idx = torch.empty(n, dtype=torch.long, device=x.device)
+    val = torch.empty(n, dtype=x.dtype, device=x.device)
+    buf = torch.empty(min(rows, n), k, dtype=x.dtype, device=x.device)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        b = torch.addmm(c_sq, x[s:e], ct, alpha=-2, out=buf[: e - s])  # ||c||^2 - 2 x.c
+        torch.min(b, 1, out=(val[s:e], idx[s:e]))
+    dist = ((x - c[idx]) ** 2).sum(1)                                  # (N,) exact
+    bound = (2 * d + 8) * torch.finfo(x.dtype).eps * ((x * x).sum(1) + c_sq.max())
+    unsure = ((dist > 0) & (dist <= bound)).nonzero().flatten()
+    step = max(1, _DIST_BUDGET // (k * d))
+    for s in range(0, len(unsure), step):
+        r = unsure[s:s + step]
+        exact = ((x[r, None, :] - c[None]) ** 2).sum(-1)               # (r, k)
+        dist[r], idx[r] = exact.min(1)
+    return idx, dist
+
+
+def _cluster_sums(v: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """sums[j] = v[idx == j].sum(0).  v: (N, d), idx: (N,) -> (k, d).
+
+    index_add_ is deterministic on CPU but uses atomics on CUDA, so there a one-hot matmul per chunk
+    (deterministic, and cheap: N * k * d flops) does the sum instead.
+    """
+    out = torch.zeros(k, v.shape[1], dtype=v.dtype, device=v.device)
+    if v.device.type == "cpu":
+        return out.index_add_(0, idx, v)
+    rows = _rows_per_chunk(k, 65536)
+    codes = torch.arange(k, device=v.device)
+    for s in range(0, v.shape[0], rows):
+        onehot = (idx[s:s + rows, None] == codes).to(v.dtype)           # (rows, k)
+        out.addmm_(onehot.t(), v[s:s + rows])
+    return out
+
+
+def _sample_weighted(w: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n indices drawn with replacement with probability proportional to w >= 0 (uniform if w == 0).
+
+    Inverse-CDF sampling with uniforms from the CPU generator: same draws on every device, no sync.
+    """
+    cdf = torch.cumsum(w.double(), 0)
+    u = torch.rand(n, generator=gen, dtype=torch.float64).to(w.device)
+    picked = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_max_(len(w) - 1)
+    uniform = (u * len(w)).long().clamp_max_(len(w) - 1)
+    return torch.where(cdf[-1] > 0, picked, uniform)
+
+
+def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007; greedy trials as in scikit-learn).
+
+    Runs on a random subsample of min(N, max(4096, 20 k)) rows.  Each step draws 2 + ln k candidates
+    with probability proportional to D(x)^2, the squared distance to the nearest chosen center, and
+    keeps the one that lowers the total potential most.  x: (N, d) -> centers (k, d), rows of x.
+    """
+    n = x.shape[0]
+    m = min(n, max(_PP_MIN, _PP_PER_CENTER * k))
+    xs = x if m == n else x[torch.randperm(n, generator=gen)[:m].to(x.device)]
+    trials = 2 + int(math.log(k))
+    xs_sq = (xs * xs).sum(1)                                           # (m,)
+    first = torch.randint(m, (1,), generator=gen).to(x.device)
+    chosen = [first]
+    pot = ((xs - xs[first]) ** 2).sum(1)                               # (m,) D^2
+    for _ in range(1, k):
+        cand = _sample_weighted(pot, trials, gen)                      # (trials,)
+        c = xs[cand]                                                   # (trials, d)
+        d2 = (xs_sq[:, None] - 2 * xs @ c.t() + xs_sq[cand][None]).clamp_min_(0)  # (m, trials)
+        d2 = torch.minimum(d2, pot[:, None])
+        best = d2.sum(0).argmin()
+        chosen.append(cand[best].reshape(1))
+        pot = d2[:, best]
+    return xs[torch.cat(chosen)].clone()
+
+
+def _init_centers(x: torch.Tensor, k: int, init, gen: torch.Generator) -> torch.Tensor:
+    if isinstance(init, torch.Tensor):
+        if init.shape != (k, x.shape[1]):
+            raise ValueError(f"init tensor must have shape (K, d) = {(k, x.shape[1])}, got {tuple(init.shape)}")
+        if not torch.isfinite(init).all():
+            raise ValueError("init tensor contains non-finite values (NaN or inf)")
+        return init.detach().to(device=x.device, dtype=x.dtype).clone()
+    if init == "kmeans++":
+        return _kmeanspp(x, k, gen)
+    if init == "random":
+        return x[torch.randperm(x.shape[0], generator=gen)[:k].to(x.device)].clone()
+    raise ValueError(f"init must be 'kmeans++', 'random' or a (K, d) tensor, got init={init!r}")
+
+
+def _reseed(x: torch.Tensor, c: torch.Tensor, dead: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """Move the centers `dead` (int64 ids) onto badly served rows of x, in place on c.
+
+    dist: (n,) each row's exact squared error (from `_nearest`).  Farthest-point style: among the
+    max(1024, 32 * len(dead)) worst rows, take the worst, treat it as served by its new center,
+    take the worst again, ...; so several dead centers do not all land in the same far-off blob.
+    Rows already on a center (error 0) are never used.  Returns the ids actually re-seeded.
+    """
+    pool = torch.topk(dist, min(len(dist), max(1024, 32 * len(dead)))).indices
+    xp = x[pool]                                                       # (p, d)
+    err = dist[pool]                                                   # (p,)
+    picks = []
+    for _ in range(len(dead)):
+        j = int(err.argmax())
+        if not err[j] > 0:
+            break
+        picks.append(j)
+        err = torch.minimum(err, ((xp - xp[j]) ** 2).sum(1))
+    dead = dead[: len(picks)]
+    c[dead] = xp[picks]
+    return dead
+
+
+def _polish(x: torch.Tensor, c: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
+    """Final assignment; while clusters are empty and some point is not on its center, move an
+    empty center onto the worst point and assign again (each round can only lower the distortion)."""
+    total = 0
+    for _ in range(_POLISH_ROUNDS):
+        idx, dist = _nearest(x, c, chunk)
+        dead = (torch.bincount(idx, minlength=len(c)) == 0).nonzero().flatten()
+        if len(dead) == 0:
+            break
+        moved = len(_reseed(x, c, dead, dist))
+        if moved == 0:
+            break
+        total += moved
+    else:
+        idx, _ = _nearest(x, c, chunk)
+    return idx, total
+
+
+def _distortion(x: torch.Tensor, c: torch.Tensor, idx: torch.Tensor) -> float:
+    """Exact mean ||x - c[idx]||^2 / d (no expansion, so it is 0.0 when every row is a codeword)."""
+    return float(((x - c[idx]) ** 2).mean())
+
+
+def _converged(prev: float, cur: float, tol: float) -> bool:
+    return math.isfinite(prev) and prev - cur <= tol * prev
+
+
+# ---------------------------------------------------------------- core: Lloyd and mini-batch
+
+def _lloyd(x, c, iters, tol, chunk, bar) -> tuple[int, int]:
+    """Lloyd iterations on all points, in place on c.  Returns (n_iter, dead_reseeded)."""
+    n, d = x.shape
+    k = len(c)
+    prev, reseeded, it = math.inf, 0, 0
+    for it in range(1, iters + 1):
+        idx, dist = _nearest(x, c, chunk)
+        counts = torch.bincount(idx, minlength=k)
+        # c + mean(x - c) rather than mean(x): a center whose points all equal it stays bit-exact
+        delta = _cluster_sums(x - c[idx], idx, k)
+        dead = (counts == 0).nonzero().flatten()
+        moved = len(_reseed(x, c, dead, dist)) if len(dead) else 0   # dead rows get delta 0
+        c += delta / counts.clamp_min(1).to(c.dtype)[:, None]
+        reseeded += moved
+        cur = float(dist.sum()) / (n * d)
+        bar.update(1)
+        bar.set_postfix(distortion=f"{cur:.4g}", refresh=False)
+        if moved == 0 and _converged(prev, cur, tol):
+            break
+        prev = cur
+    return it, reseeded
+
+
+def _minibatch(x, c, iters, tol, batch_size, chunk, gen, bar) -> tuple[int, int]:
+    """Mini-batch k-means (Sculley 2010), in place on c.  Returns (n_iter, dead_reseeded).
+
+    One iteration = one pass over a fresh random permutation in batches of `batch_size`.  Center j
+    moves towards each of its points with learning rate 1 / (points it has seen so far), i.e. it is
+    the running mean of its points; for a batch this is c += sum(x - c) / v_new.  Centers that got
+    no point in a pass are re-seeded onto the worst-served points of a random sample.
+    """
+    n, d = x.shape
+    k = len(c)
+    seen = torch.zeros(k, dtype=torch.long, device=x.device)           # Sculley's per-center counts v
+    prev, reseeded, it = math.inf, 0, 0
+    for it in range(1, iters + 1):
+        perm = torch.randperm(n, generator=gen).to(x.device)
+        hits = torch.zeros(k, dtype=torch.long, device=x.device)
+        err = torch.zeros((), dtype=x.dtype, device=x.device)
+        for s in range(0, n, batch_size):
+            xb = x[perm[s:s + batch_size]]                             # (b, d)
+            idx, dist = _nearest(xb, c, chunk)
+            nb = torch.bincount(idx, minlength=k)
+            seen += nb
+            hits += nb
+            c += _cluster_sums(xb - c[idx], idx, k) / seen.clamp_min(1).to(c.dtype)[:, None]
+            err += dist.sum()
+        dead = (hits == 0).nonzero().flatten()
+        moved = 0
+        if len(dead):
+            sample = x[torch.randperm(n, generator=gen)[: max(batch_size, 16 * len(dead))].to(x.device)]
+            _, dist = _nearest(sample, c, chunk)
+            got = _reseed(sample, c, dead, dist)
+            seen[got] = 1
+            moved = len(got)
+        reseeded += moved
+        cur = float(err) / (n * d)
+        bar.update(1)
+        bar.set_postfix(distortion=f"{cur:.4g}", refresh=False)
+        if moved == 0 and _converged(prev, cur, tol):
+            break
+        prev = cur
+    return it, reseeded
+
+
+# ---------------------------------------------------------------- public functions
+
+def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, init: str | torch.Tensor = "kmeans++",
+           batch_size: int | None = None, seed: int = 0, tol: float = 1e-4, progress: bool = False,
+           chunk: int = 65536) -> KMeansResult:
+    """Fit a k-entry codebook to the rows of x.
+
+    x: (N, d) float tensor (any float dtype; fitted in float32, float64 stays float64); device follows x.
+    k: codewords K, 2 <= K <= N.
+    iters: at most this many Lloyd iterations; with `batch_size`, passes over the data.
+    init: "kmeans++" (greedy k-means++ on a subsample of min(N, max(4096, 20 K)) rows), "random"
+        (K distinct rows of x) or a (K, d) tensor of starting centers.
+    batch_size: None = Lloyd on all points; an int = mini-batch k-means with batches of that size.
+    seed: seeds a private torch.Generator; same seed, same input -> bitwise the same result.
+    tol: stop once an iteration lowers the distortion by less than tol (relative) and no empty
+        cluster had to be re-seeded.
+    progress: show a tqdm bar.  chunk: rows per distance block (also capped at 2^21 / K).
+
+    Empty clusters are re-seeded every iteration onto the points with the largest error, and once
+    more after the last one, so when x has at least K distinct rows every codeword is used; with
+    K >= the number of distinct rows the codebook holds each of them exactly (distortion 0).
+    Returns KMeansResult; `assignments` are the nearest codewords of the returned (rounded) codebook.
+
+    Example:
+        >>> res = kmeans(torch.randn(10_000, 4), 16, seed=0)
+        >>> res.codebook.shape, res.assignments.shape
+        (torch.Size([16, 4]), torch.Size([10000]))
+    """
+    _check_x(x)
+    n = x.shape[0]
+    _check_k(k, n)
+    _check_int("iters", iters, 1)
+    if batch_size is not None:
+        _check_int("batch_size", batch_size, 1)
+    _check_int("chunk", chunk, 1)
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got tol={tol!r}")
+    if not (isinstance(init, torch.Tensor) or init in ("kmeans++", "random")):
+        raise ValueError(f"init must be 'kmeans++', 'random' or a (K, d) tensor, got init={init!r}")
+
+    gen = torch.Generator().manual_seed(seed)
+    xw = x.detach().to(_work_dtype(x.dtype)).contiguous()               # (N, d)
+    c = _init_centers(xw, k, init, gen)                                 # (k, d)
+    with tqdm(total=iters, desc=f"k-means K={k}", disable=not progress, leave=False) as bar:
+        if batch_size is None:
+            n_iter, reseeded = _lloyd(xw, c, iters, tol, chunk, bar)
+        else:
+            n_iter, reseeded = _minibatch(xw, c, iters, tol, batch_size, chunk, gen, bar)
+    c = c.to(x.dtype).to(xw.dtype)                                      # assign against what we return
+    idx, moved = _polish(xw, c, chunk)
+    return KMeansResult(codebook=c.to(x.dtype), assignments=idx, distortion=_distortion(xw, c, idx),
+                        n_iter=n_iter, dead_reseeded=reseeded + moved)
+
+
+def assign(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """Index of the nearest codeword (squared Euclidean) for every row; ties go to the lowest index.
+
+    x: (N, d); codebook: (K, d); chunk: rows per distance block (never an (N, K) matrix in memory).
+    Returns (N,) int64 on x's device.  Computed in float32 (float64 if either input is float64).
+    """
+    _check_x(x)
+    if not isinstance(codebook, torch.Tensor) or codebook.dim() != 2:
+        shape = tuple(codebook.shape) if isinstance(codebook, torch.Tensor) else type(codebook).__name__
+        raise ValueError(f"codebook must be a (K, d) tensor, got {shape}")
+    if codebook.shape[1] != x.shape[1]:
+        raise ValueError(f"codebook has d={codebook.shape[1]} but x has d={x.shape[1]} columns")
+    _check_int("chunk", chunk, 1)
+    work = torch.promote_types(_work_dtype(x.dtype), _work_dtype(codebook.dtype))
+    c = codebook.detach().to(device=x.device, dtype=work)
+    return _nearest(x.detach().to(work).contiguous(), c, chunk)[0]
+
+
+def decode(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Look codes up: codebook (K, d), codes (...) integer -> (..., d)."""
+    return codebook[codes.long()]
+
+
+def product_quantize(x: torch.Tensor, n_subspaces: int, k: int, *, iters: int = 25, init: str = "kmeans++",
+                     batch_size: int | None = None, seed: int = 0, tol: float = 1e-4,
+                     progress: bool = False) -> PQResult:
+    """Product quantization (Jegou et al. 2011): split the D columns into M equal subspaces and run
+    k-means in each (subspace m uses seed + m).
+
+    x: (N, D); n_subspaces M must divide D.  Returns PQResult with codebooks (M, k, D/M) in x's dtype,
+    codes (N, M) int64 and distortion = mean ||x - pq_decode(...)||^2 / D.
+    With M = 1 this is exactly `kmeans(x, k, ...)`.
+    """
+    _check_x(x)
+    _check_int("n_subspaces", n_subspaces, 1)
+    dim = x.shape[1]
+    if dim % n_subspaces:
+        raise ValueError(f"n_subspaces M={n_subspaces} must divide the vector length D={dim}")
+    ds = dim // n_subspaces
+    books, codes, err = [], [], 0.0
+    for m in tqdm(range(n_subspaces), desc="PQ subspaces", disable=not progress, leave=False):
+        res = kmeans(x[:, m * ds:(m + 1) * ds], k, iters=iters, init=init, batch_size=batch_size,
+                     seed=seed + m, tol=tol)
+        books.append(res.codebook)
+        codes.append(res.assignments)
+        err += res.distortion
+    return PQResult(codebooks=torch.stack(books), codes=torch.stack(codes, 1), distortion=err / n_subspaces)
+
+
+def pq_decode(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Rebuild vectors from product codes.  codebooks (M, k, D/M), codes (N, M) -> (N, D)."""
+    m = codebooks.shape[0]
+    if codes.dim() != 2 or codes.shape[1] != m:
+        raise ValueError(f"codes must be (N, M={m}) for {m} subspace codebooks, got shape {tuple(codes.shape)}")
+    sub = torch.arange(m, device=codes.device)
+    return codebooks[sub, codes.long()].reshape(codes.shape[0], -1)      # (N, M, D/M) -> (N, D)
+
+
+def residual_quantize(x: torch.Tensor, k: int, n_stages: int, *, iters: int = 25, init: str = "kmeans++",
+                      batch_size: int | None = None, seed: int = 0, tol: float = 1e-4,
+                      progress: bool = False) -> RVQResult:
+    """Residual VQ: stage s runs k-means (seed + s) on what stages 0..s-1 left over, x - sum of codewords.
+
+    x: (N, d).  Returns RVQResult with codebooks (S, k, d) in x's dtype, codes (N, S) int64,
+    distortion = mean ||x - rvq_decode(...)||^2 / d and the distortion after each stage (non-increasing:
+    each stage's centers are cluster means, which never serve a cluster worse than the zero vector).
+    """
+    _check_x(x)
+    _check_int("n_stages", n_stages, 1)
+    resid = x.detach().to(_work_dtype(x.dtype))                          # (N, d)
+    books, codes, per_stage = [], [], []
+    for s in tqdm(range(n_stages), desc="RVQ stages", disable=not progress, leave=False):
+        res = kmeans(resid, k, iters=iters, init=init, batch_size=batch_size, seed=seed + s, tol=tol)
+        book = res.codebook.to(x.dtype)
+        resid = resid - book.to(resid.dtype)[res.assignments]
+        books.append(book)
+        codes.append(res.assignments)
+        per_stage.append(float((resid * resid).mean()))
+    return RVQResult(codebooks=torch.stack(books), codes=torch.stack(codes, 1), distortion=per_stage[-1],
+                     distortion_per_stage=per_stage)
+
+
+def rvq_decode(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Sum of the chosen codeword of every stage.  codebooks (S, k, d), codes (N, S) -> (N, d)."""
+    s = codebooks.shape[0]
+    if codes.dim() != 2 or codes.shape[1] != s:
+        raise ValueError(f"codes must be (N, S={s}) for {s} stage codebooks, got shape {tuple(codes.shape)}")
+    return codebooks[torch.arange(s, device=codes.device), codes.long()].sum(1)   # (N, S, d) -> (N, d)
+
+
+# ---------------------------------------------------------------- the module a VQ layer holds
+
+class Codebook(nn.Module):
+    """G codebooks of K codewords of length d, as one parameter `weight`: (G, K, d).
+
+    A VQ layer holds one; several layers may hold the same object (a shared codebook, stored once).
+    Gradients reaching `weight` are the sums over the segments that use each codeword.
+    """
+
+    def __init__(self, k: int, d: int, groups: int = 1, *, device=None, dtype=None) -> None:
+        super().__init__()
+        _check_int("K", k, 2)
+        _check_int("d", d, 1)
+        _check_int("groups", groups, 1)
+        self.weight = nn.Parameter(torch.zeros(groups, k, d, device=device, dtype=dtype or torch.float32))
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "Codebook":
+        """Build from a (K, d) or (G, K, d) float tensor (copied, detached)."""
+        if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"Codebook.from_tensor needs a (K, d) or (G, K, d) tensor, got {shape}")
+        if not t.is_floating_point():
+            raise TypeError(f"Codebook.from_tensor needs a float tensor, got dtype {t.dtype}")
+        t = t.detach()
+        t = t[None] if t.dim() == 2 else t
+        book = cls(t.shape[1], t.shape[2], t.shape[0], device=t.device, dtype=t.dtype)
+        with torch.no_grad():
+            book.weight.copy_(t)
+        return book
+
+    @property
+    def k(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def d(self) -> int:
+        return self.weight.shape[2]
+
+    @property
+    def groups(self) -> int:
+        return self.weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, K={self.k}, d={self.d}, dtype={self.weight.dtype}"
