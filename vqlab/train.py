@@ -146,7 +146,7 @@ def train_or_load(model_name: str = "lenet5", dataset: str = "fashion-mnist", ep
         progress=progress, device="cpu")
     meta = {"model": model_name, "dataset": info.name, "epochs": epochs, "seed": seed, "lr": lr,
             "batch_size": batch_size, "test_acc": evaluate(model, load_dataset(info.name, "test")),
-            "seconds": time.perf_counter() - t0, "torch": torch.__version__}
+            "seconds": time.perf_counter() - t0, "torch": str(torch.__version__)}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
     return model.eval(), {**meta, "path": str(path)}
