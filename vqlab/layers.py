@@ -1,0 +1,543 @@
+"""VQ layers: `VQLinear` and `VQConv2d`, drop-in replacements for nn.Linear / nn.Conv2d.
+
+A VQ layer stores its weight as a codebook and one index per weight segment of length d
+(contracts: W_flat[i, s*d:(s+1)*d] = codebook[g(i)][indices[i, s]], y = x @ W_flat.T):
+
+    codebook  a `vqlab.codebook.Codebook` module, .weight (G, K, d); G codebooks serve G equal
+              consecutive blocks of output channels.  One Codebook object may be held by several
+              layers (it is then one parameter, counted once by `vqlab.compressed_size`).
+    indices   buffer (out, n_pad / d), dtype `index_dtype(K)` (uint8 for K <= 256).
+
+Row layout (n = segmented length of one output channel's weights):
+    VQLinear                     W_flat = weight                                  n = in_features
+    VQConv2d segment="input"     W_flat = weight.permute(0, 2, 3, 1).reshape(out, -1)   (kh, kw, cin/groups)
+                                 segments are runs of d input channels at one kernel position
+    VQConv2d segment="kernel"    W_flat = weight.reshape(out, -1)                      (cin/groups, kh, kw)
+
+Padding (pad=True, for d that does not divide the segmented dimension):
+    VQLinear and segment="kernel": each row is zero-padded at its end to n_pad = ceil(n / d) * d;
+        the layer pads x with zeros to n_pad before the kernel (zeros times any codeword add nothing).
+    segment="input": the input channels of every conv group are zero-padded to ceil(cin_g / d) * d at
+        every kernel position (so segments never straddle kernel positions); the layer zero-pads x's
+        channels per conv group to match.
+    `dequantize()` always returns the unpadded weight in nn.Linear / nn.Conv2d shape.
+
+Training (VQ-DNN style weight sharing): in train mode the layer rebuilds W = dequantize(codebook,
+indices) and calls F.linear / F.conv2d, so the gradient of every weight of a cluster sums into its
+codeword.  In eval mode it computes through `vqlab.kernels.vq_matmul` / `vq_conv2d` (backend="auto").
+
+Reassignment (`reassign_every=N > 0`): the layer keeps a float `latent` parameter (out, n_pad), the
+weights before quantization, trained by a straight-through estimator (forward value = codebook weight,
+its gradient = the dense weight gradient).  Every training forward with autograd enabled increments
+`steps` (one per optimizer step under `vqlab.train.fit`); before forward number N+1, 2N+1, ... every
+segment of `latent` is re-assigned to its nearest codeword (`reassign()`).  `latent` is training-only
+state: `compressed_size` and `vqlab.save` leave it out and `vqlab.load` rebuilds it from the codebook.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import kernels
+from ._utils import bits_for, index_dtype
+from .codebook import Codebook, assign, kmeans
+from .kernels.reference import dequantize as _dequantize
+
+__all__ = ["VQLinear", "VQConv2d", "VQLayer", "vq_layer_class", "check_quantizable", "fit_codebook",
+           "weight_segments", "FLOAT_DTYPES"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _vq_matmul(x, codebook, indices, backend="auto"):
+    # TEMPORARY until vqlab.kernels exports vq_matmul: fall back to the reference
+    f = getattr(kernels, "vq_matmul", None)
+    if f is None:
+        from .kernels.reference import vq_matmul_reference
+        return vq_matmul_reference(x, codebook, indices)
+    return f(x, codebook, indices, backend=backend)
+
+
+def _vq_conv2d(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment="input",
+               bias=None, backend="auto"):
+    # TEMPORARY until vqlab.kernels exports vq_conv2d: fall back to dequantize + F.conv2d
+    f = getattr(kernels, "vq_conv2d", None)
+    if f is None:
+        flat = _dequantize(codebook, indices).to(x.dtype)
+        out, cin_g, kh, kw = weight_shape
+        w = (flat.reshape(out, kh, kw, cin_g).permute(0, 3, 1, 2) if segment == "input"
+             else flat.reshape(out, cin_g, kh, kw))
+        return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+    return f(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment=segment,
+             bias=bias, backend=backend)
+
+
+def _label(name: str | None, module: nn.Module) -> str:
+    """How errors name a layer: "layer 'features.3' (Conv2d)"."""
+    kind = type(module).__name__
+    return f"layer {name!r} ({kind})" if name else f"{kind} layer"
+
+
+def _divisors(n: int) -> list[int]:
+    return [i for i in range(1, n + 1) if n % i == 0]
+
+
+def _ceil_to(n: int, d: int) -> int:
+    return -(-n // d) * d
+
+
+def _resolve_conv_padding(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
+    """nn.Conv2d padding (ints or 'same'/'valid') -> F.pad order (left, right, top, bottom)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        total = [dil * (k - 1) for k, dil in zip(kernel_size, dilation)]  # (h, w)
+        return (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
+    ph, pw = padding
+    return (pw, pw, ph, ph)
+
+
+def check_quantizable(module: nn.Module, k: int, d: int, *, groups: int = 1, segment: str = "input",
+                      pad: bool = False, name: str | None = None, check_k: bool = True) -> int:
+    """Check that `module` (nn.Linear / nn.Conv2d) can take a (K, d) codebook; return its segment count.
+
+    Raises ValueError/TypeError naming the layer and the bad value: unsupported layer type or weight
+    dtype, non-finite weights, K < 2, d not dividing the segmented dimension (unless pad), G not
+    dividing the output channels, K larger than the segments one codebook serves (when check_k).
+    returns: number of segments of the whole layer, out * n_pad / d.
+    """
+    label = _label(name, module)
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise TypeError(f"{label}: vector quantization supports nn.Linear and nn.Conv2d, not "
+                        f"{type(module).__name__}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"{label}: codebook size K must be an integer >= 2, got K={k!r}")
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ValueError(f"{label}: segment length d must be an integer >= 1, got d={d!r}")
+    w = module.weight
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{label}: weight dtype {w.dtype} is not supported; VQ needs one of "
+                        f"{[str(t) for t in FLOAT_DTYPES]}")
+    bad = int((~torch.isfinite(w)).sum())
+    if bad:
+        raise ValueError(f"{label}: weight has {bad} non-finite value(s) (nan/inf); VQ needs finite weights")
+    out = w.shape[0]
+    if isinstance(module, nn.Conv2d):
+        if segment not in ("input", "kernel"):
+            raise ValueError(f"{label}: segment must be 'input' or 'kernel', got {segment!r}")
+        cin_g, kh, kw = w.shape[1:]
+        dim, what = (cin_g, "in_channels/groups") if segment == "input" else (cin_g * kh * kw, "in_channels/groups*kh*kw")
+        n_pad = kh * kw * _ceil_to(cin_g, d) if segment == "input" else _ceil_to(dim, d)
+        where = f" (segment={segment!r})"
+    else:
+        dim, what, where = w.shape[1], "in_features", ""
+        n_pad = _ceil_to(dim, d)
+    if dim % d and not pad:
+        raise ValueError(f"{label}: d={d} does not divide {what}={dim}{where}; choose d in "
+                         f"{_divisors(dim)} or pass pad=True")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or out % groups:
+        raise ValueError(f"{label}: codebook groups G={groups!r} must be a positive divisor of the "
+                         f"{out} output channels; valid: {_divisors(out)}")
+    segments = out * n_pad // d
+    if check_k and k > segments // groups:
+        raise ValueError(f"{label}: K={k} is larger than the {segments // groups} segments each of the "
+                         f"{groups} codebook(s) would serve (d={d}); use K <= {segments // groups}")
+    return segments
+
+
+@torch.no_grad()
+def fit_codebook(segments: torch.Tensor, k: int, *, iters: int = 25, init: str = "kmeans++",
+                 batch_size: int | None = None, seed: int = 0, dtype: torch.dtype | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means codebooks for G groups of segments.
+
+    segments: (G, N, d) float.  returns codebook (G, k, d) in `dtype` (default: segments' dtype) and
+    assignments (G, N) int64, each segment's nearest codeword in the returned codebook.
+    When a group has at most k distinct segments the codebook holds them exactly (the rest of the
+    rows repeat them), so K >= #distinct segments reproduces the weights bit for bit.
+    """
+    g, n, d = segments.shape
+    dtype = dtype or segments.dtype
+    work = segments.float() if segments.dtype != torch.float64 else segments
+    books, codes = [], []
+    for j in range(g):
+        x = work[j]                                                    # (N, d)
+        uniq, inv = torch.unique(x, dim=0, return_inverse=True)
+        if len(uniq) <= k:
+            fill = torch.arange(k - len(uniq), device=x.device) % len(uniq)
+            books.append(torch.cat([uniq, uniq[fill]]))
+            codes.append(inv)
+            continue
+        res = kmeans(x, k, iters=iters, init=init, batch_size=batch_size, seed=seed + j)
+        book = res.codebook.to(dtype).to(x.dtype)                      # assign against the stored values
+        books.append(book)
+        codes.append(assign(x, book))
+    return torch.stack(books).to(dtype), torch.stack(codes)
+
+
+# ---------------------------------------------------------------- the shared core
+
+class VQLayer(nn.Module):
+    """Common storage and training logic of VQLinear and VQConv2d (not used directly).
+
+    Subclasses define `out_dim`, `n` (unpadded row length) and `n_pad`, `_flat_to_weight(flat)` and
+    `_weight_to_flat(weight)` for their row layout.
+    """
+
+    codebook: Codebook
+    indices: torch.Tensor
+
+    def _init_vq(self, out_dim: int, n_pad: int, k: int, d: int, codebook_groups: int,
+                 codebook: Codebook | None, reassign_every: int, device, dtype) -> None:
+        if codebook is None:
+            codebook = Codebook(k, d, codebook_groups, device=device, dtype=dtype)
+        self.codebook = codebook
+        self.register_buffer("indices", torch.zeros(out_dim, n_pad // d, dtype=index_dtype(codebook.k),
+                                                    device=device))
+        self.n_pad = n_pad
+        if isinstance(reassign_every, bool) or not isinstance(reassign_every, int) or reassign_every < 0:
+            raise ValueError(f"reassign_every must be an integer >= 0 (0 = never), got {reassign_every!r}")
+        self.reassign_every = reassign_every
+        self.steps = 0          # training forwards seen (drives reassignment)
+        self.backend = "auto"   # kernel backend used in eval mode
+        self.register_parameter("latent", None)  # training-only float weights (reassign_every > 0)
+
+    # -- sizes
+    @property
+    def k(self) -> int:
+        return self.codebook.k
+
+    @property
+    def d(self) -> int:
+        return self.codebook.d
+
+    @property
+    def codebook_groups(self) -> int:
+        return self.codebook.groups
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Index bits per (unpadded) weight: ceil(log2 K) * segments / weights."""
+        return bits_for(self.k) * self.indices.numel() / (self.out_dim * self.n)
+
+    # -- weights
+    def flat_weight(self) -> torch.Tensor:
+        """(out, n_pad) dequantized rows in the codebook's dtype, differentiable w.r.t. the codebook."""
+        return _dequantize(self.codebook.weight, self.indices)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense weight in nn.Linear / nn.Conv2d shape (padding removed)."""
+        return self._flat_to_weight(self.flat_weight())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dense weight (computed on each access), so code that reads `.weight` keeps working."""
+        return self.dequantize()
+
+    def _train_flat(self, dtype: torch.dtype) -> torch.Tensor:
+        """Rows used in training: codebook values; with `latent`, a straight-through path to it."""
+        flat = self.flat_weight().to(dtype)
+        if self.latent is not None:
+            flat = flat + (self.latent - self.latent.detach()).to(dtype)  # value unchanged, grad -> latent
+        return flat
+
+    def _tick(self) -> None:
+        """Count a training step; re-fit assignments every `reassign_every` steps."""
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        if self.reassign_every and self.steps and self.steps % self.reassign_every == 0:
+            self.reassign()
+        self.steps += 1
+
+    def init_latent(self, weight: torch.Tensor | None = None) -> None:
+        """Create the training-only `latent` parameter from `weight` (dense shape; default: dequantized)."""
+        src = self.dequantize() if weight is None else weight
+        dtype = src.dtype if weight is not None else torch.promote_types(src.dtype, torch.float32)
+        self.latent = nn.Parameter(self._weight_to_flat(src.detach()).to(dtype).clone())
+
+    @torch.no_grad()
+    def reassign(self, weight: torch.Tensor | None = None) -> int:
+        """Re-assign every segment to its nearest codeword; return how many indices changed.
+
+        weight: dense weight (nn shape) to assign; default: the `latent` parameter (needs
+        reassign_every > 0 or `init_latent()`).
+        """
+        if weight is not None:
+            flat = self._weight_to_flat(weight.to(self.codebook.weight.device))
+        elif self.latent is not None:
+            flat = self.latent
+        else:
+            raise RuntimeError(f"{type(self).__name__}.reassign() needs a weight: pass one, or build the "
+                               f"layer with reassign_every > 0 (which keeps a latent float weight)")
+        g, d = self.codebook_groups, self.d
+        segs = flat.reshape(g, -1, d)                                  # (G, N_g, d)
+        book = self.codebook.weight
+        work = torch.float64 if book.dtype == torch.float64 else torch.float32
+        new = torch.stack([assign(segs[j].to(work), book[j].to(work)) for j in range(g)])
+        new = new.reshape(self.indices.shape).to(self.indices.dtype)
+        changed = int((new != self.indices).sum())
+        self.indices.copy_(new)
+        return changed
+
+    # -- construction from a float layer
+    def _fill_from(self, weight: torch.Tensor, *, k: int, d: int, groups: int, iters: int, init: str,
+                   batch_size: int | None, seed: int, codebook: Codebook | None,
+                   codebook_dtype: torch.dtype | None) -> None:
+        if codebook is None:
+            flat = self._weight_to_flat(weight.detach())               # (out, n_pad)
+            book, codes = fit_codebook(flat.reshape(groups, -1, d), k, iters=iters, init=init,
+                                       batch_size=batch_size, seed=seed,
+                                       dtype=codebook_dtype or weight.dtype)
+            with torch.no_grad():
+                self.codebook.weight.copy_(book)
+                self.indices.copy_(codes.reshape(self.indices.shape).to(self.indices.dtype))
+        else:                                                          # a shared codebook: assign only
+            self.reassign(weight.detach())
+        if self.reassign_every:
+            self.init_latent(weight)
+
+    def extra_repr(self) -> str:
+        shared = "" if self.codebook_groups == 1 else f", codebook_groups={self.codebook_groups}"
+        pad = f", n_pad={self.n_pad}" if self.n_pad != self.n else ""
+        every = f", reassign_every={self.reassign_every}" if self.reassign_every else ""
+        return f"K={self.k}, d={self.d}{shared}{pad}{every}"
+
+
+def _check_codebook_arg(codebook: Codebook, k: int | None, d: int | None, label: str) -> tuple[int, int, int]:
+    if not isinstance(codebook, Codebook):
+        raise TypeError(f"{label}: codebook must be a vqlab.codebook.Codebook, got {type(codebook).__name__}")
+    if k is not None and k != codebook.k or d is not None and d != codebook.d:
+        raise ValueError(f"{label}: given K={k}, d={d} but the shared codebook has K={codebook.k}, d={codebook.d}")
+    return codebook.k, codebook.d, codebook.groups
+
+
+# ---------------------------------------------------------------- VQLinear
+
+class VQLinear(VQLayer):
+    """nn.Linear with a vector-quantized weight.  x: (..., in_features) -> (..., out_features).
+
+    Build one with `VQLinear.from_float(nn.Linear(...), k=256, d=4)`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: int, d: int,
+                 codebook_groups: int = 1, pad: bool = False, codebook: Codebook | None = None,
+                 reassign_every: int = 0, device=None, dtype=None):
+        super().__init__()
+        if codebook is not None:
+            k, d, codebook_groups = codebook.k, codebook.d, codebook.groups
+        if in_features % d and not pad:
+            raise ValueError(f"VQLinear: d={d} does not divide in_features={in_features}; choose d in "
+                             f"{_divisors(in_features)} or pass pad=True")
+        self.in_features, self.out_features = in_features, out_features
+        self.out_dim, self.n = out_features, in_features
+        self._init_vq(out_features, _ceil_to(in_features, d), k, d, codebook_groups, codebook,
+                      reassign_every, device, dtype)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    def _weight_to_flat(self, weight: torch.Tensor) -> torch.Tensor:
+        return F.pad(weight, (0, self.n_pad - self.n))                   # (out, n_pad)
+
+    def _flat_to_weight(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[:, : self.n]                                         # (out, in)
+
+    @classmethod
+    def from_shape_of(cls, module: nn.Linear, **kw) -> "VQLinear":
+        """An empty VQLinear with `module`'s shape (kw: k, d, pad, codebook, ...)."""
+        return cls(module.in_features, module.out_features, module.bias is not None, **kw)
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, k: int | None = None, d: int | None = None, *,
+                   codebook: Codebook | None = None, groups: int = 1, pad: bool = False, iters: int = 25,
+                   init: str = "kmeans++", batch_size: int | None = None, seed: int = 0,
+                   reassign_every: int = 0, codebook_dtype: torch.dtype | None = None,
+                   name: str | None = None) -> "VQLinear":
+        """Quantize an nn.Linear: k-means (K codewords of length d, G codebooks) on its weight rows.
+
+        codebook: an existing Codebook to share (then K, d, G come from it and the weights are only
+            assigned to it).  name: the layer's name, used in error messages.
+        """
+        label = _label(name, module)
+        if codebook is not None:
+            k, d, groups = _check_codebook_arg(codebook, k, d, label)
+        if k is None or d is None:
+            raise ValueError(f"{label}: give k and d (or a shared codebook)")
+        check_quantizable(module, k, d, groups=groups, pad=pad, name=name, check_k=codebook is None)
+        w = module.weight
+        layer = cls.from_shape_of(module, k=k, d=d, codebook_groups=groups, pad=pad, codebook=codebook,
+                                  reassign_every=reassign_every, device=w.device, dtype=codebook_dtype or w.dtype)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        layer._fill_from(w, k=k, d=d, groups=groups, iters=iters, init=init, batch_size=batch_size, seed=seed,
+                         codebook=codebook, codebook_dtype=codebook_dtype)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._tick()
+            return F.linear(x, self._flat_to_weight(self._train_flat(x.dtype)), self.bias)
+        if self.n_pad != self.n:
+            x = F.pad(x, (0, self.n_pad - self.n))
+        y = _vq_matmul(x, self.codebook.weight, self.indices, backend=self.backend)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, " + super().extra_repr())
+
+
+# ---------------------------------------------------------------- VQConv2d
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+class VQConv2d(VQLayer):
+    """nn.Conv2d with a vector-quantized weight.  x: (B, in_channels, H, W) -> (B, out_channels, Ho, Wo).
+
+    Supports stride, padding (ints, 'same', 'valid'), dilation, groups, bias and padding_mode like
+    nn.Conv2d.  segment="input" (default) or "kernel" picks the row layout (module docstring).
+    Build one with `VQConv2d.from_float(nn.Conv2d(...), k=256, d=4)`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, k: int, d: int,
+                 segment: str = "input", codebook_groups: int = 1, pad: bool = False,
+                 codebook: Codebook | None = None, reassign_every: int = 0, device=None, dtype=None):
+        super().__init__()
+        if codebook is not None:
+            k, d, codebook_groups = codebook.k, codebook.d, codebook.groups
+        if segment not in ("input", "kernel"):
+            raise ValueError(f"VQConv2d: segment must be 'input' or 'kernel', got {segment!r}")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"VQConv2d: padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', "
+                             f"got {padding_mode!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"VQConv2d: groups={groups} must divide in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding_mode, self.segment = padding_mode, segment
+        cin_g = in_channels // groups
+        kh, kw = self.kernel_size
+        dim = cin_g if segment == "input" else cin_g * kh * kw
+        if dim % d and not pad:
+            what = "in_channels/groups" if segment == "input" else "in_channels/groups*kh*kw"
+            raise ValueError(f"VQConv2d: d={d} does not divide {what}={dim} (segment={segment!r}); choose d in "
+                             f"{_divisors(dim)} or pass pad=True")
+        self.cin_pad = _ceil_to(cin_g, d) if segment == "input" else cin_g   # channels per conv group seen by the kernel
+        n_pad = kh * kw * self.cin_pad if segment == "input" else _ceil_to(dim, d)
+        self.out_dim, self.n = out_channels, cin_g * kh * kw
+        self._init_vq(out_channels, n_pad, k, d, codebook_groups, codebook, reassign_every, device, dtype)
+        self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype)) if bias else None
+        # explicit padding: symmetric zero padding goes to the conv itself, anything else is done by F.pad
+        lr_tb = _resolve_conv_padding(self.padding, self.kernel_size, self.dilation)
+        if padding_mode == "zeros" and lr_tb[0] == lr_tb[1] and lr_tb[2] == lr_tb[3]:
+            self._conv_padding, self._pre_pad = (lr_tb[2], lr_tb[0]), None
+        else:
+            self._conv_padding, self._pre_pad = (0, 0), lr_tb
+
+    def _weight_to_flat(self, weight: torch.Tensor) -> torch.Tensor:
+        out = weight.shape[0]
+        if self.segment == "input":
+            w = weight.permute(0, 2, 3, 1)                               # (out, kh, kw, cin_g)
+            return F.pad(w, (0, self.cin_pad - w.shape[-1])).reshape(out, -1)
+        return F.pad(weight.reshape(out, -1), (0, self.n_pad - self.n))
+
+    def _flat_to_weight(self, flat: torch.Tensor) -> torch.Tensor:
+        out, (kh, kw), cin_g = flat.shape[0], self.kernel_size, self.in_channels // self.groups
+        if self.segment == "input":
+            return flat.reshape(out, kh, kw, self.cin_pad)[..., :cin_g].permute(0, 3, 1, 2)
+        return flat[:, : self.n].reshape(out, cin_g, kh, kw)
+
+    @classmethod
+    def from_shape_of(cls, module: nn.Conv2d, **kw) -> "VQConv2d":
+        """An empty VQConv2d with `module`'s geometry (kw: k, d, segment, pad, codebook, ...)."""
+        return cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                   module.dilation, module.groups, module.bias is not None, module.padding_mode, **kw)
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, k: int | None = None, d: int | None = None, *,
+                   codebook: Codebook | None = None, groups: int = 1, segment: str = "input", pad: bool = False,
+                   iters: int = 25, init: str = "kmeans++", batch_size: int | None = None, seed: int = 0,
+                   reassign_every: int = 0, codebook_dtype: torch.dtype | None = None,
+                   name: str | None = None) -> "VQConv2d":
+        """Quantize an nn.Conv2d: k-means on its weight segments (layout per `segment`).
+
+        groups: number of codebooks G (blocks of output channels), not the conv's groups.
+        codebook: an existing Codebook to share.  name: the layer's name, used in error messages.
+        """
+        label = _label(name, module)
+        if codebook is not None:
+            k, d, groups = _check_codebook_arg(codebook, k, d, label)
+        if k is None or d is None:
+            raise ValueError(f"{label}: give k and d (or a shared codebook)")
+        check_quantizable(module, k, d, groups=groups, segment=segment, pad=pad, name=name,
+                          check_k=codebook is None)
+        w = module.weight
+        layer = cls.from_shape_of(module, k=k, d=d, segment=segment, codebook_groups=groups, pad=pad,
+                                  codebook=codebook, reassign_every=reassign_every, device=w.device,
+                                  dtype=codebook_dtype or w.dtype)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        layer._fill_from(w, k=k, d=d, groups=groups, iters=iters, init=init, batch_size=batch_size, seed=seed,
+                         codebook=codebook, codebook_dtype=codebook_dtype)
+        return layer
+
+    def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pre_pad is not None:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._pre_pad, mode=mode)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._pad_input(x)
+        if self.training or (self.segment == "kernel" and self.n_pad != self.n):
+            # dense path: training (gradients into the codebook), or kernel-segment padding that no
+            # conv weight shape can express
+            if self.training:
+                self._tick()
+                w = self._flat_to_weight(self._train_flat(x.dtype))
+            else:
+                w = self.dequantize().to(x.dtype)
+            return F.conv2d(x, w, self.bias, self.stride, self._conv_padding, self.dilation, self.groups)
+        cin_g = self.in_channels // self.groups
+        if self.cin_pad != cin_g:                                      # zero channels per conv group
+            b, _, h, w_ = x.shape
+            x = F.pad(x.reshape(b, self.groups, cin_g, h, w_), (0, 0, 0, 0, 0, self.cin_pad - cin_g))
+            x = x.reshape(b, self.groups * self.cin_pad, h, w_)
+        kh, kw = self.kernel_size
+        return _vq_conv2d(x, self.codebook.weight, self.indices, (self.out_channels, self.cin_pad, kh, kw),
+                                 self.stride, self._conv_padding, self.dilation, self.groups,
+                                 segment=self.segment, bias=self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s + f", bias={self.bias is not None}, segment={self.segment!r}, " + super().extra_repr()
+
+
+def weight_segments(module: nn.Module, d: int, *, segment: str = "input", pad: bool = False) -> torch.Tensor:
+    """The (out * n_pad / d, d) weight segments a VQ layer built from `module` would quantize, in index order."""
+    cls = vq_layer_class(module)
+    kw = {"segment": segment} if cls is VQConv2d else {}
+    shell = cls.from_shape_of(module, k=2, d=d, pad=pad, **kw)  # geometry only (tiny buffers)
+    return shell._weight_to_flat(module.weight.detach()).reshape(-1, d)
+
+
+def vq_layer_class(module: nn.Module) -> type[VQLayer]:
+    """The VQ class replacing `module`: VQLinear for nn.Linear, VQConv2d for nn.Conv2d."""
+    if isinstance(module, nn.Linear):
+        return VQLinear
+    if isinstance(module, nn.Conv2d):
+        return VQConv2d
+    raise TypeError(f"vector quantization supports nn.Linear and nn.Conv2d, not {type(module).__name__}")
