@@ -1,0 +1,83 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from vqlab.baselines import fake_quantize_uniform, uniform_quantize_
+from vqlab.data import load_dataset
+from vqlab.experiments import COLUMNS, layer_sensitivity, pareto_front, sweep
+from vqlab.models import get_model
+from vqlab.train import evaluate, fit
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    tr, te = load_dataset("digits", "train"), load_dataset("digits", "test")
+    torch.manual_seed(0)
+    model = get_model("lenet5", input_size=8)
+    fit(model, tr, epochs=10, lr=3e-3, batch_size=32, seed=0, progress=False)
+    return model, tr, te
+
+
+def test_uniform_quantization_levels_and_bytes():
+    w = torch.randn(6, 10)
+    q = fake_quantize_uniform(w, 4)
+    scale = w.abs().amax(1, keepdim=True) / 7
+    levels = q / scale
+    assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() <= 7 + 1e-4
+    assert (q - w).abs().max() <= scale.max() / 2 + 1e-6
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 30), torch.nn.Linear(30, 5))
+    rep = uniform_quantize_(model, 8)
+    assert rep["layer"].tolist() == ["1"]                           # first and last stay float
+    assert rep["bytes"].iloc[0] == 20 * 30 + 4 * 30                 # 8-bit weights + one fp32 scale per row
+    with pytest.raises(ValueError, match="bits must be in 2..16, got 1"):
+        fake_quantize_uniform(w, 1)
+
+
+def test_sweep_measures_every_grid_point_and_baselines(digits_model):
+    model, tr, te = digits_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    df = sweep(model, tr, te, ks=[4, 64], ds=[2, 4], finetune_epochs=1, max_steps=20, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())      # model untouched
+    assert list(df.columns) == COLUMNS + ["error"]
+    assert df["method"].tolist() == ["float32", "uniform int8", "uniform int4"] + ["vq"] * 4 + ["scalar k-means"] * 2
+    vq = df[df.method == "vq"].set_index(["K", "d"])
+    float_acc = evaluate(model, te)
+    assert df.loc[0, "acc"] == pytest.approx(float_acc)
+    # compression ratio grows as bits fall; K=4,d=4 (0.5 bit/weight) is the smallest model
+    assert vq.loc[(4, 4), "ratio"] > vq.loc[(4, 2), "ratio"] > vq.loc[(64, 2), "ratio"] > 1
+    assert vq.loc[(64, 2), "bits_per_weight"] == pytest.approx(3.0)
+    # int8 costs at most a fraction of a point on a trained model; measured accuracies are real numbers in [0, 1]
+    assert abs(df.loc[1, "acc"] - float_acc) < 0.01
+    assert df["acc"].between(0, 1).all() and vq["acc_finetuned"].notna().all()
+    # fine-tuning the codebooks helps the most damaged model
+    assert vq.loc[(4, 4), "acc_finetuned"] > vq.loc[(4, 4), "acc"]
+    front = pareto_front(df)
+    assert front["ratio"].is_monotonic_increasing and len(front) >= 2
+
+
+def test_sweep_reports_impossible_grid_points(digits_model):
+    model, tr, te = digits_model
+    df = sweep(model, None, te, ks=[4], ds=[3], baselines=(), progress=False)
+    assert df["error"].iloc[0].startswith("layer 'features.3'") and "d=3" in df["error"].iloc[0]
+
+
+def test_layer_sensitivity_ranks_layers(digits_model):
+    model, _, te = digits_model
+    sens = layer_sensitivity(model, te, k=4, d=4, pad=True)
+    assert set(sens["layer"]) == {"features.0", "features.3", "classifier.1", "classifier.3", "classifier.5"}
+    assert sens["drop_points"].is_monotonic_decreasing
+    assert sens["drop_points"].iloc[0] > 0
+
+
+def test_sweep_command_writes_csv_and_png(tmp_path, monkeypatch):
+    from vqlab.__main__ import main
+
+    monkeypatch.setattr("vqlab.train.checkpoint_path", lambda *a, **k: tmp_path / "ckpt.pt")
+    rc = main(["sweep", "--dataset", "digits", "--model", "lenet5", "--epochs", "2", "--k", "4", "16", "--d", "4",
+               "--finetune-epochs", "0", "--out", str(tmp_path / "results"), "--quiet"])
+    assert rc == 0
+    df = pd.read_csv(tmp_path / "results" / "sweep_lenet5_digits.csv")
+    assert len(df[df.method == "vq"]) == 2 and (tmp_path / "results" / "sweep_lenet5_digits.png").stat().st_size > 10_000
+    assert (tmp_path / "ckpt.pt").exists()

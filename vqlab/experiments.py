@@ -1,0 +1,223 @@
+"""Studies that return DataFrames: the K x d compression sweep behind notebook 02 (and `python -m vqlab sweep`).
+
+    df = sweep(model, train_ds, test_ds, ks=[16, 64, 256], ds=[2, 4, 8], finetune_epochs=1)
+    pareto_plot(df)
+
+Every row is one compressed copy of `model`: method, K, d, bits/weight, whole-model compression ratio
+(float32 bytes / stored bytes, `vqlab.compressed_size`), accuracy before and after fine-tuning.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+from .baselines import uniform_quantize_
+from .quantize import VQConfig, quantize_
+from .size import compressed_size
+from .train import evaluate, fit
+
+__all__ = ["compress_and_evaluate", "sweep", "pareto_front", "pareto_plot", "layer_sensitivity", "add_sweep_command"]
+
+COLUMNS = ["method", "K", "d", "bits_per_weight", "ratio", "compressed_bytes", "acc", "acc_finetuned",
+           "delta_points", "seconds"]
+
+
+def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, max_steps: int | None, seed: int) -> None:
+    if epochs > 0:
+        fit(model, train_ds, epochs=epochs, lr=lr, seed=seed, max_steps=max_steps, progress=False)
+
+
+def compress_and_evaluate(model: nn.Module, train_ds: TensorDataset | None, test_ds: TensorDataset, k: int, d: int,
+                          finetune_epochs: int = 0, lr: float = 1e-3, max_steps: int | None = None, seed: int = 0,
+                          baseline_acc: float | None = None, **config) -> tuple[dict, nn.Module]:
+    """Quantize a copy of `model` with VQConfig(k, d, **config), evaluate, optionally fine-tune, evaluate.
+
+    returns (row dict with the COLUMNS of `sweep`, the compressed copy).  `model` is not changed.
+    """
+    t0 = time.perf_counter()
+    q = copy.deepcopy(model).cpu()
+    quantize_(q, VQConfig(k=k, d=d, seed=seed, **config), progress=False)
+    size = compressed_size(q)
+    acc = evaluate(q, test_ds)
+    acc_ft = float("nan")
+    if finetune_epochs > 0 and train_ds is not None:
+        _finetune(q, train_ds, finetune_epochs, lr, max_steps, seed)
+        acc_ft = evaluate(q, test_ds)
+    best = acc_ft if finetune_epochs > 0 else acc
+    row = {"method": "vq" if d > 1 else "scalar k-means", "K": k, "d": d,
+           "bits_per_weight": float(np.log2(k) / d), "ratio": size.ratio, "compressed_bytes": size.compressed_bytes,
+           "acc": acc, "acc_finetuned": acc_ft,
+           "delta_points": 100 * (best - baseline_acc) if baseline_acc is not None else float("nan"),
+           "seconds": time.perf_counter() - t0}
+    return row, q
+
+
+def _uniform_row(model: nn.Module, test_ds, bits: int, dense_bytes: int, baseline_acc: float) -> dict:
+    q = copy.deepcopy(model).cpu()
+    rep = uniform_quantize_(q, bits)
+    stored = dense_bytes - 4 * int(rep["params"].sum()) + int(rep["bytes"].sum())
+    acc = evaluate(q, test_ds)
+    return {"method": f"uniform int{bits}", "K": 2 ** bits, "d": 1, "bits_per_weight": float(bits),
+            "ratio": dense_bytes / stored, "compressed_bytes": stored, "acc": acc, "acc_finetuned": float("nan"),
+            "delta_points": 100 * (acc - baseline_acc), "seconds": float("nan")}
+
+
+def sweep(model: nn.Module, train_ds: TensorDataset | None, test_ds: TensorDataset, ks=(16, 64, 256), ds=(2, 4, 8),
+          finetune_epochs: int = 0, lr: float = 1e-3, max_steps: int | None = None, seed: int = 0,
+          baselines: tuple[str, ...] = ("float", "int8", "int4", "scalar"), scalar_ks=(4, 16),
+          progress: bool = True, **config) -> pd.DataFrame:
+    """Compress `model` over the grid ks x ds (VQ, whole model but first/last layer) and baselines.
+
+    model: a trained float model (not changed).  train_ds is used only for fine-tuning.
+    finetune_epochs: VQ-DNN fine-tuning of codebooks after k-means (0 = k-means only); max_steps caps it.
+    baselines: any of "float" (the model itself), "int8"/"int4" (uniform per-channel), "scalar"
+        (d=1 k-means, Deep-Compression style, K in scalar_ks).
+    config: more VQConfig fields (segment, codebook, iters, ...).  Combinations a layer cannot take
+        (e.g. K above a layer's number of segments) are reported as rows with status in `error`.
+    returns: DataFrame with columns COLUMNS (+ error), one row per compressed model.
+    """
+    float_acc = evaluate(model, test_ds)
+    dense = compressed_size(model).dense_bytes
+    rows: list[dict] = []
+    if "float" in baselines:
+        rows.append({"method": "float32", "K": pd.NA, "d": pd.NA, "bits_per_weight": 32.0, "ratio": 1.0,
+                     "compressed_bytes": dense, "acc": float_acc, "acc_finetuned": float("nan"),
+                     "delta_points": 0.0, "seconds": 0.0})
+    for bits in (8, 4):
+        if f"int{bits}" in baselines:
+            rows.append(_uniform_row(model, test_ds, bits, dense, float_acc))
+    grid = [(k, d) for k in ks for d in ds] + ([(k, 1) for k in scalar_ks] if "scalar" in baselines else [])
+    for k, d in tqdm(grid, desc="sweep", disable=not progress, leave=False):
+        try:
+            row, _ = compress_and_evaluate(model, train_ds, test_ds, k, d, finetune_epochs, lr, max_steps, seed,
+                                           baseline_acc=float_acc, **config)
+        except ValueError as err:  # a grid point some layer cannot take: keep the reason in the table
+            row = {"method": "vq" if d > 1 else "scalar k-means", "K": k, "d": d,
+                   "bits_per_weight": float(np.log2(k) / d), "error": str(err).splitlines()[0]}
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for c in COLUMNS + ["error"]:
+        if c not in df:
+            df[c] = pd.NA if c == "error" else float("nan")
+    return df[COLUMNS + ["error"]].astype({"K": "Int64", "d": "Int64"})
+
+
+def pareto_front(df: pd.DataFrame, acc_col: str | None = None) -> pd.DataFrame:
+    """Rows not dominated in (higher ratio, higher accuracy), sorted by ratio."""
+    acc = df[acc_col] if acc_col else df["acc_finetuned"].fillna(df["acc"])
+    pts = df.assign(_acc=acc).dropna(subset=["ratio", "_acc"]).sort_values("ratio", ascending=False)
+    keep, best = [], -np.inf
+    for i, r in pts.iterrows():
+        if r["_acc"] > best:
+            keep.append(i)
+            best = r["_acc"]
+    return df.loc[keep].sort_values("ratio")
+
+
+def pareto_plot(df: pd.DataFrame, ax=None, live: dict | None = None, title: str | None = None):
+    """Accuracy vs whole-model compression ratio (log x), one marker per method, the Pareto front as a line.
+
+    live: an extra point {"ratio", "acc", "label"} drawn as a star (the widget's current K, d).
+    returns the matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4.5))
+    acc = df["acc_finetuned"].fillna(df["acc"])
+    markers = {"float32": "s", "uniform int8": "D", "uniform int4": "d", "scalar k-means": "^", "vq": "o", "pq": "v"}
+    for method, sub in df.assign(_acc=acc).dropna(subset=["ratio", "_acc"]).groupby("method", sort=False):
+        ax.scatter(sub["ratio"], 100 * sub["_acc"], marker=markers.get(method, "o"), s=45, label=method, zorder=3)
+        if method in ("vq", "scalar k-means"):
+            for _, r in sub.iterrows():
+                ax.annotate(f"K{r['K']},d{r['d']}", (r["ratio"], 100 * r["_acc"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    front = pareto_front(df)
+    ax.plot(front["ratio"], 100 * front["acc_finetuned"].fillna(front["acc"]), "k--", lw=0.8, label="Pareto front")
+    if live is not None:
+        ax.scatter([live["ratio"]], [100 * live["acc"]], marker="*", s=250, c="crimson", zorder=4,
+                   label=live.get("label", "live"))
+    ax.set_xscale("log")
+    ax.set_xlabel("whole-model compression ratio (float32 bytes / stored bytes, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def layer_sensitivity(model: nn.Module, test_ds: TensorDataset, k: int = 16, d: int = 4, **config) -> pd.DataFrame:
+    """Quantize one layer at a time (all others float) and measure the accuracy drop.
+
+    returns: layer, params, weight_mse, acc, drop_points (float accuracy minus this), sorted by drop.
+    """
+    base = evaluate(model, test_ds)
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    rows = []
+    for name in names:
+        q = copy.deepcopy(model).cpu()
+        cfg = VQConfig(k=k, d=d, quantize_first_last=True, **config)
+        try:
+            rep = quantize_(q, cfg, filter_fn=lambda m, n, name=name: n == name, progress=False)
+        except ValueError as err:
+            rows.append({"layer": name, "error": str(err).splitlines()[0]})
+            continue
+        r = rep[rep["layer"] == name].iloc[0]
+        acc = evaluate(q, test_ds)
+        rows.append({"layer": name, "params": int(r["params_before"]), "weight_mse": float(r["weight_mse"]),
+                     "acc": acc, "drop_points": 100 * (base - acc)})
+    return pd.DataFrame(rows).sort_values("drop_points", ascending=False, na_position="last").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- command line
+
+def add_sweep_command(sub) -> None:
+    """Register `python -m vqlab sweep` on an argparse sub-parser collection."""
+    s = sub.add_parser("sweep", help="compress a trained baseline over a K x d grid; write CSV + PNG")
+    s.add_argument("--dataset", default="fashion-mnist")
+    s.add_argument("--model", default="lenet5")
+    s.add_argument("--epochs", type=int, default=10, help="epochs of the float baseline (trained if missing)")
+    s.add_argument("--k", type=int, nargs="+", default=[16, 64, 256])
+    s.add_argument("--d", type=int, nargs="+", default=[2, 4, 8])
+    s.add_argument("--finetune-epochs", type=int, default=1)
+    s.add_argument("--max-steps", type=int, default=None)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="results/")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import load_dataset
+    from .train import train_or_load
+
+    model, meta = train_or_load(args.model, args.dataset, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    df = sweep(model, load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test"), ks=args.k, ds=args.d,
+               finetune_epochs=args.finetune_epochs, lr=args.lr, max_steps=args.max_steps, seed=args.seed,
+               progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"sweep_{args.model}_{args.dataset}"
+    df.to_csv(out / f"{stem}.csv", index=False)
+    ax = pareto_plot(df, title=f"{args.model} on {args.dataset}")
+    ax.figure.tight_layout()
+    ax.figure.savefig(out / f"{stem}.png", dpi=110)
+    plt.close(ax.figure)
+    print(df.to_string(index=False))
+    print(f"wrote {out / (stem + '.csv')} and {out / (stem + '.png')}")
+    return 0
