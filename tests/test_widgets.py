@@ -1,0 +1,66 @@
+"""Every panel: move each slider over every option from code; the readout and the plot must change, nothing raise."""
+import pytest
+import torch
+
+from vqlab.data import load_dataset
+from vqlab.experiments import sweep
+from vqlab.models import get_model
+from vqlab.train import fit
+from vqlab.widgets import Panel, codebook_panel, compression_panel, speed_panel
+
+
+def _walk_every_option(panel: Panel) -> int:
+    """Visit every other option of each slider, then return to the start; returns the number of moves."""
+    moves = 0
+    for name, slider in panel.sliders.items():
+        start = slider.value
+        for option in [o for o in slider.options if o != start] + [start]:
+            text, png = panel.text, panel.png
+            slider.value = option
+            assert panel.error is None, (name, option, panel.error)
+            assert panel.text != text, f"readout unchanged after {name}={option}"
+            assert panel.png != png and panel.png[:4] == b"\x89PNG", f"plot unchanged after {name}={option}"
+            assert f"{name}={option}" in panel.text or f"{name} {option}" in panel.text
+            moves += 1
+    return moves
+
+
+def test_panels_follow_the_widget_contract():
+    panel = codebook_panel(torch.randn(32, 64), ks=(4, 16), ds=(1, 2))
+    assert "vqlab-panel" in panel._dom_classes
+    assert "vqlab-readout" in panel.readout._dom_classes and "vqlab-plot" in panel.plot._dom_classes
+    assert list(panel.sliders) == ["K", "d"]
+
+
+def test_codebook_panel_every_option():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48)
+    panel = codebook_panel(layer, ks=(2, 8, 32, 128), ds=(1, 2, 4, 8), k=8, d=2)
+    assert _walk_every_option(panel) == 4 + 4
+    assert "bits/weight" in panel.text
+
+
+def test_codebook_panel_shows_bad_values_in_the_readout():
+    with pytest.raises(ValueError, match=r"start value K=16 is not one of the slider options \[4\]"):
+        codebook_panel(torch.randn(8, 6), ks=(4,), ds=(2, 4), d=2)
+    panel = codebook_panel(torch.randn(8, 6), ks=(4,), ds=(2, 4), k=4, d=2)
+    panel.set(d=4)
+    assert panel.error is not None and "d=4 does not divide the row length 6" in panel.error
+    assert "d=4 does not divide" in panel.readout.value
+
+
+def test_compression_panel_every_option():
+    tr, te = load_dataset("digits", "train"), load_dataset("digits", "test")
+    torch.manual_seed(0)
+    model = get_model("lenet5", input_size=8)
+    fit(model, tr, epochs=3, batch_size=32, seed=0, progress=False)
+    grid = sweep(model, None, te, ks=[16], ds=[4], baselines=("float",), progress=False)
+    panel = compression_panel(model, tr, te, grid, ks=(4, 16, 64), ds=(2, 4, 8), k=16, d=4)
+    assert "× smaller" in panel.text
+    assert _walk_every_option(panel) == 3 + 3
+
+
+def test_speed_panel_every_option():
+    panel = speed_panel(m=64, n=128, ks=(16, 256), ds=(2, 4), batches=(1, 8), repeats=2)
+    assert "FLOP ratio" in panel.text
+    assert _walk_every_option(panel) == 2 + 2 + 2

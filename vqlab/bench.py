@@ -1,0 +1,83 @@
+"""Wall-time measurement shared by benchmarks/kernel.py, notebook 03 and its speed widget.
+
+All timings: median of `repeats` runs after `warmup` runs, in one process, on the current thread
+count (`torch.set_num_threads`; numba follows `threads` when given).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["median_time", "layer_timings", "BACKENDS"]
+
+BACKENDS = ("dense fp32", "int8 dynamic", "vq torch", "vq numba", "vq auto")
+
+
+def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _int8_linear(w: torch.Tensor) -> nn.Module:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data.copy_(w)
+    with torch.no_grad():
+        return torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+
+
+@torch.no_grad()
+def layer_timings(m: int, n: int, k: int, d: int, batch: int, backends=BACKENDS, repeats: int = 20,
+                  warmup: int = 3, threads: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """Time one m x n layer (y = x @ W.T, x: (batch, n)) under each backend.
+
+    The VQ layer has a random K x d codebook and uniform random indices (speed does not depend on
+    the values).  returns: backend, m, n, K, d, batch, threads, seconds, speedup_vs_dense.
+    """
+    from .kernels import vq_matmul
+    from .kernels.reference import dequantize
+    from ._utils import index_dtype
+
+    if n % d:
+        raise ValueError(f"d={d} must divide n={n}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+        try:
+            import numba
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:
+            pass
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(k, d, generator=g)
+    indices = torch.randint(0, k, (m, n // d), generator=g).to(index_dtype(k))
+    x = torch.randn(batch, n, generator=g)
+    w = dequantize(codebook, indices).contiguous()
+    fns = {
+        "dense fp32": lambda: F.linear(x, w),
+        "vq torch": lambda: vq_matmul(x, codebook, indices, backend="torch"),
+        "vq numba": lambda: vq_matmul(x, codebook, indices, backend="numba"),
+        "vq auto": lambda: vq_matmul(x, codebook, indices, backend="auto"),
+    }
+    if "int8 dynamic" in backends:
+        q = _int8_linear(w)
+        fns["int8 dynamic"] = lambda: q(x)
+    rows = []
+    for name in backends:
+        rows.append({"backend": name, "m": m, "n": n, "K": k, "d": d, "batch": batch,
+                     "threads": torch.get_num_threads(), "seconds": median_time(fns[name], repeats, warmup)})
+    df = pd.DataFrame(rows)
+    dense = df.loc[df["backend"] == "dense fp32", "seconds"]
+    df["speedup_vs_dense"] = float(dense.iloc[0]) / df["seconds"] if len(dense) else float("nan")
+    return df

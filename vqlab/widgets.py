@@ -1,0 +1,200 @@
+"""ipywidgets panels for the notebooks: sliders over codebook size K and segment length d.
+
+Every panel is a `Panel` (an ipywidgets VBox with CSS class `vqlab-panel`) holding
+  - SelectionSliders whose description is exactly "K", "d" (and "batch" for the speed panel),
+  - an HTML readout (class `vqlab-readout`) with the figures for the current values,
+  - an Output (class `vqlab-plot`) with the plot as a PNG image,
+and redraws both on every slider change.  The browser tests (tests/ui) rely on these names.
+Panels only call the library (experiments, codebook, kernels); they hold no logic of their own.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Callable, Sequence
+
+import ipywidgets as W
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = ["Panel", "codebook_panel", "compression_panel", "speed_panel"]
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _slider(description: str, options: Sequence, value) -> W.SelectionSlider:
+    if value not in options:
+        raise ValueError(f"start value {description}={value} is not one of the slider options {list(options)}")
+    return W.SelectionSlider(options=list(options), value=value, description=description,
+                             continuous_update=False, style={"description_width": "initial"},
+                             layout=W.Layout(width="420px"))
+
+
+class Panel(W.VBox):
+    """Sliders + readout + plot; `render(**values) -> (readout_html, matplotlib Figure)` draws one state.
+
+    `panel.sliders` maps description -> slider; `panel.set(K=64)` moves sliders from code (tests);
+    `panel.text` and `panel.png` hold what is shown now; `panel.error` the last exception text (shown
+    in the readout instead of raising inside the widget callback).
+    """
+
+    def __init__(self, sliders: list[W.SelectionSlider], render: Callable[..., tuple[str, object]], title: str = ""):
+        self.sliders = {s.description: s for s in sliders}
+        self._render = render
+        self.readout = W.HTML()
+        self.readout.add_class("vqlab-readout")
+        self.plot = W.Output()
+        self.plot.add_class("vqlab-plot")
+        self.text, self.png, self.error = "", b"", None
+        head = [W.HTML(f"<b>{title}</b>")] if title else []
+        super().__init__(head + [W.HBox(sliders[:2]), *sliders[2:], self.readout, self.plot])
+        self.add_class("vqlab-panel")
+        for s in sliders:
+            s.observe(lambda change: self.update(), names="value")
+        self.update()
+
+    @property
+    def values(self) -> dict:
+        return {name: s.value for name, s in self.sliders.items()}
+
+    def set(self, **values) -> None:
+        """Move sliders from code, e.g. panel.set(K=64, d=2); redraws once per changed slider."""
+        for name, v in values.items():
+            self.sliders[name].value = v
+
+    def update(self) -> None:
+        from IPython.display import Image, clear_output, display
+
+        try:
+            text, fig = self._render(**self.values)
+            self.error = None
+        except Exception as err:  # show the problem where the user looks, keep the panel alive
+            text, fig = f"<span style='color:#b00'>{type(err).__name__}: {err}</span>", None
+            self.error = f"{type(err).__name__}: {err}"
+        self.text = text
+        self.readout.value = text
+        if fig is not None:
+            self.png = _png(fig)
+            with self.plot:
+                clear_output(wait=True)
+                display(Image(data=self.png))
+
+
+# ---------------------------------------------------------------- notebook 01: codebook learning
+
+def codebook_panel(weight: torch.Tensor | nn.Module, ks: Sequence[int] = (4, 8, 16, 32, 64, 128, 256),
+                   ds: Sequence[int] = (1, 2, 4, 8), k: int = 16, d: int = 2, seed: int = 0,
+                   max_points: int = 4000) -> Panel:
+    """k-means codebook of a layer's weight segments; scatter of segments and codewords (first 2 dims).
+
+    weight: a layer (Linear/Conv2d, segmented along input channels) or a 2-D tensor (m, n).
+    """
+    from .codebook import kmeans
+    from .layers import weight_segments
+
+    def segments(d_: int) -> torch.Tensor:
+        if isinstance(weight, nn.Module):
+            return weight_segments(weight, d_).float()
+        w = weight.detach().float()
+        if w.shape[-1] % d_:
+            raise ValueError(f"d={d_} does not divide the row length {w.shape[-1]}")
+        return w.reshape(-1, d_)
+
+    def render(K: int, d: int):
+        import matplotlib.pyplot as plt
+
+        x = segments(d)
+        res = kmeans(x, min(K, len(x)), seed=seed)
+        var = x.var().item()
+        snr = 10 * math.log10(var / max(res.distortion, 1e-30))
+        fig, ax = plt.subplots(figsize=(5.2, 4))
+        g = torch.Generator().manual_seed(seed)
+        sel = torch.randperm(len(x), generator=g)[:max_points]
+        if d == 1:
+            ax.hist(x[:, 0].numpy(), bins=120, color="0.6")
+            for c in res.codebook[:, 0].tolist():
+                ax.axvline(c, color="crimson", lw=0.8)
+            ax.set_xlabel("weight value")
+            ax.set_ylabel("count")
+        else:
+            ax.scatter(x[sel, 0], x[sel, 1], s=3, c=res.assignments[sel].numpy() % 20, cmap="tab20", alpha=0.5)
+            ax.scatter(res.codebook[:, 0], res.codebook[:, 1], marker="x", c="k", s=30, label="codewords")
+            ax.set_xlabel("segment[0]")
+            ax.set_ylabel("segment[1]")
+            ax.legend(loc="upper right", fontsize=8)
+        ax.set_title(f"{len(x)} segments of length {d}, K={K}" + ("" if d <= 2 else " (first 2 of d dims)"), fontsize=9)
+        text = (f"K={K}, d={d}: <b>{math.log2(K) / d:.2f} bits/weight</b>, weight MSE {res.distortion:.3e}, "
+                f"SNR {snr:.1f} dB, {res.n_iter} k-means iterations")
+        return text, fig
+
+    return Panel([_slider("K", ks, k), _slider("d", ds, d)], render, "k-means codebook of one layer")
+
+
+# ---------------------------------------------------------------- notebook 02: compression vs accuracy
+
+def compression_panel(model: nn.Module, train_ds, test_ds, grid, ks: Sequence[int] = (4, 16, 64, 256),
+                      ds: Sequence[int] = (1, 2, 4, 8), k: int = 256, d: int = 4, finetune_steps: int = 0,
+                      seed: int = 0) -> Panel:
+    """Compress `model` with the sliders' K and d, evaluate, and place the point on the sweep's Pareto plot.
+
+    grid: the DataFrame from `vqlab.experiments.sweep` (drawn underneath).  finetune_steps > 0 fine-tunes
+    the codebooks that many steps before evaluating.  Results are cached per (K, d).
+    """
+    from .experiments import compress_and_evaluate, pareto_plot
+    from .train import evaluate
+
+    base = evaluate(model, test_ds)
+    cache: dict = {}
+
+    def render(K: int, d: int):
+        import matplotlib.pyplot as plt
+
+        if (K, d) not in cache:
+            row, _ = compress_and_evaluate(model, train_ds, test_ds, K, d, finetune_epochs=1 if finetune_steps else 0,
+                                           max_steps=finetune_steps or None, seed=seed, baseline_acc=base)
+            cache[K, d] = row
+        row = cache[K, d]
+        acc = row["acc_finetuned"] if finetune_steps else row["acc"]
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        pareto_plot(grid, ax=ax, live={"ratio": row["ratio"], "acc": acc, "label": f"live: K={K}, d={d}"})
+        text = (f"K={K}, d={d}: <b>{row['ratio']:.1f}× smaller</b>, accuracy {acc:.3f} "
+                f"({100 * (acc - base):+.1f} points vs float {base:.3f})")
+        return text, fig
+
+    return Panel([_slider("K", ks, k), _slider("d", ds, d)], render, "compress, evaluate, place on the plot")
+
+
+# ---------------------------------------------------------------- notebook 03: FLOPs and wall time
+
+def speed_panel(m: int = 1024, n: int = 1024, ks: Sequence[int] = (16, 64, 256, 1024), ds: Sequence[int] = (2, 4, 8),
+                batches: Sequence[int] = (1, 16, 128), k: int = 256, d: int = 4, batch: int = 1,
+                repeats: int = 10) -> Panel:
+    """Measured wall time of one m x n layer: dense fp32, int8 dynamic, VQ (torch, numba, auto), and the FLOP ratio."""
+    from .bench import layer_timings
+
+    def render(K: int, d: int, batch: int):
+        import matplotlib.pyplot as plt
+
+        df = layer_timings(m, n, K, d, batch, repeats=repeats)
+        t = dict(zip(df["backend"], df["seconds"]))
+        flop_ratio = K / m + 1 / d
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.barh(df["backend"], 1e3 * df["seconds"], color=["0.5", "tab:green", "tab:orange", "tab:red", "tab:blue"])
+        ax.set_xlabel("milliseconds per call (median)")
+        ax.set_title(f"{m}×{n} layer, batch {batch}, K={K}, d={d}", fontsize=9)
+        ax.invert_yaxis()
+        text = (f"K={K}, d={d}, batch {batch}: FLOP ratio VQ/dense = K/m + 1/d = <b>{flop_ratio:.3f}</b>; "
+                f"measured: VQ auto {1e3 * t['vq auto']:.3f} ms vs dense {1e3 * t['dense fp32']:.3f} ms "
+                f"(<b>{t['dense fp32'] / t['vq auto']:.2f}×</b>), int8 {1e3 * t['int8 dynamic']:.3f} ms")
+        return text, fig
+
+    return Panel([_slider("K", ks, k), _slider("d", ds, d), _slider("batch", batches, batch)], render,
+                 f"wall time of one {m}×{n} layer")
