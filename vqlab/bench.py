@@ -18,17 +18,25 @@ __all__ = ["median_time", "layer_timings", "BACKENDS"]
 BACKENDS = ("dense fp32", "int8 dynamic", "vq torch", "vq numba", "vq auto")
 
 
-def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of fn() in seconds."""
+def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, budget: float | None = None) -> tuple[float, int]:
+    """(median wall time of fn() in seconds, runs measured).
+
+    budget: seconds allowed for the measured runs; a call slower than budget/repeats is run fewer times
+    (at least 5), and the returned count says how many.
+    """
     for _ in range(warmup):
         fn()
+    if budget is not None:
+        t0 = time.perf_counter()
+        fn()
+        repeats = max(5, min(repeats, int(budget / max(time.perf_counter() - t0, 1e-9))))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], repeats
 
 
 def _int8_linear(w: torch.Tensor) -> nn.Module:
@@ -40,11 +48,13 @@ def _int8_linear(w: torch.Tensor) -> nn.Module:
 
 @torch.no_grad()
 def layer_timings(m: int, n: int, k: int, d: int, batch: int, backends=BACKENDS, repeats: int = 20,
-                  warmup: int = 3, threads: int | None = None, seed: int = 0) -> pd.DataFrame:
+                  warmup: int = 3, threads: int | None = None, seed: int = 0,
+                  budget: float | None = None) -> pd.DataFrame:
     """Time one m x n layer (y = x @ W.T, x: (batch, n)) under each backend.
 
     The VQ layer has a random K x d codebook and uniform random indices (speed does not depend on
-    the values).  returns: backend, m, n, K, d, batch, threads, seconds, speedup_vs_dense.
+    the values).  budget: seconds per backend before slow calls are repeated fewer times (see median_time).
+    returns: backend, m, n, K, d, batch, threads, seconds, runs, speedup_vs_dense.
     """
     from .kernels import vq_matmul
     from .kernels.reference import dequantize
@@ -75,8 +85,9 @@ def layer_timings(m: int, n: int, k: int, d: int, batch: int, backends=BACKENDS,
         fns["int8 dynamic"] = lambda: q(x)
     rows = []
     for name in backends:
+        seconds, runs = median_time(fns[name], repeats, warmup, budget)
         rows.append({"backend": name, "m": m, "n": n, "K": k, "d": d, "batch": batch,
-                     "threads": torch.get_num_threads(), "seconds": median_time(fns[name], repeats, warmup)})
+                     "threads": torch.get_num_threads(), "seconds": seconds, "runs": runs})
     df = pd.DataFrame(rows)
     dense = df.loc[df["backend"] == "dense fp32", "seconds"]
     df["speedup_vs_dense"] = float(dense.iloc[0]) / df["seconds"] if len(dense) else float("nan")

@@ -39,9 +39,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
 from ._utils import bits_for, index_dtype
 from .codebook import Codebook, assign, kmeans
+from .kernels import vq_conv2d as _vq_conv2d, vq_matmul as _vq_matmul
 from .kernels.reference import dequantize as _dequantize
 
 __all__ = ["VQLinear", "VQConv2d", "VQLayer", "vq_layer_class", "check_quantizable", "fit_codebook",
@@ -51,29 +51,6 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---------------------------------------------------------------- helpers
-
-def _vq_matmul(x, codebook, indices, backend="auto"):
-    # TEMPORARY until vqlab.kernels exports vq_matmul: fall back to the reference
-    f = getattr(kernels, "vq_matmul", None)
-    if f is None:
-        from .kernels.reference import vq_matmul_reference
-        return vq_matmul_reference(x, codebook, indices)
-    return f(x, codebook, indices, backend=backend)
-
-
-def _vq_conv2d(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment="input",
-               bias=None, backend="auto"):
-    # TEMPORARY until vqlab.kernels exports vq_conv2d: fall back to dequantize + F.conv2d
-    f = getattr(kernels, "vq_conv2d", None)
-    if f is None:
-        flat = _dequantize(codebook, indices).to(x.dtype)
-        out, cin_g, kh, kw = weight_shape
-        w = (flat.reshape(out, kh, kw, cin_g).permute(0, 3, 1, 2) if segment == "input"
-             else flat.reshape(out, cin_g, kh, kw))
-        return F.conv2d(x, w, bias, stride, padding, dilation, groups)
-    return f(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment=segment,
-             bias=bias, backend=backend)
-
 
 def _label(name: str | None, module: nn.Module) -> str:
     """How errors name a layer: "layer 'features.3' (Conv2d)"."""

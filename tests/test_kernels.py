@@ -1,0 +1,111 @@
+"""Every backend equals the dequantize reference, over shapes, K, d, batch, dtypes and layouts."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from vqlab._utils import index_dtype
+from vqlab.kernels import available_backends, dequantize, vq_conv2d, vq_matmul
+
+BACKENDS = available_backends()
+
+
+def _case(m, s, k, d, seed, groups=1):
+    g = torch.Generator().manual_seed(seed)
+    book = torch.randn((groups, k, d) if groups > 1 else (k, d), generator=g)
+    idx = torch.randint(0, k, (m, s), generator=g).to(index_dtype(k))
+    return book, idx, g
+
+
+def _assert_close(y, ref, n, dtype=torch.float32):
+    # summation order differs between backends: tolerance grows with the sum length n
+    atol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype] * max(1.0, n ** 0.5)
+    rtol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(y.float(), ref.float(), rtol=rtol, atol=atol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 70), s=st.integers(1, 40), k=st.sampled_from([2, 3, 16, 255, 256, 257, 4096, 65536]),
+       d=st.sampled_from([1, 2, 3, 4, 8, 16]), batch=st.sampled_from([1, 2, 7, 33, 512]),
+       backend=st.sampled_from(BACKENDS), seed=st.integers(0, 2**16))
+def test_vq_matmul_equals_reference(m, s, k, d, batch, backend, seed):
+    book, idx, g = _case(m, s, k, d, seed)
+    x = torch.randn(batch, s * d, generator=g)
+    ref = x.double() @ dequantize(book.double(), idx).T
+    y = vq_matmul(x, book, idx, backend=backend)
+    assert y.shape == (batch, m) and y.dtype == torch.float32
+    _assert_close(y, ref, s * d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_and_noncontiguous(backend, dtype):
+    book, idx, g = _case(37, 12, 256, 4, 1)
+    x = torch.randn(48, 5, generator=g).T                      # (5, 48), non-contiguous
+    ref = x.double() @ dequantize(book.double(), idx).T
+    _assert_close(vq_matmul(x, book, idx, backend=backend), ref, 48)
+    xh = x.to(dtype)
+    y = vq_matmul(xh, book, idx, backend=backend)
+    assert y.dtype == dtype
+    _assert_close(y, xh.double() @ dequantize(book.double(), idx).T, 48, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_codebook_groups(backend):
+    book, idx, g = _case(12, 6, 16, 4, 2, groups=3)
+    x = torch.randn(2, 3, 24, generator=g)
+    y = vq_matmul(x, book, idx, backend=backend)
+    assert y.shape == (2, 3, 12)
+    _assert_close(y, x @ dequantize(book, idx).T, 24)
+
+
+def test_parallel_kernel_has_no_races():
+    # many output blocks and threads: two runs and the reference must agree on every element
+    if "numba" not in BACKENDS:
+        pytest.skip("numba not installed: pip install numba")
+    book, idx, g = _case(4099, 257, 256, 4, 3)
+    x = torch.randn(9, 1028, generator=g)
+    a = vq_matmul(x, book, idx, backend="numba")
+    b = vq_matmul(x, book, idx, backend="numba")
+    assert torch.equal(a, b)
+    _assert_close(a, x.double() @ dequantize(book.double(), idx).T, 1028)
+
+
+def test_layout_cache_follows_in_place_changes():
+    book, idx, g = _case(20, 8, 16, 2, 4)
+    x = torch.randn(3, 16, generator=g)
+    for backend in BACKENDS:
+        vq_matmul(x, book, idx, backend=backend)
+    idx[:, 0] = (idx[:, 0].long() + 1).remainder(16).to(idx.dtype)
+    for backend in BACKENDS:
+        _assert_close(vq_matmul(x, book, idx, backend=backend), x @ dequantize(book, idx).T, 16)
+
+
+CONVS = [dict(stride=1, padding=0, dilation=1, groups=1), dict(stride=2, padding=1, dilation=1, groups=1),
+         dict(stride=(1, 2), padding=(2, 1), dilation=(2, 1), groups=1), dict(stride=1, padding=1, dilation=1, groups=2)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("segment", ["input", "kernel"])
+@pytest.mark.parametrize("conv", CONVS, ids=str)
+def test_vq_conv2d_equals_dense_conv(backend, segment, conv):
+    cin, cout, kh, kw, d = 8, 6, 3, 3, 2
+    cin_g = cin // conv["groups"]
+    book, idx, g = _case(cout, cin_g * kh * kw // d, 16, d, 5)
+    rows = dequantize(book, idx)
+    w = rows.reshape(cout, kh, kw, cin_g).permute(0, 3, 1, 2) if segment == "input" else rows.reshape(cout, cin_g, kh, kw)
+    x = torch.randn(2, cin, 9, 11, generator=g)
+    bias = torch.randn(cout, generator=g)
+    ref = F.conv2d(x, w, bias, **conv)
+    y = vq_conv2d(x, book, idx, (cout, cin_g, kh, kw), segment=segment, bias=bias, backend=backend, **conv)
+    _assert_close(y, ref, cin_g * kh * kw)
+
+
+def test_bad_arguments_are_named():
+    book, idx, _ = _case(4, 3, 16, 2, 0)
+    with pytest.raises(ValueError, match="backend must be one of .* got 'cuda'"):
+        vq_matmul(torch.randn(1, 6), book, idx, backend="cuda")
+    with pytest.raises(ValueError, match="x has 7 features but .* need n=6"):
+        vq_matmul(torch.randn(1, 7), book, idx)
+    with pytest.raises(ValueError, match="segment must be 'input' or 'kernel', got 'row'"):
+        vq_conv2d(torch.randn(1, 2, 4, 4), book, idx, (4, 2, 1, 3), segment="row")
