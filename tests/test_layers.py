@@ -258,8 +258,10 @@ def test_reassign_without_latent_needs_a_weight():
     assert q.latent is None
     with pytest.raises(RuntimeError, match="reassign_every > 0"):
         q.reassign()
-    changed = q.reassign(torch.zeros(8, 16))
-    assert changed >= 0 and len(set(q.indices.reshape(-1).tolist())) == 1
+    before = q.indices.clone()
+    changed = q.reassign(torch.zeros(8, 16))             # every segment -> the codeword nearest 0
+    assert len(set(q.indices.reshape(-1).tolist())) == 1
+    assert changed == int((q.indices != before).sum()) > 0
 
 
 # ---------------------------------------------------------------- bad input
