@@ -6,6 +6,7 @@ count (`torch.set_num_threads`; numba follows `threads` when given).
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable
 
 import pandas as pd
@@ -42,7 +43,8 @@ def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, bu
 def _int8_linear(w: torch.Tensor) -> nn.Module:
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight.data.copy_(w)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch announces the deprecation of its quantized tensors
         return torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
 
 
