@@ -109,3 +109,22 @@ def test_bad_arguments_are_named():
         vq_matmul(torch.randn(1, 7), book, idx)
     with pytest.raises(ValueError, match="segment must be 'input' or 'kernel', got 'row'"):
         vq_conv2d(torch.randn(1, 2, 4, 4), book, idx, (4, 2, 1, 3), segment="row")
+
+
+@pytest.mark.parametrize("k, groups", [(16, 1), (256, 3), (4096, 1), (40000, 2)])
+def test_fast_dequantize_equals_reference_exactly(k, groups):
+    # the dense path of `auto` rebuilds the weight with numba's gather; it must copy codewords bit for bit
+    from vqlab.kernels.ops import _dequantize_fast
+    book, idx, _ = _case(30, 7, k, 3, 6, groups=groups)
+    assert torch.equal(_dequantize_fast(book, idx), dequantize(book, idx))
+    assert torch.equal(_dequantize_fast(book, idx.long()), dequantize(book, idx))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int64_indices_and_segment_counts_off_the_packing(backend):
+    # the numba kernel packs byte indices 8 segments to a word: 1, 7, 9 and 17 segments exercise the padding
+    for s in (1, 7, 9, 17):
+        book, idx, g = _case(13, s, 200, 2, s)
+        x = torch.randn(4, 2 * s, generator=g)
+        ref = x.double() @ dequantize(book.double(), idx).T
+        _assert_close(vq_matmul(x, book, idx.long(), backend=backend), ref, 2 * s)

@@ -59,7 +59,7 @@ def test_k_at_least_distinct_segments_is_exact_with_repeats():
     q = VQLinear.from_float(lin, k=8, d=4)       # K=8 >= 5 distinct (40 segments)
     assert torch.equal(q.dequantize(), lin.weight.detach())
     x = torch.randn(3, 16)
-    torch.testing.assert_close(q.eval()(x), lin(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(q.eval()(x), lin(x), rtol=1e-6, atol=1e-6)   # the LUT sums in another order
 
 
 # ---------------------------------------------------------------- reconstruction error

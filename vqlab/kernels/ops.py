@@ -3,8 +3,9 @@
 One signature for every backend (public meaning W[i, s*d:(s+1)*d] = codebook[indices[i, s]]):
     vq_matmul(x (..., n), codebook (K, d) | (G, K, d), indices (m, n/d)) -> (..., m)
 The reference (dequantize + GEMM) is the correctness oracle and the fallback on every device;
-numba is imported only when its backend is chosen.  `auto` times both once per shape/batch bucket
-and keeps the faster (CPU); on CUDA the torch path runs.
+numba is imported only when its backend is chosen.  `auto` times the LUT kernel against dequantize + GEMM
+(the dequantize done by numba's parallel gather) once per shape/batch bucket and keeps the faster (CPU);
+on CUDA the torch path runs.
 """
 from __future__ import annotations
 
@@ -50,22 +51,31 @@ def _check(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, backe
                          f"need n={n}")
 
 
-def _segment_major(indices: torch.Tensor):
-    """Segment-major copy of `indices`, built once per tensor and version.
+def _layout(indices: torch.Tensor, k: int):
+    """The numba kernel's copy of `indices` (see lut_numba.lut_layout), built once per tensor and version.
 
     The cache holds a reference to the indices tensor itself, so its memory cannot be freed and reused
     by another tensor at the same address while the entry lives (a stale hit would give wrong results);
     an in-place change bumps `_version` and misses.
     """
-    from .lut_numba import segment_major
+    from .lut_numba import lut_layout
 
-    key = (indices.data_ptr(), tuple(indices.shape), tuple(indices.stride()), indices.dtype, indices._version)
+    key = (indices.data_ptr(), tuple(indices.shape), tuple(indices.stride()), indices.dtype, indices._version, k)
     hit = _LAYOUT_CACHE.get(key)
     if hit is None:
         if len(_LAYOUT_CACHE) >= 128:
             _LAYOUT_CACHE.pop(next(iter(_LAYOUT_CACHE)))       # drop the oldest entry
-        hit = _LAYOUT_CACHE[key] = (indices, segment_major(indices))
+        hit = _LAYOUT_CACHE[key] = (indices, lut_layout(indices, k))
     return hit[1]
+
+
+def _row_blocks(codebook: torch.Tensor, indices: torch.Tensor):
+    """(codebook (K, d), indices block) pairs: one for a (K, d) codebook, G blocks of rows for (G, K, d)."""
+    if codebook.dim() == 2:
+        return [(codebook, indices)]
+    g = codebook.shape[0]
+    rows = indices.shape[0] // g
+    return [(codebook[j], indices[j * rows:(j + 1) * rows]) for j in range(g)]
 
 
 def _numba_2d(x2: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -73,12 +83,23 @@ def _numba_2d(x2: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -
     from .lut_numba import lut_matmul
 
     xf = x2.detach().to(torch.float32).contiguous()
-    if codebook.dim() == 2:
-        return lut_matmul(xf, codebook, _segment_major(indices))
-    g = codebook.shape[0]
-    rows = indices.shape[0] // g
-    outs = [lut_matmul(xf, codebook[j], _segment_major(indices[j * rows:(j + 1) * rows])) for j in range(g)]
-    return torch.cat(outs, dim=1)
+    outs = [lut_matmul(xf, book, _layout(idx, book.shape[0])) for book, idx in _row_blocks(codebook, indices)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _dequantize_fast(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """dequantize() for the dense path of `auto` on CPU: numba's parallel gather when available (4-7x
+    faster than torch's indexing here), else the reference.  No autograd."""
+    if "numba" not in available_backends() or indices.device.type != "cpu":
+        return dequantize(codebook, indices)
+    from .lut_numba import dequantize_rows
+
+    outs = [dequantize_rows(book, idx) for book, idx in _row_blocks(codebook, indices)]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)).to(codebook.dtype)
+
+
+def _dense_fast(x2: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return F.linear(x2, _dequantize_fast(codebook, indices).to(x2.dtype))
 
 
 def _time_once(fn) -> float:
@@ -96,7 +117,7 @@ def _pick(x2: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> st
         if "numba" not in available_backends():
             choice = "torch"
         else:
-            t_torch = _time_once(lambda: vq_matmul_reference(x2, codebook, indices))
+            t_torch = _time_once(lambda: _dense_fast(x2, codebook, indices))
             t_numba = _time_once(lambda: _numba_2d(x2, codebook, indices))
             choice = "numba" if t_numba < t_torch else "torch"
         _AUTO[key] = choice
@@ -115,7 +136,7 @@ def _matmul_impl(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
         if backend == "numba":
             y = _numba_2d(x2, codebook, indices)
         else:
-            y = vq_matmul_reference(x2.to(torch.float32), codebook, indices)
+            y = _dense_fast(x2.to(torch.float32), codebook, indices)
     return y.to(x.dtype).reshape(*lead, indices.shape[0])
 
 
@@ -199,8 +220,9 @@ def _conv_lut(x, codebook, indices, weight_shape, stride, padding, dilation, gro
     return y.permute(0, 2, 1).reshape(b, out_c, ho, wo)
 
 
-def _conv_dense(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment):
-    w = conv_weight_from_rows(dequantize(codebook, indices), weight_shape, segment).to(x.dtype)
+def _conv_dense(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment, fast=False):
+    rows = _dequantize_fast(codebook, indices) if fast else dequantize(codebook, indices)
+    w = conv_weight_from_rows(rows, weight_shape, segment).to(x.dtype)
     return F.conv2d(x, w, None, stride, padding, dilation, groups)
 
 
@@ -219,11 +241,11 @@ def _vq_conv2d_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor
     if choice is None:
         choice = "torch"
         if "numba" in available_backends():
-            t_dense = _time_once(lambda: _conv_dense(*args))
+            t_dense = _time_once(lambda: _conv_dense(*args, fast=True))
             t_lut = _time_once(lambda: _conv_lut(*args, "numba"))
             choice = "numba" if t_lut < t_dense else "torch"
         _AUTO[key] = choice
-    return _conv_dense(*args) if choice == "torch" else _conv_lut(*args, "numba")
+    return _conv_dense(*args, fast=True) if choice == "torch" else _conv_lut(*args, "numba")
 
 
 @_vq_conv2d_op.register_fake
