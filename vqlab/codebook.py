@@ -268,6 +268,14 @@ def _converged(prev: float, cur: float, tol: float) -> bool:
 
 # ---------------------------------------------------------------- core: Lloyd and mini-batch
 
+
+def _end_iteration(bar, prev: float, cur: float, moved: int, tol: float) -> bool:
+    """Show the distortion on the progress bar; True when converged (and nothing was re-seeded)."""
+    bar.update(1)
+    bar.set_postfix(distortion=f"{cur:.4g}", refresh=False)
+    return moved == 0 and _converged(prev, cur, tol)
+
+
 def _lloyd(x, c, iters, tol, chunk, bar) -> tuple[int, int]:
     """Lloyd iterations on all points, in place on c.  Returns (n_iter, dead_reseeded)."""
     n, d = x.shape
@@ -283,9 +291,7 @@ def _lloyd(x, c, iters, tol, chunk, bar) -> tuple[int, int]:
         c += delta / counts.clamp_min(1).to(c.dtype)[:, None]
         reseeded += moved
         cur = float(dist.sum()) / (n * d)
-        bar.update(1)
-        bar.set_postfix(distortion=f"{cur:.4g}", refresh=False)
-        if moved == 0 and _converged(prev, cur, tol):
+        if _end_iteration(bar, prev, cur, moved, tol):
             break
         prev = cur
     return it, reseeded
@@ -325,9 +331,7 @@ def _minibatch(x, c, iters, tol, batch_size, chunk, gen, bar) -> tuple[int, int]
             moved = len(got)
         reseeded += moved
         cur = float(err) / (n * d)
-        bar.update(1)
-        bar.set_postfix(distortion=f"{cur:.4g}", refresh=False)
-        if moved == 0 and _converged(prev, cur, tol):
+        if _end_iteration(bar, prev, cur, moved, tol):
             break
         prev = cur
     return it, reseeded

@@ -276,6 +276,26 @@ class VQLayer(nn.Module):
         if self.reassign_every:
             self.init_latent(weight)
 
+    @classmethod
+    def _from_float(cls, module: nn.Module, k, d, *, codebook, groups, pad, iters, init, batch_size, seed,
+                    reassign_every, codebook_dtype, name, **layout):
+        """The body of VQLinear/VQConv2d.from_float; `layout` holds the conv's `segment`."""
+        label = _label(name, module)
+        if codebook is not None:
+            k, d, groups = _check_codebook_arg(codebook, k, d, label)
+        if k is None or d is None:
+            raise ValueError(f"{label}: give k and d (or a shared codebook)")
+        check_quantizable(module, k, d, groups=groups, pad=pad, name=name, check_k=codebook is None, **layout)
+        w = module.weight
+        layer = cls.from_shape_of(module, k=k, d=d, codebook_groups=groups, pad=pad, codebook=codebook,
+                                  reassign_every=reassign_every, device=w.device, dtype=codebook_dtype or w.dtype,
+                                  **layout)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        layer._fill_from(w, k=k, d=d, groups=groups, iters=iters, init=init, batch_size=batch_size, seed=seed,
+                         codebook=codebook, codebook_dtype=codebook_dtype)
+        return layer
+
     def extra_repr(self) -> str:
         shared = "" if self.codebook_groups == 1 else f", codebook_groups={self.codebook_groups}"
         pad = f", n_pad={self.n_pad}" if self.n_pad != self.n else ""
@@ -336,20 +356,9 @@ class VQLinear(VQLayer):
         codebook: an existing Codebook to share (then K, d, G come from it and the weights are only
             assigned to it).  name: the layer's name, used in error messages.
         """
-        label = _label(name, module)
-        if codebook is not None:
-            k, d, groups = _check_codebook_arg(codebook, k, d, label)
-        if k is None or d is None:
-            raise ValueError(f"{label}: give k and d (or a shared codebook)")
-        check_quantizable(module, k, d, groups=groups, pad=pad, name=name, check_k=codebook is None)
-        w = module.weight
-        layer = cls.from_shape_of(module, k=k, d=d, codebook_groups=groups, pad=pad, codebook=codebook,
-                                  reassign_every=reassign_every, device=w.device, dtype=codebook_dtype or w.dtype)
-        if module.bias is not None:
-            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
-        layer._fill_from(w, k=k, d=d, groups=groups, iters=iters, init=init, batch_size=batch_size, seed=seed,
-                         codebook=codebook, codebook_dtype=codebook_dtype)
-        return layer
+        return cls._from_float(module, k, d, codebook=codebook, groups=groups, pad=pad, iters=iters, init=init,
+                               batch_size=batch_size, seed=seed, reassign_every=reassign_every,
+                               codebook_dtype=codebook_dtype, name=name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -447,22 +456,9 @@ class VQConv2d(VQLayer):
         groups: number of codebooks G (blocks of output channels), not the conv's groups.
         codebook: an existing Codebook to share.  name: the layer's name, used in error messages.
         """
-        label = _label(name, module)
-        if codebook is not None:
-            k, d, groups = _check_codebook_arg(codebook, k, d, label)
-        if k is None or d is None:
-            raise ValueError(f"{label}: give k and d (or a shared codebook)")
-        check_quantizable(module, k, d, groups=groups, segment=segment, pad=pad, name=name,
-                          check_k=codebook is None)
-        w = module.weight
-        layer = cls.from_shape_of(module, k=k, d=d, segment=segment, codebook_groups=groups, pad=pad,
-                                  codebook=codebook, reassign_every=reassign_every, device=w.device,
-                                  dtype=codebook_dtype or w.dtype)
-        if module.bias is not None:
-            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
-        layer._fill_from(w, k=k, d=d, groups=groups, iters=iters, init=init, batch_size=batch_size, seed=seed,
-                         codebook=codebook, codebook_dtype=codebook_dtype)
-        return layer
+        return cls._from_float(module, k, d, codebook=codebook, groups=groups, pad=pad, iters=iters, init=init,
+                               batch_size=batch_size, seed=seed, reassign_every=reassign_every,
+                               codebook_dtype=codebook_dtype, name=name, segment=segment)
 
     def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
         if self._pre_pad is not None:
