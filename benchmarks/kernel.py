@@ -50,12 +50,12 @@ def main(argv=None) -> int:
     out["min_runs"] = df.groupby(["threads", "m", "n", "K", "d", "batch"], sort=False)["runs"].min().values
     for col in ("int8 dynamic", "vq numba", "vq auto"):
         out[f"dense/{col.split()[-1]}" if col != "int8 dynamic" else "dense/int8"] = wide["dense fp32"].values / wide[col].values
-    best = wide[["vq torch", "vq numba"]].min(axis=1).values
+    best = wide[["vq dense", "vq numba"]].min(axis=1).values
     out["auto/best"] = wide["vq auto"].values / best
     pd.set_option("display.width", 250)
     pd.set_option("display.max_rows", 500)
     print(f"milliseconds per call (median of up to {args.repeats} runs, min_runs = fewest for a slow backend); ratios > 1 mean faster than dense fp32; "
-          f"auto/best <= ~1 means auto picked the faster of dequantize+GEMM and numba")
+          f"auto/best <= ~1 means auto picked the faster of vq dense (dequantize+GEMM) and vq numba")
     print(out.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

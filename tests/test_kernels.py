@@ -128,3 +128,14 @@ def test_int64_indices_and_segment_counts_off_the_packing(backend):
         x = torch.randn(4, 2 * s, generator=g)
         ref = x.double() @ dequantize(book.double(), idx).T
         _assert_close(vq_matmul(x, book, idx.long(), backend=backend), ref, 2 * s)
+
+
+def test_auto_records_a_dense_or_numba_choice_and_bench_times_every_backend():
+    from vqlab.bench import BACKENDS as BENCH_BACKENDS, layer_timings
+    from vqlab.kernels import auto_choices
+    df = layer_timings(64, 96, 16, 4, 3, repeats=5, budget=0.0)
+    assert list(df["backend"]) == list(BENCH_BACKENDS)
+    assert (df["seconds"] > 0).all() and (df["runs"] == 5).all()      # budget 0: the floor of 5 runs
+    assert df.loc[df["backend"] == "dense fp32", "speedup_vs_dense"].item() == 1.0
+    assert set(auto_choices().values()) <= {"dense", "numba"}
+    assert any(key[0] == (64, 24) for key in auto_choices())          # the (m, n/d) of this layer was picked for

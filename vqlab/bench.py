@@ -16,7 +16,10 @@ import torch.nn.functional as F
 
 __all__ = ["median_time", "layer_timings", "BACKENDS"]
 
-BACKENDS = ("dense fp32", "int8 dynamic", "vq torch", "vq numba", "vq auto")
+BACKENDS = ("dense fp32", "int8 dynamic", "vq torch", "vq dense", "vq numba", "vq auto")
+"""dense fp32: F.linear on the float weight; int8 dynamic: torch's quantize_dynamic Linear; vq torch: the
+reference (torch indexing + GEMM); vq dense: parallel dequantize + GEMM; vq numba: the LUT kernel;
+vq auto: whichever of vq dense and vq numba was faster when first timed."""
 
 
 def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, budget: float | None = None) -> tuple[float, int]:
@@ -79,6 +82,7 @@ def layer_timings(m: int, n: int, k: int, d: int, batch: int, backends=BACKENDS,
     fns = {
         "dense fp32": lambda: F.linear(x, w),
         "vq torch": lambda: vq_matmul(x, codebook, indices, backend="torch"),
+        "vq dense": lambda: vq_matmul(x, codebook, indices, backend="dense"),
         "vq numba": lambda: vq_matmul(x, codebook, indices, backend="numba"),
         "vq auto": lambda: vq_matmul(x, codebook, indices, backend="auto"),
     }

@@ -174,10 +174,14 @@ def compression_panel(model: nn.Module, train_ds, test_ds, grid, ks: Sequence[in
 
 # ---------------------------------------------------------------- notebook 03: FLOPs and wall time
 
+_BACKEND_COLORS = {"dense fp32": "0.5", "int8 dynamic": "tab:green", "vq torch": "tab:orange", "vq dense": "tab:purple",
+                   "vq numba": "tab:red", "vq auto": "tab:blue"}
+
+
 def speed_panel(m: int = 1024, n: int = 1024, ks: Sequence[int] = (16, 64, 256, 1024), ds: Sequence[int] = (2, 4, 8),
                 batches: Sequence[int] = (1, 16, 128), k: int = 256, d: int = 4, batch: int = 1,
                 repeats: int = 10) -> Panel:
-    """Measured wall time of one m x n layer: dense fp32, int8 dynamic, VQ (torch, numba, auto), and the FLOP ratio."""
+    """Measured wall time of one m x n layer: dense fp32, int8 dynamic, VQ (torch, dense, numba, auto), and the FLOP ratio."""
     from .bench import layer_timings
 
     def render(K: int, d: int, batch: int):
@@ -187,7 +191,7 @@ def speed_panel(m: int = 1024, n: int = 1024, ks: Sequence[int] = (16, 64, 256, 
         t = dict(zip(df["backend"], df["seconds"]))
         flop_ratio = K / m + 1 / d
         fig, ax = plt.subplots(figsize=(6, 3))
-        ax.barh(df["backend"], 1e3 * df["seconds"], color=["0.5", "tab:green", "tab:orange", "tab:red", "tab:blue"])
+        ax.barh(df["backend"], 1e3 * df["seconds"], color=[_BACKEND_COLORS[b] for b in df["backend"]])
         ax.set_xlabel("milliseconds per call (median)")
         ax.set_title(f"{m}×{n} layer, batch {batch}, K={K}, d={d}", fontsize=9)
         ax.invert_yaxis()

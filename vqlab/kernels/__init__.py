@@ -1,4 +1,4 @@
-"""VQ kernels: `vq_matmul`, `vq_conv2d` (backends "torch", "numba", "auto") and the `dequantize` reference."""
+"""VQ kernels: `vq_matmul`, `vq_conv2d` (backends "torch", "dense", "numba", "auto") and the `dequantize` reference."""
 from .ops import auto_choices, available_backends, conv_weight_from_rows, vq_conv2d, vq_matmul
 from .reference import dequantize, vq_matmul_reference
 

@@ -1,4 +1,4 @@
-"""VQ matmul / conv as torch custom ops with backends "torch", "numba" and "auto", plus their FLOP formulas.
+"""VQ matmul / conv as torch custom ops with backends "torch", "dense", "numba" and "auto", plus their FLOP formulas.
 
 One signature for every backend (public meaning W[i, s*d:(s+1)*d] = codebook[indices[i, s]]):
     vq_matmul(x (..., n), codebook (K, d) | (G, K, d), indices (m, n/d)) -> (..., m)
@@ -19,18 +19,18 @@ from .reference import dequantize, vq_matmul_reference
 
 __all__ = ["vq_matmul", "vq_conv2d", "available_backends", "auto_choices", "conv_weight_from_rows"]
 
-BACKENDS = ("torch", "numba", "auto")
+BACKENDS = ("torch", "dense", "numba", "auto")
 _LAYOUT_CACHE: dict = {}   # (data_ptr, shape, stride, dtype, version) -> (indices, segment-major numpy copy)
-_AUTO: dict = {}           # shape/batch key -> "torch" | "numba"
+_AUTO: dict = {}           # shape/batch key -> "dense" | "numba"
 
 
 def available_backends() -> list[str]:
-    """Backends usable here: always "torch"; "numba" when numba imports; "auto"."""
+    """Backends usable here: always "torch" and "dense"; "numba" when numba imports; "auto"."""
     try:
         import numba  # noqa: F401
-        return ["torch", "numba", "auto"]
+        return ["torch", "dense", "numba", "auto"]
     except ImportError:
-        return ["torch", "auto"]
+        return ["torch", "dense", "auto"]
 
 
 def auto_choices() -> dict:
@@ -115,11 +115,11 @@ def _pick(x2: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> st
     choice = _AUTO.get(key)
     if choice is None:
         if "numba" not in available_backends():
-            choice = "torch"
+            choice = "dense"
         else:
-            t_torch = _time_once(lambda: _dense_fast(x2, codebook, indices))
+            t_dense = _time_once(lambda: _dense_fast(x2, codebook, indices))
             t_numba = _time_once(lambda: _numba_2d(x2, codebook, indices))
-            choice = "numba" if t_numba < t_torch else "torch"
+            choice = "numba" if t_numba < t_dense else "dense"
         _AUTO[key] = choice
     return choice
 
@@ -173,8 +173,9 @@ def vq_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, ba
 
     x: (..., n) any float dtype (float16/bfloat16 computed in float32 on CPU); codebook: (K, d) or (G, K, d)
     (G groups of output rows); indices: (m, n/d) uint8/int16/int32/int64.  returns (..., m) in x's dtype on
-    x's device.  backend: "torch" (reference), "numba" (CPU LUT kernel), "auto" (faster of the two, timed
-    once per shape and batch bucket; the torch path on CUDA).  Not differentiable: train through
+    x's device.  backend: "torch" (the reference: torch indexing + GEMM), "dense" (dequantize with a
+    parallel gather, then GEMM), "numba" (CPU LUT kernel), "auto" ("dense" or "numba", whichever was faster
+    when timed once per shape and batch bucket).  On CUDA every backend runs the reference.  Not differentiable: train through
     `dequantize` (what VQ layers do in training mode).
     """
     _check(x, codebook, indices, backend)
@@ -233,19 +234,19 @@ def _vq_conv2d_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor
     args = (x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment)
     if x.device.type != "cpu" or backend == "torch":
         return _conv_dense(*args)
-    if backend == "numba":
-        return _conv_lut(*args, "numba")
+    if backend in ("numba", "dense"):
+        return _conv_lut(*args, "numba") if backend == "numba" else _conv_dense(*args, fast=True)
     key = ("conv", tuple(x.shape[1:]), 1 << max(0, (x.shape[0] - 1).bit_length()), tuple(weight_shape),
            tuple(codebook.shape), tuple(stride), tuple(padding), tuple(dilation), groups, segment, torch.get_num_threads())
     choice = _AUTO.get(key)
     if choice is None:
-        choice = "torch"
+        choice = "dense"
         if "numba" in available_backends():
             t_dense = _time_once(lambda: _conv_dense(*args, fast=True))
             t_lut = _time_once(lambda: _conv_lut(*args, "numba"))
-            choice = "numba" if t_lut < t_dense else "torch"
+            choice = "numba" if t_lut < t_dense else "dense"
         _AUTO[key] = choice
-    return _conv_dense(*args, fast=True) if choice == "torch" else _conv_lut(*args, "numba")
+    return _conv_dense(*args, fast=True) if choice == "dense" else _conv_lut(*args, "numba")
 
 
 @_vq_conv2d_op.register_fake
@@ -284,7 +285,7 @@ def vq_conv2d(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, we
 
     weight_shape: (out, C/groups, kh, kw); indices: (out, n/d) with n = C/groups*kh*kw in the row layout
     `segment` ("input": (kh, kw, cin) order, "kernel": (cin, kh, kw)).  padding: int or pair (no strings).
-    backend as in `vq_matmul`: "numba" runs im2col + the LUT kernel, "torch" dequantize + F.conv2d.
+    backend as in `vq_matmul`: "numba" runs im2col + the LUT kernel, "torch"/"dense" dequantize + F.conv2d.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
