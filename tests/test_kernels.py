@@ -116,8 +116,13 @@ def test_fast_dequantize_equals_reference_exactly(k, groups):
     # the dense path of `auto` rebuilds the weight with numba's gather; it must copy codewords bit for bit
     from vqlab.kernels.ops import _dequantize_fast
     book, idx, _ = _case(30, 7, k, 3, 6, groups=groups)
-    assert torch.equal(_dequantize_fast(book, idx), dequantize(book, idx))
-    assert torch.equal(_dequantize_fast(book, idx.long()), dequantize(book, idx))
+    ref = dequantize(book, idx)
+    kept = _dequantize_fast(book, idx)
+    assert torch.equal(kept, ref)
+    assert torch.equal(_dequantize_fast(book, idx.long()), ref)
+    assert torch.equal(_dequantize_fast(book, idx, temporary=True), ref)      # into the reused scratch buffer
+    _dequantize_fast(book.flip(-2), idx, temporary=True)                       # overwrites the scratch ...
+    assert torch.equal(kept, ref)                                              # ... never a kept result
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
@@ -87,19 +88,29 @@ def _numba_2d(x2: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-def _dequantize_fast(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """dequantize() for the dense path of `auto` on CPU: numba's parallel gather when available (4-7x
-    faster than torch's indexing here), else the reference.  No autograd."""
+def _dequantize_fast(codebook: torch.Tensor, indices: torch.Tensor, temporary: bool = False) -> torch.Tensor:
+    """dequantize() for the dense path on CPU: numba's parallel gather when available (4-7x faster than
+    torch's indexing here), else the reference.  No autograd.  temporary: write into this thread's reused
+    scratch buffer (float32; overwritten by the next temporary call) instead of fresh memory."""
     if "numba" not in available_backends() or indices.device.type != "cpu":
         return dequantize(codebook, indices)
-    from .lut_numba import dequantize_rows
+    from .lut_numba import dequantize_rows, scratch
 
-    outs = [dequantize_rows(book, idx) for book, idx in _row_blocks(codebook, indices)]
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)).to(codebook.dtype)
+    m, s = indices.shape
+    out = scratch("weight", (m, s * codebook.shape[-1])) if temporary else None
+    blocks = _row_blocks(codebook, indices)
+    if len(blocks) == 1:
+        return dequantize_rows(*blocks[0], out).to(codebook.dtype)
+    if out is None:
+        out = np.empty((m, s * codebook.shape[-1]), dtype=np.float32)
+    rows = m // len(blocks)
+    for j, (book, idx) in enumerate(blocks):
+        dequantize_rows(book, idx, out[j * rows:(j + 1) * rows])
+    return torch.from_numpy(out).to(codebook.dtype)
 
 
 def _dense_fast(x2: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    return F.linear(x2, _dequantize_fast(codebook, indices).to(x2.dtype))
+    return F.linear(x2, _dequantize_fast(codebook, indices, temporary=True).to(x2.dtype))
 
 
 def _time_best(fn, budget: float = 0.05, max_runs: int = 5) -> float:
@@ -230,7 +241,7 @@ def _conv_lut(x, codebook, indices, weight_shape, stride, padding, dilation, gro
 
 
 def _conv_dense(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment, fast=False):
-    rows = _dequantize_fast(codebook, indices) if fast else dequantize(codebook, indices)
+    rows = _dequantize_fast(codebook, indices, temporary=True) if fast else dequantize(codebook, indices)
     w = conv_weight_from_rows(rows, weight_shape, segment).to(x.dtype)
     return F.conv2d(x, w, None, stride, padding, dilation, groups)
 
