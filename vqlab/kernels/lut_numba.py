@@ -65,7 +65,7 @@ def _build_table(x, cb_t, table):  # x (B, n) f32, cb_t (d, K) f32, table (B, S_
 
 
 @njit(inline="always", cache=True)
-def _sum8(t, w, base):  # the 8 table entries that one uint64 word of byte indices selects, rows base/256 ...
+def _sum8(t, w, base):  # sum of the 8 entries one uint64 word of byte indices picks from table rows at t[base:]
     return (((t[base + (w & 255)] + t[base + 256 + ((w >> 8) & 255)])
              + (t[base + 512 + ((w >> 16) & 255)] + t[base + 768 + ((w >> 24) & 255)]))
             + ((t[base + 1024 + ((w >> 32) & 255)] + t[base + 1280 + ((w >> 40) & 255)])

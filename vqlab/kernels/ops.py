@@ -96,15 +96,11 @@ def _dequantize_fast(codebook: torch.Tensor, indices: torch.Tensor, temporary: b
         return dequantize(codebook, indices)
     from .lut_numba import dequantize_rows, scratch
 
-    m, s = indices.shape
-    out = scratch("weight", (m, s * codebook.shape[-1])) if temporary else None
+    shape = (indices.shape[0], indices.shape[1] * codebook.shape[-1])
+    out = scratch("weight", shape) if temporary else np.empty(shape, dtype=np.float32)
     blocks = _row_blocks(codebook, indices)
-    if len(blocks) == 1:
-        return dequantize_rows(*blocks[0], out).to(codebook.dtype)
-    if out is None:
-        out = np.empty((m, s * codebook.shape[-1]), dtype=np.float32)
-    rows = m // len(blocks)
-    for j, (book, idx) in enumerate(blocks):
+    rows = shape[0] // len(blocks)
+    for j, (book, idx) in enumerate(blocks):                # G codebook groups: G blocks of output rows
         dequantize_rows(book, idx, out[j * rows:(j + 1) * rows])
     return torch.from_numpy(out).to(codebook.dtype)
 
@@ -194,8 +190,8 @@ def vq_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, ba
     (G groups of output rows); indices: (m, n/d) uint8/int16/int32/int64.  returns (..., m) in x's dtype on
     x's device.  backend: "torch" (the reference: torch indexing + GEMM), "dense" (dequantize with a
     parallel gather, then GEMM), "numba" (CPU LUT kernel), "auto" ("dense" or "numba", whichever was faster
-    when timed once per shape and batch bucket).  On CUDA every backend runs the reference.  Not differentiable: train through
-    `dequantize` (what VQ layers do in training mode).
+    when timed once per shape and batch bucket).  On CUDA every backend runs the reference.
+    Not differentiable: train through `dequantize` (what VQ layers do in training mode).
     """
     _check(x, codebook, indices, backend)
     return torch.ops.vqlab.vq_matmul(x, codebook, indices, backend)
@@ -253,8 +249,10 @@ def _vq_conv2d_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor
     args = (x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment)
     if x.device.type != "cpu" or backend == "torch":
         return _conv_dense(*args)
-    if backend in ("numba", "dense"):
-        return _conv_lut(*args, "numba") if backend == "numba" else _conv_dense(*args, fast=True)
+    if backend == "dense":
+        return _conv_dense(*args, fast=True)
+    if backend == "numba":
+        return _conv_lut(*args, "numba")
     key = ("conv", tuple(x.shape[1:]), 1 << max(0, (x.shape[0] - 1).bit_length()), tuple(weight_shape),
            tuple(codebook.shape), tuple(stride), tuple(padding), tuple(dilation), groups, segment, torch.get_num_threads())
     choice = _AUTO.get(key)
