@@ -3,8 +3,11 @@
 Convention (as torch.utils.flop_counter): a multiply-add is 2 FLOPs, biases are not counted.
 For a layer with m outputs and n inputs, applied to `rows` input vectors (batch x positions):
     dense            2 * rows * m * n
-    VQ table         2 * rows * n * K            (each input segment against all K codewords, G codebooks: x G)
+    VQ table         2 * rows * T * n * K        (each input segment against all K codewords; T tables per row:
+                                                  G codebook groups and c conv groups give T = c + G - gcd(c, G))
     VQ accumulate        rows * m * n / d        (one add per table entry read)
+The VQ figures come from `vqlab.kernels.ops.matmul_flops` / `conv_flops`, the same functions the custom ops
+register with FlopCounterMode, so the two counts agree by construction.
 Convolutions count rows = batch * output positions (im2col, which is what vqlab's kernel runs; a
 kernel that shares each input pixel's table across the kh*kw positions would need less).
 The ratio in operations, counting a multiply-add and an add as one op each, is `flop_ratio` = K/m + 1/d;
@@ -15,6 +18,8 @@ from __future__ import annotations
 import pandas as pd
 import torch
 import torch.nn as nn
+
+from .kernels.ops import conv_flops, matmul_flops
 
 __all__ = ["count_flops", "flop_ratio"]
 
@@ -52,9 +57,12 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> pd.DataFrame:
             r, m, n = _geometry(mod, inputs[0], output)
             dense = 2 * r * m * n
             if _is_vq(mod):
-                g, k, d = mod.codebook.weight.shape
-                s = mod.indices.shape[1]                       # segments per row (padded rows included)
-                table, accum = 2 * r * g * s * d * k, r * m * s
+                book, idx = mod.codebook.weight, mod.indices  # the kernels' own formulas (FlopCounterMode's too)
+                k, d = book.shape[-2], book.shape[-1]
+                if hasattr(mod, "in_channels"):
+                    table, accum = conv_flops(tuple(output.shape), tuple(book.shape), tuple(idx.shape), mod.groups)
+                else:
+                    table, accum = matmul_flops(tuple(inputs[0].shape), tuple(book.shape), tuple(idx.shape))
             else:
                 k = d = pd.NA
                 table, accum = 0, dense

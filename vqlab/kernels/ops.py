@@ -6,9 +6,17 @@ The reference (dequantize + GEMM) is the correctness oracle and the fallback on 
 numba is imported only when its backend is chosen.  `auto` times the LUT kernel against dequantize + GEMM
 (the dequantize done by numba's parallel gather) once per shape/batch bucket and keeps the faster (CPU);
 on CUDA the torch path runs.
+
+Native code never reads a caller's index tensor.  The first time a CPU index tensor reaches a native
+backend it is checked (`check_indices`: integer dtype, every value in [0, K)) and copied; the numba kernels
+read only that private copy and the layouts built from it (`_Checked`).  On every later call the tensor's
+bytes are compared with the copy (one linear pass, far cheaper than the kernel's table lookups), so a change
+made behind torch's back (`indices.numpy()[:] = ...`, which does not bump `_version`) can never hit a stale
+entry: it is re-checked and re-copied.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -16,12 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .reference import dequantize, vq_matmul_reference
+from .reference import INDEX_DTYPES, check_codebook_groups, check_indices, dequantize, vq_matmul_reference
 
-__all__ = ["vq_matmul", "vq_conv2d", "available_backends", "auto_choices", "conv_weight_from_rows"]
+__all__ = ["vq_matmul", "vq_conv2d", "available_backends", "auto_choices", "conv_weight_from_rows",
+           "matmul_flops", "conv_flops", "clear_caches"]
 
 BACKENDS = ("torch", "dense", "numba", "auto")
-_LAYOUT_CACHE: dict = {}   # (data_ptr, shape, stride, dtype, version) -> (indices, segment-major numpy copy)
+_CHECKED: dict = {}        # (data_ptr, shape, stride, dtype, K) -> _Checked
+_CHECKED_MAX = 128
 _AUTO: dict = {}           # shape/batch key -> "dense" | "numba"
 
 
@@ -39,74 +49,153 @@ def auto_choices() -> dict:
     return dict(_AUTO)
 
 
-def _check(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, backend: str) -> None:
+def clear_caches() -> None:
+    """Forget every checked index copy, kernel layout and `auto` timing decision."""
+    _CHECKED.clear()
+    _AUTO.clear()
+
+
+# ---------------------------------------------------------------- argument checks
+
+def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if codebook.dim() not in (2, 3):
-        raise ValueError(f"codebook must be (K, d) or (G, K, d), got shape {tuple(codebook.shape)}")
-    if indices.dim() != 2:
-        raise ValueError(f"indices must be (m, n/d), got shape {tuple(indices.shape)}")
+
+
+def _check_weight(codebook: torch.Tensor, indices: torch.Tensor) -> None:
+    """Shapes and dtypes of a (codebook, indices) pair; the index values are checked later, once per tensor."""
+    if not isinstance(codebook, torch.Tensor) or codebook.dim() not in (2, 3) or 0 in codebook.shape:
+        raise ValueError(f"codebook must be a non-empty (K, d) or (G, K, d) tensor, got "
+                         f"{tuple(codebook.shape) if isinstance(codebook, torch.Tensor) else type(codebook).__name__}")
+    if not codebook.is_floating_point():
+        raise TypeError(f"codebook must be a float tensor, got {codebook.dtype}")
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2:
+        raise ValueError(f"indices must be a 2-D (m, n/d) tensor, got "
+                         f"{tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise ValueError(f"indices must have an integer dtype {[str(t) for t in INDEX_DTYPES]}, got {indices.dtype}")
+    if indices.shape[0] == 0 or indices.shape[1] == 0:
+        raise ValueError(f"indices must have at least one row and one segment, got shape {tuple(indices.shape)}")
+    check_codebook_groups(codebook, indices.shape[0])
+
+
+def _check_x(x: torch.Tensor, min_dim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < min_dim:
+        raise ValueError(f"x must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a float tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+
+
+def _check(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, backend: str) -> None:
+    _check_backend(backend)
+    _check_x(x, 1)
+    _check_weight(codebook, indices)
     n = indices.shape[1] * codebook.shape[-1]
     if x.shape[-1] != n:
         raise ValueError(f"x has {x.shape[-1]} features but indices ({tuple(indices.shape)}) x d={codebook.shape[-1]} "
                          f"need n={n}")
 
 
-def _layout(indices: torch.Tensor, k: int):
-    """The numba kernel's copy of `indices` (see lut_numba.lut_layout), built once per tensor and version.
+# ---------------------------------------------------------------- checked private copies of index tensors
 
-    The cache holds a reference to the indices tensor itself, so its memory cannot be freed and reused
-    by another tensor at the same address while the entry lives (a stale hit would give wrong results);
-    an in-place change bumps `_version` and misses.
+class _Checked:
+    """A checked, private copy of one CPU index tensor, and the kernel layouts built from it.
+
+    copy: (m, S) contiguous, same dtype; `layouts` holds per-backend derived arrays (built lazily).
+    `source` keeps the caller's tensor alive, so its memory cannot be freed and reused by another tensor
+    at the same address while this entry lives.
     """
-    from .lut_numba import lut_layout
 
-    key = (indices.data_ptr(), tuple(indices.shape), tuple(indices.stride()), indices.dtype, indices._version, k)
-    hit = _LAYOUT_CACHE.get(key)
-    if hit is None:
-        if len(_LAYOUT_CACHE) >= 128:
-            _LAYOUT_CACHE.pop(next(iter(_LAYOUT_CACHE)))       # drop the oldest entry
-        hit = _LAYOUT_CACHE[key] = (indices, lut_layout(indices, k))
-    return hit[1]
+    def __init__(self, indices: torch.Tensor, k: int):
+        check_indices(indices, k)
+        self.source = indices
+        self.copy = indices.detach().contiguous().clone()
+        self.layouts: dict = {}
+
+    def matches(self, indices: torch.Tensor) -> bool:
+        """True while `indices` still holds exactly the bytes that were checked."""
+        from .lut_numba import same_bytes
+
+        return same_bytes(self.copy.numpy(), indices.detach().contiguous().numpy())
+
+    def layout(self, key, build):
+        """The derived array for `key` (e.g. ("numba", block)), built once from the checked copy."""
+        hit = self.layouts.get(key)
+        if hit is None:
+            hit = self.layouts[key] = build(self.copy)
+        return hit
 
 
-def _row_blocks(codebook: torch.Tensor, indices: torch.Tensor):
-    """(codebook (K, d), indices block) pairs: one for a (K, d) codebook, G blocks of rows for (G, K, d)."""
-    if codebook.dim() == 2:
-        return [(codebook, indices)]
-    g = codebook.shape[0]
-    rows = indices.shape[0] // g
-    return [(codebook[j], indices[j * rows:(j + 1) * rows]) for j in range(g)]
+def _checked(indices: torch.Tensor, k: int) -> _Checked:
+    """The checked copy of a CPU index tensor: re-checked and re-copied whenever its bytes changed."""
+    key = (indices.data_ptr(), tuple(indices.shape), tuple(indices.stride()), indices.dtype, k)
+    hit = _CHECKED.get(key)
+    if hit is not None and hit.matches(indices):
+        return hit
+    _CHECKED.pop(key, None)
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.pop(next(iter(_CHECKED)))                  # drop the oldest entry
+    hit = _CHECKED[key] = _Checked(indices, k)
+    return hit
 
 
-def _numba_2d(x2: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """x2: (B, n) -> (B, m) float32 through the numba LUT; groups split rows into G blocks."""
-    from .lut_numba import lut_matmul
+def _lut_pieces(xf: torch.Tensor, codebook: torch.Tensor, checked: _Checked, pieces) -> torch.Tensor:
+    """xf: (B, n) float32 contiguous -> (B, rows of the pieces) through the numba LUT kernel.
 
-    xf = x2.detach().to(torch.float32).contiguous()
-    outs = [lut_matmul(xf, book, _layout(idx, book.shape[0])) for book, idx in _row_blocks(codebook, indices)]
+    pieces: (a, b, g) row ranges [a, b) of the checked indices, each served by codebook group g
+    (g ignored for a (K, d) codebook); outputs are concatenated in piece order."""
+    from .lut_numba import lut_layout, lut_matmul
+
+    k = codebook.shape[-2]
+    outs = []
+    for a, b, g in pieces:
+        book = codebook[g] if codebook.dim() == 3 else codebook
+        layout = checked.layout(("numba", a, b), lambda c, a=a, b=b: lut_layout(c[a:b], k))
+        outs.append(lut_matmul(xf, book, layout))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-def _dequantize_fast(codebook: torch.Tensor, indices: torch.Tensor, temporary: bool = False) -> torch.Tensor:
-    """dequantize() for the dense path on CPU: numba's parallel gather when available (4-7x faster than
-    torch's indexing here), else the reference.  No autograd.  temporary: write into this thread's reused
-    scratch buffer (float32; overwritten by the next temporary call) instead of fresh memory."""
-    if "numba" not in available_backends() or indices.device.type != "cpu":
-        return dequantize(codebook, indices)
+def _group_pieces(rows: int, groups: int) -> list[tuple[int, int, int]]:
+    """G equal consecutive row blocks (a, b, g) of `rows` output rows."""
+    per = rows // groups
+    return [(g * per, (g + 1) * per, g) for g in range(groups)]
+
+
+def _numba_2d(x2: torch.Tensor, codebook: torch.Tensor, checked: _Checked) -> torch.Tensor:
+    """x2: (B, n) -> (B, m) float32 through the numba LUT; G codebook groups split rows into G blocks."""
+    g = codebook.shape[0] if codebook.dim() == 3 else 1
+    return _lut_pieces(x2.detach().to(torch.float32).contiguous(), codebook, checked,
+                       _group_pieces(checked.copy.shape[0], g))
+
+
+def _dequantize_checked(codebook: torch.Tensor, checked: _Checked, temporary: bool) -> torch.Tensor:
+    """Dense (m, n) float32 rows from the checked copy by numba's parallel gather (no autograd).
+    temporary: write into this thread's reused scratch buffer (overwritten by the next temporary call; only
+    for results that never reach the caller) instead of fresh memory."""
     from .lut_numba import dequantize_rows, scratch
 
-    shape = (indices.shape[0], indices.shape[1] * codebook.shape[-1])
+    idx = checked.copy
+    shape = (idx.shape[0], idx.shape[1] * codebook.shape[-1])
     out = scratch("weight", shape) if temporary else np.empty(shape, dtype=np.float32)
-    blocks = _row_blocks(codebook, indices)
-    rows = shape[0] // len(blocks)
-    for j, (book, idx) in enumerate(blocks):                # G codebook groups: G blocks of output rows
-        dequantize_rows(book, idx, out[j * rows:(j + 1) * rows])
-    return torch.from_numpy(out).to(codebook.dtype)
+    g = codebook.shape[0] if codebook.dim() == 3 else 1
+    for a, b, j in _group_pieces(shape[0], g):
+        dequantize_rows(codebook[j] if codebook.dim() == 3 else codebook, idx[a:b], out[a:b])
+    return torch.from_numpy(out)
 
 
-def _dense_fast(x2: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    return F.linear(x2, _dequantize_fast(codebook, indices, temporary=True).to(x2.dtype))
+def _dequantize_fast(codebook: torch.Tensor, indices: torch.Tensor, temporary: bool = False) -> torch.Tensor:
+    """dequantize() for the dense path on CPU: numba's parallel gather over the checked copy of `indices`
+    when available (4-7x faster than torch's indexing here), else the reference.  No autograd."""
+    if "numba" not in available_backends() or indices.device.type != "cpu":
+        return dequantize(codebook, indices)
+    _check_weight(codebook, indices)
+    return _dequantize_checked(codebook, _checked(indices, codebook.shape[-2]), temporary).to(codebook.dtype)
+
+
+def _dense_fast(x2: torch.Tensor, codebook: torch.Tensor, checked: _Checked) -> torch.Tensor:
+    return F.linear(x2, _dequantize_checked(codebook, checked, temporary=True).to(x2.dtype))
 
 
 def _time_best(fn, budget: float = 0.05, max_runs: int = 5) -> float:
@@ -124,35 +213,79 @@ def _time_best(fn, budget: float = 0.05, max_runs: int = 5) -> float:
     return best
 
 
-def _pick(x2: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> str:
+def _pick(x2: torch.Tensor, codebook: torch.Tensor, checked: _Checked) -> str:
     b = x2.shape[0]
-    key = (tuple(indices.shape), tuple(codebook.shape), 1 << max(0, (b - 1).bit_length()), torch.get_num_threads())
+    key = (tuple(checked.copy.shape), tuple(codebook.shape), 1 << max(0, (b - 1).bit_length()), torch.get_num_threads())
     choice = _AUTO.get(key)
     if choice is None:
         if "numba" not in available_backends():
             choice = "dense"
         else:
-            t_dense = _time_best(lambda: _dense_fast(x2, codebook, indices))
-            t_numba = _time_best(lambda: _numba_2d(x2, codebook, indices))
+            t_dense = _time_best(lambda: _dense_fast(x2, codebook, checked))
+            t_numba = _time_best(lambda: _numba_2d(x2, codebook, checked))
             choice = "numba" if t_numba < t_dense else "dense"
         _AUTO[key] = choice
     return choice
 
 
+def _uses_reference(x: torch.Tensor, backend: str) -> bool:
+    """The torch reference runs on CUDA, for backend "torch", for float64 inputs (exact in float64; the
+    native kernels compute in float32) and when numba is missing."""
+    return (x.device.type != "cpu" or backend == "torch" or x.dtype == torch.float64
+            or "numba" not in available_backends())
+
+
 def _matmul_impl(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.Tensor:
     lead, n = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n)
-    if x.device.type != "cpu" or backend == "torch" or x2.shape[0] == 0:
-        y = vq_matmul_reference(x2.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu"
-                                else x2, codebook.to(x2.device), indices.to(x2.device))
+    if _uses_reference(x, backend):
+        half_cpu = x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu"
+        y = vq_matmul_reference(x2.to(torch.float32) if half_cpu else x2, codebook.to(x2.device), indices.to(x2.device))
     else:
-        if backend == "auto":
-            backend = _pick(x2.to(torch.float32), codebook, indices)
-        if backend == "numba":
-            y = _numba_2d(x2, codebook, indices)
+        checked = _checked(indices, codebook.shape[-2])          # check + private copy, once per tensor content
+        if x2.shape[0] == 0:
+            y = x2.new_zeros((0, indices.shape[0]), dtype=torch.float32)
         else:
-            y = _dense_fast(x2.to(torch.float32), codebook, indices)
+            if backend == "auto":
+                backend = _pick(x2.to(torch.float32), codebook, checked)
+            if backend == "numba":
+                y = _numba_2d(x2, codebook, checked)
+            else:
+                y = _dense_fast(x2.to(torch.float32), codebook, checked)
     return y.to(x.dtype).reshape(*lead, indices.shape[0])
+
+
+# ---------------------------------------------------------------- FLOPs: one formula per op, used by FlopCounterMode and count_flops
+
+def lut_flops(rows: int, m: int, segments: int, d: int, k: int, tables: int) -> tuple[int, int]:
+    """(table FLOPs, accumulate FLOPs) of a lookup-table product.
+
+    rows input vectors, each with `tables` tables of segments*d*K multiply-adds (2 FLOPs each: every input
+    segment against all K codewords of one codebook), then one add per output and segment (m * segments).
+    """
+    return rows * 2 * tables * segments * d * k, rows * m * segments
+
+
+def _table_count(rows: int, conv_groups: int, codebook_groups: int) -> int:
+    """Tables per input vector: one per piece of the common refinement of the conv groups and the codebook
+    groups over the output rows (each piece sees one conv group's input and one codebook): c + G - gcd(c, G)."""
+    return conv_groups + codebook_groups - math.gcd(conv_groups, codebook_groups)
+
+
+def matmul_flops(x_shape, codebook_shape, indices_shape) -> tuple[int, int]:
+    """(table, accumulate) FLOPs of vq_matmul(x (..., n), codebook (K, d) | (G, K, d), indices (m, S))."""
+    rows = math.prod(x_shape[:-1])
+    m, s = indices_shape
+    g = codebook_shape[0] if len(codebook_shape) == 3 else 1
+    return lut_flops(rows, m, s, codebook_shape[-1], codebook_shape[-2], g)
+
+
+def conv_flops(out_shape, codebook_shape, indices_shape, groups: int) -> tuple[int, int]:
+    """(table, accumulate) FLOPs of vq_conv2d as run here (im2col + LUT): out_shape (B, out, Ho, Wo)."""
+    b, out_c, ho, wo = out_shape
+    m, s = indices_shape
+    g = codebook_shape[0] if len(codebook_shape) == 3 else 1
+    return lut_flops(b * ho * wo, m, s, codebook_shape[-1], codebook_shape[-2], _table_count(out_c, groups, g))
 
 
 # ---------------------------------------------------------------- custom ops (seen by FlopCounterMode, torch.compile)
@@ -167,30 +300,22 @@ def _(x, codebook, indices, backend):
     return x.new_empty((*x.shape[:-1], indices.shape[0]))
 
 
-def _matmul_flops(x_shape, codebook_shape, indices_shape) -> int:
-    """2 FLOPs per multiply-add of the table (n*K per row) + 1 FLOP per accumulate add (m*n/d per row)."""
-    rows = 1
-    for v in x_shape[:-1]:
-        rows *= v
-    m, s = indices_shape
-    k, d = codebook_shape[-2], codebook_shape[-1]
-    groups = codebook_shape[0] if len(codebook_shape) == 3 else 1
-    return rows * (2 * groups * s * d * k + m * s)
-
-
 @register_flop_formula(torch.ops.vqlab.vq_matmul)
 def _(x_shape, codebook_shape, indices_shape, *args, out_shape=None, **kwargs) -> int:
-    return _matmul_flops(x_shape, codebook_shape, indices_shape)
+    return sum(matmul_flops(x_shape, codebook_shape, indices_shape))
 
 
 def vq_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """y = x @ W.T with W[i, s*d:(s+1)*d] = codebook[indices[i, s]].
 
-    x: (..., n) any float dtype (float16/bfloat16 computed in float32 on CPU); codebook: (K, d) or (G, K, d)
-    (G groups of output rows); indices: (m, n/d) uint8/int16/int32/int64.  returns (..., m) in x's dtype on
-    x's device.  backend: "torch" (the reference: torch indexing + GEMM), "dense" (dequantize with a
-    parallel gather, then GEMM), "numba" (CPU LUT kernel), "auto" ("dense" or "numba", whichever was faster
-    when timed once per shape and batch bucket).  On CUDA every backend runs the reference.
+    x: (..., n) float (float16/bfloat16 computed in float32 on CPU; float64 runs the reference in float64);
+    codebook: (K, d) or (G, K, d) (G groups of output rows, G must divide m); indices: (m, n/d)
+    uint8/int8/int16/int32/int64 with every value in [0, K).  returns (..., m) in x's dtype on x's device.
+    backend: "torch" (the reference: torch indexing + GEMM), "dense" (dequantize with a parallel gather,
+    then GEMM), "numba" (CPU LUT kernel), "auto" ("dense" or "numba", whichever was faster when timed once
+    per shape and batch bucket).  On CUDA every backend runs the reference.
+    raises: ValueError for an index outside [0, K) (on every backend, checked once per index tensor's
+    contents), non-integer indices, a G not dividing m, or mismatched shapes; TypeError for a non-float x.
     Not differentiable: train through `dequantize` (what VQ layers do in training mode).
     """
     _check(x, codebook, indices, backend)
@@ -209,31 +334,35 @@ def conv_weight_from_rows(rows: torch.Tensor, weight_shape, segment: str) -> tor
     raise ValueError(f"segment must be 'input' or 'kernel', got {segment!r}")
 
 
-def _conv_lut(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment, backend):
-    """im2col (F.unfold) in the row layout's column order, then vq_matmul per group."""
+def _conv_out_hw(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int]:
+    kh, kw = weight_shape[2], weight_shape[3]
+    ho = (x_shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (x_shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+def _conv_lut(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment):
+    """im2col (F.unfold) in the row layout's column order, then the numba LUT per (conv group, codebook group) piece."""
     out_c, cin_g, kh, kw = weight_shape
     b = x.shape[0]
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)   # (B, C*kh*kw, L), order (c, kh, kw)
+    checked = _checked(indices, codebook.shape[-2])
+    xf = x.to(torch.float32)
+    cols = F.unfold(xf, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C*kh*kw, L), order (c, kh, kw)
     L = cols.shape[-1]
-    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = _conv_out_hw(x.shape, weight_shape, stride, padding, dilation)
     cols = cols.view(b, groups, cin_g, kh * kw, L)
     if segment == "input":
         cols = cols.transpose(2, 3)                                                    # (B, g, kh*kw, cin_g, L)
     cols = cols.reshape(b, groups, cin_g * kh * kw, L).permute(1, 0, 3, 2)            # (g, B, L, n)
     rows = out_c // groups
-    g_books = codebook.dim() == 3
+    per_book = out_c // (codebook.shape[0] if codebook.dim() == 3 else 1)
     outs = []
     for j in range(groups):
-        idx = indices[j * rows:(j + 1) * rows]
-        if g_books and codebook.shape[0] > 1:
-            per = out_c // codebook.shape[0]       # codebook groups over output rows, aligned with conv groups
-            book = codebook[j * rows // per:((j + 1) * rows - 1) // per + 1]
-        else:
-            book = codebook
-        outs.append(_matmul_impl(cols[j].reshape(b * L, -1), book, idx, backend).view(b, L, rows))
+        cuts = sorted({j * rows, (j + 1) * rows} | {c for c in range(0, out_c, per_book) if j * rows < c < (j + 1) * rows})
+        pieces = [(a, e, a // per_book) for a, e in zip(cuts, cuts[1:])]
+        outs.append(_lut_pieces(cols[j].reshape(b * L, -1).contiguous(), codebook, checked, pieces).view(b, L, rows))
     y = torch.cat(outs, dim=2)                                                         # (B, L, out)
-    return y.permute(0, 2, 1).reshape(b, out_c, ho, wo)
+    return y.permute(0, 2, 1).reshape(b, out_c, ho, wo).to(x.dtype)
 
 
 def _conv_dense(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment, fast=False):
@@ -247,52 +376,44 @@ def _vq_conv2d_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor
                   stride: list[int], padding: list[int], dilation: list[int], groups: int, segment: str,
                   backend: str) -> torch.Tensor:
     args = (x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment)
-    if x.device.type != "cpu" or backend == "torch":
+    if _uses_reference(x, backend):
         return _conv_dense(*args)
     if backend == "dense":
         return _conv_dense(*args, fast=True)
     if backend == "numba":
-        return _conv_lut(*args, "numba")
+        return _conv_lut(*args)
     key = ("conv", tuple(x.shape[1:]), 1 << max(0, (x.shape[0] - 1).bit_length()), tuple(weight_shape),
            tuple(codebook.shape), tuple(stride), tuple(padding), tuple(dilation), groups, segment, torch.get_num_threads())
     choice = _AUTO.get(key)
     if choice is None:
-        choice = "dense"
-        if "numba" in available_backends():
-            t_dense = _time_best(lambda: _conv_dense(*args, fast=True))
-            t_lut = _time_best(lambda: _conv_lut(*args, "numba"))
-            choice = "numba" if t_lut < t_dense else "dense"
-        _AUTO[key] = choice
-    return _conv_dense(*args, fast=True) if choice == "dense" else _conv_lut(*args, "numba")
+        _checked(indices, codebook.shape[-2])                  # a bad index raises before anything is timed
+        t_dense = _time_best(lambda: _conv_dense(*args, fast=True))
+        t_lut = _time_best(lambda: _conv_lut(*args))
+        choice = _AUTO[key] = "numba" if t_lut < t_dense else "dense"
+    return _conv_dense(*args, fast=True) if choice == "dense" else _conv_lut(*args)
 
 
 @_vq_conv2d_op.register_fake
 def _(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment, backend):
-    kh, kw = weight_shape[2], weight_shape[3]
-    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = _conv_out_hw(x.shape, weight_shape, stride, padding, dilation)
     return x.new_empty((x.shape[0], weight_shape[0], ho, wo))
-
-
-def _conv_flops(x_shape, codebook_shape, indices_shape, weight_shape, stride, padding, dilation, groups) -> int:
-    """im2col + LUT: per output position and group, a table of n*K MACs (2 FLOPs each) and m_g*n/d adds."""
-    kh, kw = weight_shape[2], weight_shape[3]
-    ho = (x_shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (x_shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    positions = x_shape[0] * ho * wo
-    m, s = indices_shape
-    k, d = codebook_shape[-2], codebook_shape[-1]
-    return positions * (groups * 2 * s * d * k + m * s)
 
 
 @register_flop_formula(torch.ops.vqlab.vq_conv2d)
 def _(x_shape, codebook_shape, indices_shape, weight_shape, stride, padding, dilation, groups, *args,
       out_shape=None, **kwargs) -> int:
-    return _conv_flops(x_shape, codebook_shape, indices_shape, weight_shape, stride, padding, dilation, groups)
+    ho, wo = _conv_out_hw(x_shape, weight_shape, stride, padding, dilation)
+    return sum(conv_flops((x_shape[0], weight_shape[0], ho, wo), codebook_shape, indices_shape, groups))
 
 
-def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]
+def _int_pair(name: str, v, low: int) -> list[int]:
+    """An int or a pair of ints (each >= low) -> [a, b]; anything else (e.g. padding='same') raises."""
+    pair = [v, v] if isinstance(v, int) and not isinstance(v, bool) else v
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or any(isinstance(t, bool) or not isinstance(t, int) or t < low for t in pair)):
+        hint = " (VQConv2d resolves 'same'/'valid' padding before calling vq_conv2d)" if isinstance(v, str) else ""
+        raise ValueError(f"vq_conv2d: {name} must be an int >= {low} or a pair of them, got {v!r}{hint}")
+    return [int(t) for t in pair]
 
 
 def vq_conv2d(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, weight_shape, stride=1, padding=0,
@@ -303,15 +424,23 @@ def vq_conv2d(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, we
     weight_shape: (out, C/groups, kh, kw); indices: (out, n/d) with n = C/groups*kh*kw in the row layout
     `segment` ("input": (kh, kw, cin) order, "kernel": (cin, kh, kw)).  padding: int or pair (no strings).
     backend as in `vq_matmul`: "numba" runs im2col + the LUT kernel, "torch"/"dense" dequantize + F.conv2d.
+    Indices are checked as in `vq_matmul` (ValueError for a value outside [0, K)).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_backend(backend)
     if segment not in ("input", "kernel"):
         raise ValueError(f"segment must be 'input' or 'kernel', got {segment!r}")
+    _check_x(x, 4)
+    if x.dim() != 4:
+        raise ValueError(f"vq_conv2d: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    _check_weight(codebook, indices)
     out_c, cin_g, kh, kw = (int(v) for v in weight_shape)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or out_c % groups or x.shape[1] != cin_g * groups:
+        raise ValueError(f"vq_conv2d: groups={groups!r} must divide out={out_c} and x's {x.shape[1]} channels must "
+                         f"equal groups * C/groups = {groups} * {cin_g}")
     if indices.shape[0] != out_c or indices.shape[1] * codebook.shape[-1] != cin_g * kh * kw:
         raise ValueError(f"indices {tuple(indices.shape)} with d={codebook.shape[-1]} do not fit weight shape "
                          f"{tuple(weight_shape)}")
-    y = torch.ops.vqlab.vq_conv2d(x, codebook, indices, [out_c, cin_g, kh, kw], _pair(stride), _pair(padding),
-                                  _pair(dilation), int(groups), segment, backend)
+    y = torch.ops.vqlab.vq_conv2d(x, codebook, indices, [out_c, cin_g, kh, kw], _int_pair("stride", stride, 1),
+                                  _int_pair("padding", padding, 0), _int_pair("dilation", dilation, 1), int(groups),
+                                  segment, backend)
     return y if bias is None else y + bias.view(1, -1, 1, 1).to(y.dtype)

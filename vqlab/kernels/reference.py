@@ -19,13 +19,13 @@ INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 def check_indices(indices: torch.Tensor, k: int, what: str = "indices") -> None:
     """Raise unless `indices` is an integer tensor with every value in [0, k).
 
-    TypeError for a non-integer dtype (float, bool, complex), ValueError naming the values' range and K
-    otherwise.  Reads every element once (one aminmax); callers on hot paths cache the verdict.
+    ValueError for a non-integer dtype (float, bool, complex) and for values outside [0, k), naming the
+    values' range and K.  Reads every element once (one aminmax); callers on hot paths cache the verdict.
     """
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(indices).__name__}")
     if indices.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{what} must have an integer dtype {[str(t) for t in INDEX_DTYPES]}, got {indices.dtype}")
+        raise ValueError(f"{what} must have an integer dtype {[str(t) for t in INDEX_DTYPES]}, got {indices.dtype}")
     if indices.numel() == 0:
         return
     lo, hi = (int(v) for v in torch.aminmax(indices if indices.dtype != torch.uint8 else indices.to(torch.int16)))
@@ -49,7 +49,7 @@ def dequantize(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     indices: (m, n/d) integer (uint8 / int8 / int16 / int32 / int64), every value in [0, K).
     returns: (m, n) in the codebook's dtype, differentiable w.r.t. the codebook
         (each codeword's gradient is the sum of the gradients of the segments that use it).
-    raises: TypeError for non-integer indices, ValueError for values outside [0, K) or G not dividing m.
+    raises: ValueError for non-integer indices, values outside [0, K) or G not dividing m.
     """
     check_indices(indices, codebook.shape[-2])
     idx = indices.long()
