@@ -10,12 +10,17 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def _have_fashion() -> bool:
+    """Fashion-MNIST on disk?  Missing -> the tests that need it skip; damaged files are not hidden:
+    those tests then fail with the DatasetCorruptError that names the file."""
+    from vqlab.data import DatasetCorruptError, DatasetNotFoundError, load_dataset
+
     try:
-        from vqlab.data import load_dataset
         load_dataset("fashion-mnist", "test", download=False)
         return True
-    except FileNotFoundError:
+    except DatasetNotFoundError:
         return False
+    except DatasetCorruptError:
+        return True
 
 
 needs_fashion = pytest.mark.skipif(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["DATASETS", "DatasetNotFoundError", "load_dataset", "loader", "TensorBatches", "dataset_info"]
+__all__ = ["DATASETS", "DatasetNotFoundError", "DatasetCorruptError", "load_dataset", "pick_dataset", "loader",
+           "TensorBatches", "dataset_info"]
 
 REPO_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # Debian's `apt-get install dataset-fashion-mnist` puts the real idx files here.
@@ -48,6 +50,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset is neither on disk nor downloadable; the message says where we looked and how to get it."""
 
 
+class DatasetCorruptError(ValueError):
+    """A dataset file exists but cannot be read as what it should be; the message names the file and the fault."""
+
+
 def dataset_info(name: str) -> DatasetInfo:
     """Channels, image size, number and names of classes of a dataset known to vqlab."""
     key = _canonical(name)
@@ -55,6 +61,8 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def _canonical(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a string, one of {sorted(DATASETS)}; got {name!r}")
     key = name.lower().replace("_", "-")
     key = {"fashion": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(key, key)
     if key not in DATASETS:
@@ -94,10 +102,41 @@ _IDX_NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
-def _read_idx(path: Path, offset: int) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        return np.frombuffer(f.read(), np.uint8, offset=offset)
+_IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}  # unsigned bytes, 1 (labels) or 3 (images) dimensions
+
+
+def _read_idx(path: Path, dims: int) -> np.ndarray:
+    """Read an idx file of unsigned bytes (optionally gzip-compressed) with `dims` dimensions.
+
+    Layout (big-endian): magic 0x00000801 (labels) or 0x00000803 (images), then one uint32 per dimension
+    (n; or n, rows, cols), then exactly prod(dims) bytes.  returns an array of that shape.
+    raises DatasetCorruptError naming the file and what is wrong with it.
+    """
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise DatasetCorruptError(f"{path}: truncated or damaged gzip file ({type(err).__name__}: {err}); "
+                                  f"reinstall or re-download it") from None
+    kind = "labels (idx1)" if dims == 1 else "images (idx3)"
+    head = 4 + 4 * dims
+    if len(data) < head:
+        raise DatasetCorruptError(f"{path}: truncated: {len(data)} bytes, shorter than the {head}-byte idx header "
+                                  f"of an {kind} file")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != _IDX_MAGIC[dims]:
+        raise DatasetCorruptError(f"{path}: bad magic number 0x{magic:08x}, expected 0x{_IDX_MAGIC[dims]:08x} "
+                                  f"for {kind} of unsigned bytes")
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    need = int(np.prod(shape))
+    if len(data) - head != need:
+        what = "truncated" if len(data) - head < need else "too long"
+        raise DatasetCorruptError(f"{path}: {what}: header says {' x '.join(map(str, shape))} = {need} bytes of "
+                                  f"data, the file holds {len(data) - head}")
+    return np.frombuffer(data, np.uint8, offset=head).reshape(shape)
 
 
 def _find_idx_dir(candidates: list[Path]) -> Path | None:
@@ -107,20 +146,41 @@ def _find_idx_dir(candidates: list[Path]) -> Path | None:
     return None
 
 
-def _load_idx_dir(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _load_idx_dir(folder: Path, info: DatasetInfo) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for split, (img_name, lab_name) in _IDX_NAMES.items():
         img = next(folder / (img_name + e) for e in (".gz", "") if (folder / (img_name + e)).exists())
         lab = next(folder / (lab_name + e) for e in (".gz", "") if (folder / (lab_name + e)).exists())
-        labels = _read_idx(lab, 8).astype(np.int64)
-        out[split] = (_read_idx(img, 16).reshape(len(labels), 28, 28), labels)
+        images, labels = _read_idx(img, 3), _read_idx(lab, 1)
+        if images.shape[1:] != (info.size, info.size):
+            raise DatasetCorruptError(f"{img}: images are {images.shape[1]} x {images.shape[2]}, "
+                                      f"{info.name} has {info.size} x {info.size}")
+        if len(labels) != len(images):
+            raise DatasetCorruptError(f"label-count mismatch: {img} holds {len(images)} images but "
+                                      f"{lab} holds {len(labels)} labels")
+        if len(labels) and int(labels.max()) >= info.num_classes:
+            raise DatasetCorruptError(f"{lab}: label {int(labels.max())} out of range, {info.name} has "
+                                      f"{info.num_classes} classes (0..{info.num_classes - 1})")
+        out[split] = (images, labels.astype(np.int64))
     return out
 
 
+def _check_root(root, what: str) -> Path:
+    """root as a Path; a root that exists but is not a folder is an error naming it."""
+    try:
+        path = Path(root)
+    except TypeError:
+        raise TypeError(f"{what} must be a folder path (str or os.PathLike), got {root!r}") from None
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what}={str(path)!r} is a file, not a folder: point it at the folder that "
+                                 f"holds the dataset files")
+    return path
+
+
 def _search_roots(root: str | os.PathLike | None) -> list[Path]:
-    roots = [Path(root)] if root is not None else []
+    roots = [_check_root(root, "root")] if root is not None else []
     if os.environ.get("VQLAB_DATA"):
-        roots.append(Path(os.environ["VQLAB_DATA"]))
+        roots.append(_check_root(os.environ["VQLAB_DATA"], "$VQLAB_DATA"))
     roots.append(REPO_DATA_DIR)
     return roots
 
@@ -198,11 +258,16 @@ def load_dataset(name: str = "digits", split: str = "train", root: str | os.Path
         (Debian's /usr/share/datasets/fashion-mnist/).  Missing datasets are downloaded with
         torchvision into data/ when `download` is true and a network exists.
     returns: TensorDataset(images (N, C, H, W) float32 normalised, labels (N,) int64).
-    raises: DatasetNotFoundError naming the dataset, every place looked and how to get it.
+    raises: DatasetNotFoundError naming the dataset, every place looked and how to get it;
+        DatasetCorruptError naming a damaged file and what is wrong (bad magic number, truncated,
+        label-count mismatch); TypeError/ValueError for an unknown name or split;
+        NotADirectoryError when `root` (or $VQLAB_DATA) is a file.
     """
     key = _canonical(name)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if root is not None:
+        _check_root(root, "root")  # also when the data is cached, and for digits (which needs no root)
     cache_key = f"{key}|{root}|{os.environ.get('VQLAB_DATA')}"
     if cache_key not in _CACHE:
         _CACHE[cache_key] = _load_both(key, root, download)
@@ -219,7 +284,7 @@ def _load_both(key: str, root, download: bool) -> tuple[TensorDataset, TensorDat
         if key in ("fashion-mnist", "mnist"):
             looked = _idx_candidates(key, roots)
             folder = _find_idx_dir(looked)
-            raw = _load_idx_dir(folder) if folder is not None else None
+            raw = _load_idx_dir(folder, DATASETS[key]) if folder is not None else None
         else:
             looked = list(roots)
             raw = _cached_download(key, roots)
@@ -237,6 +302,30 @@ def _load_both(key: str, root, download: bool) -> tuple[TensorDataset, TensorDat
     train, test = _normalise(train, test)
     return (TensorDataset(train, torch.as_tensor(raw["train"][1], dtype=torch.int64)),
             TensorDataset(test, torch.as_tensor(raw["test"][1], dtype=torch.int64)))
+
+
+def pick_dataset(preferred: str = "fashion-mnist", fallback: str = "digits",
+                 root: str | os.PathLike | None = None) -> tuple[str, str]:
+    """The dataset to run on: `preferred` when it is on disk, else `fallback`; never downloads.
+
+    returns (name, note): the canonical name to pass to `load_dataset` / `train_or_load`, and one line
+    to print that says which dataset was chosen and, on the fallback, how to get the preferred one.
+    Only a missing dataset falls back; a damaged one raises DatasetCorruptError naming the file.
+
+    Example (what the notebooks do):
+        >>> DATASET, note = vqlab.data.pick_dataset()
+        >>> print(note)
+    """
+    want, other = _canonical(preferred), _canonical(fallback)
+    try:
+        load_dataset(want, "test", root=root, download=False)   # loads and caches both splits
+    except DatasetNotFoundError:
+        how = ("sudo apt-get install -y dataset-fashion-mnist" if want == "fashion-mnist"
+               else f"vqlab.load_dataset({want!r}, download=True) with a network")
+        info = DATASETS[other]
+        return other, (f"{want} is not on this machine, so this runs on {other} ({info.size}x{info.size} images) "
+                       f"instead; to use {want}: {how}")
+    return want, f"dataset: {want}"
 
 
 # ---------------------------------------------------------------- batching
