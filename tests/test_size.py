@@ -123,3 +123,9 @@ def test_pack_unpack_round_trip(bits):
 def test_pack_rejects_out_of_range():
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 2\*\*2\)"):
         pack_indices(torch.tensor([0, 4]), 2)
+
+
+@pytest.mark.parametrize("model", [nn.ReLU(), nn.Sequential(), nn.Sequential(nn.ReLU(), nn.Flatten())])
+def test_model_without_tensors_is_a_clear_error(model):
+    with pytest.raises(ValueError, match=rf"the {type(model).__name__} model has no parameters or buffers"):
+        compressed_size(model)

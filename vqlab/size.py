@@ -177,6 +177,8 @@ def compressed_size(model: nn.Module) -> SizeReport:
     """Count the bytes of `model` as stored by `vqlab.save` (packed indices) and as a float32 model.
 
     Example: `r = compressed_size(model); r.ratio, r.layers`.
+    raises ValueError, naming the model's type, when it holds no parameters or buffers at all (an
+    activation, an empty Sequential): there is nothing to count and no ratio to report.
     """
     rows, seen, streams = [], set(), []
     for name, mod in model.named_modules():
@@ -218,6 +220,10 @@ def compressed_size(model: nn.Module) -> SizeReport:
     df = df[cols].astype({"K": "Int64", "d": "Int64", "index_bits": "Int64"})
     index, book, other = (int(df[c].sum()) for c in ("index_bytes", "codebook_bytes", "other_bytes"))
     compressed = index + book + other
+    if compressed == 0:
+        raise ValueError(f"compressed_size: the {type(model).__name__} model has no parameters or buffers "
+                         f"(0 bytes), so it has no size to count and no compression ratio; pass the model "
+                         f"that holds the layers")
     huff = compressed - index + int(df["huffman_index_bytes"].sum())
     lz = compressed - index + len(lzma.compress(b"".join(streams), format=lzma.FORMAT_RAW,
                                                 filters=LZMA_FILTERS)) if streams else compressed
