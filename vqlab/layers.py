@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ._utils import bits_for, index_dtype
 from .codebook import Codebook, assign, kmeans
 from .kernels import vq_conv2d as _vq_conv2d, vq_matmul as _vq_matmul
-from .kernels.reference import dequantize as _dequantize
+from .kernels.reference import check_indices, dequantize as _dequantize
 
 __all__ = ["VQLinear", "VQConv2d", "VQLayer", "vq_layer_class", "check_quantizable", "fit_codebook",
            "weight_segments", "FLOAT_DTYPES"]
@@ -181,6 +181,16 @@ class VQLayer(nn.Module):
         self.steps = 0          # training forwards seen (drives reassignment)
         self.backend = "auto"   # kernel backend used in eval mode
         self.register_parameter("latent", None)  # training-only float weights (reassign_every > 0)
+
+    def __setattr__(self, name: str, value) -> None:
+        # `layer.indices = t` is checked like the kernels check indices: same shape, integer, values in [0, K)
+        if name == "indices" and isinstance(value, torch.Tensor) and "codebook" in self._modules:
+            old = self._buffers.get("indices")
+            if old is not None and value.shape != old.shape:
+                raise ValueError(f"{type(self).__name__}.indices must keep shape {tuple(old.shape)}, got "
+                                 f"{tuple(value.shape)}")
+            check_indices(value, self.k, what=f"{type(self).__name__}.indices")
+        super().__setattr__(name, value)
 
     # -- sizes
     @property
