@@ -1,9 +1,11 @@
 import pytest
 import torch
+import torch.nn as nn
 
 from vqlab.data import load_dataset
 from vqlab.models import get_model
-from vqlab.train import evaluate, fit
+from vqlab.quantize import VQConfig, quantize_
+from vqlab.train import NonFiniteLossError, evaluate, fit
 
 from conftest import needs_fashion
 
@@ -51,3 +53,68 @@ def test_max_steps_and_on_step_and_bad_epochs():
     assert seen == [1, 2, 3, 4, 5] and hist["steps"].iloc[-1] == 5
     with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
         fit(get_model("lenet5", input_size=8), tr, epochs=0)
+
+
+def test_fine_tuning_float16_codebooks_improves_and_keeps_dtype():
+    # Adam stepping float16 codebooks directly turned every parameter into NaN (accuracy 0.10)
+    tr, te = load_dataset("digits", "train"), load_dataset("digits", "test")
+    torch.manual_seed(0)
+    model = get_model("lenet5", in_channels=1, num_classes=10, input_size=8)
+    fit(model, tr, epochs=2, lr=3e-3, batch_size=32, seed=0, progress=False, device="cpu")
+    quantize_(model, VQConfig(k=16, d=4, iters=10, codebook_dtype="float16"), progress=False)
+    before = evaluate(model, te, device="cpu")
+    fit(model, tr, epochs=1, lr=1e-3, batch_size=32, seed=1, progress=False, device="cpu")
+    after = evaluate(model, te, device="cpu")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for name in ("features.3", "classifier.1", "classifier.3"):
+        assert model.get_submodule(name).codebook.weight.dtype == torch.float16, name
+    assert after >= before and after > 0.5, (before, after)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_parameters_train_through_float32_masters(dtype):
+    # the codebook keeps its dtype and its Parameter object, moves, and stays finite (float16 went NaN)
+    tr = load_dataset("digits", "train")
+    torch.manual_seed(0)
+    model = get_model("lenet5", input_size=8)
+    quantize_(model, VQConfig(k=8, d=4, iters=3, codebook_dtype=dtype), progress=False)
+    book = model.features[3].codebook.weight
+    start = book.detach().clone()
+    fit(model, tr, epochs=1, lr=1e-3, max_steps=5, progress=False, device="cpu")
+    assert book.dtype == dtype and model.features[3].codebook.weight is book
+    assert torch.isfinite(book).all() and not torch.equal(book, start)
+
+
+class _NaNAfter(nn.Module):
+    """Logits from a linear layer, NaN from forward number `bad` on."""
+
+    def __init__(self, bad: int):
+        super().__init__()
+        self.fc, self.bad, self.calls = nn.Linear(64, 10), bad, 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.fc(x.flatten(1))
+        return y * float("nan") if self.training and self.calls >= self.bad else y
+
+
+def test_non_finite_loss_stops_fit_before_the_step():
+    tr = load_dataset("digits", "train")
+    torch.manual_seed(0)
+    model = _NaNAfter(bad=3)
+    seen = []
+    with pytest.raises(NonFiniteLossError, match=r"fit: loss is nan at step 3 of 11 \(epoch 1, lr=0\.0\d+\)") as err:
+        fit(model, tr, epochs=1, batch_size=128, progress=False, device="cpu",
+            on_step=lambda m, s: seen.append({k: v.clone() for k, v in m.state_dict().items()}))
+    assert isinstance(err.value, FloatingPointError) and (err.value.step, err.value.epoch) == (3, 1)
+    assert len(seen) == 2
+    # no optimizer step was taken with the NaN loss: the weights are those after step 2
+    assert all(torch.equal(v, seen[-1][k]) for k, v in model.state_dict().items())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_huge_lr_names_the_step_and_lr():
+    tr = load_dataset("digits", "train")
+    torch.manual_seed(0)
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ of \d+ \(epoch 1, lr=\d(\.\d+)?e\+(29|30)\)"):
+        fit(get_model("lenet5", input_size=8), tr, epochs=1, lr=1e30, progress=False, device="cpu")
