@@ -41,7 +41,7 @@ def test_round_trip_is_bit_identical_and_compact(tmp_path):
     assert isinstance(back.classifier[1], VQLinear) and back.classifier[1].indices.dtype == torch.uint8
     x = torch.randn(16, 1, 8, 8)
     assert torch.equal(model(x), back(x))
-    # fill an existing quantized model of the same architecture, without the pickled skeleton
+    # fill an existing quantized model of the same architecture in place
     other = _quantized_lenet(seed=3)
     load(path, model=other)
     assert torch.equal(model(x), other.eval()(x))

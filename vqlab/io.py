@@ -1,66 +1,193 @@
 """Save and load compressed models: `save(model, path)` and `load(path, model=None)`.
 
-File layout (all integers little-endian):
+Loading never runs code from the file: there is no pickle.  The architecture is stored as JSON data
+and rebuilt only from an allow-list of module types; every field is checked before it is used.
+
+File layout, format version 2 (all integers little-endian):
 
     offset 0   magic  b"\\x89VQLAB\\r\\n"                      8 bytes
                version u16, reserved u16, meta_len u32, payload_len u64   16 bytes
-    24         meta: LZMA2 (raw) of UTF-8 JSON                            meta_len bytes
-               payload: the tensor sections, then the skeleton             payload_len bytes
-    end - 32   sha256 of everything before it                             32 bytes
+    24         meta: raw LZMA2 (1 MiB dictionary) of UTF-8 JSON           meta_len bytes
+               payload: the tensor sections, back to back                 payload_len bytes
+    end - 32   sha256 of everything before it (a checksum against damage, not a signature)
 
-JSON meta: {"format": "vqlab", "version": 1, "torch": version, "skeleton": [offset, length],
-"tensors": [[name, kind, offset, length, bits], ...]} with offsets into the payload; kind is
-"param" or "buffer"; bits > 0 marks a VQ `indices` buffer packed at ceil(log2 K) bits per index
-(`vqlab.size.pack_indices`), bits = 0 raw little-endian bytes at the tensor's dtype.  Every
-parameter and buffer is stored once (shared codebooks and tied weights too), including BatchNorm
-statistics and non-persistent buffers; a VQ layer's training-only `latent` weights are not
-(`load` rebuilds them from the codebook when reassign_every > 0).
+JSON meta: {"format": "vqlab", "version": 2, "torch": version, "tensors": [...], "modules": [...]}.
+The metadata may decompress to at most 16 MiB (`META_CAP`); a bigger one is refused before it is built.
 
-Skeleton: the module tree pickled with every tensor replaced by a storage-less "meta" tensor
-(shape, dtype and requires_grad only), then LZMA2-compressed; about 1 KB for LeNet-5 or ResNet-20.
-So the file is compressed_size(model).compressed_bytes plus ~1-3 KB.  `load(path)` unpickles the
-skeleton, which runs code from the file like `torch.load(weights_only=False)`: load only files you
-trust, or pass `model=` (an already quantized model of the same architecture) to fill it in place
-without unpickling anything.
+"tensors": one entry per unique parameter/buffer (shared codebooks and tied weights are stored once),
+    [name, kind, offset, length, bits, dtype, shape, requires_grad]: kind "param" or "buffer";
+    offset/length: bytes into the payload; bits in 1..32 marks a VQ `indices` buffer packed at
+    ceil(log2 K) bits per index (`vqlab.size.pack_indices`), bits = 0 raw bytes at `dtype`
+    ("float32", "uint8", ...); shape: list of sizes.  BatchNorm statistics and non-persistent
+    buffers are included; a VQ layer's training-only `latent` weights are not (`load` rebuilds
+    them from the codebook when reassign_every > 0).
+
+"modules": the module tree in post-order (children before their parent, the root last), one node each;
+    a module held in several places (a shared Codebook) is one node referenced several times:
+    {"type": "torch.nn.Conv2d" | "vqlab.models.LeNet5" | ...,  "training": bool,
+     "children": [[name, node index or null], ...], "params"/"buffers": [[name, tensor index or null], ...],
+     "nonpersistent": [buffer names], and either
+     "args":  constructor arguments (VQLinear, VQConv2d, Codebook: built through their constructor, so
+              their geometry is re-derived and checked), plus "state" {"steps", "backend"} for VQ layers;
+     "state": the module's plain attributes (everything else: created without __init__, attributes
+              set from the file).  Values are null/bool/int/float/str, lists, {"t": [...]} (tuple),
+              {"cls": allowed type} or {"partial": allowed type, "kwargs": {...}}.
+     "unstorable": ["attr (type)", ...] attributes a file cannot hold (a lambda, a tensor attribute).}
+
+Rebuilding (`load(path)`) accepts the types in `ALLOWED_TYPES` (torch.nn layers and containers,
+vqlab's VQ layers and Codebook, the model zoo of `vqlab.models` and its torchvision architectures).
+A model with another module type (a class defined in your script) or an unstorable attribute still
+saves; load it with `load(path, model=m)`, m an already quantized model of the same architecture.
+Forward hooks are not stored.  Every VQ layer's indices are checked against its K on load.
+
+`save` writes a temporary file next to `path`, fsyncs it and renames it over `path`: a failed save
+leaves the previous file as it was.  Files of format version 1 (pickled skeleton) are not read.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
+import functools
 import hashlib
+import importlib
 import json
 import lzma
+import math
 import os
-import pickle
+import stat
 import struct
+import tempfile
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from ._utils import bits_for
-from .layers import VQLayer
-from .size import LZMA_FILTERS, pack_indices, unpack_indices
+from .codebook import Codebook
+from .kernels.reference import check_codebook_groups, check_indices
+from .layers import VQConv2d, VQLayer, VQLinear
+from .size import pack_indices, packed_bytes, unpack_indices
 
-__all__ = ["save", "load", "VQFileError", "FORMAT_VERSION"]
+__all__ = ["save", "load", "VQFileError", "FORMAT_VERSION", "ALLOWED_TYPES", "META_CAP"]
 
 MAGIC = b"\x89VQLAB\r\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+META_CAP = 16 << 20           # bytes the JSON metadata may decompress to
 _HEADER = struct.Struct("<8sHHIQ")  # magic, version, reserved, meta_len, payload_len
 _DIGEST = 32
+_META_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 20}]
+_MAX_NDIM = 16                # dimensions a stored tensor may have
+_MAX_DEPTH = 8                # nesting of an attribute value (lists in lists ...)
+
+_NN_TYPES = (
+    "Identity", "Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
+    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "SELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh",
+    "Hardswish", "Hardsigmoid", "Hardtanh", "Softmax", "LogSoftmax",
+    "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d",
+    "AdaptiveMaxPool2d", "Flatten", "Unflatten", "Dropout", "Dropout1d", "Dropout2d", "ZeroPad2d",
+    "ConstantPad2d", "Upsample", "PixelShuffle", "Embedding", "MultiheadAttention",
+    "Sequential", "ModuleList", "ModuleDict", "ParameterList",
+)
+_BUILT_BY_ARGS = ("vqlab.layers.VQLinear", "vqlab.layers.VQConv2d", "vqlab.codebook.Codebook")
+ALLOWED_TYPES = frozenset(
+    [f"torch.nn.{n}" for n in _NN_TYPES] + list(_BUILT_BY_ARGS) + [
+        "torch.nn.modules.linear.NonDynamicallyQuantizableLinear",
+        "vqlab.models.LeNet5", "vqlab.models.SmallCNN", "vqlab.models.CifarResNet", "vqlab.models._BasicBlock",
+        "vqlab.models.TinyViT", "vqlab.models._Attention", "vqlab.models._TransformerBlock",
+        "torchvision.models.resnet.ResNet", "torchvision.models.resnet.BasicBlock",
+        "torchvision.models.resnet.Bottleneck", "torchvision.models.vgg.VGG",
+        "torchvision.models.vision_transformer.VisionTransformer",
+        "torchvision.models.vision_transformer.Encoder", "torchvision.models.vision_transformer.EncoderBlock",
+        "torchvision.models.vision_transformer.MLPBlock",
+    ])
+
+_DTYPES = {str(t).removeprefix("torch."): t for t in (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)}
+_MODULE_BASE = frozenset(nn.Module().__dict__)  # nn.Module's own bookkeeping (hooks, _parameters, ...)
+_VQ_ARGS = {
+    VQLinear: ("in_features", "out_features", "bias", "pad", "reassign_every"),
+    VQConv2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias",
+               "padding_mode", "segment", "pad", "reassign_every"),
+}
 
 
 class VQFileError(ValueError):
-    """A vqlab file is truncated, corrupted, of another format or version, or does not fit the model."""
+    """A vqlab file is truncated, corrupted, malformed, of another format or version, or does not fit the model."""
 
 
-# ---------------------------------------------------------------- helpers
-
-def _compress(b: bytes) -> bytes:
-    return lzma.compress(b, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+class _Unstorable(Exception):
+    """An attribute value the JSON skeleton cannot hold (internal to `save`)."""
 
 
-def _decompress(b: bytes) -> bytes:
-    return lzma.decompress(b, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+def _short(v: Any, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
 
+
+# ---------------------------------------------------------------- module types and attribute values
+
+def _type_name(cls: type) -> str:
+    """The name a module type is recorded under: "torch.nn.Conv2d", "vqlab.models.LeNet5", ..."""
+    if getattr(nn, cls.__name__, None) is cls:
+        return f"torch.nn.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _resolve_type(name: str) -> type:
+    """The class of an allow-listed type name (imports only modules named in ALLOWED_TYPES)."""
+    module, _, attr = name.rpartition(".")
+    cls = getattr(nn, attr) if module == "torch.nn" else getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"{name} is not an nn.Module class")
+    return cls
+
+
+def _attr_ok(cls: type, name: Any) -> bool:
+    """May a file set instance attribute `name` on a `cls` built without __init__?  Not nn.Module's own
+    bookkeeping, dunders, or anything the class itself defines (methods, properties, hooks)."""
+    return (isinstance(name, str) and name.isidentifier() and not name.startswith("__")
+            and name not in _MODULE_BASE and not hasattr(cls, name))
+
+
+def _encode(v: Any, depth: int = 0) -> Any:
+    """Attribute value -> JSON value (see the module docstring); raises _Unstorable."""
+    if depth > _MAX_DEPTH:
+        raise _Unstorable("nested too deep")
+    if v is None or type(v) in (bool, int, float, str):
+        return v
+    if type(v) is list:
+        return [_encode(x, depth + 1) for x in v]
+    if isinstance(v, tuple):
+        return {"t": [_encode(x, depth + 1) for x in v]}
+    if isinstance(v, type) and _type_name(v) in ALLOWED_TYPES:
+        return {"cls": _type_name(v)}
+    if (isinstance(v, functools.partial) and isinstance(v.func, type) and _type_name(v.func) in ALLOWED_TYPES
+            and not v.args and all(isinstance(k, str) for k in v.keywords)):
+        return {"partial": _type_name(v.func), "kwargs": {k: _encode(x, depth + 1) for k, x in v.keywords.items()}}
+    raise _Unstorable(type(v).__name__)
+
+
+def _decode(v: Any, field: str, depth: int = 0) -> Any:
+    """JSON value -> attribute value; raises ValueError naming `field`."""
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"{field} is nested deeper than {_MAX_DEPTH}")
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, list):
+        return [_decode(x, field, depth + 1) for x in v]
+    if isinstance(v, dict) and v.keys() == {"t"} and isinstance(v["t"], list):
+        return tuple(_decode(x, field, depth + 1) for x in v["t"])
+    if isinstance(v, dict) and v.keys() == {"cls"} and v["cls"] in ALLOWED_TYPES:
+        return _resolve_type(v["cls"])
+    if (isinstance(v, dict) and v.keys() == {"partial", "kwargs"} and v["partial"] in ALLOWED_TYPES
+            and isinstance(v["kwargs"], dict) and all(str(k).isidentifier() for k in v["kwargs"])):
+        kw = {k: _decode(x, field, depth + 1) for k, x in v["kwargs"].items()}
+        return functools.partial(_resolve_type(v["partial"]), **kw)
+    raise ValueError(f"{field} has an unsupported value {_short(v)}")
+
+
+# ---------------------------------------------------------------- save
 
 def _stored_tensors(model: nn.Module) -> list[tuple[str, str, torch.Tensor, int]]:
     """(name, kind, tensor, bits) for every unique tensor to store; bits > 0 for VQ indices."""
@@ -81,72 +208,162 @@ def _raw_bytes(t: torch.Tensor) -> bytes:
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
-def _from_raw(b: bytes, like: torch.Tensor) -> torch.Tensor:
-    if not b:
-        return torch.empty(like.shape, dtype=like.dtype)
-    return torch.frombuffer(bytearray(b), dtype=torch.uint8).view(like.dtype).reshape(like.shape)
-
-
-def _skeleton(model: nn.Module) -> bytes:
-    """Pickle the module tree with every parameter/buffer swapped for a meta tensor (no data copied)."""
-    memo = {}
-    for m in model.modules():
-        for t in m._parameters.values():
-            if t is not None:
-                memo[id(t)] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
-        for t in m._buffers.values():
-            if t is not None:
-                memo[id(t)] = torch.empty_like(t, device="meta")
-    skel = copy.deepcopy(model, memo)
-    for m in skel.modules():
+def _check_savable(model: nn.Module) -> None:
+    """Refuse meta tensors, unsupported dtypes and out-of-range VQ indices before writing anything."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_meta:
+                raise ValueError(f"cannot save: {kind} {name!r} is on the meta device (no data); materialise "
+                                 f"the model first (model.to_empty(device='cpu') and load its weights)")
+            if str(t.dtype).removeprefix("torch.") not in _DTYPES:
+                raise ValueError(f"cannot save: {kind} {name!r} has dtype {t.dtype}; a vqlab file holds "
+                                 f"{sorted(_DTYPES)}")
+    for name, m in model.named_modules():
         if isinstance(m, VQLayer):
-            m._parameters["latent"] = None   # training-only, rebuilt on load
-    return _compress(pickle.dumps(skel, protocol=5))
+            check_indices(m.indices, m.k, what=f"cannot save: indices of layer {name!r}")
 
 
-def _slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
-    """id(tensor) -> every (module, attribute, kind) that holds it (shared tensors have several)."""
-    slots: dict[int, list] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        for k, t in m._parameters.items():
-            if t is not None:
-                slots.setdefault(id(t), []).append((m, k, "param"))
-        for k, t in m._buffers.items():
-            if t is not None:
-                slots.setdefault(id(t), []).append((m, k, "buffer"))
-    return slots
+def _vq_args(m: nn.Module) -> dict:
+    """Constructor arguments of a VQLinear / VQConv2d / Codebook (k, d, groups come from the codebook)."""
+    if isinstance(m, Codebook):
+        return {"k": m.k, "d": m.d, "groups": m.groups}
+    derived = {"bias": m.bias is not None, "pad": m.n_pad != m.n}
+    return {a: _encode(derived[a] if a in derived else getattr(m, a)) for a in _VQ_ARGS[type(m)]}
 
 
-# ---------------------------------------------------------------- save
+def _node(m: nn.Module, children: list, tindex: dict[int, int]) -> dict:
+    """One module's JSON node (see the module docstring)."""
+    def slots(d: dict) -> list:
+        return [[n, None if t is None else tindex.get(id(t))] for n, t in d.items()]
+
+    node: dict[str, Any] = {"type": _type_name(type(m)), "training": m.training}
+    if type(m) in _VQ_ARGS or type(m) is Codebook:
+        node["args"] = _vq_args(m)
+        if isinstance(m, VQLayer):
+            node["state"] = {"steps": m.steps, "backend": m.backend}
+    else:
+        state, bad = {}, []
+        for k, v in m.__dict__.items():
+            if k in _MODULE_BASE:
+                continue
+            try:
+                if not _attr_ok(type(m), k):
+                    raise _Unstorable("name")
+                state[k] = _encode(v)
+            except _Unstorable:
+                bad.append(f"{k} ({type(v).__name__})")
+        if state:
+            node["state"] = state
+        if bad:
+            node["unstorable"] = bad
+    for key, value in (("children", children), ("params", slots(m._parameters)), ("buffers", slots(m._buffers)),
+                       ("nonpersistent", sorted(m._non_persistent_buffers_set))):
+        if value:
+            node[key] = value
+    return node
+
+
+def _module_nodes(model: nn.Module, tindex: dict[int, int]) -> list[dict]:
+    """The module tree in post-order (children first, root last); a shared module is one node."""
+    nodes: list[dict] = []
+    index: dict[int, int] = {}
+
+    def visit(m: nn.Module) -> int:
+        if id(m) not in index:
+            children = [[n, None if c is None else visit(c)] for n, c in m._modules.items()]
+            nodes.append(_node(m, children, tindex))
+            index[id(m)] = len(nodes) - 1
+        return index[id(m)]
+
+    visit(model)
+    return nodes
+
+
+def _write_atomic(path: str | os.PathLike, chunks: list[bytes]) -> None:
+    """Write `chunks` to a temporary file beside `path`, fsync, rename over `path`; on failure remove it."""
+    target = os.path.realpath(os.fspath(path))
+    folder = os.path.dirname(target)
+    if os.path.exists(target):
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    else:
+        mask = os.umask(0)
+        os.umask(mask)
+        mode = 0o666 & ~mask
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+    try:
+        try:
+            f = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):   # make the rename durable (POSIX); not possible everywhere
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
 
 def save(model: nn.Module, path: str | os.PathLike) -> int:
     """Write `model` (VQ or float) to `path` in the vqlab format; return the file size in bytes.
 
-    The size is compressed_size(model).compressed_bytes plus the header, JSON metadata and skeleton
-    (a few KB at most).  Example: `vqlab.save(model, "lenet.vq"); model2 = vqlab.load("lenet.vq")`.
+    The size is compressed_size(model).compressed_bytes plus the header and the JSON metadata (a few KB
+    at most).  The file is replaced atomically: if saving fails, an existing `path` is left unchanged.
+    Raises ValueError for a meta-device model or out-of-range indices.
+    Example: `vqlab.save(model, "lenet.vqz"); model2 = vqlab.load("lenet.vqz")`.
     """
-    sections, entries, offset = [], [], 0
+    _check_savable(model)
+    sections, entries, tindex, offset = [], [], {}, 0
     for name, kind, t, bits in _stored_tensors(model):
         b = pack_indices(t, bits) if bits else _raw_bytes(t)
-        entries.append([name, kind, offset, len(b), bits])
+        tindex[id(t)] = len(entries)
+        entries.append([name, kind, offset, len(b), bits, str(t.dtype).removeprefix("torch."), list(t.shape),
+                        t.requires_grad])
         sections.append(b)
         offset += len(b)
-    skel = _skeleton(model)
-    sections.append(skel)
-    meta = {"format": "vqlab", "version": FORMAT_VERSION, "torch": torch.__version__,
-            "skeleton": [offset, len(skel)], "tensors": entries}
-    meta_b = _compress(json.dumps(meta, separators=(",", ":")).encode())
-    payload = b"".join(sections)
-    body = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(meta_b), len(payload)) + meta_b + payload
-    data = body + hashlib.sha256(body).digest()
-    with open(path, "wb") as f:
-        f.write(data)
-    return len(data)
+    meta = {"format": "vqlab", "version": FORMAT_VERSION, "torch": torch.__version__, "tensors": entries,
+            "modules": _module_nodes(model, tindex)}
+    meta_b = lzma.compress(json.dumps(meta, separators=(",", ":")).encode(), format=lzma.FORMAT_RAW,
+                           filters=_META_FILTERS)
+    chunks = [_HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(meta_b), offset), meta_b, *sections]
+    digest = hashlib.sha256()
+    for c in chunks:
+        digest.update(c)
+    chunks.append(digest.digest())
+    _write_atomic(path, chunks)
+    return sum(len(c) for c in chunks)
 
 
-# ---------------------------------------------------------------- load
+# ---------------------------------------------------------------- load: the envelope
 
-def _read_checked(path: str | os.PathLike) -> tuple[dict, bytes]:
+def _decompress_meta(b: bytes, where: str) -> bytes:
+    """Inflate the metadata, refusing more than META_CAP bytes before allocating them."""
+    dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_META_FILTERS)
+    try:
+        out = dec.decompress(b, max_length=META_CAP + 1)
+    except lzma.LZMAError as e:
+        raise VQFileError(f"{where}: unreadable metadata ({e})") from None
+    if len(out) > META_CAP:
+        raise VQFileError(f"{where}: metadata decompresses to more than {META_CAP} bytes (the limit); "
+                          f"the file is corrupted or crafted")
+    if not dec.eof or dec.unused_data:
+        raise VQFileError(f"{where}: metadata is not one complete LZMA stream of {len(b)} bytes")
+    return out
+
+
+def _read_checked(path: str | os.PathLike) -> tuple[dict, bytes, str]:
+    """Check magic, version, length and checksum; return (meta, payload, where)."""
     with open(path, "rb") as f:
         data = f.read()
     where = f"vqlab file {os.fspath(path)!r}"
@@ -165,60 +382,316 @@ def _read_checked(path: str | os.PathLike) -> tuple[dict, bytes]:
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
     if hashlib.sha256(body).digest() != digest:
         raise VQFileError(f"{where} is corrupted: sha256 checksum mismatch")
+    raw = _decompress_meta(body[_HEADER.size:_HEADER.size + meta_len], where)
     try:
-        meta = json.loads(_decompress(body[_HEADER.size:_HEADER.size + meta_len]))
-    except (lzma.LZMAError, ValueError) as e:
-        raise VQFileError(f"{where}: unreadable metadata ({e})") from None
-    return meta, body[_HEADER.size + meta_len:]
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise VQFileError(f"{where}: metadata is not valid JSON ({_short(str(e), 120)})") from None
+    if not isinstance(meta, dict):
+        raise VQFileError(f"{where}: metadata must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != "vqlab":
+        raise VQFileError(f"{where}: field 'format' must be 'vqlab', got {_short(meta.get('format'))}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise VQFileError(f"{where}: field 'version' is {_short(meta.get('version'))}, the header says {FORMAT_VERSION}")
+    return meta, body[_HEADER.size + meta_len:], where
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Read a model written by `save`.
+# ---------------------------------------------------------------- load: the tensor table
 
-    model: None rebuilds the architecture from the file's pickled skeleton (trusted files only);
-        or an already quantized model of the same architecture (same names, shapes and K), filled
-        in place without unpickling.
-    map_location: device for the loaded tensors.
-    Raises VQFileError for a truncated, corrupted or foreign file, or a model that does not fit.
-    """
-    meta, payload = _read_checked(path)
-    where = f"vqlab file {os.fspath(path)!r}"
-    if model is None:
-        off, n = meta["skeleton"]
+class _Entry(NamedTuple):
+    name: str
+    kind: str
+    offset: int
+    length: int
+    bits: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    requires_grad: bool
+
+
+def _is_int(v: Any, lo: int = 0, hi: int | None = None) -> bool:
+    return type(v) is int and v >= lo and (hi is None or v <= hi)
+
+
+def _is_name(v: Any) -> bool:
+    """A valid attribute name of a module (no '.', not empty)."""
+    return isinstance(v, str) and v != "" and "." not in v
+
+
+def _parse_entry(e: Any, i: int, payload_len: int, where: str) -> _Entry:
+    """Check one "tensors" entry field by field; sizes must match the bytes it claims."""
+    f = f"field 'tensors[{i}]'"
+    if not isinstance(e, list) or len(e) != 8:
+        raise VQFileError(f"{where}: {f} must be [name, kind, offset, length, bits, dtype, shape, requires_grad], "
+                          f"got {_short(e)}")
+    name, kind, off, n, bits, dt, shape, rg = e
+    checks = [("name", name, isinstance(name, str) and all(map(_is_name, name.split(".")))),
+              ("kind", kind, kind in ("param", "buffer")),
+              ("offset", off, _is_int(off)), ("length", n, _is_int(n)),
+              ("bits", bits, _is_int(bits, 0, 32)), ("dtype", dt, dt in _DTYPES),
+              ("shape", shape, isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(map(_is_int, shape))),
+              ("requires_grad", rg, isinstance(rg, bool))]
+    for field, value, ok in checks:
+        if not ok:
+            raise VQFileError(f"{where}: {f} has a bad {field} {_short(value)}")
+    if off + n > payload_len:
+        raise VQFileError(f"{where}: {f} ({name!r}) spans bytes [{off}, {off + n}) outside the "
+                          f"{payload_len}-byte payload")
+    dtype, numel = _DTYPES[dt], math.prod(shape)
+    if bits and (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
+        raise VQFileError(f"{where}: {f} ({name!r}) is packed at {bits} bits but has dtype {dt}")
+    need = packed_bytes(numel, bits) if bits else numel * dtype.itemsize
+    if n != need:
+        raise VQFileError(f"{where}: {f} ({name!r}) has length {n} bytes; shape {shape} {dt}"
+                          f"{f' at {bits} bits' if bits else ''} needs {need}")
+    return _Entry(name, kind, off, n, bits, dtype, tuple(shape), rg)
+
+
+def _parse_tensors(meta: dict, payload_len: int, where: str) -> list[_Entry]:
+    table = meta.get("tensors")
+    if not isinstance(table, list):
+        raise VQFileError(f"{where}: field 'tensors' must be a list, got {_short(table)}")
+    entries = [_parse_entry(e, i, payload_len, where) for i, e in enumerate(table)]
+    seen: set[tuple[str, str]] = set()
+    for e in entries:
+        if (e.kind, e.name) in seen:
+            raise VQFileError(f"{where}: field 'tensors' names {e.kind} {e.name!r} twice")
+        seen.add((e.kind, e.name))
+    return entries
+
+
+def _tensor_from(payload: bytes, e: _Entry, where: str) -> torch.Tensor:
+    """The entry's bytes as a CPU tensor of its dtype and shape."""
+    b = payload[e.offset:e.offset + e.length]
+    if e.bits:
+        v = unpack_indices(b, e.bits, math.prod(e.shape))
+        hi = torch.iinfo(e.dtype).max
+        if v.numel() and int(v.max()) > hi:
+            raise VQFileError(f"{where}: {e.kind} {e.name!r} holds values up to {int(v.max())}, more than its "
+                              f"dtype {e.dtype} can hold ({hi})")
+        return v.to(e.dtype).reshape(e.shape)
+    if not b:
+        return torch.empty(e.shape, dtype=e.dtype)
+    t = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+    if e.dtype == torch.bool and int(t.max()) > 1:
+        raise VQFileError(f"{where}: bool {e.kind} {e.name!r} holds bytes other than 0 and 1")
+    return t.view(e.dtype).reshape(e.shape)
+
+
+# ---------------------------------------------------------------- load: the module tree
+
+def _node_list(meta: dict, n_tensors: int, where: str) -> list[dict]:
+    """Structural checks of "modules": node fields, child references to earlier nodes, tensor indices."""
+    nodes = meta.get("modules")
+    if not isinstance(nodes, list) or not nodes:
+        raise VQFileError(f"{where}: field 'modules' must be a non-empty list of module nodes, got {_short(nodes)}; "
+                          f"pass model= to fill an existing model")
+    for i, node in enumerate(nodes):
+        f = f"field 'modules[{i}]'"
+        if not isinstance(node, dict) or not isinstance(node.get("type"), str):
+            raise VQFileError(f"{where}: {f} must be an object with a string 'type', got {_short(node)}")
+        if not isinstance(node.get("training", True), bool):
+            raise VQFileError(f"{where}: {f}.training must be true or false, got {_short(node['training'])}")
+        for key, limit in (("children", i), ("params", n_tensors), ("buffers", n_tensors)):
+            items = node.get(key, [])
+            ok = isinstance(items, list) and all(
+                isinstance(it, list) and len(it) == 2 and _is_name(it[0]) and (it[1] is None or _is_int(it[1], 0, limit - 1))
+                for it in items)
+            if not ok:
+                what = "earlier node indices" if key == "children" else f"tensor indices below {n_tensors}"
+                raise VQFileError(f"{where}: {f}.{key} must be a list of [name, index or null] with {what}, "
+                                  f"got {_short(items)}")
+        for key in ("args", "state"):
+            if not isinstance(node.get(key, {}), dict):
+                raise VQFileError(f"{where}: {f}.{key} must be an object, got {_short(node[key])}")
+        np_ = node.get("nonpersistent", [])
+        if not isinstance(np_, list) or not all(_is_name(b) for b in np_):
+            raise VQFileError(f"{where}: {f}.nonpersistent must be a list of buffer names, got {_short(np_)}")
+    return nodes
+
+
+def _node_paths(nodes: list[dict]) -> list[str]:
+    """Dotted module name of every node ('' for the root = last node), for error messages."""
+    paths = [""] * len(nodes)
+    seen = {len(nodes) - 1}
+    for i in range(len(nodes) - 1, -1, -1):
+        for name, c in nodes[i].get("children", []):
+            if c is not None and c not in seen:
+                seen.add(c)
+                paths[c] = f"{paths[i]}.{name}" if paths[i] else name
+    return paths
+
+
+def _check_types(nodes: list[dict], paths: list[str], where: str) -> None:
+    """Every node's type on the allow-list and no unstorable attribute, else a VQFileError saying to pass model=."""
+    for node, path in zip(nodes, paths):
+        label = f"module {path!r}" if path else "the root module"
+        if node["type"] not in ALLOWED_TYPES:
+            raise VQFileError(f"{where}: {label} has type {_short(node['type'], 120)}, which is not on vqlab's "
+                              f"allow-list of module types (vqlab.io.ALLOWED_TYPES), so the architecture cannot be "
+                              f"rebuilt from the file; build the model yourself and pass it: load(path, model=m)")
+        bad = node.get("unstorable")
+        if bad:
+            raise VQFileError(f"{where}: {label} ({node['type']}) had attribute(s) {_short(bad, 120)} that a vqlab "
+                              f"file cannot store; build the model yourself and pass it: load(path, model=m)")
+
+
+def _build_by_args(cls: type, node: dict, built: list[nn.Module], field: str) -> nn.Module:
+    """Construct a Codebook / VQLinear / VQConv2d on the meta device from its recorded arguments."""
+    args = {k: _decode(v, f"{field}.args.{k}") for k, v in node.get("args", {}).items()}
+    if cls is Codebook:
+        if set(args) != {"k", "d", "groups"}:
+            raise ValueError(f"{field}.args must hold k, d and groups, got {sorted(args)}")
+        return Codebook(**args, device="meta")
+    if set(args) != set(_VQ_ARGS[cls]):
+        raise ValueError(f"{field}.args must hold {list(_VQ_ARGS[cls])}, got {sorted(args)}")
+    children = dict(node.get("children", []))
+    book = built[children["codebook"]] if children.keys() == {"codebook"} and children["codebook"] is not None else None
+    if not isinstance(book, Codebook):
+        raise ValueError(f"{field}.children must be exactly one 'codebook' referring to a Codebook node")
+    layer = cls(**args, k=book.k, d=book.d, codebook=book, device="meta")
+    state = node.get("state", {})
+    steps, backend = state.get("steps", 0), state.get("backend", "auto")
+    if not _is_int(steps) or not isinstance(backend, str) or set(state) - {"steps", "backend"}:
+        raise ValueError(f"{field}.state must be {{'steps': int >= 0, 'backend': str}}, got {_short(state)}")
+    layer.steps, layer.backend = steps, backend
+    return layer
+
+
+def _build_by_state(cls: type, node: dict, field: str) -> nn.Module:
+    """Create `cls` without __init__ and set its plain attributes from the file (no code runs)."""
+    m = cls.__new__(cls)
+    nn.Module.__init__(m)
+    for k, v in node.get("state", {}).items():
+        if not _attr_ok(cls, k):
+            raise ValueError(f"{field}.state may not set attribute {_short(k)} on {cls.__name__}")
+        m.__dict__[k] = _decode(v, f"{field}.state.{k}")
+    return m
+
+
+def _attach_tensors(m: nn.Module, node: dict, entries: list[_Entry], holders: dict[int, torch.Tensor],
+                    by_args: bool, field: str) -> None:
+    """Put a shared meta placeholder for every recorded tensor slot (one per tensor index)."""
+    for key, kind, slots in (("params", "param", m._parameters), ("buffers", "buffer", m._buffers)):
+        for name, ti in node.get(key, []):
+            if by_args:   # constructor-built: the slot must exist with the same shape (or be absent on both sides)
+                have = slots.get(name, "missing")
+                if have == "missing" or (have is None) != (ti is None) or (
+                        ti is not None and tuple(have.shape) != entries[ti].shape):
+                    shape = None if ti is None else list(entries[ti].shape)
+                    raise ValueError(f"{field}.{key} {name!r} with shape {shape} does not fit the layer "
+                                     f"({'no such slot' if have == 'missing' else None if have is None else list(have.shape)})")
+            if ti is None:
+                slots[name] = None
+                continue
+            e = entries[ti]
+            if e.kind != kind:
+                raise ValueError(f"{field}.{key} {name!r} refers to tensors[{ti}], a {e.kind}")
+            if ti not in holders:
+                t = torch.empty(e.shape, dtype=e.dtype, device="meta")
+                holders[ti] = nn.Parameter(t, requires_grad=e.requires_grad) if kind == "param" else t
+            slots[name] = holders[ti]
+    nonpersistent = set(node.get("nonpersistent", []))
+    if not nonpersistent <= set(m._buffers):
+        raise ValueError(f"{field}.nonpersistent names unknown buffers {sorted(nonpersistent - set(m._buffers))}")
+    m._non_persistent_buffers_set = nonpersistent
+
+
+def _build_model(meta: dict, entries: list[_Entry], where: str) -> nn.Module:
+    """Rebuild the architecture from "modules" with meta-device tensors (filled by `_fill`)."""
+    nodes = _node_list(meta, len(entries), where)
+    paths = _node_paths(nodes)
+    _check_types(nodes, paths, where)
+    built: list[nn.Module] = []
+    holders: dict[int, torch.Tensor] = {}
+    for i, node in enumerate(nodes):
+        field = f"modules[{i}]"
         try:
-            model = pickle.loads(_decompress(payload[off:off + n]))
-        except (AttributeError, ImportError) as e:
-            raise VQFileError(f"{where}: cannot rebuild the architecture ({e}); import the module that "
-                              f"defines the model's classes, or pass model=") from None
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers(remove_duplicate=False))
+            cls = _resolve_type(node["type"])
+            by_args = node["type"] in _BUILT_BY_ARGS
+            m = _build_by_args(cls, node, built, field) if by_args else _build_by_state(cls, node, field)
+            if not by_args:
+                for name, c in node.get("children", []):
+                    m._modules[name] = None if c is None else built[c]
+            _attach_tensors(m, node, entries, holders, by_args, field)
+            m.training = node.get("training", True)
+        except ImportError as e:
+            raise VQFileError(f"{where}: module {paths[i]!r} needs {node['type']}, which cannot be imported "
+                              f"({e}); install it or pass model=") from None
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
+            raise VQFileError(f"{where}: field '{field}' (module {paths[i]!r}, {node['type']}): {e}") from None
+        built.append(m)
+    return built[-1]
+
+
+# ---------------------------------------------------------------- load: filling and checking
+
+def _slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    """id(tensor) -> every (module, attribute, kind) that holds it (shared tensors have several)."""
+    slots: dict[int, list] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for k, t in m._parameters.items():
+            if t is not None:
+                slots.setdefault(id(t), []).append((m, k, "param"))
+        for k, t in m._buffers.items():
+            if t is not None:
+                slots.setdefault(id(t), []).append((m, k, "buffer"))
+    return slots
+
+
+def _fill(model: nn.Module, entries: list[_Entry], payload: bytes, where: str,
+          map_location: str | torch.device) -> None:
+    """Replace every tensor the file names (and all its holders) by the file's data; all must be covered."""
+    named = {"param": dict(model.named_parameters(remove_duplicate=False)),
+             "buffer": dict(model.named_buffers(remove_duplicate=False))}
     slots = _slots(model)
     filled = set()
-    for name, kind, off, n, bits in meta["tensors"]:
-        if name not in named:
-            raise VQFileError(f"{where}: the model has no {kind} {name!r}")
-        like = named[name]
-        b = payload[off:off + n]
-        if bits:
-            try:
-                t = unpack_indices(b, bits, like.numel()).to(like.dtype).reshape(like.shape)
-            except ValueError as e:
-                raise VQFileError(f"{where}: indices {name!r} do not fit the model's {tuple(like.shape)}: {e}") from None
-        elif n != like.numel() * like.element_size():
-            raise VQFileError(f"{where}: {kind} {name!r} has {n} bytes, the model's {tuple(like.shape)} "
-                              f"{like.dtype} needs {like.numel() * like.element_size()}")
-        else:
-            t = _from_raw(b, like)
-        t = t.to(map_location)
-        if kind == "param":
+    for e in entries:
+        like = named[e.kind].get(e.name)
+        if like is None:
+            raise VQFileError(f"{where}: the model has no {e.kind} {e.name!r}")
+        if tuple(like.shape) != e.shape or like.dtype != e.dtype:
+            raise VQFileError(f"{where}: {e.kind} {e.name!r} is {list(e.shape)} {e.dtype} in the file, but "
+                              f"{list(like.shape)} {like.dtype} in the model")
+        t = _tensor_from(payload, e, where).to(map_location)
+        if e.kind == "param":
             t = nn.Parameter(t, requires_grad=like.requires_grad)
         for mod, attr, k in slots[id(like)]:  # one object for every holder: sharing survives the round trip
             (mod._parameters if k == "param" else mod._buffers)[attr] = t
         filled.add(id(like))
     latent = {id(m.latent) for m in model.modules() if isinstance(m, VQLayer) and m.latent is not None}
-    missing = [n for n, t in named.items() if id(t) not in filled and id(t) not in latent]
+    missing = [n for d in named.values() for n, t in d.items() if id(t) not in filled and id(t) not in latent]
     if missing:
         raise VQFileError(f"{where} has no data for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def _check_vq_layers(model: nn.Module, where: str) -> None:
+    """Every VQ layer's indices in [0, K) and its codebook groups dividing its rows."""
+    for name, m in model.named_modules():
+        if isinstance(m, VQLayer):
+            try:
+                check_indices(m.indices, m.k, what=f"indices of layer {name!r}")
+                check_codebook_groups(m.codebook.weight, m.indices.shape[0])
+            except (ValueError, TypeError) as e:
+                raise VQFileError(f"{where}: {e}") from None
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Read a model written by `save`.  Never runs code from the file.
+
+    model: None rebuilds the architecture from the file (module types on `ALLOWED_TYPES` only); or an
+        already quantized model of the same architecture (same names, shapes, dtypes and K), filled
+        in place — needed for models with your own module classes.
+    map_location: device for the loaded tensors.
+    Raises VQFileError (a ValueError) for a truncated, corrupted, malformed or foreign file, indices
+    outside [0, K), or a model that does not fit; the message names the file, the field and the value.
+    """
+    meta, payload, where = _read_checked(path)
+    entries = _parse_tensors(meta, len(payload), where)
+    if model is None:
+        model = _build_model(meta, entries, where)
+    _fill(model, entries, payload, where, map_location)
+    _check_vq_layers(model, where)
     for m in model.modules():
         if isinstance(m, VQLayer) and m.reassign_every:
             m.init_latent()
