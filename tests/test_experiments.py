@@ -81,3 +81,74 @@ def test_sweep_command_writes_csv_and_png(tmp_path, monkeypatch):
     df = pd.read_csv(tmp_path / "results" / "sweep_lenet5_digits.csv")
     assert len(df[df.method == "vq"]) == 2 and (tmp_path / "results" / "sweep_lenet5_digits.png").stat().st_size > 10_000
     assert (tmp_path / "ckpt.pt").exists()
+
+
+def test_bits_per_weight_is_the_stored_index_bits(digits_model):
+    from vqlab.experiments import compress_and_evaluate
+    from vqlab.quantize import VQConfig
+
+    model, _, te = digits_model
+    row, q = compress_and_evaluate(model, None, te, 24, 4)
+    assert row["bits_per_weight"] == VQConfig(k=24, d=4).bits_per_weight == 5 / 4      # ceil(log2 24) = 5
+    assert q.classifier[1].bits_per_weight == pytest.approx(5 / 4)
+    df = sweep(model, None, te, ks=[24], ds=[3], baselines=(), progress=False)         # an error row, same formula
+    assert df["error"].notna().all() and df["bits_per_weight"].tolist() == [5 / 3]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"ks": [0]}, r"every value of ks must be an integer >= 2, got 0"),
+    ({"ks": [16], "ds": [0]}, r"every value of ds must be an integer >= 1, got 0"),
+    ({"ks": []}, r"ks is empty"),
+    ({"finetune_epochs": -1}, r"finetune_epochs must be an integer >= 0, got -1"),
+])
+def test_sweep_rejects_bad_grids_before_any_work(monkeypatch, kwargs, message):
+    def no_work(*a, **k):
+        raise AssertionError("sweep evaluated a model before checking its grid")
+
+    monkeypatch.setattr("vqlab.experiments.evaluate", no_work)
+    with pytest.raises(ValueError, match=message):
+        sweep(torch.nn.Linear(4, 2), None, None, **{"ks": [16], "ds": [2], **kwargs})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "nope"], "error: unknown model 'nope'; choose one of ['cnn', 'lenet5',"),
+    (["train", "--dataset", "nope"], "error: unknown dataset 'nope'; choose one of ['cifar10', 'digits',"),
+    (["train", "--epochs", "0"], "error: --epochs must be >= 1, got 0"),
+    (["sweep", "--model", "nope"], "error: unknown model 'nope'"),
+    (["sweep", "--dataset", "nope"], "error: unknown dataset 'nope'"),
+    (["sweep", "--k", "0", "--d", "0", "--finetune-epochs", "0"], "error: --k values must be >= 2, got 0"),
+    (["sweep", "--d", "0"], "error: --d values must be >= 1, got 0"),
+    (["sweep", "--finetune-epochs", "-1"], "error: --finetune-epochs must be >= 0, got -1"),
+])
+def test_cli_bad_arguments_are_one_line_and_status_2(tmp_path, monkeypatch, capsys, argv, message):
+    from vqlab.__main__ import main
+
+    def no_work(*a, **k):
+        raise AssertionError("the command started working before checking its arguments")
+
+    monkeypatch.setattr("vqlab.train.train_or_load", no_work)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_sweep_out_that_is_a_file_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    from vqlab.__main__ import main
+
+    target = tmp_path / "existing_file"
+    target.write_text("keep me")
+    monkeypatch.setattr("vqlab.train.train_or_load", lambda *a, **k: pytest.fail("trained before checking --out"))
+    assert main(["sweep", "--dataset", "digits", "--out", str(target)]) == 2
+    assert capsys.readouterr().err == f"error: --out {target} exists and is not a folder; give a folder for the CSV and PNG\n"
+    assert target.read_text() == "keep me"
+
+
+def test_cli_error_exit_status_from_the_shell():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "vqlab", "train", "--model", "nope"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: unknown model 'nope'") and r.stderr.count("\n") == 1, r.stderr

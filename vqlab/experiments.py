@@ -5,10 +5,13 @@
 
 Every row is one compressed copy of `model`: method, K, d, bits/weight, whole-model compression ratio
 (float32 bytes / stored bytes, `vqlab.compressed_size`), accuracy before and after fine-tuning.
+bits/weight is index bits per weight as stored, `bits_for(K) / d` = ceil(log2 K) / d (as `VQConfig`
+and `compressed_size` count it).
 """
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -19,12 +22,13 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from ._utils import bits_for
 from .baselines import uniform_quantize_
 from .quantize import VQConfig, quantize_
 from .size import compressed_size
 from .train import evaluate, fit
 
-__all__ = ["compress_and_evaluate", "sweep", "pareto_front", "pareto_plot", "layer_sensitivity", "add_sweep_command"]
+__all__ = ["compress_and_evaluate", "sweep", "check_grid", "pareto_front", "pareto_plot", "layer_sensitivity", "add_sweep_command"]
 
 COLUMNS = ["method", "K", "d", "bits_per_weight", "ratio", "compressed_bytes", "acc", "acc_finetuned",
            "delta_points", "seconds"]
@@ -53,7 +57,7 @@ def compress_and_evaluate(model: nn.Module, train_ds: TensorDataset | None, test
         acc_ft = evaluate(q, test_ds)
     best = acc_ft if finetune_epochs > 0 else acc
     row = {"method": "vq" if d > 1 else "scalar k-means", "K": k, "d": d,
-           "bits_per_weight": float(np.log2(k) / d), "ratio": size.ratio, "compressed_bytes": size.compressed_bytes,
+           "bits_per_weight": bits_for(k) / d, "ratio": size.ratio, "compressed_bytes": size.compressed_bytes,
            "acc": acc, "acc_finetuned": acc_ft,
            "delta_points": 100 * (best - baseline_acc) if baseline_acc is not None else float("nan"),
            "seconds": time.perf_counter() - t0}
@@ -83,7 +87,9 @@ def sweep(model: nn.Module, train_ds: TensorDataset | None, test_ds: TensorDatas
     config: more VQConfig fields (segment, codebook, iters, ...).  Combinations a layer cannot take
         (e.g. K above a layer's number of segments) are reported as rows with status in `error`.
     returns: DataFrame with columns COLUMNS (+ error), one row per compressed model.
+    raises ValueError before any work for K < 2, d < 1 or finetune_epochs < 0 (not grid rows).
     """
+    check_grid(ks, ds, finetune_epochs, scalar_ks if "scalar" in baselines else ())
     float_acc = evaluate(model, test_ds)
     dense = compressed_size(model).dense_bytes
     rows: list[dict] = []
@@ -101,13 +107,30 @@ def sweep(model: nn.Module, train_ds: TensorDataset | None, test_ds: TensorDatas
                                            baseline_acc=float_acc, **config)
         except ValueError as err:  # a grid point some layer cannot take: keep the reason in the table
             row = {"method": "vq" if d > 1 else "scalar k-means", "K": k, "d": d,
-                   "bits_per_weight": float(np.log2(k) / d), "error": str(err).splitlines()[0]}
+                   "bits_per_weight": bits_for(k) / d, "error": str(err).splitlines()[0]}
         rows.append(row)
     df = pd.DataFrame(rows)
     for c in COLUMNS + ["error"]:
         if c not in df:
             df[c] = pd.NA if c == "error" else float("nan")
     return df[COLUMNS + ["error"]].astype({"K": "Int64", "d": "Int64"})
+
+
+def check_grid(ks, ds, finetune_epochs: int = 0, scalar_ks=()) -> None:
+    """ValueError naming the first bad value: every K an integer >= 2, every d >= 1, finetune_epochs >= 0."""
+    def ints(name, values, low):
+        values = list(values)
+        if not values and name in ("ks", "ds"):
+            raise ValueError(f"{name} is empty: give at least one value")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ValueError(f"every value of {name} must be an integer >= {low}, got {v!r} in {values}")
+
+    ints("ks", ks, 2)
+    ints("ds", ds, 1)
+    ints("scalar_ks", scalar_ks, 2)
+    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, (int, np.integer)) or finetune_epochs < 0:
+        raise ValueError(f"finetune_epochs must be an integer >= 0, got {finetune_epochs!r}")
 
 
 def pareto_front(df: pd.DataFrame, acc_col: str | None = None) -> pd.DataFrame:
@@ -192,9 +215,32 @@ def add_sweep_command(sub) -> None:
     s.add_argument("--max-steps", type=int, default=None)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="results/")
+    s.add_argument("--out", default="results/", help="folder for the CSV and PNG (created; checked before any work)")
     s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=_run_sweep)
+    s.set_defaults(func=_run_sweep, check=_check_sweep_args)
+
+
+def _check_sweep_args(args) -> None:
+    """Everything `_run_sweep` needs, checked before training or compressing anything (ValueError)."""
+    for flag, values, low in (("--k", args.k, 2), ("--d", args.d, 1)):
+        bad = [v for v in values if v < low]
+        if bad:
+            raise ValueError(f"{flag} values must be >= {low}, got {bad[0]}")
+    for flag, value, low in (("--finetune-epochs", args.finetune_epochs, 0), ("--epochs", args.epochs, 1),
+                             ("--max-steps", args.max_steps, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder; give a folder for the CSV and PNG")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot create the folder ({err.strerror or err})") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: folder is not writable")
 
 
 def _run_sweep(args) -> int:
@@ -206,11 +252,11 @@ def _run_sweep(args) -> int:
     from .data import load_dataset
     from .train import train_or_load
 
+    out = Path(args.out)
     model, meta = train_or_load(args.model, args.dataset, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
     df = sweep(model, load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test"), ks=args.k, ds=args.d,
                finetune_epochs=args.finetune_epochs, lr=args.lr, max_steps=args.max_steps, seed=args.seed,
                progress=not args.quiet)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"sweep_{args.model}_{args.dataset}"
     df.to_csv(out / f"{stem}.csv", index=False)
