@@ -64,3 +64,32 @@ def test_speed_panel_every_option():
     panel = speed_panel(m=64, n=128, ks=(16, 256), ds=(2, 4), batches=(1, 8), repeats=2)
     assert "FLOP ratio" in panel.text
     assert _walk_every_option(panel) == 2 + 2 + 2
+
+
+def test_render_error_clears_the_plot():
+    panel = codebook_panel(torch.randn(8, 6), ks=(4,), ds=(2, 4), k=4, d=2)
+    assert panel.png[:4] == b"\x89PNG"
+    panel.set(d=4)                                        # 4 does not divide 6: render fails
+    assert panel.error is not None and panel.png == b""   # no stale plot of d=2 under the error
+    panel.set(d=2)
+    assert panel.error is None and panel.png[:4] == b"\x89PNG"
+
+
+def test_codebook_panel_shows_the_K_kmeans_used():
+    panel = codebook_panel(torch.randn(6, 8), ks=(4, 256), ds=(2,), k=256, d=2)   # 24 segments of length 2
+    assert panel.error is None
+    assert "k-means used K=24" in panel.text and "2.50 bits/weight" in panel.text   # ceil(log2 24) / 2
+    assert "4.00 bits/weight" not in panel.text
+    panel.set(K=4)
+    assert "K=4, d=2: <b>1.00 bits/weight</b>" in panel.text
+
+
+def test_set_names_the_slider_and_its_options():
+    panel = codebook_panel(torch.randn(8, 8), ks=(4, 16), ds=(2,), k=4, d=2)
+    with pytest.raises(ValueError, match=r"slider 'K' has no option 5; options: \[4, 16\]"):
+        panel.set(K=5)
+    with pytest.raises(ValueError, match=r"no slider 'k' on this panel; sliders: \['K', 'd'\]"):
+        panel.set(k=16)
+    with pytest.raises(ValueError, match=r"slider 'd'"):
+        panel.set(K=16, d=3)                              # checked before any slider moves
+    assert panel.values == {"K": 4, "d": 2}

@@ -4,7 +4,8 @@ Every panel is a `Panel` (an ipywidgets VBox with CSS class `vqlab-panel`) holdi
   - SelectionSliders whose description is exactly "K", "d" (and "batch" for the speed panel),
   - an HTML readout (class `vqlab-readout`) with the figures for the current values,
   - an Output (class `vqlab-plot`) with the plot as a PNG image,
-and redraws both on every slider change.  The browser tests (tests/ui) rely on these names.
+and redraws both on every slider change.  When drawing fails, the readout shows the error and the plot
+is cleared (no stale picture of other values).  The browser tests (tests/ui) rely on these names.
 Panels only call the library (experiments, codebook, kernels); they hold no logic of their own.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ import ipywidgets as W
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ._utils import bits_for
 
 __all__ = ["Panel", "codebook_panel", "compression_panel", "speed_panel"]
 
@@ -66,7 +69,16 @@ class Panel(W.VBox):
         return {name: s.value for name, s in self.sliders.items()}
 
     def set(self, **values) -> None:
-        """Move sliders from code, e.g. panel.set(K=64, d=2); redraws once per changed slider."""
+        """Move sliders from code, e.g. panel.set(K=64, d=2); redraws once per changed slider.
+
+        raises ValueError naming the slider and its options for an unknown slider or a value not offered
+        (checked for all values before any slider moves).
+        """
+        for name, v in values.items():
+            if name not in self.sliders:
+                raise ValueError(f"no slider {name!r} on this panel; sliders: {list(self.sliders)}")
+            if v not in self.sliders[name].options:
+                raise ValueError(f"slider {name!r} has no option {v!r}; options: {list(self.sliders[name].options)}")
         for name, v in values.items():
             self.sliders[name].value = v
 
@@ -81,10 +93,10 @@ class Panel(W.VBox):
             self.error = f"{type(err).__name__}: {err}"
         self.text = text
         self.readout.value = text
-        if fig is not None:
-            self.png = _png(fig)
-            with self.plot:
-                clear_output(wait=True)
+        self.png = _png(fig) if fig is not None else b""
+        with self.plot:
+            clear_output(wait=fig is not None)
+            if fig is not None:
                 display(Image(data=self.png))
 
 
@@ -112,7 +124,8 @@ def codebook_panel(weight: torch.Tensor | nn.Module, ks: Sequence[int] = (4, 8, 
         import matplotlib.pyplot as plt
 
         x = segments(d)
-        res = kmeans(x, min(K, len(x)), seed=seed)
+        k_used = min(K, len(x))  # k-means needs K <= segments; say so when the slider asks for more
+        res = kmeans(x, k_used, seed=seed)
         var = x.var().item()
         snr = 10 * math.log10(var / max(res.distortion, 1e-30))
         fig, ax = plt.subplots(figsize=(5.2, 4))
@@ -130,8 +143,11 @@ def codebook_panel(weight: torch.Tensor | nn.Module, ks: Sequence[int] = (4, 8, 
             ax.set_xlabel("segment[0]")
             ax.set_ylabel("segment[1]")
             ax.legend(loc="upper right", fontsize=8)
-        ax.set_title(f"{len(x)} segments of length {d}, K={K}" + ("" if d <= 2 else " (first 2 of d dims)"), fontsize=9)
-        text = (f"K={K}, d={d}: <b>{math.log2(K) / d:.2f} bits/weight</b>, weight MSE {res.distortion:.3e}, "
+        ax.set_title(f"{len(x)} segments of length {d}, K={k_used}" + ("" if d <= 2 else " (first 2 of d dims)"), fontsize=9)
+        head = f"K={K}, d={d}" if k_used == K else (
+            f"K={K} asked, but the layer has only {len(x)} segments of length d={d}: "
+            f"<b>k-means used K={k_used}</b> (each segment its own codeword)")
+        text = (f"{head}: <b>{bits_for(k_used) / d:.2f} bits/weight</b>, weight MSE {res.distortion:.3e}, "
                 f"SNR {snr:.1f} dB, {res.n_iter} k-means iterations")
         return text, fig
 
