@@ -182,3 +182,107 @@ def test_lenet5_fashion_mnist_k256_d4_within_one_point_of_float():
     assert float_acc > 0.86
     assert vq_acc >= float_acc - 0.01
     assert size.ratio > 5
+
+
+# ---------------------------------------------------------------- quantize_ respects the model it is given
+
+def test_new_layers_take_the_mode_of_the_layers_they_replace():
+    model = _lenet().eval()
+    quantize_(model, VQConfig(k=16, d=4, iters=3), progress=False)
+    vq = [m for m in model.modules() if isinstance(m, (VQLinear, VQConv2d))]
+    assert len(vq) == 3 and not any(m.training for m in vq)
+    model(torch.randn(2, 1, 8, 8))
+    assert all(m.steps == 0 for m in vq)                         # the eval path, not the training path
+    model = _lenet().train()
+    quantize_(model, VQConfig(k=16, d=4, iters=3), progress=False)
+    assert model.classifier[1].training
+
+
+def test_module_under_two_names_is_replaced_once_everywhere():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    model = nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(8, 4))
+    report = quantize_(model, VQConfig(k=4, d=4, iters=3, quantize_first_last=True), progress=False)
+    assert isinstance(model[0], VQLinear) and model[0] is model[2] and isinstance(model[3], VQLinear)
+    assert report["layer"].tolist() == ["0", "2", "3"]
+    assert report["status"].tolist() == ["vq", "same module as '0'", "vq"]
+    r = report.set_index("layer")
+    assert r.loc["2", "params_before"] == 0 and r.loc["2", "params_after"] == 0
+    assert r.loc["2", "weight_mse"] == r.loc["0", "weight_mse"] and r.loc["2", "K"] == 4
+    assert report["params_before"].sum() == 8 * 8 + 8 + 8 * 4 + 4
+    # a shared module that is also the last Linear stays float under both names
+    model = nn.Sequential(lin := nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), lin)
+    report = quantize_(model, VQConfig(k=4, d=4, iters=3), progress=False)
+    assert report["status"].tolist() == ["float (last linear)", "vq", "same module as '0'"]
+    assert model[0] is model[4] and type(model[0]) is nn.Linear and isinstance(model[2], VQLinear)
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.mid = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 16, bias=False)
+        self.out.weight = self.emb.weight
+
+
+def test_tied_weights_are_refused_naming_both_places():
+    model = _TiedLM()
+    with pytest.raises(ValueError, match=r"layer 'out' \(Linear\): its weight 'out.weight' is the same Parameter "
+                                         r"as 'emb.weight' \(tied weights\).*overrides=\{'out': None\}"):
+        quantize_(model, VQConfig(k=4, d=4, iters=3, quantize_first_last=True), progress=False)
+    assert type(model.mid) is nn.Linear and model.out.weight is model.emb.weight   # nothing changed
+    report = quantize_(model, VQConfig(k=4, d=4, iters=3, quantize_first_last=True), overrides={"out": None},
+                       progress=False)
+    assert report.set_index("layer")["status"].to_dict() == {
+        "emb": "skipped (Embedding not supported)", "mid": "vq", "out": "skipped (override)"}
+    assert model.out.weight is model.emb.weight and isinstance(model.mid, VQLinear)
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
+    b.weight = a.weight
+    with pytest.raises(ValueError, match=r"layer '0' \(Linear\): its weight '0.weight' is the same Parameter as '1.weight'"):
+        quantize_(nn.Sequential(a, b, nn.Linear(8, 2)), VQConfig(k=4, d=4, iters=3), progress=False)
+
+
+def test_unsupported_weight_layers_are_reported_as_skipped():
+    model = nn.Sequential(nn.Conv1d(4, 4, 3), nn.ConvTranspose2d(4, 4, 3), nn.Conv3d(4, 4, 1), nn.Embedding(10, 4),
+                          nn.EmbeddingBag(10, 4), nn.Bilinear(4, 4, 2), nn.BatchNorm1d(4), nn.LayerNorm(4),
+                          nn.Linear(8, 8), nn.Linear(8, 2))
+    report = quantize_(model, VQConfig(k=4, d=4, iters=3), overrides={"2": None}, progress=False)
+    assert report.set_index("layer")["status"].to_dict() == {
+        "0": "skipped (Conv1d not supported)", "1": "skipped (ConvTranspose2d not supported)",
+        "2": "skipped (override)", "3": "skipped (Embedding not supported)",
+        "4": "skipped (EmbeddingBag not supported)", "5": "skipped (Bilinear not supported)",
+        "8": "vq", "9": "float (last linear)"}
+    r = report.set_index("layer")
+    assert r.loc["5", "shape"] == (2, 4, 4) and r.loc["5", "params_before"] == r.loc["5", "params_after"] == 34
+    assert r.loc["3", "params_before"] == 40 and r.loc["0", "bits_per_weight"] == 32.0
+    assert type(model[0]) is nn.Conv1d and isinstance(model[8], VQLinear)
+    with pytest.raises(TypeError, match=r"override '0' asks to quantize layer '0' \(Conv1d\)"):
+        quantize_(model, VQConfig(k=4, d=4), overrides={"0": VQConfig(k=4, d=4)}, progress=False)
+
+
+def test_lazy_layer_gives_a_clear_error_or_an_unsized_row():
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"layer '0' \(LazyLinear\) has uninitialized parameters .* run one forward pass"):
+        quantize_(model, VQConfig(k=4, d=4, iters=3, quantize_first_last=True), progress=False)
+    assert type(model[2]) is nn.Linear
+    report = quantize_(model, VQConfig(k=4, d=4, iters=3), overrides={"0": None}, progress=False).set_index("layer")
+    assert report.loc["0", "status"] == "skipped (override)" and report.loc["0", "shape"] is None
+    assert pd.isna(report.loc["0", "params_before"]) and report.loc["2", "status"] == "vq"
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+    model(torch.randn(1, 12))                                            # materialised: now a plain Linear
+    quantize_(model, VQConfig(k=4, d=4, iters=3, quantize_first_last=True), progress=False)
+    assert isinstance(model[0], VQLinear)
+
+
+def test_forward_hooks_move_to_the_new_layer():
+    model = _lenet()
+    calls = []
+    handle = model.classifier[1].register_forward_hook(lambda m, inp, out: calls.append(type(m).__name__))
+    pre = model.features[3].register_forward_pre_hook(lambda m, inp: calls.append("pre"))
+    quantize_(model, VQConfig(k=16, d=4, iters=3), progress=False)
+    model(torch.randn(2, 1, 8, 8))
+    assert calls == ["pre", "VQLinear"]
+    handle.remove(), pre.remove()
+    model(torch.randn(2, 1, 8, 8))
+    assert calls == ["pre", "VQLinear"]                                   # the user's handles still work

@@ -21,7 +21,7 @@ from ._utils import bits_for
 from .codebook import Codebook
 from .layers import FLOAT_DTYPES, VQLayer, check_quantizable, fit_codebook, vq_layer_class, weight_segments
 
-__all__ = ["VQConfig", "quantize_", "register_handler", "HANDLERS"]
+__all__ = ["VQConfig", "quantize_", "register_handler", "HANDLERS", "UNSUPPORTED_LAYERS"]
 
 # ---------------------------------------------------------------- config
 
@@ -167,6 +167,16 @@ def _vq_handler(modules: list[tuple[str, nn.Module]], config: VQConfig) -> Itera
 
 # ---------------------------------------------------------------- quantize_
 
+# weight-bearing compute layers that VQ does not handle: reported as skipped, never changed
+UNSUPPORTED_LAYERS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                      nn.Embedding, nn.EmbeddingBag, nn.Bilinear)
+
+# hook dicts moved to the new layer (the same dict objects, so the user's handles still remove them)
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+               "_backward_hooks")
+
+
 def _matches(pattern, name: str) -> bool:
     if isinstance(pattern, re.Pattern):
         return pattern.fullmatch(name) is not None
@@ -178,12 +188,85 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+def _is_uninitialized(m: nn.Module) -> bool:
+    """A lazy module (LazyLinear, LazyConv2d, ...) whose parameters have no shape yet."""
+    return isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+
+
+def _check_overrides(overrides: dict) -> None:
+    for pat, cfg in overrides.items():
+        if not isinstance(pat, (str, re.Pattern)):
+            raise TypeError(f"override pattern must be a glob string or a compiled regex, got {pat!r}")
+        if cfg is not None and type(cfg) not in HANDLERS:
+            raise TypeError(f"override {pat!r}: value must be a config or None, got {cfg!r}")
+
+
+def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every (name, module) of `model` in registration order, a module reachable under several names once
+    per name (named_modules(remove_duplicate=False)); nothing inside a VQ layer."""
+    inside_vq: set[str] = set()
+    out = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        if any(name.startswith(p + ".") for p in inside_vq):
+            continue
+        if isinstance(m, VQLayer):
+            inside_vq.add(name)
+        out.append((name, m))
+    return out
+
+
+def _param_places(model: nn.Module) -> dict[int, list[tuple[int, str]]]:
+    """id(parameter) -> [(id(owning module), "module.param"), ...] over every name of every module."""
+    places: dict[int, list[tuple[int, str]]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m.named_parameters(recurse=False):
+            places.setdefault(id(p), []).append((id(m), f"{name}.{pname}" if name else pname))
+    return places
+
+
+def _check_not_tied(m: nn.Module, name: str, places: dict[int, list[tuple[int, str]]]) -> None:
+    """Refuse a layer whose weight or bias is also a parameter of another module (tied weights)."""
+    for pname in ("weight", "bias"):
+        p = getattr(m, pname, None)
+        if p is None:
+            continue
+        others = sorted({where for mid, where in places.get(id(p), []) if mid != id(m)})
+        if others:
+            raise ValueError(f"layer {name!r} ({type(m).__name__}): its {pname} {name + '.' + pname!r} is the same "
+                             f"Parameter as {', '.join(map(repr, others))} (tied weights); vector quantization "
+                             f"would untie them.  Keep the layer float with overrides={{{name!r}: None}}")
+
+
+def _check_initialized(m: nn.Module, name: str) -> None:
+    if _is_uninitialized(m):
+        raise ValueError(f"layer {name!r} ({type(m).__name__}) has uninitialized parameters (a lazy module); "
+                         f"run one forward pass, e.g. model(example_input), before quantize_, or keep it "
+                         f"float with overrides={{{name!r}: None}}")
+
+
+def _carry_over(old: nn.Module, new: nn.Module) -> None:
+    """Give the new layer the old one's train/eval mode and its forward/backward hooks."""
+    new.train(old.training)
+    for attr in _HOOK_DICTS:
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    new._is_full_backward_hook = getattr(old, "_is_full_backward_hook", None)
+
+
+def _weight_numbers(old: nn.Module) -> tuple[tuple | None, float, object]:
+    """(weight shape, bits per stored weight, weight + bias numbers) of a float layer; None/NA if lazy."""
+    w, b = old.weight, getattr(old, "bias", None)
+    bits = float(w.dtype.itemsize * 8)
+    if _is_uninitialized(old):
+        return None, bits, pd.NA
+    return tuple(w.shape), bits, w.numel() + (b.numel() if isinstance(b, torch.Tensor) else 0)
+
+
 def _row(name: str, old: nn.Module, new: nn.Module | None, status: str, counted: set) -> dict:
-    w = old.weight
-    before = w.numel() + (old.bias.numel() if old.bias is not None else 0)
-    row = {"layer": name, "type": type(old).__name__, "shape": tuple(w.shape), "K": pd.NA, "d": pd.NA,
-           "bits_per_weight": float(torch.finfo(w.dtype).bits), "weight_mse": 0.0,
-           "params_before": before, "params_after": before, "status": status}
+    shape, bits, before = _weight_numbers(old)
+    row = {"layer": name, "type": type(old).__name__, "shape": shape, "K": pd.NA, "d": pd.NA,
+           "bits_per_weight": bits, "weight_mse": 0.0, "params_before": before, "params_after": before,
+           "status": status}
     if new is not None and isinstance(new, VQLayer):
         book = new.codebook.weight
         after = new.indices.numel() + (new.bias.numel() if new.bias is not None else 0)
@@ -191,9 +274,46 @@ def _row(name: str, old: nn.Module, new: nn.Module | None, status: str, counted:
             counted.add(id(book))
             after += book.numel()
         with torch.no_grad():
-            mse = (w.detach().double() - new.dequantize().double()).pow(2).mean().item()
+            mse = (old.weight.detach().double() - new.dequantize().double()).pow(2).mean().item()
         row.update(K=new.k, d=new.d, bits_per_weight=new.bits_per_weight, weight_mse=mse, params_after=after)
     return row
+
+
+def _alias_row(row: dict, name: str) -> dict:
+    """The report row of a further name of a module already reported under row["layer"]."""
+    return {**row, "layer": name, "params_before": 0, "params_after": 0,
+            "status": f"same module as {row['layer']!r}"}
+
+
+def _decide(name: str, m: nn.Module, aliases: list[str], config, filter_fn, overrides: dict,
+            hits: dict, ends: dict) -> tuple[object | None, str] | None:
+    """(config or None, report status) for one module, or None when it gets no report row."""
+    pat = next((p for p in overrides if any(_matches(p, n) for n in aliases)), None)
+    eligible = isinstance(m, (nn.Linear, nn.Conv2d))
+    if pat is not None:
+        cfg = overrides[pat]
+        if cfg is not None and not eligible:
+            if isinstance(m, VQLayer):
+                raise TypeError(f"override {pat!r} asks to quantize layer {name!r}, which is already a "
+                                f"{type(m).__name__}")
+            if any(True for _ in m.parameters(recurse=False)):
+                raise TypeError(f"override {pat!r} asks to quantize layer {name!r} ({type(m).__name__}); "
+                                f"vector quantization supports nn.Linear and nn.Conv2d — narrow the "
+                                f"pattern or map it to None")
+            return None  # containers and parameter-free modules (ReLU, Sequential) are not layers
+        hits[pat].append(name)
+        if eligible or isinstance(m, UNSUPPORTED_LAYERS):
+            return (cfg, "vq (override)") if cfg is not None else (None, "skipped (override)")
+        return None
+    if isinstance(m, UNSUPPORTED_LAYERS):
+        return None, f"skipped ({type(m).__name__} not supported)"
+    if not eligible:
+        return None
+    if filter_fn is not None and not filter_fn(m, name):
+        return None, "skipped (filter_fn)"
+    if name in ends and not getattr(config, "quantize_first_last", False):
+        return None, f"float ({ends[name]})"
+    return config, "vq"
 
 
 def quantize_(model: nn.Module, config, filter_fn: Callable[[nn.Module, str], bool] | None = None,
@@ -210,72 +330,62 @@ def quantize_(model: nn.Module, config, filter_fn: Callable[[nn.Module, str], bo
     The first nn.Conv2d and the last nn.Linear (module registration order) stay float unless
     config.quantize_first_last.  Every chosen layer is checked before anything is changed, so a
     bad input leaves the model untouched.
-    returns: one row per Linear/Conv2d layer: layer, type, shape, K, d, bits_per_weight, weight_mse,
+
+    One module reachable under several names (`nn.Sequential(lin, act, lin)`) is one layer: it is
+    decided under its first name (filter_fn gets that name; an override pattern may match any of its
+    names; it is the last Linear if any of its names is), quantized once, and the one new VQ layer is
+    set under every name.  A layer whose weight or bias is a Parameter of another module too (tied
+    weights) is refused, naming both places; keep it float with overrides={name: None}.  Lazy layers
+    (LazyLinear) must have run a forward pass first.  A new layer takes over the old one's train/eval
+    mode and its forward and backward hooks (the same hook dicts, so existing handles still work).
+
+    returns: one row per name of every Linear/Conv2d layer and of every weight-bearing layer VQ does
+        not handle (UNSUPPORTED_LAYERS: Conv1d/3d, ConvTranspose*, Embedding(Bag), Bilinear;
+        normalisation layers are not listed): layer, type, shape, K, d, bits_per_weight, weight_mse,
         params_before, params_after (stored numbers: indices + bias + codebook, a shared codebook
         at its first layer), status: vq, vq (override), float (first conv), float (last linear),
-        skipped (override) or skipped (filter_fn).
+        skipped (override), skipped (filter_fn) or skipped (<Type> not supported).  A further name
+        of a module reported above has status "same module as '<first name>'", the module's K, d,
+        bits and weight_mse, and params_before = params_after = 0 (so the columns still sum to the
+        model's numbers).  An unused lazy layer has shape None and params NA.
     """
     if type(config) not in HANDLERS:
         raise TypeError(f"config must be one of {[c.__name__ for c in HANDLERS]}, got {type(config).__name__}")
     overrides = dict(overrides or {})
-    for pat, cfg in overrides.items():
-        if not isinstance(pat, (str, re.Pattern)):
-            raise TypeError(f"override pattern must be a glob string or a compiled regex, got {pat!r}")
-        if cfg is not None and type(cfg) not in HANDLERS:
-            raise TypeError(f"override {pat!r}: value must be a config or None, got {cfg!r}")
+    _check_overrides(overrides)
 
-    inside_vq = set()
-    named = []
-    for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside_vq):
-            continue
-        if isinstance(m, VQLayer):
-            inside_vq.add(name)
-        named.append((name, m))
-    layers = [n for n, m in named if isinstance(m, (nn.Linear, nn.Conv2d))]
-    first_conv = next((n for n, m in named if isinstance(m, nn.Conv2d)), None)
-    last_linear = next((n for n, m in reversed(named) if isinstance(m, nn.Linear)), None)
+    walk = _walk(model)
+    names_of: dict[int, list[str]] = {}
+    for name, m in walk:
+        names_of.setdefault(id(m), []).append(name)
+    first_name = {id(m): names_of[id(m)][0] for _, m in walk}
+    layers = [n for n, m in walk if isinstance(m, (nn.Linear, nn.Conv2d)) and first_name[id(m)] == n]
+    first_conv = next((first_name[id(m)] for _, m in walk if isinstance(m, nn.Conv2d)), None)
+    last_linear = next((first_name[id(m)] for _, m in reversed(walk) if isinstance(m, nn.Linear)), None)
     ends = {n: what for n, what in ((first_conv, "first conv"), (last_linear, "last linear")) if n is not None}
     if "" in layers:
         raise ValueError(f"quantize_ replaces modules in place and cannot replace the model itself "
                          f"({type(model).__name__}); wrap it, e.g. nn.Sequential(model)")
 
     hits: dict = {p: [] for p in overrides}
-    plan: list[tuple[str, nn.Module, object | None, str]] = []  # (name, module, config, status)
-    for name, m in named:
-        pat = next((p for p in overrides if _matches(p, name)), None)
-        eligible = isinstance(m, (nn.Linear, nn.Conv2d))
-        if pat is not None:
-            cfg = overrides[pat]
-            if cfg is not None and not eligible:
-                if isinstance(m, VQLayer):
-                    raise TypeError(f"override {pat!r} asks to quantize layer {name!r}, which is already a "
-                                    f"{type(m).__name__}")
-                if any(True for _ in m.parameters(recurse=False)):
-                    raise TypeError(f"override {pat!r} asks to quantize layer {name!r} ({type(m).__name__}); "
-                                    f"vector quantization supports nn.Linear and nn.Conv2d — narrow the "
-                                    f"pattern or map it to None")
-                continue  # containers and parameter-free modules (ReLU, Sequential) are not layers
-            hits[pat].append(name)
-            if eligible:
-                plan.append((name, m, cfg, "vq (override)" if cfg is not None else "skipped (override)"))
+    plan: list[tuple[str, nn.Module, object | None, str]] = []  # (first name, module, config, status)
+    for name, m in walk:
+        if first_name[id(m)] != name:
             continue
-        if not eligible:
-            continue
-        if filter_fn is not None and not filter_fn(m, name):
-            plan.append((name, m, None, "skipped (filter_fn)"))
-        elif name in ends and not getattr(config, "quantize_first_last", False):
-            plan.append((name, m, None, f"float ({ends[name]})"))
-        else:
-            plan.append((name, m, config, "vq"))
+        decision = _decide(name, m, names_of[id(m)], config, filter_fn, overrides, hits, ends)
+        if decision is not None:
+            plan.append((name, m, *decision))
     for pat, names in hits.items():
         if not names:
             what = "module" if overrides[pat] is None else "module that can be quantized"
             raise ValueError(f"override pattern {pat!r} matches no {what}; Linear/Conv2d names look like {layers[:4]}")
 
     todo: dict = {}
+    places = _param_places(model)
     for name, m, cfg, _ in plan:
         if cfg is not None:
+            _check_initialized(m, name)
+            _check_not_tied(m, name, places)
             check = getattr(cfg, "check", None)
             if check is not None:
                 check(m, name)
@@ -288,10 +398,25 @@ def quantize_(model: nn.Module, config, filter_fn: Callable[[nn.Module, str], bo
             for name, q in HANDLERS[type(cfg)](mods, cfg):
                 new[name] = q
                 bar.update(1)
+    module_at = {name: m for name, m, _, _ in plan}
     for name, q in new.items():
-        _set_module(model, name, q)
+        _carry_over(module_at[name], q)
+        for alias in names_of[id(module_at[name])]:
+            _set_module(model, alias, q)
+    return _report(plan, new, names_of, walk)
+
+
+def _report(plan: list, new: dict[str, nn.Module], names_of: dict[int, list[str]],
+            walk: list[tuple[str, nn.Module]]) -> pd.DataFrame:
+    """The report DataFrame: the plan's rows, then a row per further name at that name's place."""
     counted: set = set()
-    rows = [_row(name, m, new.get(name), status, counted) for name, m, _, status in plan]
+    rows = {name: _row(name, m, new.get(name), status, counted) for name, m, _, status in plan}
+    first = {id(m): name for name, m, _, _ in plan}
+    ordered = []
+    for name, m in walk:
+        if id(m) not in first:
+            continue
+        ordered.append(rows[name] if first[id(m)] == name else _alias_row(rows[first[id(m)]], name))
     cols = ["layer", "type", "shape", "K", "d", "bits_per_weight", "weight_mse", "params_before",
             "params_after", "status"]
-    return pd.DataFrame(rows, columns=cols).astype({"K": "Int64", "d": "Int64"})
+    return pd.DataFrame(ordered, columns=cols).astype({"K": "Int64", "d": "Int64"})
