@@ -113,8 +113,9 @@ def test_write_behind_torchs_back_is_seen(backend):
 @pytest.mark.skipif("numba" not in BACKENDS, reason="numba not installed: pip install numba")
 def test_indices_are_checked_once_per_content(monkeypatch):
     calls = []
-    real = ops.check_indices
-    monkeypatch.setattr(ops, "check_indices", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    import vqlab.kernels.checked as checked
+    real = checked.check_indices
+    monkeypatch.setattr(checked, "check_indices", lambda *a, **k: (calls.append(1), real(*a, **k)))
     book, idx = torch.randn(16, 4), torch.randint(0, 16, (40, 16), dtype=torch.uint8)
     x = torch.randn(1, 64)
     for backend in ("numba", "dense", "auto", "numba"):

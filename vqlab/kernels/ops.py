@@ -1,18 +1,14 @@
-"""VQ matmul / conv as torch custom ops with backends "torch", "dense", "numba" and "auto", plus their FLOP formulas.
+"""VQ matmul / conv as torch custom ops over the registered kernel backends, plus their FLOP formulas.
 
 One signature for every backend (public meaning W[i, s*d:(s+1)*d] = codebook[indices[i, s]]):
     vq_matmul(x (..., n), codebook (K, d) | (G, K, d), indices (m, n/d)) -> (..., m)
-The reference (dequantize + GEMM) is the correctness oracle and the fallback on every device;
-numba is imported only when its backend is chosen.  `auto` times the LUT kernel against dequantize + GEMM
-(the dequantize done by numba's parallel gather) once per shape/batch bucket and keeps the faster (CPU);
-on CUDA the torch path runs.
+The reference (dequantize + GEMM, backend "torch") is the correctness oracle and the fallback on every device.
+Native backends live in `registry` ("dense": numba's parallel gather + GEMM, "numba": the LUT kernel); numba is
+imported only when one of them runs.  `auto` times the candidates once per shape/batch bucket and keeps the
+faster (CPU), unless `set_backend` / $VQLAB_BACKEND pins one; on CUDA the reference runs.
 
-Native code never reads a caller's index tensor.  The first time a CPU index tensor reaches a native
-backend it is checked (`check_indices`: integer dtype, every value in [0, K)) and copied; the numba kernels
-read only that private copy and the layouts built from it (`_Checked`).  On every later call the tensor's
-bytes are compared with the copy (one linear pass, far cheaper than the kernel's table lookups), so a change
-made behind torch's back (`indices.numpy()[:] = ...`, which does not bump `_version`) can never hit a stale
-entry: it is re-checked and re-copied.
+Native code never reads a caller's index tensor: it reads a checked private copy (`checked.checked_indices`),
+checked once per tensor contents and compared with the caller's bytes on every call.
 """
 from __future__ import annotations
 
@@ -24,42 +20,41 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .reference import INDEX_DTYPES, check_codebook_groups, check_indices, dequantize, vq_matmul_reference
+from .checked import CheckedIndices, checked_indices, clear_checked
+from .reference import INDEX_DTYPES, check_codebook_groups, dequantize, vq_matmul_reference
+from .registry import (KernelBackend, available_backends, backend_names, get_backend, pinned_backend,
+                       register_backend, set_backend)
 
 __all__ = ["vq_matmul", "vq_conv2d", "available_backends", "auto_choices", "conv_weight_from_rows",
-           "matmul_flops", "conv_flops", "clear_caches"]
+           "matmul_flops", "conv_flops", "clear_caches", "set_backend"]
 
-BACKENDS = ("torch", "dense", "numba", "auto")
-_CHECKED: dict = {}        # (data_ptr, shape, stride, dtype, K) -> _Checked
-_CHECKED_MAX = 128
-_AUTO: dict = {}           # shape/batch key -> "dense" | "numba"
-
-
-def available_backends() -> list[str]:
-    """Backends usable here: always "torch" and "dense"; "numba" when numba imports; "auto"."""
-    try:
-        import numba  # noqa: F401
-        return ["torch", "dense", "numba", "auto"]
-    except ImportError:
-        return ["torch", "dense", "auto"]
+_AUTO: dict = {}           # shape/batch key -> backend name
 
 
 def auto_choices() -> dict:
-    """What `auto` picked so far, per (m, n, K, d, groups, batch bucket, threads)."""
+    """What `auto` picked so far, per ((m, S), codebook shape, batch bucket, threads, candidates)."""
     return dict(_AUTO)
 
 
 def clear_caches() -> None:
     """Forget every checked index copy, kernel layout and `auto` timing decision."""
-    _CHECKED.clear()
+    clear_checked()
     _AUTO.clear()
+
+
+def _numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 # ---------------------------------------------------------------- argument checks
 
 def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in backend_names():
+        raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
 
 
 def _check_weight(codebook: torch.Tensor, indices: torch.Tensor) -> None:
@@ -98,64 +93,7 @@ def _check(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, backe
                          f"need n={n}")
 
 
-# ---------------------------------------------------------------- checked private copies of index tensors
-
-class _Checked:
-    """A checked, private copy of one CPU index tensor, and the kernel layouts built from it.
-
-    copy: (m, S) contiguous, same dtype; `layouts` holds per-backend derived arrays (built lazily).
-    `source` keeps the caller's tensor alive, so its memory cannot be freed and reused by another tensor
-    at the same address while this entry lives.
-    """
-
-    def __init__(self, indices: torch.Tensor, k: int):
-        check_indices(indices, k)
-        self.source = indices
-        self.copy = indices.detach().contiguous().clone()
-        self.layouts: dict = {}
-
-    def matches(self, indices: torch.Tensor) -> bool:
-        """True while `indices` still holds exactly the bytes that were checked."""
-        from .lut_numba import same_bytes
-
-        return same_bytes(self.copy.numpy(), indices.detach().contiguous().numpy())
-
-    def layout(self, key, build):
-        """The derived array for `key` (e.g. ("numba", block)), built once from the checked copy."""
-        hit = self.layouts.get(key)
-        if hit is None:
-            hit = self.layouts[key] = build(self.copy)
-        return hit
-
-
-def _checked(indices: torch.Tensor, k: int) -> _Checked:
-    """The checked copy of a CPU index tensor: re-checked and re-copied whenever its bytes changed."""
-    key = (indices.data_ptr(), tuple(indices.shape), tuple(indices.stride()), indices.dtype, k)
-    hit = _CHECKED.get(key)
-    if hit is not None and hit.matches(indices):
-        return hit
-    _CHECKED.pop(key, None)
-    if len(_CHECKED) >= _CHECKED_MAX:
-        _CHECKED.pop(next(iter(_CHECKED)))                  # drop the oldest entry
-    hit = _CHECKED[key] = _Checked(indices, k)
-    return hit
-
-
-def _lut_pieces(xf: torch.Tensor, codebook: torch.Tensor, checked: _Checked, pieces) -> torch.Tensor:
-    """xf: (B, n) float32 contiguous -> (B, rows of the pieces) through the numba LUT kernel.
-
-    pieces: (a, b, g) row ranges [a, b) of the checked indices, each served by codebook group g
-    (g ignored for a (K, d) codebook); outputs are concatenated in piece order."""
-    from .lut_numba import lut_layout, lut_matmul
-
-    k = codebook.shape[-2]
-    outs = []
-    for a, b, g in pieces:
-        book = codebook[g] if codebook.dim() == 3 else codebook
-        layout = checked.layout(("numba", a, b), lambda c, a=a, b=b: lut_layout(c[a:b], k))
-        outs.append(lut_matmul(xf, book, layout))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-
+# ---------------------------------------------------------------- the built-in native backends
 
 def _group_pieces(rows: int, groups: int) -> list[tuple[int, int, int]]:
     """G equal consecutive row blocks (a, b, g) of `rows` output rows."""
@@ -163,14 +101,19 @@ def _group_pieces(rows: int, groups: int) -> list[tuple[int, int, int]]:
     return [(g * per, (g + 1) * per, g) for g in range(groups)]
 
 
-def _numba_2d(x2: torch.Tensor, codebook: torch.Tensor, checked: _Checked) -> torch.Tensor:
-    """x2: (B, n) -> (B, m) float32 through the numba LUT; G codebook groups split rows into G blocks."""
-    g = codebook.shape[0] if codebook.dim() == 3 else 1
-    return _lut_pieces(x2.detach().to(torch.float32).contiguous(), codebook, checked,
-                       _group_pieces(checked.copy.shape[0], g))
+def _book(codebook: torch.Tensor, g: int) -> torch.Tensor:
+    return codebook[g] if codebook.dim() == 3 else codebook
 
 
-def _dequantize_checked(codebook: torch.Tensor, checked: _Checked, temporary: bool) -> torch.Tensor:
+def _numba_matmul(xf: torch.Tensor, book: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
+    """The LUT kernel: xf (B, n) float32, book (K, d) -> (B, m)."""
+    from .lut_numba import lut_layout, lut_matmul
+
+    k = book.shape[0]
+    return lut_matmul(xf, book, checked.layout(f"numba/{k}", lambda c: lut_layout(c, k)))
+
+
+def _dequantize_checked(codebook: torch.Tensor, checked: CheckedIndices, temporary: bool) -> torch.Tensor:
     """Dense (m, n) float32 rows from the checked copy by numba's parallel gather (no autograd).
     temporary: write into this thread's reused scratch buffer (overwritten by the next temporary call; only
     for results that never reach the caller) instead of fresh memory."""
@@ -179,23 +122,44 @@ def _dequantize_checked(codebook: torch.Tensor, checked: _Checked, temporary: bo
     idx = checked.copy
     shape = (idx.shape[0], idx.shape[1] * codebook.shape[-1])
     out = scratch("weight", shape) if temporary else np.empty(shape, dtype=np.float32)
-    g = codebook.shape[0] if codebook.dim() == 3 else 1
-    for a, b, j in _group_pieces(shape[0], g):
-        dequantize_rows(codebook[j] if codebook.dim() == 3 else codebook, idx[a:b], out[a:b])
+    for a, b, g in _group_pieces(shape[0], codebook.shape[0] if codebook.dim() == 3 else 1):
+        dequantize_rows(_book(codebook, g), idx[a:b], out[a:b])
     return torch.from_numpy(out)
 
 
+def _dense_matmul(xf: torch.Tensor, book: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
+    """Dequantize (parallel gather into a reused buffer) + one GEMM: xf (B, n), book (K, d) -> (B, m)."""
+    return F.linear(xf, _dequantize_checked(book, checked, temporary=True))
+
+
+def _dense_conv(x, codebook, checked, weight_shape, stride, padding, dilation, groups, segment):
+    w = conv_weight_from_rows(_dequantize_checked(codebook, checked, temporary=True), weight_shape, segment)
+    return F.conv2d(x, w.to(x.dtype), None, stride, padding, dilation, groups)
+
+
+register_backend(KernelBackend("dense", matmul=_dense_matmul, conv=_dense_conv, available=_numba_available,
+                               description="numba's parallel gather rebuilds the float weight, then one GEMM"))
+register_backend(KernelBackend("numba", matmul=_numba_matmul, available=_numba_available,
+                               description="lookup-table kernel: per input segment the K dot products once, "
+                                           "then one table read per output and segment"))
+
+
 def _dequantize_fast(codebook: torch.Tensor, indices: torch.Tensor, temporary: bool = False) -> torch.Tensor:
-    """dequantize() for the dense path on CPU: numba's parallel gather over the checked copy of `indices`
-    when available (4-7x faster than torch's indexing here), else the reference.  No autograd."""
-    if "numba" not in available_backends() or indices.device.type != "cpu":
+    """dequantize() on CPU by numba's parallel gather over the checked copy of `indices` when available
+    (4-7x faster than torch's indexing here), else the reference.  No autograd."""
+    if not _numba_available() or indices.device.type != "cpu":
         return dequantize(codebook, indices)
     _check_weight(codebook, indices)
-    return _dequantize_checked(codebook, _checked(indices, codebook.shape[-2]), temporary).to(codebook.dtype)
+    return _dequantize_checked(codebook, checked_indices(indices, codebook.shape[-2]), temporary).to(codebook.dtype)
 
 
-def _dense_fast(x2: torch.Tensor, codebook: torch.Tensor, checked: _Checked) -> torch.Tensor:
-    return F.linear(x2, _dequantize_checked(codebook, checked, temporary=True).to(x2.dtype))
+# ---------------------------------------------------------------- dispatch
+
+def _by_groups(be: KernelBackend, xf: torch.Tensor, codebook: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
+    """A backend's matmul over G codebook groups (G blocks of output rows), concatenated: (B, m)."""
+    groups = codebook.shape[0] if codebook.dim() == 3 else 1
+    outs = [be.matmul(xf, _book(codebook, g), checked.rows(a, b)) for a, b, g in _group_pieces(checked.copy.shape[0], groups)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def _time_best(fn, budget: float = 0.05, max_runs: int = 5) -> float:
@@ -213,26 +177,34 @@ def _time_best(fn, budget: float = 0.05, max_runs: int = 5) -> float:
     return best
 
 
-def _pick(x2: torch.Tensor, codebook: torch.Tensor, checked: _Checked) -> str:
-    b = x2.shape[0]
-    key = (tuple(checked.copy.shape), tuple(codebook.shape), 1 << max(0, (b - 1).bit_length()), torch.get_num_threads())
+def _candidates(k: int, d: int) -> list[str]:
+    return [n for n in available_backends()[1:-1] if get_backend(n).auto and get_backend(n).supports(k, d)]
+
+
+def _resolve(backend: str, k: int, d: int, key, timers: dict) -> str:
+    """The native backend to run: a named one, the pinned one, or auto's timed choice for `key`.
+    timers: name -> zero-argument callable running that backend once (only called when timing)."""
+    if backend == "auto":
+        backend = pinned_backend() or "auto"
+    if backend != "auto":
+        return backend if get_backend(backend).supports(k, d) else "dense"
+    names = _candidates(k, d)
+    key = (*key, tuple(names))
     choice = _AUTO.get(key)
     if choice is None:
-        if "numba" not in available_backends():
-            choice = "dense"
-        else:
-            t_dense = _time_best(lambda: _dense_fast(x2, codebook, checked))
-            t_numba = _time_best(lambda: _numba_2d(x2, codebook, checked))
-            choice = "numba" if t_numba < t_dense else "dense"
+        choice = names[0] if len(names) == 1 else min(names, key=lambda n: _time_best(timers[n]))
         _AUTO[key] = choice
     return choice
 
 
 def _uses_reference(x: torch.Tensor, backend: str) -> bool:
-    """The torch reference runs on CUDA, for backend "torch", for float64 inputs (exact in float64; the
-    native kernels compute in float32) and when numba is missing."""
-    return (x.device.type != "cpu" or backend == "torch" or x.dtype == torch.float64
-            or "numba" not in available_backends())
+    """The torch reference runs on CUDA, for float64 inputs (exact in float64; the native kernels compute in
+    float32), for backend "torch" (or "auto" pinned to it), and when the asked backend is not available here."""
+    if backend == "auto":
+        backend = pinned_backend() or "auto"
+    native = available_backends()[1:-1]
+    return (x.device.type != "cpu" or x.dtype == torch.float64 or backend == "torch"
+            or not native or (backend != "auto" and backend not in native))
 
 
 def _matmul_impl(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.Tensor:
@@ -242,16 +214,17 @@ def _matmul_impl(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
         half_cpu = x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu"
         y = vq_matmul_reference(x2.to(torch.float32) if half_cpu else x2, codebook.to(x2.device), indices.to(x2.device))
     else:
-        checked = _checked(indices, codebook.shape[-2])          # check + private copy, once per tensor content
+        checked = checked_indices(indices, codebook.shape[-2])      # check + private copy, once per tensor content
         if x2.shape[0] == 0:
             y = x2.new_zeros((0, indices.shape[0]), dtype=torch.float32)
         else:
-            if backend == "auto":
-                backend = _pick(x2.to(torch.float32), codebook, checked)
-            if backend == "numba":
-                y = _numba_2d(x2, codebook, checked)
-            else:
-                y = _dense_fast(x2.to(torch.float32), codebook, checked)
+            xf = x2.detach().to(torch.float32).contiguous()
+            k, d = codebook.shape[-2], codebook.shape[-1]
+            key = (tuple(indices.shape), tuple(codebook.shape), 1 << max(0, (x2.shape[0] - 1).bit_length()),
+                   torch.get_num_threads())
+            name = _resolve(backend, k, d, key,
+                            {n: (lambda n=n: _by_groups(get_backend(n), xf, codebook, checked)) for n in _candidates(k, d)})
+            y = _by_groups(get_backend(name), xf, codebook, checked)
     return y.to(x.dtype).reshape(*lead, indices.shape[0])
 
 
@@ -311,9 +284,10 @@ def vq_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, ba
     x: (..., n) float (float16/bfloat16 computed in float32 on CPU; float64 runs the reference in float64);
     codebook: (K, d) or (G, K, d) (G groups of output rows, G must divide m); indices: (m, n/d)
     uint8/int8/int16/int32/int64 with every value in [0, K).  returns (..., m) in x's dtype on x's device.
-    backend: "torch" (the reference: torch indexing + GEMM), "dense" (dequantize with a parallel gather,
-    then GEMM), "numba" (CPU LUT kernel), "auto" ("dense" or "numba", whichever was faster when timed once
-    per shape and batch bucket).  On CUDA every backend runs the reference.
+    backend: "torch" (the reference: torch indexing + GEMM), a registered native backend ("dense": dequantize
+    with a parallel gather, then GEMM; "numba": CPU LUT kernel; see `vqlab.kernels.registry`), or "auto" (the
+    backend pinned by `set_backend`/$VQLAB_BACKEND, else the fastest candidate, timed once per shape and batch
+    bucket).  On CUDA every backend runs the reference.
     raises: ValueError for an index outside [0, K) (on every backend, checked once per index tensor's
     contents), non-integer indices, a G not dividing m, or mismatched shapes; TypeError for a non-float x.
     Not differentiable: train through `dequantize` (what VQ layers do in training mode).
@@ -341,13 +315,12 @@ def _conv_out_hw(x_shape, weight_shape, stride, padding, dilation) -> tuple[int,
     return ho, wo
 
 
-def _conv_lut(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment):
-    """im2col (F.unfold) in the row layout's column order, then the numba LUT per (conv group, codebook group) piece."""
+def _conv_im2col(be: KernelBackend, x, codebook, checked, weight_shape, stride, padding, dilation, groups, segment):
+    """im2col (F.unfold) in the row layout's column order, then the backend's matmul per (conv group,
+    codebook group) block of output rows."""
     out_c, cin_g, kh, kw = weight_shape
     b = x.shape[0]
-    checked = _checked(indices, codebook.shape[-2])
-    xf = x.to(torch.float32)
-    cols = F.unfold(xf, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C*kh*kw, L), order (c, kh, kw)
+    cols = F.unfold(x.to(torch.float32), (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C*kh*kw, L)
     L = cols.shape[-1]
     ho, wo = _conv_out_hw(x.shape, weight_shape, stride, padding, dilation)
     cols = cols.view(b, groups, cin_g, kh * kw, L)
@@ -358,39 +331,33 @@ def _conv_lut(x, codebook, indices, weight_shape, stride, padding, dilation, gro
     per_book = out_c // (codebook.shape[0] if codebook.dim() == 3 else 1)
     outs = []
     for j in range(groups):
+        xf = cols[j].reshape(b * L, -1).contiguous()
         cuts = sorted({j * rows, (j + 1) * rows} | {c for c in range(0, out_c, per_book) if j * rows < c < (j + 1) * rows})
-        pieces = [(a, e, a // per_book) for a, e in zip(cuts, cuts[1:])]
-        outs.append(_lut_pieces(cols[j].reshape(b * L, -1).contiguous(), codebook, checked, pieces).view(b, L, rows))
+        for a, e in zip(cuts, cuts[1:]):
+            outs.append(be.matmul(xf, _book(codebook, a // per_book), checked.rows(a, e)).view(b, L, e - a))
     y = torch.cat(outs, dim=2)                                                         # (B, L, out)
     return y.permute(0, 2, 1).reshape(b, out_c, ho, wo).to(x.dtype)
 
 
-def _conv_dense(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment, fast=False):
-    rows = _dequantize_fast(codebook, indices, temporary=True) if fast else dequantize(codebook, indices)
-    w = conv_weight_from_rows(rows, weight_shape, segment).to(x.dtype)
-    return F.conv2d(x, w, None, stride, padding, dilation, groups)
+def _conv_with(name: str, *args):
+    be = get_backend(name)
+    return (be.conv or (lambda *a: _conv_im2col(be, *a)))(*args)
 
 
 @torch.library.custom_op("vqlab::vq_conv2d", mutates_args=())
 def _vq_conv2d_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, weight_shape: list[int],
                   stride: list[int], padding: list[int], dilation: list[int], groups: int, segment: str,
                   backend: str) -> torch.Tensor:
-    args = (x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment)
     if _uses_reference(x, backend):
-        return _conv_dense(*args)
-    if backend == "dense":
-        return _conv_dense(*args, fast=True)
-    if backend == "numba":
-        return _conv_lut(*args)
+        w = conv_weight_from_rows(dequantize(codebook, indices), weight_shape, segment).to(x.dtype)
+        return F.conv2d(x, w, None, stride, padding, dilation, groups)
+    checked = checked_indices(indices, codebook.shape[-2])
+    args = (x, codebook, checked, weight_shape, stride, padding, dilation, groups, segment)
+    k, d = codebook.shape[-2], codebook.shape[-1]
     key = ("conv", tuple(x.shape[1:]), 1 << max(0, (x.shape[0] - 1).bit_length()), tuple(weight_shape),
            tuple(codebook.shape), tuple(stride), tuple(padding), tuple(dilation), groups, segment, torch.get_num_threads())
-    choice = _AUTO.get(key)
-    if choice is None:
-        _checked(indices, codebook.shape[-2])                  # a bad index raises before anything is timed
-        t_dense = _time_best(lambda: _conv_dense(*args, fast=True))
-        t_lut = _time_best(lambda: _conv_lut(*args))
-        choice = _AUTO[key] = "numba" if t_lut < t_dense else "dense"
-    return _conv_dense(*args, fast=True) if choice == "dense" else _conv_lut(*args)
+    name = _resolve(backend, k, d, key, {n: (lambda n=n: _conv_with(n, *args)) for n in _candidates(k, d)})
+    return _conv_with(name, *args)
 
 
 @_vq_conv2d_op.register_fake

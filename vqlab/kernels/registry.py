@@ -1,0 +1,87 @@
+"""Kernel backends in one place: name -> `KernelBackend` (availability, matmul, optional conv, what it supports).
+
+A backend computes y = x @ W.T for one (K, d) codebook over a block of checked indices (`CheckedIndices`);
+`vqlab.kernels.ops` splits codebook groups and convolution groups into such blocks, checks every argument and
+falls back to the torch reference on CUDA, for float64 inputs and for backend "torch".  `auto` times the
+registered backends that are available, take part in auto and support the layer's (K, d), and keeps the fastest
+per shape and batch bucket; `set_backend(name)` or the environment variable VQLAB_BACKEND pins one instead, so
+that outputs are reproducible run to run.
+
+Registering a new kernel (e.g. a SIMD one) is one call in its own module:
+
+    register_backend(KernelBackend("simd", matmul=my_matmul, available=compiler_found, supports=lambda k, d: k <= 16))
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+__all__ = ["KernelBackend", "register_backend", "get_backend", "backend_names", "available_backends",
+           "set_backend", "pinned_backend", "RESERVED"]
+
+RESERVED = ("torch", "auto")          # the reference and the timing choice: not registry entries
+
+
+@dataclass(frozen=True)
+class KernelBackend:
+    """One native kernel.
+
+    matmul(x (B, n) float32 contiguous CPU, codebook (K, d), checked: CheckedIndices (m, S)) -> (B, m) float32.
+    conv: optional conv(x, codebook (K, d) | (G, K, d), checked, weight_shape, stride, padding, dilation, groups,
+        segment) -> y; None = im2col + matmul per (conv group, codebook group) block.
+    available() -> bool: usable on this machine (imports lazily inside, so unused kernels are never loaded).
+    supports(k, d) -> bool: the codebook sizes it handles (others fall back to "dense" when asked directly).
+    auto: a candidate for backend="auto".
+    """
+
+    name: str
+    matmul: Callable
+    conv: Callable | None = None
+    available: Callable[[], bool] = lambda: True
+    supports: Callable[[int, int], bool] = lambda k, d: True
+    auto: bool = True
+    description: str = ""
+
+
+_REGISTRY: dict[str, KernelBackend] = {}
+_PINNED: list[str | None] = [None]
+
+
+def register_backend(backend: KernelBackend) -> KernelBackend:
+    """Add (or replace) a backend by name; returns it."""
+    if backend.name in RESERVED:
+        raise ValueError(f"backend name {backend.name!r} is reserved ({RESERVED})")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every name vq_matmul accepts: "torch", the registered backends, "auto"."""
+    return ("torch", *_REGISTRY, "auto")
+
+
+def get_backend(name: str) -> KernelBackend:
+    if name not in _REGISTRY:
+        raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def available_backends() -> list[str]:
+    """Backends usable here: "torch", every registered backend whose available() is true, "auto"."""
+    return ["torch", *(n for n, b in _REGISTRY.items() if b.available()), "auto"]
+
+
+def set_backend(name: str | None) -> None:
+    """Pin the backend that "auto" resolves to (None: time the candidates again).  The environment variable
+    VQLAB_BACKEND does the same at start-up.  raises ValueError for an unknown or unavailable name."""
+    if name is not None and name not in available_backends()[:-1]:
+        raise ValueError(f"set_backend: {name!r} is not an available backend; available: {available_backends()[:-1]}")
+    _PINNED[0] = name
+
+
+def pinned_backend() -> str | None:
+    """The backend "auto" is pinned to (set_backend, else $VQLAB_BACKEND), or None."""
+    if _PINNED[0] is None and os.environ.get("VQLAB_BACKEND"):
+        set_backend(os.environ["VQLAB_BACKEND"])
+    return _PINNED[0]
