@@ -178,9 +178,10 @@ def _decode(v: Any, field: str, depth: int = 0) -> Any:
         return [_decode(x, field, depth + 1) for x in v]
     if isinstance(v, dict) and v.keys() == {"t"} and isinstance(v["t"], list):
         return tuple(_decode(x, field, depth + 1) for x in v["t"])
-    if isinstance(v, dict) and v.keys() == {"cls"} and v["cls"] in ALLOWED_TYPES:
+    if isinstance(v, dict) and v.keys() == {"cls"} and isinstance(v["cls"], str) and v["cls"] in ALLOWED_TYPES:
         return _resolve_type(v["cls"])
-    if (isinstance(v, dict) and v.keys() == {"partial", "kwargs"} and v["partial"] in ALLOWED_TYPES
+    if (isinstance(v, dict) and v.keys() == {"partial", "kwargs"} and isinstance(v["partial"], str)
+            and v["partial"] in ALLOWED_TYPES
             and isinstance(v["kwargs"], dict) and all(str(k).isidentifier() for k in v["kwargs"])):
         kw = {k: _decode(x, field, depth + 1) for k, x in v["kwargs"].items()}
         return functools.partial(_resolve_type(v["partial"]), **kw)
@@ -428,7 +429,7 @@ def _parse_entry(e: Any, i: int, payload_len: int, where: str) -> _Entry:
     checks = [("name", name, isinstance(name, str) and all(map(_is_name, name.split(".")))),
               ("kind", kind, kind in ("param", "buffer")),
               ("offset", off, _is_int(off)), ("length", n, _is_int(n)),
-              ("bits", bits, _is_int(bits, 0, 32)), ("dtype", dt, dt in _DTYPES),
+              ("bits", bits, _is_int(bits, 0, 32)), ("dtype", dt, isinstance(dt, str) and dt in _DTYPES),
               ("shape", shape, isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(map(_is_int, shape))),
               ("requires_grad", rg, isinstance(rg, bool))]
     for field, value, ok in checks:

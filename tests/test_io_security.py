@@ -1,0 +1,377 @@
+"""vqlab files are untrusted input: no code runs on load, bounded inflation, every field checked,
+indices checked against K, atomic saves, clear errors for models the file cannot rebuild."""
+import builtins
+import copy
+import functools
+import hashlib
+import json
+import lzma
+import os
+import pickle
+import random
+import struct
+import time
+import tracemalloc
+
+import pytest
+import torch
+import torch.nn as nn
+
+from vqlab.io import FORMAT_VERSION, VQFileError, load, save
+from vqlab.layers import VQLinear
+from vqlab.models import get_model
+from vqlab.quantize import VQConfig, quantize_
+from vqlab.size import LZMA_FILTERS, compressed_size
+
+# The file envelope, written independently of vqlab.io so that these tests craft files the way an
+# attacker would: header, raw-LZMA2 JSON metadata, payload, sha256 of everything before it.
+_HDR = struct.Struct("<8sHHIQ")
+_CRAFT_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 1, "dict_size": 1 << 20}]
+
+
+def _split(data: bytes) -> tuple[int, dict, bytes]:
+    """(version, meta, payload) of a vqlab file."""
+    _, version, _, meta_len, _ = _HDR.unpack_from(data)
+    raw = lzma.decompress(data[_HDR.size:_HDR.size + meta_len], format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+    return version, json.loads(raw), data[_HDR.size + meta_len:-32]
+
+
+def _pack(meta_b: bytes, payload: bytes, version: int = FORMAT_VERSION) -> bytes:
+    """Assemble a file around already compressed metadata, with a valid checksum."""
+    body = _HDR.pack(b"\x89VQLAB\r\n", version, 0, len(meta_b), len(payload)) + meta_b + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def _build(meta, payload: bytes, version: int = FORMAT_VERSION) -> bytes:
+    meta_b = lzma.compress(json.dumps(meta).encode(), format=lzma.FORMAT_RAW, filters=_CRAFT_FILTERS)
+    return _pack(meta_b, payload, version)
+
+
+def _tiny_vq() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 8))
+    quantize_(m, VQConfig(k=16, d=4, iters=3, quantize_first_last=True), progress=False)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.vqz"
+    save(_tiny_vq(), path)
+    return path.read_bytes()
+
+
+def _lenet_k200() -> nn.Module:
+    torch.manual_seed(0)
+    m = get_model("lenet5", input_size=8)
+    quantize_(m, VQConfig(k=200, d=2, iters=3), progress=False)
+    return m.eval()
+
+
+# ---------------------------------------------------------------- no code from the file
+
+class _Evil:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
+
+
+def test_pickle_payload_where_the_skeleton_lived_never_runs(tmp_path, tiny_file):
+    marker = tmp_path / "marker"
+    _, meta, payload = _split(tiny_file)
+    evil = lzma.compress(pickle.dumps(_Evil(str(marker))), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+    meta["skeleton"] = [len(payload), len(evil)]       # where format 1 kept its pickled module tree
+    meta.pop("modules", None)
+    (tmp_path / "evil.vqz").write_bytes(_build(meta, payload + evil))
+    with pytest.raises(VQFileError, match="field 'modules'"):
+        load(tmp_path / "evil.vqz")
+    assert not marker.exists()
+    (tmp_path / "evil1.vqz").write_bytes(_build(meta, payload + evil, version=1))   # an "old" file
+    with pytest.raises(VQFileError, match="format version 1"):
+        load(tmp_path / "evil1.vqz")
+    assert not marker.exists()
+
+
+def test_pickle_bytes_in_any_string_field_are_data(tmp_path, tiny_file):
+    marker = tmp_path / "marker"
+    blob = pickle.dumps(_Evil(str(marker)), protocol=0).decode("latin-1")
+    _, meta, payload = _split(tiny_file)
+    for mutate in (lambda m: m["modules"][-1].__setitem__("type", blob),
+                   lambda m: m["tensors"][0].__setitem__(5, blob),
+                   lambda m: m["modules"][-1].setdefault("state", {}).__setitem__("x", {"cls": blob})):
+        bad = copy.deepcopy(meta)
+        mutate(bad)
+        (tmp_path / "b.vqz").write_bytes(_build(bad, payload))
+        with pytest.raises(VQFileError):
+            load(tmp_path / "b.vqz")
+    assert not marker.exists()
+
+
+def test_load_never_unpickles(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = get_model("resnet20", in_channels=1)
+    quantize_(model, VQConfig(k=16, d=2, iters=3, codebook="shared"), progress=False)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(7)
+    model.eval()
+    model.layers[0].train()                                 # per-module training flags survive too
+    n = save(model, tmp_path / "r20.vqz")
+    assert n <= compressed_size(model).compressed_bytes * 1.01 + 4096
+
+    def refuse(*a, **k):
+        raise AssertionError("load unpickled something")
+
+    class NoUnpickler(pickle.Unpickler):
+        __init__ = refuse
+    with monkeypatch.context() as mp:
+        mp.setattr(pickle, "loads", refuse)
+        mp.setattr(pickle, "load", refuse)
+        mp.setattr(pickle, "Unpickler", NoUnpickler)
+        back = load(tmp_path / "r20.vqz")
+    assert back.layers[0].training and not back.layers[1].training and not back.training
+    sa, sb = model.state_dict(), back.state_dict()
+    assert sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    books = {id(m.codebook) for m in back.modules() if hasattr(m, "codebook")}
+    assert len(books) == 1                                  # one shared Codebook object, as saved
+    model.eval(), back.eval()
+    x = torch.randn(4, 1, 32, 32)
+    assert torch.equal(model(x), back(x))
+
+
+# ---------------------------------------------------------------- bounded inflation, checked fields
+
+def test_metadata_bomb_is_refused_without_inflating_it(tmp_path):
+    comp = lzma.LZMACompressor(format=lzma.FORMAT_RAW, filters=_CRAFT_FILTERS)
+    parts = [comp.compress(f'{{"format":"vqlab","version":{FORMAT_VERSION},"x":"'.encode())]
+    chunk = b"a" * (1 << 20)
+    parts += [comp.compress(chunk) for _ in range(64)]      # 64 MiB of JSON string
+    parts += [comp.compress(b'"}'), comp.flush()]
+    meta_b = b"".join(parts)
+    assert len(meta_b) < 64 << 10
+    (tmp_path / "bomb.vqz").write_bytes(_pack(meta_b, b""))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(VQFileError, match="metadata decompresses to more than"):
+            load(tmp_path / "bomb.vqz")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 << 20, f"peak {peak / 2**20:.0f} MiB while refusing the bomb"
+    assert time.perf_counter() - t0 < 10
+
+
+def _entry(meta: dict, bits: bool) -> list:
+    return next(e for e in meta["tensors"] if (e[4] > 0) == bits)
+
+
+def _vq_node(meta: dict) -> dict:
+    return next(n for n in meta["modules"] if n["type"].endswith("VQLinear"))
+
+
+_MALFORMED = {
+    "meta not an object": (lambda m, p: ([], p), "must be a JSON object"),
+    "format": (lambda m, p: ({**m, "format": "zip"}, p), "field 'format'"),
+    "missing tensors": (lambda m, p: ({k: v for k, v in m.items() if k != "tensors"}, p), "field 'tensors'"),
+    "tensors not a list": (lambda m, p: ({**m, "tensors": {"a": 1}}, p), "field 'tensors'"),
+    "short entry": (lambda m, p: (m["tensors"].__setitem__(0, m["tensors"][0][:5]) or m, p), r"field 'tensors\[0\]'"),
+    "offset type": (lambda m, p: (m["tensors"][0].__setitem__(2, "0") or m, p), r"tensors\[0\]' has a bad offset"),
+    "offset out of range": (lambda m, p: (m["tensors"][-1].__setitem__(2, len(p)) or m, p), "outside the"),
+    "negative length": (lambda m, p: (m["tensors"][1].__setitem__(3, -1) or m, p), "bad length"),
+    "unknown kind": (lambda m, p: (m["tensors"][0].__setitem__(1, "weights") or m, p), "bad kind 'weights'"),
+    "bits 40": (lambda m, p: (_entry(m, True).__setitem__(4, 40) or m, p), "bad bits 40"),
+    "bits 0 on packed": (lambda m, p: (_entry(m, True).__setitem__(4, 0) or m, p), r"field 'tensors\[\d+\]'.*needs"),
+    "unknown dtype": (lambda m, p: (m["tensors"][0].__setitem__(5, "float128") or m, p), "bad dtype 'float128'"),
+    "shape type": (lambda m, p: (m["tensors"][0].__setitem__(6, [-1, 2]) or m, p), "bad shape"),
+    "shape vs length": (lambda m, p: (_entry(m, False).__setitem__(6, [10 ** 6]) or m, p), "needs"),
+    "requires_grad": (lambda m, p: (m["tensors"][0].__setitem__(7, "yes") or m, p), "bad requires_grad"),
+    "missing modules": (lambda m, p: ({k: v for k, v in m.items() if k != "modules"}, p), "field 'modules'"),
+    "forward child": (lambda m, p: (m["modules"][-1]["children"][0].__setitem__(1, len(m["modules"])) or m, p),
+                      "children"),
+    "tensor index": (lambda m, p: (_vq_node(m)["buffers"][0].__setitem__(1, 999) or m, p), "buffers"),
+    "unknown type": (lambda m, p: (m["modules"][0].__setitem__("type", "os.system") or m, p), "allow-list"),
+    "method attribute": (lambda m, p: (m["modules"][-1].__setitem__("state", {"forward": 1}) or m, p),
+                         "may not set attribute 'forward'"),
+    "unknown value tag": (lambda m, p: (m["modules"][-1].__setitem__("state", {"x": {"eval": "1"}}) or m, p),
+                          "unsupported value"),
+    "VQ args type": (lambda m, p: (_vq_node(m)["args"].__setitem__("in_features", "16") or m, p), r"modules\[\d+\]"),
+    "VQ geometry": (lambda m, p: (_vq_node(m)["args"].__setitem__("out_features", 64) or m, p), "does not fit"),
+    "VQ extra arg": (lambda m, p: (_vq_node(m)["args"].__setitem__("device", "cuda") or m, p), "args must hold"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MALFORMED))
+def test_malformed_fields_raise_vqfileerror_naming_the_field(tmp_path, tiny_file, case):
+    mutate, match = _MALFORMED[case]
+    _, meta, payload = _split(tiny_file)
+    meta, payload = mutate(meta, payload)
+    (tmp_path / "bad.vqz").write_bytes(_build(meta, payload))
+    with pytest.raises(VQFileError, match=match):
+        load(tmp_path / "bad.vqz")
+
+
+def test_random_field_damage_gives_only_vqfileerror(tmp_path, tiny_file):
+    """Replace random JSON values with junk: load either works or raises VQFileError, nothing else."""
+    _, meta, payload = _split(tiny_file)
+    junk = [None, -1, 0, 2 ** 70, 1.5, float("nan"), True, "", "x.y", [], [[]], {}, {"t": 3}, [0, 0]]
+    rng = random.Random(0)
+
+    def spots(v, path=()):
+        yield path
+        items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+        for k, x in items:
+            yield from spots(x, path + (k,))
+    paths = list(spots(meta))[1:]
+    for _ in range(150):
+        bad = copy.deepcopy(meta)
+        path = rng.choice(paths)
+        parent = functools.reduce(lambda v, k: v[k], path[:-1], bad)
+        parent[path[-1]] = rng.choice(junk)
+        (tmp_path / "f.vqz").write_bytes(_build(bad, payload))
+        try:
+            load(tmp_path / "f.vqz")
+        except VQFileError:
+            pass
+
+
+# ---------------------------------------------------------------- indices checked against K
+
+def test_out_of_range_indices_are_refused(tmp_path):
+    model = _lenet_k200()
+    path = tmp_path / "k200.vqz"
+    save(model, path)
+    _, meta, payload = _split(path.read_bytes())
+    name, _, off, n, bits = next(e for e in meta["tensors"] if e[0] == "classifier.1.indices")[:5]
+    assert bits == 8
+    patched = bytearray(payload)
+    patched[off + 3] = 255                                  # one index -> 255 >= K = 200
+    (tmp_path / "bad.vqz").write_bytes(_build(meta, bytes(patched)))
+    for kw in ({}, {"model": _lenet_k200()}):
+        with pytest.raises(ValueError, match=r"classifier\.1.*\[\d+, 255\].*K=200"):
+            load(tmp_path / "bad.vqz", **kw)
+
+
+# ---------------------------------------------------------------- atomic save
+
+class _FullDisk:
+    """A file object whose writes fail with ENOSPC once `limit` bytes were written (after writing them)."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.left = f, limit
+
+    def write(self, b) -> int:
+        if len(b) > self.left:
+            self.f.write(bytes(b)[:self.left])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+        self.left -= len(b)
+        return self.f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _fail_halfway(monkeypatch, limit: int) -> None:
+    real_open, real_fdopen = builtins.open, os.fdopen
+
+    def fake_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return _FullDisk(f, limit) if "w" in mode or "a" in mode else f
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: _FullDisk(real_fdopen(fd, mode, *a, **k), limit))
+
+
+def _raise_enospc(*a, **k):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["write", "fsync", "replace"])
+def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch, where):
+    path = tmp_path / "model.vqz"
+    save(_tiny_vq(), path)
+    os.chmod(path, 0o640)
+    before = path.read_bytes()
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))   # a different, bigger model
+    if where == "write":
+        _fail_halfway(monkeypatch, len(before) // 2)
+    else:
+        monkeypatch.setattr(os, where, _raise_enospc)
+    with pytest.raises(OSError, match="No space left on device"):
+        save(other, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["model.vqz"]            # no temporary file left behind
+    save(other, path)                                        # a good save replaces it, mode kept
+    assert path.read_bytes() != before and (os.stat(path).st_mode & 0o777) == 0o640
+    assert torch.equal(load(path)[0].weight, other[0].weight)
+
+
+def test_failed_save_of_a_new_file_leaves_nothing(tmp_path, monkeypatch):
+    _fail_halfway(monkeypatch, 100)
+    with pytest.raises(OSError, match="No space left"):
+        save(_tiny_vq(), tmp_path / "new.vqz")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- models the file cannot rebuild
+
+def test_local_class_and_lambda_save_and_load_with_model(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    net = Net()
+    save(net, tmp_path / "net.vqz")
+    with pytest.raises(VQFileError, match=r"Net', which is not on vqlab's allow-list.*model="):
+        load(tmp_path / "net.vqz")
+    other = load(tmp_path / "net.vqz", model=Net())
+    assert torch.equal(other.fc.weight, net.fc.weight)
+
+    seq = nn.Sequential(nn.Linear(4, 4))
+    seq.act = lambda x: x
+    save(seq, tmp_path / "seq.vqz")
+    with pytest.raises(VQFileError, match=r"'act \(function\)'.*model="):
+        load(tmp_path / "seq.vqz")
+    assert torch.equal(load(tmp_path / "seq.vqz", model=nn.Sequential(nn.Linear(4, 4)))[0].bias, seq[0].bias)
+
+
+def test_meta_device_model_is_refused_on_save(tmp_path):
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="parameter '0.weight' is on the meta device"):
+        save(m, tmp_path / "m.vqz")
+    assert not (tmp_path / "m.vqz").exists()
+
+
+def test_attribute_values_round_trip(tmp_path):
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding="same"), nn.LayerNorm([4, 5, 5]))
+    m.norm_layer = nn.BatchNorm2d
+    m.make_norm = functools.partial(nn.LayerNorm, eps=1e-6)
+    m.sizes, m.misc = (1, (2, 3)), ["a", None, 1.5, True, float("inf")]
+    save(m, tmp_path / "a.vqz")
+    back = load(tmp_path / "a.vqz")
+    assert back.norm_layer is nn.BatchNorm2d and back.make_norm.func is nn.LayerNorm
+    assert back.make_norm.keywords == {"eps": 1e-6}
+    assert back.sizes == (1, (2, 3)) and back.misc == ["a", None, 1.5, True, float("inf")]
+    assert back[0].padding == "same" and back[1].normalized_shape == (4, 5, 5)
+    x = torch.randn(2, 2, 5, 5)
+    assert torch.equal(m(x), back(x))
+    assert isinstance(back[0], nn.Conv2d) and VQLinear not in {type(t) for t in back.modules()}
