@@ -23,6 +23,7 @@ lab: venv
 
 # Unit tests, then every notebook under nbval in fast mode (lax: only cells marked NBVAL_CHECK_OUTPUT are compared).
 test: venv
+	@test -d /usr/share/datasets/fashion-mnist -o -n "$$VQLAB_DATA" || echo "note: no Fashion-MNIST here: the notebooks run on the digits set and its tests skip (sudo apt-get install -y dataset-fashion-mnist)"
 	VQLAB_FAST=1 $(PY) -m pytest -p no:cacheprovider tests $(wildcard notebooks/*.ipynb) --nbval-lax --durations=10
 
 test-unit: venv
