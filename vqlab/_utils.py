@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "default_device", "index_dtype", "bits_for", "fast_mode"]
+__all__ = ["seed_everything", "default_device", "index_dtype", "bits_for", "fast_mode", "FLOAT_DTYPE_NAMES"]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -43,3 +43,8 @@ def index_dtype(k: int) -> torch.dtype:
 def fast_mode() -> bool:
     """True when notebooks/CI asked for the quick variant (environment VQLAB_FAST=1)."""
     return os.environ.get("VQLAB_FAST") == "1"
+
+
+# float dtypes by the names configs and files use for them
+FLOAT_DTYPE_NAMES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+                     "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64}

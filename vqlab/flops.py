@@ -6,8 +6,9 @@ For a layer with m outputs and n inputs, applied to `rows` input vectors (batch 
     VQ table         2 * rows * T * n * K        (each input segment against all K codewords; T tables per row:
                                                   G codebook groups and c conv groups give T = c + G - gcd(c, G))
     VQ accumulate        rows * m * n / d        (one add per table entry read)
-The VQ figures come from `vqlab.kernels.ops.matmul_flops` / `conv_flops`, the same functions the custom ops
-register with FlopCounterMode, so the two counts agree by construction.
+Quantized layers are counted by their code object (`WeightCode.flops`): for VQ that is
+`vqlab.kernels.ops.lut_flops`, the formula the custom ops register with FlopCounterMode, so the two counts
+agree by construction; a code without a kernel of its own counts the dense product it runs.
 Convolutions count rows = batch * output positions (im2col, which is what vqlab's kernel runs; a
 kernel that shares each input pixel's table across the kh*kw positions would need less).
 The ratio in operations, counting a multiply-add and an add as one op each, is `flop_ratio` = K/m + 1/d;
@@ -19,7 +20,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .kernels.ops import conv_flops, matmul_flops
+from .quantized import QuantizedLayer
 
 __all__ = ["count_flops", "flop_ratio"]
 
@@ -38,10 +39,6 @@ def _geometry(mod: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, in
     return x.numel() // x.shape[-1], mod.out_features, mod.in_features
 
 
-def _is_vq(mod: nn.Module) -> bool:
-    return hasattr(mod, "codebook") and hasattr(mod, "indices")
-
-
 @torch.no_grad()
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> pd.DataFrame:
     """Run one forward pass on zeros of `input_shape` (batch included) and count FLOPs per layer.
@@ -56,13 +53,10 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> pd.DataFrame:
         def fn(mod, inputs, output):
             r, m, n = _geometry(mod, inputs[0], output)
             dense = 2 * r * m * n
-            if _is_vq(mod):
-                book, idx = mod.codebook.weight, mod.indices  # the kernels' own formulas (FlopCounterMode's too)
-                k, d = book.shape[-2], book.shape[-1]
-                if hasattr(mod, "in_channels"):
-                    table, accum = conv_flops(tuple(output.shape), tuple(book.shape), tuple(idx.shape), mod.groups)
-                else:
-                    table, accum = matmul_flops(tuple(inputs[0].shape), tuple(book.shape), tuple(idx.shape))
+            if isinstance(mod, QuantizedLayer):          # the layer's code counts (VQ: the kernels' own formula)
+                table, accum = mod.flops(r)
+                info = mod.code.describe()
+                k, d = info["K"] if info["K"] is not None else pd.NA, info["d"] if info["d"] is not None else pd.NA
             else:
                 k = d = pd.NA
                 table, accum = 0, dense
@@ -72,7 +66,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> pd.DataFrame:
         return fn
 
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)) or _is_vq(mod):
+        if isinstance(mod, (nn.Linear, nn.Conv2d, QuantizedLayer)):
             hooks.append(mod.register_forward_hook(hook(name)))
     was_training = model.training
     try:

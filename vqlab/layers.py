@@ -39,12 +39,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._utils import bits_for, index_dtype
+from ._utils import FLOAT_DTYPE_NAMES, bits_for, index_dtype
+from .bits import huffman_bytes, pack_indices, packed_bytes
 from .codebook import Codebook, assign, kmeans
 from .kernels import vq_conv2d as _vq_conv2d, vq_matmul as _vq_matmul
+from .kernels.ops import lut_flops, table_count
 from .kernels.reference import check_indices, dequantize as _dequantize
+from .quantized import CodeSize, QuantizedLayer, WeightCode, register_code, tensor_bytes
 
-__all__ = ["VQLinear", "VQConv2d", "VQLayer", "vq_layer_class", "check_quantizable", "fit_codebook",
+__all__ = ["VQLinear", "VQConv2d", "VQLayer", "VQCode", "vq_layer_class", "check_quantizable", "fit_codebook",
            "weight_segments", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -157,23 +160,98 @@ def fit_codebook(segments: torch.Tensor, k: int, *, iters: int = 25, init: str =
 
 # ---------------------------------------------------------------- the shared core
 
-class VQLayer(nn.Module):
+@register_code
+class VQCode(WeightCode):
+    """The VQ weight code: a Codebook (G, K, d) — possibly shared with other layers and models — and one
+    index per segment, indices (rows, n_pad / d) of dtype `index_dtype(K)`.
+
+    rows() = dequantize(codebook, indices): (rows, n_pad), differentiable w.r.t. the codebook.
+    Stored: indices packed at ceil(log2 K) bits each (Huffman figure from their histogram); the codebook at
+    its dtype, once per object across everything counted with one `seen` set.
+    """
+
+    kind = "vq"
+    method = "vq"
+
+    def __init__(self, rows: int, n_pad: int, k: int, d: int, groups: int = 1, codebook: Codebook | None = None,
+                 *, device=None, dtype=None):
+        super().__init__()
+        if codebook is None:
+            codebook = Codebook(k, d, groups, device=device, dtype=dtype)
+        self.codebook = codebook
+        self.register_buffer("indices", torch.zeros(rows, n_pad // codebook.d, dtype=index_dtype(codebook.k),
+                                                    device=device))
+
+    def __setattr__(self, name: str, value) -> None:
+        # `code.indices = t` is checked like the kernels check indices: same shape, integer, values in [0, K)
+        if name == "indices" and isinstance(value, torch.Tensor) and "codebook" in self._modules:
+            old = self._buffers.get("indices")
+            if old is not None and value.shape != old.shape:
+                raise ValueError(f"indices must keep shape {tuple(old.shape)}, got {tuple(value.shape)}")
+            check_indices(value, self.codebook.k, what="indices")
+        super().__setattr__(name, value)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.indices.shape[0], self.indices.shape[1] * self.codebook.d
+
+    def rows(self) -> torch.Tensor:
+        return _dequantize(self.codebook.weight, self.indices)
+
+    def size(self, seen: set[int]) -> CodeSize:
+        bits = bits_for(self.codebook.k)
+        book = self.codebook.weight
+        shared = id(book) in seen
+        seen.update((id(book), id(self.indices)))
+        return CodeSize(index_bytes=packed_bytes(self.indices.numel(), bits),
+                        codebook_bytes=0 if shared else tensor_bytes(book),
+                        entropy_index_bytes=huffman_bytes(self.indices, self.codebook.k),
+                        streams=[pack_indices(self.indices, bits)], k=self.codebook.k, d=self.codebook.d,
+                        index_bits=bits)
+
+    def config(self) -> dict:
+        book = self.codebook
+        return {"rows": self.shape[0], "n_pad": self.shape[1], "k": book.k, "d": book.d, "groups": book.groups,
+                "dtype": str(book.weight.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_config(cls, rows: int, n_pad: int, k: int, d: int, groups: int = 1, dtype: str = "float32") -> "VQCode":
+        if dtype not in FLOAT_DTYPE_NAMES:
+            raise ValueError(f"VQCode: dtype must be one of {sorted(FLOAT_DTYPE_NAMES)}, got {dtype!r}")
+        return cls(rows, n_pad, k, d, groups, dtype=FLOAT_DTYPE_NAMES[dtype])
+
+    def packing(self) -> dict[str, int]:
+        return {"indices": bits_for(self.codebook.k)}
+
+    def describe(self) -> dict:
+        return {"method": self.method, "K": self.codebook.k, "d": self.codebook.d,
+                "bits_per_weight": bits_for(self.codebook.k) / self.codebook.d}
+
+    def flops(self, rows: int, groups: int = 1) -> tuple[int, int]:
+        """The LUT product's count (the kernels' own formula): tables for every (conv group, codebook group)
+        piece of the output rows, then one add per output and segment."""
+        m, s = self.indices.shape
+        book = self.codebook
+        return lut_flops(rows, m, s, book.d, book.k, table_count(groups, book.groups))
+
+    def extra_repr(self) -> str:
+        return f"rows={self.shape[0]}, n_pad={self.shape[1]}"
+
+
+class VQLayer(QuantizedLayer):
     """Common storage and training logic of VQLinear and VQConv2d (not used directly).
 
+    The weight lives in `self.code`, a `VQCode`; `codebook` and `indices` are shortcuts to it.
     Subclasses define `out_dim`, `n` (unpadded row length) and `n_pad`, `_flat_to_weight(flat)` and
     `_weight_to_flat(weight)` for their row layout.
     """
 
-    codebook: Codebook
-    indices: torch.Tensor
+    code: VQCode
+    training_only = ("latent",)     # not counted by compressed_size, not saved
 
     def _init_vq(self, out_dim: int, n_pad: int, k: int, d: int, codebook_groups: int,
                  codebook: Codebook | None, reassign_every: int, device, dtype) -> None:
-        if codebook is None:
-            codebook = Codebook(k, d, codebook_groups, device=device, dtype=dtype)
-        self.codebook = codebook
-        self.register_buffer("indices", torch.zeros(out_dim, n_pad // d, dtype=index_dtype(codebook.k),
-                                                    device=device))
+        self.code = VQCode(out_dim, n_pad, k, d, codebook_groups, codebook, device=device, dtype=dtype)
         self.n_pad = n_pad
         if isinstance(reassign_every, bool) or not isinstance(reassign_every, int) or reassign_every < 0:
             raise ValueError(f"reassign_every must be an integer >= 0 (0 = never), got {reassign_every!r}")
@@ -182,15 +260,17 @@ class VQLayer(nn.Module):
         self.backend = "auto"   # kernel backend used in eval mode
         self.register_parameter("latent", None)  # training-only float weights (reassign_every > 0)
 
-    def __setattr__(self, name: str, value) -> None:
-        # `layer.indices = t` is checked like the kernels check indices: same shape, integer, values in [0, K)
-        if name == "indices" and isinstance(value, torch.Tensor) and "codebook" in self._modules:
-            old = self._buffers.get("indices")
-            if old is not None and value.shape != old.shape:
-                raise ValueError(f"{type(self).__name__}.indices must keep shape {tuple(old.shape)}, got "
-                                 f"{tuple(value.shape)}")
-            check_indices(value, self.k, what=f"{type(self).__name__}.indices")
-        super().__setattr__(name, value)
+    @property
+    def codebook(self) -> Codebook:
+        return self.code.codebook
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.code.indices
+
+    @indices.setter
+    def indices(self, value: torch.Tensor) -> None:
+        self.code.indices = value
 
     # -- sizes
     @property
@@ -214,15 +294,6 @@ class VQLayer(nn.Module):
     def flat_weight(self) -> torch.Tensor:
         """(out, n_pad) dequantized rows in the codebook's dtype, differentiable w.r.t. the codebook."""
         return _dequantize(self.codebook.weight, self.indices)
-
-    def dequantize(self) -> torch.Tensor:
-        """The dense weight in nn.Linear / nn.Conv2d shape (padding removed)."""
-        return self._flat_to_weight(self.flat_weight())
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Dense weight (computed on each access), so code that reads `.weight` keeps working."""
-        return self.dequantize()
 
     def _train_flat(self, dtype: torch.dtype) -> torch.Tensor:
         """Rows used in training: codebook values; with `latent`, a straight-through path to it."""

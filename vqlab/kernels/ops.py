@@ -239,7 +239,7 @@ def lut_flops(rows: int, m: int, segments: int, d: int, k: int, tables: int) -> 
     return rows * 2 * tables * segments * d * k, rows * m * segments
 
 
-def _table_count(rows: int, conv_groups: int, codebook_groups: int) -> int:
+def table_count(conv_groups: int, codebook_groups: int) -> int:
     """Tables per input vector: one per piece of the common refinement of the conv groups and the codebook
     groups over the output rows (each piece sees one conv group's input and one codebook): c + G - gcd(c, G)."""
     return conv_groups + codebook_groups - math.gcd(conv_groups, codebook_groups)
@@ -258,7 +258,7 @@ def conv_flops(out_shape, codebook_shape, indices_shape, groups: int) -> tuple[i
     b, out_c, ho, wo = out_shape
     m, s = indices_shape
     g = codebook_shape[0] if len(codebook_shape) == 3 else 1
-    return lut_flops(b * ho * wo, m, s, codebook_shape[-1], codebook_shape[-2], _table_count(out_c, groups, g))
+    return lut_flops(b * ho * wo, m, s, codebook_shape[-1], codebook_shape[-2], table_count(groups, g))
 
 
 # ---------------------------------------------------------------- custom ops (seen by FlopCounterMode, torch.compile)

@@ -1,0 +1,258 @@
+"""The seam every quantizer plugs into: a `WeightCode` (how one layer's weight is stored) held by a
+`QuantizedLayer` (QuantizedLinear / QuantizedConv2d, or the VQ layers built on them).
+
+A code object knows four things, and `quantize_`'s report, `compressed_size`, `save`/`load` and
+`count_flops` ask it instead of testing for a concrete class:
+
+    rows()                 the weight as (out, n_pad) rows in the layer's row layout, differentiable w.r.t. the
+                           code's trainable parts (what training and the reference forward use)
+    size(seen)             a `CodeSize`: bytes of packed indices / codebooks / other tensors, an entropy-coded
+                           index figure and the packed streams; objects whose id() is in `seen` (a shared
+                           codebook, also across models) are counted once, and the method adds what it counts
+    config(), packing()    the constructor arguments as JSON data and, per buffer, the bits to pack it at
+                           (0 = raw bytes at its dtype); `from_config(**config)` rebuilds an empty code that
+                           `vqlab.load` fills — the file holds data only, never pickle
+    flops(rows, groups)    (table, accumulate) FLOPs for `rows` input vectors; the default is a dense product
+
+Codes register by a short `kind` name (`@register_code`), which the file format records.  A new method is one
+module: a WeightCode subclass, a config dataclass and a handler registered with `vqlab.register_handler` that
+returns `QuantizedLinear.from_code(...)` / `QuantizedConv2d.from_code(...)` layers.
+
+Row layouts: QuantizedLinear rows are the weight itself (out, in); QuantizedConv2d rows are the flattened
+kernel (out, cin/groups * kh * kw).  The VQ layers (vqlab.layers) add padding and the "input" layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["WeightCode", "CodeSize", "QuantizedLayer", "QuantizedLinear", "QuantizedConv2d", "register_code",
+           "CODES", "code_class", "tensor_bytes"]
+
+CODES: dict[str, type["WeightCode"]] = {}
+
+
+def register_code(cls: type["WeightCode"]) -> type["WeightCode"]:
+    """Class decorator: make a WeightCode subclass known by its `kind` (to the file format)."""
+    kind = getattr(cls, "kind", "")
+    if not isinstance(kind, str) or not kind.isidentifier():
+        raise ValueError(f"{cls.__name__}.kind must be a short identifier, got {kind!r}")
+    if kind in CODES and CODES[kind] is not cls and CODES[kind].__qualname__ != cls.__qualname__:
+        raise ValueError(f"code kind {kind!r} is already registered by {CODES[kind].__name__}")
+    CODES[kind] = cls
+    return cls
+
+
+def code_class(kind: str) -> type["WeightCode"]:
+    """The registered WeightCode class of `kind`; ValueError listing the known kinds otherwise."""
+    if kind not in CODES:
+        raise ValueError(f"unknown weight code kind {kind!r}; registered: {sorted(CODES)} (import the module "
+                         f"that defines it before loading)")
+    return CODES[kind]
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor at its dtype."""
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class CodeSize:
+    """What one code stores, in bytes (see `WeightCode.size`).
+
+    index_bytes: packed index/code streams; codebook_bytes: codebooks and other shared tables (counted by the
+    first code that reaches them); other_bytes: per-layer side tensors (scales, ...); entropy_index_bytes: the
+    index streams entropy-coded (equal to index_bytes when the method has no such figure); streams: the packed
+    streams themselves (for the lzma figure); k, d, index_bits: for reports (None where they mean nothing).
+    """
+
+    index_bytes: int = 0
+    codebook_bytes: int = 0
+    other_bytes: int = 0
+    entropy_index_bytes: int | None = None
+    streams: list[bytes] = field(default_factory=list)
+    k: int | None = None
+    d: int | None = None
+    index_bits: int | None = None
+
+    def __post_init__(self):
+        if self.entropy_index_bytes is None:
+            self.entropy_index_bytes = self.index_bytes
+
+
+class WeightCode(nn.Module):
+    """Base class of a stored weight; subclasses set `kind` and implement rows/size/config/from_config.
+
+    `shape`: (out, n_pad) of the rows it rebuilds.
+    """
+
+    kind: ClassVar[str] = ""
+    method: ClassVar[str] = ""          # a readable name for reports ("vq", "uniform int8", ...)
+
+    def rows(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def size(self, seen: set[int]) -> CodeSize:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """JSON-able keyword arguments of `from_config`."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, **config) -> "WeightCode":
+        raise NotImplementedError
+
+    def packing(self) -> dict[str, int]:
+        """{buffer name: bits per value} for buffers the file stores bit-packed (non-negative integers)."""
+        return {}
+
+    def describe(self) -> dict:
+        """Report fields: method, K, d, bits_per_weight (index bits per weight, codebooks not included)."""
+        return {"method": self.method or self.kind, "K": None, "d": None, "bits_per_weight": None}
+
+    def flops(self, rows: int, groups: int = 1) -> tuple[int, int]:
+        """(table, accumulate) FLOPs of the layer's product for `rows` input vectors (conv: output positions
+        times batch), `groups` conv groups; default: a dense product, 2 * rows * out * n, no table."""
+        out, n = self.shape
+        return 0, 2 * rows * out * n
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """An eval-mode fast path y = x @ rows().T (x: (..., n_pad)), or None to use F.linear on rows()."""
+        return None
+
+
+# ---------------------------------------------------------------- the layers that hold a code
+
+class QuantizedLayer(nn.Module):
+    """Common part of layers whose weight is a `WeightCode` (`self.code`).
+
+    Subclasses define `out_dim`, `n` (unpadded row length), `n_pad`, `_flat_to_weight(flat)` and
+    `_weight_to_flat(weight)`.  `weight` rebuilds the dense weight on each access.
+    """
+
+    code: WeightCode
+
+    @property
+    def weight_numel(self) -> int:
+        """Weights of the dense layer this one stands for (padding excluded)."""
+        return self.out_dim * self.n
+
+    def flat_weight(self) -> torch.Tensor:
+        """(out, n_pad) rows, differentiable w.r.t. the code's trainable parts."""
+        return self.code.rows()
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense weight in nn.Linear / nn.Conv2d shape (padding removed)."""
+        return self._flat_to_weight(self.flat_weight())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantize()
+
+    @property
+    def bits_per_weight(self) -> float | None:
+        return self.code.describe()["bits_per_weight"]
+
+    def flops(self, rows: int) -> tuple[int, int]:
+        """(table, accumulate) FLOPs for `rows` input vectors."""
+        return self.code.flops(rows, getattr(self, "groups", 1))
+
+
+class QuantizedLinear(QuantizedLayer):
+    """nn.Linear whose weight is any WeightCode with rows (out_features, in_features).  x: (..., in) -> (..., out)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, code: WeightCode):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.out_dim, self.n, self.n_pad = out_features, in_features, in_features
+        if tuple(code.shape) != (out_features, in_features):
+            raise ValueError(f"QuantizedLinear: code rows {tuple(code.shape)} do not match ({out_features}, {in_features})")
+        self.code = code
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_code(cls, module: nn.Linear, code: WeightCode) -> "QuantizedLinear":
+        """Wrap `code` (rows = module.weight's shape) with module's bias (copied) and training mode."""
+        layer = cls(module.in_features, module.out_features, module.bias is not None, code=code)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        return layer.train(module.training)
+
+    def config(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+
+    def _flat_to_weight(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat
+
+    def _weight_to_flat(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None if self.training else self.code.matmul(x)
+        if y is None:
+            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(int(t) for t in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+class QuantizedConv2d(QuantizedLayer):
+    """nn.Conv2d (zeros padding mode) whose weight is a WeightCode with rows (out, cin/groups * kh * kw)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, *, code: WeightCode):
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        kh, kw = self.kernel_size
+        self.out_dim, self.n = out_channels, in_channels // groups * kh * kw
+        self.n_pad = self.n
+        if tuple(code.shape) != (self.out_dim, self.n):
+            raise ValueError(f"QuantizedConv2d: code rows {tuple(code.shape)} do not match ({self.out_dim}, {self.n})")
+        self.code = code
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    @classmethod
+    def from_code(cls, module: nn.Conv2d, code: WeightCode) -> "QuantizedConv2d":
+        """Wrap `code` (rows = module.weight flattened per output channel) with module's geometry and bias."""
+        if module.padding_mode != "zeros":
+            raise ValueError(f"QuantizedConv2d supports padding_mode='zeros', got {module.padding_mode!r}")
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                    module.dilation, module.groups, module.bias is not None, code=code)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        return layer.train(module.training)
+
+    def config(self) -> dict:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": list(self.kernel_size),
+                "stride": list(self.stride), "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None}
+
+    def _flat_to_weight(self, flat: torch.Tensor) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        return flat.reshape(self.out_channels, self.in_channels // self.groups, kh, kw)
+
+    def _weight_to_flat(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(weight.shape[0], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.dequantize().to(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}")
