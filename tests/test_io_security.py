@@ -194,15 +194,19 @@ _MALFORMED = {
     "missing modules": (lambda m, p: ({k: v for k, v in m.items() if k != "modules"}, p), "field 'modules'"),
     "forward child": (lambda m, p: (m["modules"][-1]["children"][0].__setitem__(1, len(m["modules"])) or m, p),
                       "children"),
-    "tensor index": (lambda m, p: (_vq_node(m)["buffers"][0].__setitem__(1, 999) or m, p), "buffers"),
+    "tensor index": (lambda m, p: (next(n for n in m["modules"] if n.get("buffers"))["buffers"][0].__setitem__(1, 999)
+                                   or m, p), "buffers"),
     "unknown type": (lambda m, p: (m["modules"][0].__setitem__("type", "os.system") or m, p), "allow-list"),
+    "vqlab non-module": (lambda m, p: (m["modules"][0].__setitem__("type", "vqlab.io.VQFileError") or m, p),
+                         "allow-list"),
+    "vqlab main": (lambda m, p: (m["modules"][0].__setitem__("type", "vqlab.__main__.main") or m, p), "allow-list"),
     "method attribute": (lambda m, p: (m["modules"][-1].__setitem__("state", {"forward": 1}) or m, p),
                          "may not set attribute 'forward'"),
     "unknown value tag": (lambda m, p: (m["modules"][-1].__setitem__("state", {"x": {"eval": "1"}}) or m, p),
                           "unsupported value"),
-    "VQ args type": (lambda m, p: (_vq_node(m)["args"].__setitem__("in_features", "16") or m, p), r"modules\[\d+\]"),
-    "VQ geometry": (lambda m, p: (_vq_node(m)["args"].__setitem__("out_features", 64) or m, p), "does not fit"),
-    "VQ extra arg": (lambda m, p: (_vq_node(m)["args"].__setitem__("device", "cuda") or m, p), "args must hold"),
+    "VQ n_pad": (lambda m, p: (_vq_node(m)["state"].__setitem__("n_pad", 20) or m, p), r"layer '0'.*do not fit"),
+    "VQ out_dim": (lambda m, p: (_vq_node(m)["state"].__setitem__("out_dim", 64) or m, p), "do not fit its geometry"),
+    "VQ attribute missing": (lambda m, p: (_vq_node(m)["state"].pop("n_pad") and m, p), "n_pad"),
 }
 
 
@@ -247,7 +251,7 @@ def test_out_of_range_indices_are_refused(tmp_path):
     path = tmp_path / "k200.vqz"
     save(model, path)
     _, meta, payload = _split(path.read_bytes())
-    name, _, off, n, bits = next(e for e in meta["tensors"] if e[0] == "classifier.1.indices")[:5]
+    name, _, off, n, bits = next(e for e in meta["tensors"] if e[0].startswith("classifier.1.") and e[0].endswith("indices"))[:5]
     assert bits == 8
     patched = bytearray(payload)
     patched[off + 3] = 255                                  # one index -> 255 >= K = 200

@@ -24,23 +24,25 @@ The metadata may decompress to at most 16 MiB (`META_CAP`); a bigger one is refu
 
 "modules": the module tree in post-order (children before their parent, the root last), one node each;
     a module held in several places (a shared Codebook) is one node referenced several times:
-    {"type": "torch.nn.Conv2d" | "vqlab.models.LeNet5" | ...,  "training": bool,
+    {"type": "torch.nn.Conv2d" | "vqlab.layers.VQLinear" | "vqlab.models.LeNet5" | ...,  "training": bool,
      "children": [[name, node index or null], ...], "params"/"buffers": [[name, tensor index or null], ...],
-     "nonpersistent": [buffer names], and either
-     "args":  constructor arguments (VQLinear, VQConv2d, Codebook: built through their constructor, so
-              their geometry is re-derived and checked), plus "state" {"steps", "backend"} for VQ layers;
-     "state": the module's plain attributes (everything else: created without __init__, attributes
-              set from the file).  Values are null/bool/int/float/str, lists, {"t": [...]} (tuple),
-              {"cls": allowed type} or {"partial": allowed type, "kwargs": {...}}.
-     "unstorable": ["attr (type)", ...] attributes a file cannot hold (a lambda, a tensor attribute).}
+     "nonpersistent": [buffer names],
+     "state": the module's own plain attributes (in_features, kernel_size, eps, n_pad, reassign_every,
+              steps, backend, ...): null/bool/int/float/str, lists, {"t": [...]} (a tuple), {"cls": type}
+              or {"partial": type, "kwargs": {...}} (types from the allow-list only),
+     "unstorable": ["attr (type)", ...] attributes a file cannot hold (a lambda, a tensor attribute)}.
 
-Rebuilding (`load(path)`) accepts the types in `ALLOWED_TYPES` (torch.nn layers and containers,
-vqlab's VQ layers and Codebook, the model zoo of `vqlab.models` and its torchvision architectures).
-A model with another module type (a class defined in your script) or an unstorable attribute still
-saves; load it with `load(path, model=m)`, m an already quantized model of the same architecture.
-Forward hooks are not stored.  Every VQ layer's indices are checked against its K on load.
+Rebuilding (`load(path)`): every node's type must be allowed: `ALLOWED_TYPES` (torch.nn layers and
+containers, torchvision's resnet/vgg/vit building blocks) or an nn.Module class defined in an
+already imported vqlab module (VQLinear, VQConv2d, Codebook, the zoo of `vqlab.models`, ...).  A
+module is created without running its __init__ (like unpickling, but only from JSON data and only
+these types), its attributes set from "state", its tensors from the payload.  Then every VQ layer is
+checked: indices in [0, K), shape (out_dim, n_pad / d), codebook groups dividing the rows (the kernels
+check the remaining geometry on every call).  A model with another module type (a class defined in your
+script) or an unstorable attribute still saves; load it with `load(path, model=m)`, m an already
+quantized model of the same architecture.  Forward hooks are not stored.
 
-`save` writes a temporary file next to `path`, fsyncs it and renames it over `path`: a failed save
+`save` writes a temporary file next to `path` (".<name>.<random>.tmp"), fsyncs it and renames it over `path`: a failed save
 leaves the previous file as it was.  Files of format version 1 (pickled skeleton) are not read.
 """
 from __future__ import annotations
@@ -53,18 +55,18 @@ import json
 import lzma
 import math
 import os
+import secrets
 import stat
 import struct
-import tempfile
+import sys
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from ._utils import bits_for
-from .codebook import Codebook
 from .kernels.reference import check_codebook_groups, check_indices
-from .layers import VQConv2d, VQLayer, VQLinear
+from .layers import VQLayer
 from .size import pack_indices, packed_bytes, unpack_indices
 
 __all__ = ["save", "load", "VQFileError", "FORMAT_VERSION", "ALLOWED_TYPES", "META_CAP"]
@@ -88,12 +90,9 @@ _NN_TYPES = (
     "ConstantPad2d", "Upsample", "PixelShuffle", "Embedding", "MultiheadAttention",
     "Sequential", "ModuleList", "ModuleDict", "ParameterList",
 )
-_BUILT_BY_ARGS = ("vqlab.layers.VQLinear", "vqlab.layers.VQConv2d", "vqlab.codebook.Codebook")
 ALLOWED_TYPES = frozenset(
-    [f"torch.nn.{n}" for n in _NN_TYPES] + list(_BUILT_BY_ARGS) + [
+    [f"torch.nn.{n}" for n in _NN_TYPES] + [
         "torch.nn.modules.linear.NonDynamicallyQuantizableLinear",
-        "vqlab.models.LeNet5", "vqlab.models.SmallCNN", "vqlab.models.CifarResNet", "vqlab.models._BasicBlock",
-        "vqlab.models.TinyViT", "vqlab.models._Attention", "vqlab.models._TransformerBlock",
         "torchvision.models.resnet.ResNet", "torchvision.models.resnet.BasicBlock",
         "torchvision.models.resnet.Bottleneck", "torchvision.models.vgg.VGG",
         "torchvision.models.vision_transformer.VisionTransformer",
@@ -105,11 +104,6 @@ _DTYPES = {str(t).removeprefix("torch."): t for t in (
     torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
     torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)}
 _MODULE_BASE = frozenset(nn.Module().__dict__)  # nn.Module's own bookkeeping (hooks, _parameters, ...)
-_VQ_ARGS = {
-    VQLinear: ("in_features", "out_features", "bias", "pad", "reassign_every"),
-    VQConv2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias",
-               "padding_mode", "segment", "pad", "reassign_every"),
-}
 
 
 class VQFileError(ValueError):
@@ -134,8 +128,30 @@ def _type_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _vqlab_type(name: str) -> type | None:
+    """The nn.Module class `name` ("vqlab.layers.VQLinear") when an imported vqlab module defines it, else None.
+
+    Looks in sys.modules only: a name from a file never triggers an import of vqlab code.
+    """
+    module, _, attr = name.rpartition(".")
+    mod = sys.modules.get(module) if module.startswith("vqlab.") and module != "vqlab.__main__" else None
+    cls = getattr(mod, attr, None) if mod is not None and attr.isidentifier() else None
+    ok = isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == module
+    return cls if ok else None
+
+
+def _allowed(name: Any) -> bool:
+    """Is `name` a module type a file may ask for (ALLOWED_TYPES or a class of an imported vqlab module)?"""
+    return isinstance(name, str) and (name in ALLOWED_TYPES or _vqlab_type(name) is not None)
+
+
 def _resolve_type(name: str) -> type:
-    """The class of an allow-listed type name (imports only modules named in ALLOWED_TYPES)."""
+    """The class of an allowed type name (imports only the modules named in ALLOWED_TYPES)."""
+    cls = _vqlab_type(name)
+    if cls is not None:
+        return cls
+    if name not in ALLOWED_TYPES:
+        raise ValueError(f"module type {_short(name)} is not allowed")
     module, _, attr = name.rpartition(".")
     cls = getattr(nn, attr) if module == "torch.nn" else getattr(importlib.import_module(module), attr)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
@@ -160,9 +176,9 @@ def _encode(v: Any, depth: int = 0) -> Any:
         return [_encode(x, depth + 1) for x in v]
     if isinstance(v, tuple):
         return {"t": [_encode(x, depth + 1) for x in v]}
-    if isinstance(v, type) and _type_name(v) in ALLOWED_TYPES:
+    if isinstance(v, type) and _allowed(_type_name(v)):
         return {"cls": _type_name(v)}
-    if (isinstance(v, functools.partial) and isinstance(v.func, type) and _type_name(v.func) in ALLOWED_TYPES
+    if (isinstance(v, functools.partial) and isinstance(v.func, type) and _allowed(_type_name(v.func))
             and not v.args and all(isinstance(k, str) for k in v.keywords)):
         return {"partial": _type_name(v.func), "kwargs": {k: _encode(x, depth + 1) for k, x in v.keywords.items()}}
     raise _Unstorable(type(v).__name__)
@@ -178,10 +194,9 @@ def _decode(v: Any, field: str, depth: int = 0) -> Any:
         return [_decode(x, field, depth + 1) for x in v]
     if isinstance(v, dict) and v.keys() == {"t"} and isinstance(v["t"], list):
         return tuple(_decode(x, field, depth + 1) for x in v["t"])
-    if isinstance(v, dict) and v.keys() == {"cls"} and isinstance(v["cls"], str) and v["cls"] in ALLOWED_TYPES:
+    if isinstance(v, dict) and v.keys() == {"cls"} and _allowed(v["cls"]):
         return _resolve_type(v["cls"])
-    if (isinstance(v, dict) and v.keys() == {"partial", "kwargs"} and isinstance(v["partial"], str)
-            and v["partial"] in ALLOWED_TYPES
+    if (isinstance(v, dict) and v.keys() == {"partial", "kwargs"} and _allowed(v["partial"])
             and isinstance(v["kwargs"], dict) and all(str(k).isidentifier() for k in v["kwargs"])):
         kw = {k: _decode(x, field, depth + 1) for k, x in v["kwargs"].items()}
         return functools.partial(_resolve_type(v["partial"]), **kw)
@@ -224,40 +239,23 @@ def _check_savable(model: nn.Module) -> None:
             check_indices(m.indices, m.k, what=f"cannot save: indices of layer {name!r}")
 
 
-def _vq_args(m: nn.Module) -> dict:
-    """Constructor arguments of a VQLinear / VQConv2d / Codebook (k, d, groups come from the codebook)."""
-    if isinstance(m, Codebook):
-        return {"k": m.k, "d": m.d, "groups": m.groups}
-    derived = {"bias": m.bias is not None, "pad": m.n_pad != m.n}
-    return {a: _encode(derived[a] if a in derived else getattr(m, a)) for a in _VQ_ARGS[type(m)]}
-
-
 def _node(m: nn.Module, children: list, tindex: dict[int, int]) -> dict:
     """One module's JSON node (see the module docstring)."""
     def slots(d: dict) -> list:
         return [[n, None if t is None else tindex.get(id(t))] for n, t in d.items()]
 
     node: dict[str, Any] = {"type": _type_name(type(m)), "training": m.training}
-    if type(m) in _VQ_ARGS or type(m) is Codebook:
-        node["args"] = _vq_args(m)
-        if isinstance(m, VQLayer):
-            node["state"] = {"steps": m.steps, "backend": m.backend}
-    else:
-        state, bad = {}, []
-        for k, v in m.__dict__.items():
-            if k in _MODULE_BASE:
-                continue
-            try:
-                if not _attr_ok(type(m), k):
-                    raise _Unstorable("name")
-                state[k] = _encode(v)
-            except _Unstorable:
-                bad.append(f"{k} ({type(v).__name__})")
-        if state:
-            node["state"] = state
-        if bad:
-            node["unstorable"] = bad
-    for key, value in (("children", children), ("params", slots(m._parameters)), ("buffers", slots(m._buffers)),
+    state, bad = {}, []
+    for k, v in m.__dict__.items():
+        if k in _MODULE_BASE:
+            continue
+        try:
+            if not _attr_ok(type(m), k):
+                raise _Unstorable("name")
+            state[k] = _encode(v)
+        except _Unstorable:
+            bad.append(f"{k} ({type(v).__name__})")
+    for key, value in (("state", state), ("unstorable", bad), ("children", children), ("params", slots(m._parameters)), ("buffers", slots(m._buffers)),
                        ("nonpersistent", sorted(m._non_persistent_buffers_set))):
         if value:
             node[key] = value
@@ -280,17 +278,27 @@ def _module_nodes(model: nn.Module, tindex: dict[int, int]) -> list[dict]:
     return nodes
 
 
+def _create_temp(folder: str, base: str) -> tuple[int, str]:
+    """A new file ".<base>.<random>.tmp" in `folder`, created exclusively with mode 0o666 & ~umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name in {folder!r}")
+
+
 def _write_atomic(path: str | os.PathLike, chunks: list[bytes]) -> None:
-    """Write `chunks` to a temporary file beside `path`, fsync, rename over `path`; on failure remove it."""
+    """Write `chunks` to a temporary file beside `path`, fsync, rename over `path`; on failure remove it.
+
+    An existing `path` keeps its permission bits; a symlink is followed (its target is replaced).
+    """
     target = os.path.realpath(os.fspath(path))
     folder = os.path.dirname(target)
-    if os.path.exists(target):
-        mode = stat.S_IMODE(os.stat(target).st_mode)
-    else:
-        mask = os.umask(0)
-        os.umask(mask)
-        mode = 0o666 & ~mask
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+    mode = stat.S_IMODE(os.stat(target).st_mode) if os.path.exists(target) else None
+    fd, tmp = _create_temp(folder, os.path.basename(target))
     try:
         try:
             f = os.fdopen(fd, "wb")
@@ -302,7 +310,8 @@ def _write_atomic(path: str | os.PathLike, chunks: list[bytes]) -> None:
                 f.write(c)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -374,7 +383,9 @@ def _read_checked(path: str | os.PathLike) -> tuple[dict, bytes, str]:
         raise VQFileError(f"{os.fspath(path)!r} is not a vqlab file (bad magic {data[:8]!r}, expected {MAGIC!r})")
     _, version, _, meta_len, payload_len = _HEADER.unpack_from(data)
     if version != FORMAT_VERSION:
-        raise VQFileError(f"{where} has format version {version}; this vqlab reads version {FORMAT_VERSION}")
+        hint = (" (format 1 kept a pickle, which this vqlab never loads: load the file with the vqlab that "
+                "wrote it, only if you trust it, and save it again)" if version == 1 else "")
+        raise VQFileError(f"{where} has format version {version}; this vqlab reads version {FORMAT_VERSION}{hint}")
     expected = _HEADER.size + meta_len + payload_len + _DIGEST
     if len(data) < expected:
         raise VQFileError(f"{where} is truncated: {len(data)} bytes, the header announces {expected}")
@@ -502,9 +513,8 @@ def _node_list(meta: dict, n_tensors: int, where: str) -> list[dict]:
                 what = "earlier node indices" if key == "children" else f"tensor indices below {n_tensors}"
                 raise VQFileError(f"{where}: {f}.{key} must be a list of [name, index or null] with {what}, "
                                   f"got {_short(items)}")
-        for key in ("args", "state"):
-            if not isinstance(node.get(key, {}), dict):
-                raise VQFileError(f"{where}: {f}.{key} must be an object, got {_short(node[key])}")
+        if not isinstance(node.get("state", {}), dict):
+            raise VQFileError(f"{where}: {f}.state must be an object, got {_short(node['state'])}")
         np_ = node.get("nonpersistent", [])
         if not isinstance(np_, list) or not all(_is_name(b) for b in np_):
             raise VQFileError(f"{where}: {f}.nonpersistent must be a list of buffer names, got {_short(np_)}")
@@ -513,7 +523,8 @@ def _node_list(meta: dict, n_tensors: int, where: str) -> list[dict]:
 
 def _node_paths(nodes: list[dict]) -> list[str]:
     """Dotted module name of every node ('' for the root = last node), for error messages."""
-    paths = [""] * len(nodes)
+    paths = [f"<unreachable node {i}>" for i in range(len(nodes))]
+    paths[-1] = ""
     seen = {len(nodes) - 1}
     for i in range(len(nodes) - 1, -1, -1):
         for name, c in nodes[i].get("children", []):
@@ -527,36 +538,14 @@ def _check_types(nodes: list[dict], paths: list[str], where: str) -> None:
     """Every node's type on the allow-list and no unstorable attribute, else a VQFileError saying to pass model=."""
     for node, path in zip(nodes, paths):
         label = f"module {path!r}" if path else "the root module"
-        if node["type"] not in ALLOWED_TYPES:
+        if not _allowed(node["type"]):
             raise VQFileError(f"{where}: {label} has type {_short(node['type'], 120)}, which is not on vqlab's "
-                              f"allow-list of module types (vqlab.io.ALLOWED_TYPES), so the architecture cannot be "
+                              f"allow-list of module types (see vqlab.io), so the architecture cannot be "
                               f"rebuilt from the file; build the model yourself and pass it: load(path, model=m)")
         bad = node.get("unstorable")
         if bad:
             raise VQFileError(f"{where}: {label} ({node['type']}) had attribute(s) {_short(bad, 120)} that a vqlab "
                               f"file cannot store; build the model yourself and pass it: load(path, model=m)")
-
-
-def _build_by_args(cls: type, node: dict, built: list[nn.Module], field: str) -> nn.Module:
-    """Construct a Codebook / VQLinear / VQConv2d on the meta device from its recorded arguments."""
-    args = {k: _decode(v, f"{field}.args.{k}") for k, v in node.get("args", {}).items()}
-    if cls is Codebook:
-        if set(args) != {"k", "d", "groups"}:
-            raise ValueError(f"{field}.args must hold k, d and groups, got {sorted(args)}")
-        return Codebook(**args, device="meta")
-    if set(args) != set(_VQ_ARGS[cls]):
-        raise ValueError(f"{field}.args must hold {list(_VQ_ARGS[cls])}, got {sorted(args)}")
-    children = dict(node.get("children", []))
-    book = built[children["codebook"]] if children.keys() == {"codebook"} and children["codebook"] is not None else None
-    if not isinstance(book, Codebook):
-        raise ValueError(f"{field}.children must be exactly one 'codebook' referring to a Codebook node")
-    layer = cls(**args, k=book.k, d=book.d, codebook=book, device="meta")
-    state = node.get("state", {})
-    steps, backend = state.get("steps", 0), state.get("backend", "auto")
-    if not _is_int(steps) or not isinstance(backend, str) or set(state) - {"steps", "backend"}:
-        raise ValueError(f"{field}.state must be {{'steps': int >= 0, 'backend': str}}, got {_short(state)}")
-    layer.steps, layer.backend = steps, backend
-    return layer
 
 
 def _build_by_state(cls: type, node: dict, field: str) -> nn.Module:
@@ -571,17 +560,10 @@ def _build_by_state(cls: type, node: dict, field: str) -> nn.Module:
 
 
 def _attach_tensors(m: nn.Module, node: dict, entries: list[_Entry], holders: dict[int, torch.Tensor],
-                    by_args: bool, field: str) -> None:
+                    field: str) -> None:
     """Put a shared meta placeholder for every recorded tensor slot (one per tensor index)."""
     for key, kind, slots in (("params", "param", m._parameters), ("buffers", "buffer", m._buffers)):
         for name, ti in node.get(key, []):
-            if by_args:   # constructor-built: the slot must exist with the same shape (or be absent on both sides)
-                have = slots.get(name, "missing")
-                if have == "missing" or (have is None) != (ti is None) or (
-                        ti is not None and tuple(have.shape) != entries[ti].shape):
-                    shape = None if ti is None else list(entries[ti].shape)
-                    raise ValueError(f"{field}.{key} {name!r} with shape {shape} does not fit the layer "
-                                     f"({'no such slot' if have == 'missing' else None if have is None else list(have.shape)})")
             if ti is None:
                 slots[name] = None
                 continue
@@ -608,13 +590,10 @@ def _build_model(meta: dict, entries: list[_Entry], where: str) -> nn.Module:
     for i, node in enumerate(nodes):
         field = f"modules[{i}]"
         try:
-            cls = _resolve_type(node["type"])
-            by_args = node["type"] in _BUILT_BY_ARGS
-            m = _build_by_args(cls, node, built, field) if by_args else _build_by_state(cls, node, field)
-            if not by_args:
-                for name, c in node.get("children", []):
-                    m._modules[name] = None if c is None else built[c]
-            _attach_tensors(m, node, entries, holders, by_args, field)
+            m = _build_by_state(_resolve_type(node["type"]), node, field)
+            for name, c in node.get("children", []):
+                m._modules[name] = None if c is None else built[c]
+            _attach_tensors(m, node, entries, holders, field)
             m.training = node.get("training", True)
         except ImportError as e:
             raise VQFileError(f"{where}: module {paths[i]!r} needs {node['type']}, which cannot be imported "
@@ -660,21 +639,46 @@ def _fill(model: nn.Module, entries: list[_Entry], payload: bytes, where: str,
         for mod, attr, k in slots[id(like)]:  # one object for every holder: sharing survives the round trip
             (mod._parameters if k == "param" else mod._buffers)[attr] = t
         filled.add(id(like))
-    latent = {id(m.latent) for m in model.modules() if isinstance(m, VQLayer) and m.latent is not None}
+    latent = {id(getattr(m, "latent", None)) for m in model.modules() if isinstance(m, VQLayer)}
     missing = [n for d in named.values() for n, t in d.items() if id(t) not in filled and id(t) not in latent]
     if missing:
         raise VQFileError(f"{where} has no data for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
+def _check_vq_layer(m: VQLayer, name: str) -> None:
+    """Indices in [0, K) of shape (out_dim, n_pad / d), a (G, K, d) codebook with G dividing the rows."""
+    book = m.codebook.weight
+    if book.dim() != 3 or not book.is_floating_point():
+        raise ValueError(f"layer {name!r}: codebook must be a (G, K, d) float tensor, got {list(book.shape)} {book.dtype}")
+    check_indices(m.indices, m.k, what=f"indices of layer {name!r}")
+    want = (m.out_dim, m.n_pad // m.d)
+    if tuple(m.indices.shape) != want or m.n_pad % m.d or m.n_pad < m.n:
+        raise ValueError(f"layer {name!r}: indices {list(m.indices.shape)} do not fit its geometry: out_dim={m.out_dim}, "
+                         f"n={m.n}, n_pad={m.n_pad}, d={m.d} need {list(want)} (n <= n_pad, d dividing n_pad)")
+    check_codebook_groups(book, m.indices.shape[0])
+    if not _is_int(m.reassign_every):
+        raise ValueError(f"layer {name!r}: reassign_every must be an integer >= 0, got {_short(m.reassign_every)}")
+
+
 def _check_vq_layers(model: nn.Module, where: str) -> None:
-    """Every VQ layer's indices in [0, K) and its codebook groups dividing its rows."""
+    """Check every VQ layer of a loaded model (`_check_vq_layer`); VQFileError naming the layer."""
     for name, m in model.named_modules():
         if isinstance(m, VQLayer):
             try:
-                check_indices(m.indices, m.k, what=f"indices of layer {name!r}")
-                check_codebook_groups(m.codebook.weight, m.indices.shape[0])
-            except (ValueError, TypeError) as e:
+                _check_vq_layer(m, name)
+            except (ValueError, TypeError, AttributeError, ZeroDivisionError) as e:
                 raise VQFileError(f"{where}: {e}") from None
+
+
+def _rebuild_latent(model: nn.Module, where: str) -> None:
+    """Recreate the training-only `latent` weights of layers with reassign_every > 0 from their codebooks."""
+    for name, m in model.named_modules():
+        if isinstance(m, VQLayer) and m.reassign_every:
+            try:
+                m.init_latent()
+            except (ValueError, TypeError, RuntimeError, AttributeError) as e:
+                raise VQFileError(f"{where}: layer {name!r}: cannot rebuild its dense weight from the file's "
+                                  f"attributes ({e})") from None
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -693,7 +697,5 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: 
         model = _build_model(meta, entries, where)
     _fill(model, entries, payload, where, map_location)
     _check_vq_layers(model, where)
-    for m in model.modules():
-        if isinstance(m, VQLayer) and m.reassign_every:
-            m.init_latent()
+    _rebuild_latent(model, where)
     return model
