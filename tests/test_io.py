@@ -118,3 +118,15 @@ def test_resnet20_end_to_end(tmp_path):
     x = load_dataset("digits", "test").tensors[0][:64]
     assert torch.equal(model(x), back(x))
     assert evaluate(back, load_dataset("digits", "test"), device="cpu") == evaluate(model, load_dataset("digits", "test"), device="cpu")
+
+
+def test_float16_codebooks_round_trip_and_dtype_mismatch_is_named(tmp_path):
+    model = _quantized_lenet(codebook_dtype="float16")
+    path = tmp_path / "h.vq"
+    save(model, path)
+    back = load(path).eval()
+    _same_tensors(model, back)
+    assert back.classifier[1].codebook.weight.dtype == torch.float16
+    with pytest.raises(VQFileError, match=r"codebook\.weight' is \[1, 64, 4\] torch.float16 in the "
+                                          r"file, but \[1, 64, 4\] torch.float32 in the model"):
+        load(path, model=_quantized_lenet())
