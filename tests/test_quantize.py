@@ -12,7 +12,7 @@ from vqlab.quantize import VQConfig, quantize_
 
 from conftest import needs_fashion
 
-REPORT_COLUMNS = ["layer", "type", "shape", "K", "d", "bits_per_weight", "weight_mse", "params_before",
+REPORT_COLUMNS = ["layer", "type", "shape", "method", "K", "d", "bits_per_weight", "weight_mse", "params_before",
                   "params_after", "status"]
 
 
@@ -29,7 +29,7 @@ def _lenet(seed=0):
     (dict(k=2.5), r"VQConfig.k must be an integer >= 2, got 2.5"),
     (dict(init="pca"), r"VQConfig.init must be 'kmeans\+\+' or 'random', got 'pca'"),
     (dict(segment="row"), r"VQConfig.segment must be 'input' or 'kernel', got 'row'"),
-    (dict(codebook="global"), r"VQConfig.codebook must be 'layer', 'group' or 'shared', got 'global'"),
+    (dict(codebook="global"), r"VQConfig.codebook must be 'layer', 'group', 'shared' or a vqlab.Codebook, got 'global'"),
     (dict(codebook="group"), r"VQConfig.groups must be >= 2 with codebook='group', got groups=1"),
     (dict(groups=4), r"VQConfig.groups=4 needs codebook='group'"),
     (dict(batch_size=0), r"VQConfig.batch_size must be an integer >= 1, got 0"),

@@ -486,19 +486,31 @@ def rvq_decode(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 class Codebook(nn.Module):
     """G codebooks of K codewords of length d, as one parameter `weight`: (G, K, d).
 
-    A VQ layer holds one; several layers may hold the same object (a shared codebook, stored once).
-    Gradients reaching `weight` are the sums over the segments that use each codeword.
+    A VQ layer holds one; several layers — also of different models — may hold the same object (a shared
+    codebook, stored once).  Gradients reaching `weight` are the sums over the segments that use each codeword.
+    frozen=True (or `freeze()`) makes `weight` require no gradient, so `vqlab.fit` never updates it (a
+    universal codebook shared by several networks).
     """
 
-    def __init__(self, k: int, d: int, groups: int = 1, *, device=None, dtype=None) -> None:
+    def __init__(self, k: int, d: int, groups: int = 1, *, frozen: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         _check_int("K", k, 2)
         _check_int("d", d, 1)
         _check_int("groups", groups, 1)
-        self.weight = nn.Parameter(torch.zeros(groups, k, d, device=device, dtype=dtype or torch.float32))
+        self.weight = nn.Parameter(torch.zeros(groups, k, d, device=device, dtype=dtype or torch.float32),
+                                   requires_grad=not frozen)
+
+    @property
+    def frozen(self) -> bool:
+        return not self.weight.requires_grad
+
+    def freeze(self) -> "Codebook":
+        """Stop training this codebook (returns self)."""
+        self.weight.requires_grad_(False)
+        return self
 
     @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> "Codebook":
+    def from_tensor(cls, t: torch.Tensor, frozen: bool = False) -> "Codebook":
         """Build from a (K, d) or (G, K, d) float tensor (copied, detached)."""
         if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -507,7 +519,7 @@ class Codebook(nn.Module):
             raise TypeError(f"Codebook.from_tensor needs a float tensor, got dtype {t.dtype}")
         t = t.detach()
         t = t[None] if t.dim() == 2 else t
-        book = cls(t.shape[1], t.shape[2], t.shape[0], device=t.device, dtype=t.dtype)
+        book = cls(t.shape[1], t.shape[2], t.shape[0], frozen=frozen, device=t.device, dtype=t.dtype)
         with torch.no_grad():
             book.weight.copy_(t)
         return book
@@ -525,4 +537,4 @@ class Codebook(nn.Module):
         return self.weight.shape[0]
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}, K={self.k}, d={self.d}, dtype={self.weight.dtype}"
+        return f"groups={self.groups}, K={self.k}, d={self.d}, dtype={self.weight.dtype}" + (", frozen" if self.frozen else "")

@@ -17,16 +17,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ._utils import bits_for
+from ._utils import FLOAT_DTYPE_NAMES, bits_for
 from .codebook import Codebook
-from .layers import FLOAT_DTYPES, VQLayer, check_quantizable, fit_codebook, vq_layer_class, weight_segments
+from .layers import FLOAT_DTYPES, check_quantizable, fit_codebook, vq_layer_class, weight_segments
+from .quantized import QuantizedLayer
 
 __all__ = ["VQConfig", "quantize_", "register_handler", "HANDLERS", "UNSUPPORTED_LAYERS"]
 
 # ---------------------------------------------------------------- config
-
-_DTYPE_NAMES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-                "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64}
 
 
 def _int(name: str, v, lo: int) -> None:
@@ -46,7 +44,9 @@ class VQConfig:
         batch_size: None for Lloyd k-means on all segments, an int for mini-batch k-means.
         segment: conv row layout, "input" (runs of d input channels) or "kernel" (flattened kernel).
         codebook: "layer" (one per layer), "group" (`groups` per layer, over blocks of output
-            channels) or "shared" (one Codebook object for every layer this config quantizes).
+            channels), "shared" (one Codebook object fit on every layer this config quantizes), or a
+            `vqlab.Codebook` object: every layer is assigned to it (no k-means) and holds that very object,
+            shared with whatever else holds it (other layers, other models); k and d are taken from it.
         groups: codebooks per layer when codebook="group" (>= 2; must divide the output channels).
         reassign_every: re-fit assignments to the nearest codeword every N training steps (0 = never;
             keeps a float `latent` weight per layer during training, see vqlab.layers).
@@ -65,7 +65,7 @@ class VQConfig:
     init: str = "kmeans++"
     batch_size: int | None = None
     segment: str = "input"
-    codebook: str = "layer"
+    codebook: str | Codebook = "layer"
     groups: int = 1
     reassign_every: int = 0
     pad: bool = False
@@ -85,8 +85,15 @@ class VQConfig:
             raise ValueError(f"VQConfig.init must be 'kmeans++' or 'random', got {self.init!r}")
         if self.segment not in ("input", "kernel"):
             raise ValueError(f"VQConfig.segment must be 'input' or 'kernel', got {self.segment!r}")
-        if self.codebook not in ("layer", "group", "shared"):
-            raise ValueError(f"VQConfig.codebook must be 'layer', 'group' or 'shared', got {self.codebook!r}")
+        if isinstance(self.codebook, Codebook):
+            if self.groups != 1:
+                raise ValueError(f"VQConfig.groups={self.groups} cannot be combined with a given Codebook object "
+                                 f"(it has {self.codebook.groups} group(s) of its own)")
+            object.__setattr__(self, "k", self.codebook.k)
+            object.__setattr__(self, "d", self.codebook.d)
+        elif self.codebook not in ("layer", "group", "shared"):
+            raise ValueError(f"VQConfig.codebook must be 'layer', 'group', 'shared' or a vqlab.Codebook, got "
+                             f"{self.codebook!r}")
         _int("groups", self.groups, 1)
         if self.codebook == "group" and self.groups < 2:
             raise ValueError(f"VQConfig.groups must be >= 2 with codebook='group', got groups={self.groups}")
@@ -97,9 +104,9 @@ class VQConfig:
                 raise ValueError(f"VQConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
         dt = self.codebook_dtype
         if isinstance(dt, str):
-            if dt.removeprefix("torch.") not in _DTYPE_NAMES:
-                raise ValueError(f"VQConfig.codebook_dtype {dt!r} is not a float dtype; use one of {sorted(_DTYPE_NAMES)}")
-            object.__setattr__(self, "codebook_dtype", _DTYPE_NAMES[dt.removeprefix("torch.")])
+            if dt.removeprefix("torch.") not in FLOAT_DTYPE_NAMES:
+                raise ValueError(f"VQConfig.codebook_dtype {dt!r} is not a float dtype; use one of {sorted(FLOAT_DTYPE_NAMES)}")
+            object.__setattr__(self, "codebook_dtype", FLOAT_DTYPE_NAMES[dt.removeprefix("torch.")])
         elif dt is not None and dt not in FLOAT_DTYPES:
             raise ValueError(f"VQConfig.codebook_dtype must be a float dtype {[str(t) for t in FLOAT_DTYPES]}, got {dt!r}")
 
@@ -110,8 +117,10 @@ class VQConfig:
 
     def check(self, module: nn.Module, name: str) -> None:
         """Raise a clear error if this config cannot quantize `module` (named `name`)."""
-        check_quantizable(module, self.k, self.d, groups=self.groups, segment=self.segment, pad=self.pad,
-                          name=name, check_k=self.codebook != "shared")
+        given = isinstance(self.codebook, Codebook)
+        check_quantizable(module, self.k, self.d, groups=self.codebook.groups if given else self.groups,
+                          segment=self.segment, pad=self.pad, name=name, check_k=self.codebook == "layer" or
+                          self.codebook == "group")
 
 
 # ---------------------------------------------------------------- handler registry
@@ -142,7 +151,7 @@ def _vq_kwargs(module: nn.Module, config: VQConfig) -> dict:
 
 @register_handler(VQConfig)
 def _vq_handler(modules: list[tuple[str, nn.Module]], config: VQConfig) -> Iterator[tuple[str, nn.Module]]:
-    shared = None
+    shared = config.codebook if isinstance(config.codebook, Codebook) else None
     if config.codebook == "shared":
         segs = [weight_segments(m, config.d, segment=config.segment, pad=config.pad) for _, m in modules]
         total = sum(len(s) for s in segs)
@@ -209,7 +218,7 @@ def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, m in model.named_modules(remove_duplicate=False):
         if any(name.startswith(p + ".") for p in inside_vq):
             continue
-        if isinstance(m, VQLayer):
+        if isinstance(m, QuantizedLayer):
             inside_vq.add(name)
         out.append((name, m))
     return out
@@ -264,18 +273,19 @@ def _weight_numbers(old: nn.Module) -> tuple[tuple | None, float, object]:
 
 def _row(name: str, old: nn.Module, new: nn.Module | None, status: str, counted: set) -> dict:
     shape, bits, before = _weight_numbers(old)
-    row = {"layer": name, "type": type(old).__name__, "shape": shape, "K": pd.NA, "d": pd.NA,
+    row = {"layer": name, "type": type(old).__name__, "shape": shape, "method": "float", "K": pd.NA, "d": pd.NA,
            "bits_per_weight": bits, "weight_mse": 0.0, "params_before": before, "params_after": before,
            "status": status}
-    if new is not None and isinstance(new, VQLayer):
-        book = new.codebook.weight
-        after = new.indices.numel() + (new.bias.numel() if new.bias is not None else 0)
-        if id(book) not in counted:  # a shared codebook is counted at the first layer that uses it
-            counted.add(id(book))
-            after += book.numel()
+    if isinstance(new, QuantizedLayer):       # ask the layer's code object, whatever the method
+        stored = [t for t in list(new.code.parameters()) + list(new.code.buffers()) if id(t) not in counted]
+        counted.update(id(t) for t in stored)  # a shared codebook is counted at the first layer that uses it
+        after = sum(t.numel() for t in stored) + (new.bias.numel() if new.bias is not None else 0)
         with torch.no_grad():
             mse = (old.weight.detach().double() - new.dequantize().double()).pow(2).mean().item()
-        row.update(K=new.k, d=new.d, bits_per_weight=new.bits_per_weight, weight_mse=mse, params_after=after)
+        info = new.code.describe()
+        row.update(method=info["method"], K=info["K"] if info["K"] is not None else pd.NA,
+                   d=info["d"] if info["d"] is not None else pd.NA, bits_per_weight=new.bits_per_weight,
+                   weight_mse=mse, params_after=after)
     return row
 
 
@@ -293,7 +303,7 @@ def _decide(name: str, m: nn.Module, aliases: list[str], config, filter_fn, over
     if pat is not None:
         cfg = overrides[pat]
         if cfg is not None and not eligible:
-            if isinstance(m, VQLayer):
+            if isinstance(m, QuantizedLayer):
                 raise TypeError(f"override {pat!r} asks to quantize layer {name!r}, which is already a "
                                 f"{type(m).__name__}")
             if any(True for _ in m.parameters(recurse=False)):
@@ -417,6 +427,6 @@ def _report(plan: list, new: dict[str, nn.Module], names_of: dict[int, list[str]
         if id(m) not in first:
             continue
         ordered.append(rows[name] if first[id(m)] == name else _alias_row(rows[first[id(m)]], name))
-    cols = ["layer", "type", "shape", "K", "d", "bits_per_weight", "weight_mse", "params_before",
+    cols = ["layer", "type", "shape", "method", "K", "d", "bits_per_weight", "weight_mse", "params_before",
             "params_after", "status"]
     return pd.DataFrame(ordered, columns=cols).astype({"K": "Int64", "d": "Int64"})
