@@ -64,10 +64,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-from ._utils import bits_for
-from .kernels.reference import check_codebook_groups, check_indices
-from .layers import VQLayer
-from .size import pack_indices, packed_bytes, unpack_indices
+from .bits import pack_indices, packed_bytes, unpack_indices
+from .quantized import CODES, QuantizedLayer, WeightCode
 
 __all__ = ["save", "load", "VQFileError", "FORMAT_VERSION", "ALLOWED_TYPES", "META_CAP"]
 
@@ -140,14 +138,22 @@ def _vqlab_type(name: str) -> type | None:
     return cls if ok else None
 
 
+def _registered_code(name: str) -> type | None:
+    """A WeightCode class registered with `vqlab.register_code` under the recorded type name, else None
+    (so a method defined outside vqlab loads once its module has registered it)."""
+    return next((c for c in CODES.values() if _type_name(c) == name), None)
+
+
 def _allowed(name: Any) -> bool:
-    """Is `name` a module type a file may ask for (ALLOWED_TYPES or a class of an imported vqlab module)?"""
-    return isinstance(name, str) and (name in ALLOWED_TYPES or _vqlab_type(name) is not None)
+    """Is `name` a module type a file may ask for (ALLOWED_TYPES, a class of an imported vqlab module, or a
+    registered weight code)?"""
+    return isinstance(name, str) and (name in ALLOWED_TYPES or _vqlab_type(name) is not None
+                                      or _registered_code(name) is not None)
 
 
 def _resolve_type(name: str) -> type:
     """The class of an allowed type name (imports only the modules named in ALLOWED_TYPES)."""
-    cls = _vqlab_type(name)
+    cls = _vqlab_type(name) or _registered_code(name)
     if cls is not None:
         return cls
     if name not in ALLOWED_TYPES:
@@ -205,10 +211,18 @@ def _decode(v: Any, field: str, depth: int = 0) -> Any:
 
 # ---------------------------------------------------------------- save
 
+def _training_only(model: nn.Module) -> set[int]:
+    """ids of the tensors layers name in `training_only` (a VQ layer's latent): neither saved nor loaded."""
+    return {id(t) for m in model.modules() for n in getattr(m, "training_only", ())
+            if isinstance(t := getattr(m, n, None), torch.Tensor)}
+
+
 def _stored_tensors(model: nn.Module) -> list[tuple[str, str, torch.Tensor, int]]:
-    """(name, kind, tensor, bits) for every unique tensor to store; bits > 0 for VQ indices."""
-    packed = {id(m.indices): bits_for(m.k) for m in model.modules() if isinstance(m, VQLayer)}
-    skip = {id(m.latent) for m in model.modules() if isinstance(m, VQLayer) and m.latent is not None}
+    """(name, kind, tensor, bits) for every unique tensor to store; bits > 0 where a code packs a buffer
+    (`WeightCode.packing`, e.g. VQ indices at ceil(log2 K) bits)."""
+    packed = {id(getattr(c, n)): bits for c in model.modules() if isinstance(c, WeightCode)
+              for n, bits in c.packing().items()}
+    skip = _training_only(model)
     out, seen = [], set()
     for kind, items in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in items:
@@ -235,8 +249,11 @@ def _check_savable(model: nn.Module) -> None:
                 raise ValueError(f"cannot save: {kind} {name!r} has dtype {t.dtype}; a vqlab file holds "
                                  f"{sorted(_DTYPES)}")
     for name, m in model.named_modules():
-        if isinstance(m, VQLayer):
-            check_indices(m.indices, m.k, what=f"cannot save: indices of layer {name!r}")
+        if isinstance(m, QuantizedLayer):
+            try:
+                m.validate()
+            except ValueError as e:
+                raise ValueError(f"cannot save: layer {name!r}: {e}") from None
 
 
 def _node(m: nn.Module, children: list, tindex: dict[int, int]) -> dict:
@@ -639,46 +656,23 @@ def _fill(model: nn.Module, entries: list[_Entry], payload: bytes, where: str,
         for mod, attr, k in slots[id(like)]:  # one object for every holder: sharing survives the round trip
             (mod._parameters if k == "param" else mod._buffers)[attr] = t
         filled.add(id(like))
-    latent = {id(getattr(m, "latent", None)) for m in model.modules() if isinstance(m, VQLayer)}
+    latent = _training_only(model)
     missing = [n for d in named.values() for n, t in d.items() if id(t) not in filled and id(t) not in latent]
     if missing:
         raise VQFileError(f"{where} has no data for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
-def _check_vq_layer(m: VQLayer, name: str) -> None:
-    """Indices in [0, K) of shape (out_dim, n_pad / d), a (G, K, d) codebook with G dividing the rows."""
-    book = m.codebook.weight
-    if book.dim() != 3 or not book.is_floating_point():
-        raise ValueError(f"layer {name!r}: codebook must be a (G, K, d) float tensor, got {list(book.shape)} {book.dtype}")
-    check_indices(m.indices, m.k, what=f"indices of layer {name!r}")
-    want = (m.out_dim, m.n_pad // m.d)
-    if tuple(m.indices.shape) != want or m.n_pad % m.d or m.n_pad < m.n:
-        raise ValueError(f"layer {name!r}: indices {list(m.indices.shape)} do not fit its geometry: out_dim={m.out_dim}, "
-                         f"n={m.n}, n_pad={m.n_pad}, d={m.d} need {list(want)} (n <= n_pad, d dividing n_pad)")
-    check_codebook_groups(book, m.indices.shape[0])
-    if not _is_int(m.reassign_every):
-        raise ValueError(f"layer {name!r}: reassign_every must be an integer >= 0, got {_short(m.reassign_every)}")
-
-
-def _check_vq_layers(model: nn.Module, where: str) -> None:
-    """Check every VQ layer of a loaded model (`_check_vq_layer`); VQFileError naming the layer."""
+def _check_layers(model: nn.Module, where: str) -> None:
+    """Check every quantized layer of a loaded model (`QuantizedLayer.validate`: for VQ, indices in [0, K) of
+    shape (out_dim, n_pad / d) and codebook groups dividing the rows), then let it rebuild training-only
+    state; VQFileError naming the layer."""
     for name, m in model.named_modules():
-        if isinstance(m, VQLayer):
+        if isinstance(m, QuantizedLayer):
             try:
-                _check_vq_layer(m, name)
-            except (ValueError, TypeError, AttributeError, ZeroDivisionError) as e:
-                raise VQFileError(f"{where}: {e}") from None
-
-
-def _rebuild_latent(model: nn.Module, where: str) -> None:
-    """Recreate the training-only `latent` weights of layers with reassign_every > 0 from their codebooks."""
-    for name, m in model.named_modules():
-        if isinstance(m, VQLayer) and m.reassign_every:
-            try:
-                m.init_latent()
-            except (ValueError, TypeError, RuntimeError, AttributeError) as e:
-                raise VQFileError(f"{where}: layer {name!r}: cannot rebuild its dense weight from the file's "
-                                  f"attributes ({e})") from None
+                m.validate()
+                m.after_load()
+            except (ValueError, TypeError, AttributeError, ZeroDivisionError, RuntimeError) as e:
+                raise VQFileError(f"{where}: layer {name!r}: {e}") from None
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -696,6 +690,5 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: 
     if model is None:
         model = _build_model(meta, entries, where)
     _fill(model, entries, payload, where, map_location)
-    _check_vq_layers(model, where)
-    _rebuild_latent(model, where)
+    _check_layers(model, where)
     return model

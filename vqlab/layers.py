@@ -44,7 +44,7 @@ from .bits import huffman_bytes, pack_indices, packed_bytes
 from .codebook import Codebook, assign, kmeans
 from .kernels import vq_conv2d as _vq_conv2d, vq_matmul as _vq_matmul
 from .kernels.ops import lut_flops, table_count
-from .kernels.reference import check_indices, dequantize as _dequantize
+from .kernels.reference import check_codebook_groups, check_indices, dequantize as _dequantize
 from .quantized import CodeSize, QuantizedLayer, WeightCode, register_code, tensor_bytes
 
 __all__ = ["VQLinear", "VQConv2d", "VQLayer", "VQCode", "vq_layer_class", "check_quantizable", "fit_codebook",
@@ -223,6 +223,14 @@ class VQCode(WeightCode):
     def packing(self) -> dict[str, int]:
         return {"indices": bits_for(self.codebook.k)}
 
+    def validate(self) -> None:
+        """A (G, K, d) float codebook, integer indices in [0, K), G dividing the rows."""
+        book = self.codebook.weight
+        if book.dim() != 3 or not book.is_floating_point():
+            raise ValueError(f"codebook must be a (G, K, d) float tensor, got {list(book.shape)} {book.dtype}")
+        check_indices(self.indices, self.codebook.k)
+        check_codebook_groups(book, self.indices.shape[0])
+
     def describe(self) -> dict:
         return {"method": self.method, "K": self.codebook.k, "d": self.codebook.d,
                 "bits_per_weight": bits_for(self.codebook.k) / self.codebook.d}
@@ -263,6 +271,18 @@ class VQLayer(QuantizedLayer):
     @property
     def codebook(self) -> Codebook:
         return self.code.codebook
+
+    def validate(self) -> None:
+        if self.n_pad % self.d:
+            raise ValueError(f"{type(self).__name__}: d={self.d} does not divide n_pad={self.n_pad}")
+        if isinstance(self.reassign_every, bool) or not isinstance(self.reassign_every, int) or self.reassign_every < 0:
+            raise ValueError(f"{type(self).__name__}: reassign_every must be an integer >= 0, got {self.reassign_every!r}")
+        super().validate()
+
+    def after_load(self) -> None:
+        """Recreate the training-only `latent` weights (reassign_every > 0) from the codebook."""
+        if self.reassign_every:
+            self.init_latent()
 
     @property
     def indices(self) -> torch.Tensor:

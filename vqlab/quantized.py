@@ -115,6 +115,10 @@ class WeightCode(nn.Module):
         """{buffer name: bits per value} for buffers the file stores bit-packed (non-negative integers)."""
         return {}
 
+    def validate(self) -> None:
+        """Raise ValueError when the stored values cannot be used (e.g. an index outside the codebook);
+        `vqlab.load` calls it on every code it reads and `save` before writing."""
+
     def describe(self) -> dict:
         """Report fields: method, K, d, bits_per_weight (index bits per weight, codebooks not included)."""
         return {"method": self.method or self.kind, "K": None, "d": None, "bits_per_weight": None}
@@ -165,6 +169,16 @@ class QuantizedLayer(nn.Module):
     def flops(self, rows: int) -> tuple[int, int]:
         """(table, accumulate) FLOPs for `rows` input vectors."""
         return self.code.flops(rows, getattr(self, "groups", 1))
+
+    def validate(self) -> None:
+        """Raise ValueError unless the code fits this layer (rows (out_dim, n_pad)) and its values are usable."""
+        if tuple(self.code.shape) != (self.out_dim, self.n_pad) or self.n_pad < self.n:
+            raise ValueError(f"{type(self).__name__}: code rows {tuple(self.code.shape)} do not fit its geometry: "
+                             f"out_dim={self.out_dim}, n={self.n}, n_pad={self.n_pad} (n <= n_pad)")
+        self.code.validate()
+
+    def after_load(self) -> None:
+        """Rebuild training-only state after `vqlab.load` filled the stored tensors (default: nothing)."""
 
 
 class QuantizedLinear(QuantizedLayer):
