@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vqlab.baselines import fake_quantize_uniform, uniform_quantize_
+from vqlab.size import compressed_size
 from vqlab.data import load_dataset
 from vqlab.experiments import COLUMNS, layer_sensitivity, pareto_front, sweep
 from vqlab.models import get_model
@@ -28,9 +29,13 @@ def test_uniform_quantization_levels_and_bytes():
     assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() <= 7 + 1e-4
     assert (q - w).abs().max() <= scale.max() / 2 + 1e-6
     model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 30), torch.nn.Linear(30, 5))
-    rep = uniform_quantize_(model, 8)
-    assert rep["layer"].tolist() == ["1"]                           # first and last stay float
-    assert rep["bytes"].iloc[0] == 20 * 30 + 4 * 30                 # 8-bit weights + one fp32 scale per row
+    rep = uniform_quantize_(model, 8)                               # quantize_'s rule: the last Linear stays float
+    assert rep.loc[rep.status == "quantized", "layer"].tolist() == ["0", "1"]
+    assert rep["status"].iloc[-1] == "float (last linear)"
+    size = compressed_size(model).layers.set_index("layer")
+    assert size.loc["1", "index_bytes"] == 20 * 30                  # 8-bit weights
+    assert size.loc["1", "other_bytes"] == 4 * 30 + 4 * 30          # one fp32 scale per row + the bias
+    assert torch.equal(model[1].weight, fake_quantize_uniform(model[1].weight, 8))
     with pytest.raises(ValueError, match="bits must be in 2..16, got 1"):
         fake_quantize_uniform(w, 1)
 

@@ -1,48 +1,142 @@
-"""Non-VQ baselines for the compression studies: uniform (scalar, linear) int-b quantization.
+"""Non-VQ baselines for the compression studies: uniform (scalar, linear) int-b quantization, as a
+`WeightCode` that goes through `quantize_` like every method (same first/last rule, same size accounting,
+same file format).
 
-Symmetric, per output channel: w_q = round(w / s) * s with s = max|w_row| / (2^(b-1) - 1).
-Weights are fake-quantized in place (kept as float tensors holding the quantized values), so every
-vqlab tool (evaluate, fit) runs unchanged; the storage a real int-b file would need is reported.
+Symmetric, per output channel: w_q = round(w / s) * s with s = max|w_row| / (2^(b-1) - 1).  Stored: the
+integer levels packed at b bits each (offset by 2^(b-1) - 1 so they are non-negative) and one float32 scale per
+output channel.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
 
 import pandas as pd
 import torch
 import torch.nn as nn
 
-__all__ = ["uniform_quantize_", "fake_quantize_uniform"]
+from .bits import huffman_bytes, pack_indices, packed_bytes
+from .quantize import quantize_, register_handler
+from .quantized import CodeSize, QuantizedConv2d, QuantizedLinear, WeightCode, register_code, tensor_bytes
+
+__all__ = ["UniformConfig", "UniformCode", "uniform_quantize_", "fake_quantize_uniform"]
+
+
+def _check_bits(bits) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"bits must be in 2..16, got {bits!r}")
+
+
+def _levels_and_scale(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: (out, ...) -> integer levels (out, n) in [-L, L] (int64) and scales (out,), L = 2^(bits-1) - 1."""
+    _check_bits(bits)
+    levels = 2 ** (bits - 1) - 1
+    flat = w.detach().reshape(len(w), -1).float()
+    scale = flat.abs().amax(dim=1).clamp_min(1e-12) / levels                 # (out,)
+    return torch.round(flat / scale[:, None]).clamp(-levels, levels).long(), scale
 
 
 def fake_quantize_uniform(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric per-output-channel uniform quantization.  w: (out, ...) -> same shape and dtype."""
-    if not 2 <= bits <= 16:
-        raise ValueError(f"bits must be in 2..16, got {bits}")
-    levels = 2 ** (bits - 1) - 1
-    flat = w.reshape(len(w), -1)
-    scale = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / levels  # (out, 1)
-    return (torch.round(flat / scale).clamp(-levels, levels) * scale).reshape(w.shape)
+    q, scale = _levels_and_scale(w, bits)
+    return (q * scale[:, None]).to(w.dtype).reshape(w.shape)
 
 
-def _eligible(model: nn.Module, quantize_first_last: bool) -> list[tuple[str, nn.Module]]:
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    if not quantize_first_last and layers:  # the same rule as vqlab.quantize_: first and last layer stay float
-        layers = layers[1:-1]
-    return layers
+@register_code
+class UniformCode(WeightCode):
+    """Integer levels (rows, n), packed at `bits` bits, and a float32 scale per row: rows() = (codes - L) * scale."""
+
+    kind = "uniform"
+
+    def __init__(self, rows: int, n: int, bits: int):
+        super().__init__()
+        _check_bits(bits)
+        self.bits = bits
+        self.register_buffer("codes", torch.zeros(rows, n, dtype=torch.int32 if bits > 8 else torch.uint8))
+        self.register_buffer("scale", torch.ones(rows))
+
+    @property
+    def method(self) -> str:
+        return f"uniform int{self.bits}"
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bits: int) -> "UniformCode":
+        q, scale = _levels_and_scale(weight, bits)
+        code = cls(q.shape[0], q.shape[1], bits)
+        code.codes.copy_(q + 2 ** (bits - 1) - 1)
+        code.scale.copy_(scale)
+        return code.to(weight.device)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def rows(self) -> torch.Tensor:
+        return (self.codes.float() - (2 ** (self.bits - 1) - 1)) * self.scale[:, None]
+
+    def size(self, seen: set[int]) -> CodeSize:
+        return CodeSize(index_bytes=packed_bytes(self.codes.numel(), self.bits), other_bytes=tensor_bytes(self.scale),
+                        entropy_index_bytes=huffman_bytes(self.codes, 2 ** self.bits),
+                        streams=[pack_indices(self.codes, self.bits)], index_bits=self.bits)
+
+    def config(self) -> dict:
+        return {"rows": self.shape[0], "n": self.shape[1], "bits": self.bits}
+
+    @classmethod
+    def from_config(cls, rows: int, n: int, bits: int) -> "UniformCode":
+        return cls(rows, n, bits)
+
+    def packing(self) -> dict[str, int]:
+        return {"codes": self.bits}
+
+    def validate(self) -> None:
+        if self.codes.numel() and int(self.codes.max()) > 2 ** self.bits - 2:
+            raise ValueError(f"uniform int{self.bits} levels must lie in [0, {2 ** self.bits - 2}], got "
+                             f"{int(self.codes.max())}")
+
+    def describe(self) -> dict:
+        return {"method": self.method, "K": None, "d": 1, "bits_per_weight": float(self.bits)}
+
+    def extra_repr(self) -> str:
+        return f"rows={self.shape[0]}, n={self.shape[1]}, bits={self.bits}"
 
 
-@torch.no_grad()
-def uniform_quantize_(model: nn.Module, bits: int = 8, quantize_first_last: bool = False) -> pd.DataFrame:
-    """Fake-quantize every Linear/Conv2d weight to `bits` (the first and last layer kept unless asked).
+@dataclass(frozen=True)
+class UniformConfig:
+    """Uniform symmetric int-b quantization per output channel (the int8/int4 baselines).
 
-    returns: per layer: layer, shape, bits, weight_mse, params, bytes (b-bit weights packed + one
-        float32 scale per output channel).
+    Args:
+        bits: 2..16 bits per weight.
+        quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
+    Example:
+        >>> quantize_(model, UniformConfig(bits=4))
     """
-    rows = []
-    for name, mod in _eligible(model, quantize_first_last):
-        w = mod.weight
-        q = fake_quantize_uniform(w, bits)
-        rows.append({"layer": name, "shape": tuple(w.shape), "bits": bits,
-                     "weight_mse": (q - w).pow(2).mean().item(), "params": w.numel(),
-                     "bytes": (w.numel() * bits + 7) // 8 + 4 * len(w)})
-        w.copy_(q)
-    return pd.DataFrame(rows)
+
+    bits: int = 8
+    quantize_first_last: bool = False
+
+    def __post_init__(self):
+        _check_bits(self.bits)
+
+    def check(self, module: nn.Module, name: str) -> None:
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"layer {name!r}: uniform quantization supports nn.Linear and nn.Conv2d, not "
+                            f"{type(module).__name__}")
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            raise ValueError(f"layer {name!r}: uniform quantization supports padding_mode='zeros', got "
+                             f"{module.padding_mode!r}")
+
+
+@register_handler(UniformConfig)
+def _uniform_handler(modules: list[tuple[str, nn.Module]], config: UniformConfig) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in modules:
+        code = UniformCode.from_weight(m.weight, config.bits)
+        cls = QuantizedConv2d if isinstance(m, nn.Conv2d) else QuantizedLinear
+        yield name, cls.from_code(m, code)
+
+
+def uniform_quantize_(model: nn.Module, bits: int = 8, quantize_first_last: bool = False,
+                      progress: bool = False) -> pd.DataFrame:
+    """`quantize_(model, UniformConfig(bits, quantize_first_last))`: the same layer choice as VQ (first conv and
+    last linear stay float unless asked); returns quantize_'s report."""
+    return quantize_(model, UniformConfig(bits, quantize_first_last), progress=progress)

@@ -34,6 +34,16 @@ COLUMNS = ["method", "K", "d", "bits_per_weight", "ratio", "compressed_bytes", "
            "delta_points", "seconds"]
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` on the CPU that still shares every Codebook with the original (a universal or
+    shared codebook stays one object across the copies, so it is counted and stored once)."""
+    from .codebook import Codebook
+
+    memo = {id(m): m for m in model.modules() if isinstance(m, Codebook)}
+    memo.update({id(m.weight): m.weight for m in list(memo.values())})
+    return copy.deepcopy(model, memo).cpu()
+
+
 def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, max_steps: int | None, seed: int) -> None:
     if epochs > 0:
         fit(model, train_ds, epochs=epochs, lr=lr, seed=seed, max_steps=max_steps, progress=False)
@@ -47,7 +57,7 @@ def compress_and_evaluate(model: nn.Module, train_ds: TensorDataset | None, test
     returns (row dict with the COLUMNS of `sweep`, the compressed copy).  `model` is not changed.
     """
     t0 = time.perf_counter()
-    q = copy.deepcopy(model).cpu()
+    q = copy_model(model)
     quantize_(q, VQConfig(k=k, d=d, seed=seed, **config), progress=False)
     size = compressed_size(q)
     acc = evaluate(q, test_ds)
@@ -65,9 +75,9 @@ def compress_and_evaluate(model: nn.Module, train_ds: TensorDataset | None, test
 
 
 def _uniform_row(model: nn.Module, test_ds, bits: int, dense_bytes: int, baseline_acc: float) -> dict:
-    q = copy.deepcopy(model).cpu()
-    rep = uniform_quantize_(q, bits)
-    stored = dense_bytes - 4 * int(rep["params"].sum()) + int(rep["bytes"].sum())
+    q = copy_model(model)
+    uniform_quantize_(q, bits)                      # through quantize_: the same layers as the VQ rows
+    stored = compressed_size(q).compressed_bytes
     acc = evaluate(q, test_ds)
     return {"method": f"uniform int{bits}", "K": 2 ** bits, "d": 1, "bits_per_weight": float(bits),
             "ratio": dense_bytes / stored, "compressed_bytes": stored, "acc": acc, "acc_finetuned": float("nan"),
@@ -187,7 +197,7 @@ def layer_sensitivity(model: nn.Module, test_ds: TensorDataset, k: int = 16, d: 
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     rows = []
     for name in names:
-        q = copy.deepcopy(model).cpu()
+        q = copy_model(model)
         cfg = VQConfig(k=k, d=d, quantize_first_last=True, **config)
         try:
             rep = quantize_(q, cfg, filter_fn=lambda m, n, name=name: n == name, progress=False)

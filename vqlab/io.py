@@ -342,14 +342,29 @@ def _write_atomic(path: str | os.PathLike, chunks: list[bytes]) -> None:
             os.close(dfd)
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> int:
-    """Write `model` (VQ or float) to `path` in the vqlab format; return the file size in bytes.
+def _as_module(model: nn.Module | list | tuple) -> tuple[nn.Module, int | None]:
+    """A model, or several models as one nn.ModuleList (shared objects then stored once); and their count."""
+    if isinstance(model, (list, tuple)):
+        if not model or not all(isinstance(m, nn.Module) for m in model):
+            raise TypeError(f"save/load take an nn.Module or a non-empty list of them, got {_short(model)}")
+        return nn.ModuleList(model), len(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save/load take an nn.Module or a list of them, got {type(model).__name__}")
+    return model, None
 
+
+def save(model: nn.Module | list[nn.Module], path: str | os.PathLike) -> int:
+    """Write `model` (VQ or float), or several models in one file, to `path`; return the file size in bytes.
+
+    model: one nn.Module, or a list of them: every object they share (a universal codebook) is stored once,
+        and `load(path)` returns the list.
     The size is compressed_size(model).compressed_bytes plus the header and the JSON metadata (a few KB
     at most).  The file is replaced atomically: if saving fails, an existing `path` is left unchanged.
     Raises ValueError for a meta-device model or out-of-range indices.
-    Example: `vqlab.save(model, "lenet.vqz"); model2 = vqlab.load("lenet.vqz")`.
+    Example: `vqlab.save(model, "lenet.vqz"); model2 = vqlab.load("lenet.vqz")`;
+        `vqlab.save([m1, m2, m3], "three.vqz"); m1, m2, m3 = vqlab.load("three.vqz")`.
     """
+    model, count = _as_module(model)
     _check_savable(model)
     sections, entries, tindex, offset = [], [], {}, 0
     for name, kind, t, bits in _stored_tensors(model):
@@ -361,6 +376,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> int:
         offset += len(b)
     meta = {"format": "vqlab", "version": FORMAT_VERSION, "torch": torch.__version__, "tensors": entries,
             "modules": _module_nodes(model, tindex)}
+    if count is not None:
+        meta["models"] = count
     meta_b = lzma.compress(json.dumps(meta, separators=(",", ":")).encode(), format=lzma.FORMAT_RAW,
                            filters=_META_FILTERS)
     chunks = [_HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(meta_b), offset), meta_b, *sections]
@@ -675,8 +692,9 @@ def _check_layers(model: nn.Module, where: str) -> None:
                 raise VQFileError(f"{where}: layer {name!r}: {e}") from None
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Read a model written by `save`.  Never runs code from the file.
+def load(path: str | os.PathLike, model: nn.Module | list[nn.Module] | None = None,
+         map_location: str | torch.device = "cpu") -> nn.Module | list[nn.Module]:
+    """Read a model (or the list of models) written by `save`.  Never runs code from the file.
 
     model: None rebuilds the architecture from the file (module types on `ALLOWED_TYPES` only); or an
         already quantized model of the same architecture (same names, shapes, dtypes and K), filled
@@ -687,8 +705,21 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: 
     """
     meta, payload, where = _read_checked(path)
     entries = _parse_tensors(meta, len(payload), where)
-    if model is None:
+    count = meta.get("models")
+    if count is not None and (not _is_int(count, 1) or isinstance(count, bool)):
+        raise VQFileError(f"{where}: field 'models' must be a positive integer, got {_short(count)}")
+    given = model is not None
+    if given:
+        model, given_count = _as_module(model)
+        if given_count != count:
+            raise VQFileError(f"{where} holds {count or 1} model(s) "
+                              f"({'a list' if count else 'one model'}); pass model= the same way")
+    else:
         model = _build_model(meta, entries, where)
     _fill(model, entries, payload, where, map_location)
     _check_layers(model, where)
+    if count is not None:
+        if not isinstance(model, nn.ModuleList) or len(model) != count:
+            raise VQFileError(f"{where}: field 'models' says {count} but the architecture is not a list of them")
+        return list(model)
     return model

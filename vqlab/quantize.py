@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import pandas as pd
 import torch
@@ -58,6 +58,8 @@ class VQConfig:
     Example:
         >>> report = quantize_(model, VQConfig(k=256, d=4), overrides={"classifier.1": VQConfig(k=16, d=2)})
     """
+
+    report_status: ClassVar[str] = "vq"
 
     k: int = 256
     d: int = 4
@@ -313,7 +315,7 @@ def _decide(name: str, m: nn.Module, aliases: list[str], config, filter_fn, over
             return None  # containers and parameter-free modules (ReLU, Sequential) are not layers
         hits[pat].append(name)
         if eligible or isinstance(m, UNSUPPORTED_LAYERS):
-            return (cfg, "vq (override)") if cfg is not None else (None, "skipped (override)")
+            return (cfg, f"{_status(cfg)} (override)") if cfg is not None else (None, "skipped (override)")
         return None
     if isinstance(m, UNSUPPORTED_LAYERS):
         return None, f"skipped ({type(m).__name__} not supported)"
@@ -323,7 +325,13 @@ def _decide(name: str, m: nn.Module, aliases: list[str], config, filter_fn, over
         return None, "skipped (filter_fn)"
     if name in ends and not getattr(config, "quantize_first_last", False):
         return None, f"float ({ends[name]})"
-    return config, "vq"
+    return config, _status(config)
+
+
+def _status(config) -> str:
+    """The report status of a layer a config quantizes: "vq" for VQConfig, else the config's
+    `report_status` or "quantized"."""
+    return getattr(config, "report_status", "quantized")
 
 
 def quantize_(model: nn.Module, config, filter_fn: Callable[[nn.Module, str], bool] | None = None,
