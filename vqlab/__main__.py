@@ -59,11 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="checkpoint path (default data/checkpoints/<model>_<dataset>_e<epochs>_s<seed>.pt)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_train, check=_check_train_args)
-    try:
-        from .experiments import add_sweep_command  # registered once the experiments module exists
-        add_sweep_command(sub)
-    except ImportError:
-        pass
+    from .experiments import add_sweep_command
+
+    add_sweep_command(sub)
     return p
 
 

@@ -8,7 +8,8 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "default_device", "index_dtype", "bits_for", "fast_mode", "FLOAT_DTYPE_NAMES"]
+__all__ = ["seed_everything", "default_device", "index_dtype", "bits_for", "index_bits_per_weight", "fast_mode", "pair",
+           "FLOAT_DTYPE_NAMES"]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -48,3 +49,14 @@ def fast_mode() -> bool:
 # float dtypes by the names configs and files use for them
 FLOAT_DTYPE_NAMES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
                      "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64}
+
+
+def pair(v) -> tuple[int, int]:
+    """An int or a pair of ints (nn.Conv2d's kernel_size/stride/padding/dilation style) -> (a, b) ints."""
+    return tuple(int(t) for t in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def index_bits_per_weight(k: int, d: int) -> float:
+    """Index bits per weight of a K-word codebook over segments of d weights, as stored: ceil(log2 K) / d
+    (codebooks not included).  The one definition every report, sweep and widget uses."""
+    return bits_for(k) / d

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from ._utils import bits_for
+from ._utils import index_bits_per_weight
 from .baselines import uniform_quantize_
 from .quantize import VQConfig, quantize_
 from .size import compressed_size
@@ -67,7 +67,7 @@ def compress_and_evaluate(model: nn.Module, train_ds: TensorDataset | None, test
         acc_ft = evaluate(q, test_ds)
     best = acc_ft if finetune_epochs > 0 else acc
     row = {"method": "vq" if d > 1 else "scalar k-means", "K": k, "d": d,
-           "bits_per_weight": bits_for(k) / d, "ratio": size.ratio, "compressed_bytes": size.compressed_bytes,
+           "bits_per_weight": index_bits_per_weight(k, d), "ratio": size.ratio, "compressed_bytes": size.compressed_bytes,
            "acc": acc, "acc_finetuned": acc_ft,
            "delta_points": 100 * (best - baseline_acc) if baseline_acc is not None else float("nan"),
            "seconds": time.perf_counter() - t0}
@@ -117,7 +117,7 @@ def sweep(model: nn.Module, train_ds: TensorDataset | None, test_ds: TensorDatas
                                            baseline_acc=float_acc, **config)
         except ValueError as err:  # a grid point some layer cannot take: keep the reason in the table
             row = {"method": "vq" if d > 1 else "scalar k-means", "K": k, "d": d,
-                   "bits_per_weight": bits_for(k) / d, "error": str(err).splitlines()[0]}
+                   "bits_per_weight": index_bits_per_weight(k, d), "error": str(err).splitlines()[0]}
         rows.append(row)
     df = pd.DataFrame(rows)
     for c in COLUMNS + ["error"]:

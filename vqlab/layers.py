@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._utils import FLOAT_DTYPE_NAMES, bits_for, index_dtype
+from ._utils import FLOAT_DTYPE_NAMES, bits_for, index_bits_per_weight, index_dtype, pair
 from .bits import huffman_bytes, pack_indices, packed_bytes
 from .codebook import Codebook, assign, kmeans
 from .kernels import vq_conv2d as _vq_conv2d, vq_matmul as _vq_matmul
@@ -48,7 +48,7 @@ from .kernels.reference import check_codebook_groups, check_indices, dequantize 
 from .quantized import CodeSize, QuantizedLayer, WeightCode, register_code, tensor_bytes
 
 __all__ = ["VQLinear", "VQConv2d", "VQLayer", "VQCode", "vq_layer_class", "check_quantizable", "fit_codebook",
-           "weight_segments", "FLOAT_DTYPES"]
+           "weight_segments", "segment_geometry", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -67,6 +67,30 @@ def _divisors(n: int) -> list[int]:
 
 def _ceil_to(n: int, d: int) -> int:
     return -(-n // d) * d
+
+
+def segment_geometry(in_dim: int, d: int, *, kernel: tuple[int, int] | None = None, segment: str = "input",
+                     pad: bool = False, label: str = "layer") -> int:
+    """The padded row length n_pad of one output channel cut into segments of length d (the one segment check).
+
+    in_dim: in_features (Linear) or in_channels/groups (conv, with kernel=(kh, kw)).  Linear and
+    segment="kernel" rows are padded at their end to a multiple of d; segment="input" pads the channels of
+    every kernel position.  raises ValueError naming `label` when d does not divide the segmented dimension
+    and pad is False, or segment is not 'input'/'kernel'.
+    """
+    if kernel is None:
+        dim, what, where, n_pad = in_dim, "in_features", "", _ceil_to(in_dim, d)
+    else:
+        if segment not in ("input", "kernel"):
+            raise ValueError(f"{label}: segment must be 'input' or 'kernel', got {segment!r}")
+        kh, kw = kernel
+        dim, what = (in_dim, "in_channels/groups") if segment == "input" else (in_dim * kh * kw, "in_channels/groups*kh*kw")
+        n_pad = kh * kw * _ceil_to(in_dim, d) if segment == "input" else _ceil_to(dim, d)
+        where = f" (segment={segment!r})"
+    if dim % d and not pad:
+        raise ValueError(f"{label}: d={d} does not divide {what}={dim}{where}; choose d in {_divisors(dim)} "
+                         f"or pass pad=True")
+    return n_pad
 
 
 def _resolve_conv_padding(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
@@ -105,19 +129,8 @@ def check_quantizable(module: nn.Module, k: int, d: int, *, groups: int = 1, seg
     if bad:
         raise ValueError(f"{label}: weight has {bad} non-finite value(s) (nan/inf); VQ needs finite weights")
     out = w.shape[0]
-    if isinstance(module, nn.Conv2d):
-        if segment not in ("input", "kernel"):
-            raise ValueError(f"{label}: segment must be 'input' or 'kernel', got {segment!r}")
-        cin_g, kh, kw = w.shape[1:]
-        dim, what = (cin_g, "in_channels/groups") if segment == "input" else (cin_g * kh * kw, "in_channels/groups*kh*kw")
-        n_pad = kh * kw * _ceil_to(cin_g, d) if segment == "input" else _ceil_to(dim, d)
-        where = f" (segment={segment!r})"
-    else:
-        dim, what, where = w.shape[1], "in_features", ""
-        n_pad = _ceil_to(dim, d)
-    if dim % d and not pad:
-        raise ValueError(f"{label}: d={d} does not divide {what}={dim}{where}; choose d in "
-                         f"{_divisors(dim)} or pass pad=True")
+    kernel = tuple(w.shape[2:]) if isinstance(module, nn.Conv2d) else None
+    n_pad = segment_geometry(w.shape[1], d, kernel=kernel, segment=segment, pad=pad, label=label)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or out % groups:
         raise ValueError(f"{label}: codebook groups G={groups!r} must be a positive divisor of the "
                          f"{out} output channels; valid: {_divisors(out)}")
@@ -233,7 +246,7 @@ class VQCode(WeightCode):
 
     def describe(self) -> dict:
         return {"method": self.method, "K": self.codebook.k, "d": self.codebook.d,
-                "bits_per_weight": bits_for(self.codebook.k) / self.codebook.d}
+                "bits_per_weight": index_bits_per_weight(self.codebook.k, self.codebook.d)}
 
     def flops(self, rows: int, groups: int = 1) -> tuple[int, int]:
         """The LUT product's count (the kernels' own formula): tables for every (conv group, codebook group)
@@ -426,13 +439,10 @@ class VQLinear(VQLayer):
         super().__init__()
         if codebook is not None:
             k, d, codebook_groups = codebook.k, codebook.d, codebook.groups
-        if in_features % d and not pad:
-            raise ValueError(f"VQLinear: d={d} does not divide in_features={in_features}; choose d in "
-                             f"{_divisors(in_features)} or pass pad=True")
+        n_pad = segment_geometry(in_features, d, pad=pad, label="VQLinear")
         self.in_features, self.out_features = in_features, out_features
         self.out_dim, self.n = out_features, in_features
-        self._init_vq(out_features, _ceil_to(in_features, d), k, d, codebook_groups, codebook,
-                      reassign_every, device, dtype)
+        self._init_vq(out_features, n_pad, k, d, codebook_groups, codebook, reassign_every, device, dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     def _weight_to_flat(self, weight: torch.Tensor) -> torch.Tensor:
@@ -477,10 +487,6 @@ class VQLinear(VQLayer):
 
 # ---------------------------------------------------------------- VQConv2d
 
-def _pair(v) -> tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 class VQConv2d(VQLayer):
     """nn.Conv2d with a vector-quantized weight.  x: (B, in_channels, H, W) -> (B, out_channels, Ho, Wo).
 
@@ -496,8 +502,6 @@ class VQConv2d(VQLayer):
         super().__init__()
         if codebook is not None:
             k, d, codebook_groups = codebook.k, codebook.d, codebook.groups
-        if segment not in ("input", "kernel"):
-            raise ValueError(f"VQConv2d: segment must be 'input' or 'kernel', got {segment!r}")
         if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
             raise ValueError(f"VQConv2d: padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', "
                              f"got {padding_mode!r}")
@@ -505,18 +509,13 @@ class VQConv2d(VQLayer):
             raise ValueError(f"VQConv2d: groups={groups} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
         self.padding_mode, self.segment = padding_mode, segment
         cin_g = in_channels // groups
         kh, kw = self.kernel_size
-        dim = cin_g if segment == "input" else cin_g * kh * kw
-        if dim % d and not pad:
-            what = "in_channels/groups" if segment == "input" else "in_channels/groups*kh*kw"
-            raise ValueError(f"VQConv2d: d={d} does not divide {what}={dim} (segment={segment!r}); choose d in "
-                             f"{_divisors(dim)} or pass pad=True")
+        n_pad = segment_geometry(cin_g, d, kernel=(kh, kw), segment=segment, pad=pad, label="VQConv2d")
         self.cin_pad = _ceil_to(cin_g, d) if segment == "input" else cin_g   # channels per conv group seen by the kernel
-        n_pad = kh * kw * self.cin_pad if segment == "input" else _ceil_to(dim, d)
         self.out_dim, self.n = out_channels, cin_g * kh * kw
         self._init_vq(out_channels, n_pad, k, d, codebook_groups, codebook, reassign_every, device, dtype)
         self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype)) if bias else None

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ._utils import FLOAT_DTYPE_NAMES, bits_for
+from ._utils import FLOAT_DTYPE_NAMES, index_bits_per_weight
 from .codebook import Codebook
 from .layers import FLOAT_DTYPES, check_quantizable, fit_codebook, vq_layer_class, weight_segments
 from .quantized import QuantizedLayer
@@ -115,7 +115,7 @@ class VQConfig:
     @property
     def bits_per_weight(self) -> float:
         """Index bits per weight, ceil(log2 K) / d (codebooks not included)."""
-        return bits_for(self.k) / self.d
+        return index_bits_per_weight(self.k, self.d)
 
     def check(self, module: nn.Module, name: str) -> None:
         """Raise a clear error if this config cannot quantize `module` (named `name`)."""
@@ -338,7 +338,7 @@ def quantize_(model: nn.Module, config, filter_fn: Callable[[nn.Module, str], bo
               overrides: dict | None = None, *, progress: bool = True) -> pd.DataFrame:
     """Replace eligible nn.Linear / nn.Conv2d layers of `model` by VQ layers, in place.
 
-    config: a registered config (VQConfig, or a method's config from vqlab.methods).
+    config: a registered config (VQConfig, UniformConfig, or any config registered with register_handler).
     filter_fn(module, name) -> bool: quantize only the Linear/Conv2d layers it accepts.
     overrides: {pattern: config or None}; a pattern is a glob on the module name (fnmatch, e.g.
         "layers.*.conv1") or a compiled regex (full match); the first matching pattern decides that

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._utils import pair
+
 __all__ = ["WeightCode", "CodeSize", "QuantizedLayer", "QuantizedLinear", "QuantizedConv2d", "register_code",
            "CODES", "code_class", "tensor_bytes"]
 
@@ -220,10 +222,6 @@ class QuantizedLinear(QuantizedLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _pair(v) -> tuple[int, int]:
-    return tuple(int(t) for t in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
-
-
 class QuantizedConv2d(QuantizedLayer):
     """nn.Conv2d (zeros padding mode) whose weight is a WeightCode with rows (out, cin/groups * kh * kw)."""
 
@@ -231,8 +229,8 @@ class QuantizedConv2d(QuantizedLayer):
                  groups: int = 1, bias: bool = True, *, code: WeightCode):
         super().__init__()
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
         kh, kw = self.kernel_size
         self.out_dim, self.n = out_channels, in_channels // groups * kh * kw
         self.n_pad = self.n

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._utils import bits_for
+from ._utils import index_bits_per_weight
 
 __all__ = ["Panel", "codebook_panel", "compression_panel", "speed_panel"]
 
@@ -147,7 +147,7 @@ def codebook_panel(weight: torch.Tensor | nn.Module, ks: Sequence[int] = (4, 8, 
         head = f"K={K}, d={d}" if k_used == K else (
             f"K={K} asked, but the layer has only {len(x)} segments of length d={d}: "
             f"<b>k-means used K={k_used}</b> (each segment its own codeword)")
-        text = (f"{head}: <b>{bits_for(k_used) / d:.2f} bits/weight</b>, weight MSE {res.distortion:.3e}, "
+        text = (f"{head}: <b>{index_bits_per_weight(k_used, d):.2f} bits/weight</b>, weight MSE {res.distortion:.3e}, "
                 f"SNR {snr:.1f} dB, {res.n_iter} k-means iterations")
         return text, fig
 
