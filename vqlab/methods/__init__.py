@@ -1,0 +1,6 @@
+"""The papers' quantizers, one module each, plugged in through the seam (`vqlab.quantized.WeightCode` +
+a config registered with `vqlab.register_handler`): import a module to register its configs.
+
+    gong     Gong et al. 2014: binarization, scalar k-means, product and residual quantization
+    lattice  Choi et al.: universal randomized (dithered) lattice quantization with universal source coding
+"""
