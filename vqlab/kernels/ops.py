@@ -12,6 +12,7 @@ checked once per tensor contents and compared with the caller's bytes on every c
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -42,6 +43,7 @@ def clear_caches() -> None:
     _AUTO.clear()
 
 
+@functools.cache
 def _numba_available() -> bool:
     try:
         import numba  # noqa: F401
@@ -181,9 +183,9 @@ def _candidates(k: int, d: int) -> list[str]:
     return [n for n in available_backends()[1:-1] if get_backend(n).auto and get_backend(n).supports(k, d)]
 
 
-def _resolve(backend: str, k: int, d: int, key, timers: dict) -> str:
+def _resolve(backend: str, k: int, d: int, key, run) -> str:
     """The native backend to run: a named one, the pinned one, or auto's timed choice for `key`.
-    timers: name -> zero-argument callable running that backend once (only called when timing)."""
+    run(name): runs that backend once (called only while timing a new key)."""
     if backend == "auto":
         backend = pinned_backend() or "auto"
     if backend != "auto":
@@ -192,7 +194,7 @@ def _resolve(backend: str, k: int, d: int, key, timers: dict) -> str:
     key = (*key, tuple(names))
     choice = _AUTO.get(key)
     if choice is None:
-        choice = names[0] if len(names) == 1 else min(names, key=lambda n: _time_best(timers[n]))
+        choice = names[0] if len(names) == 1 else min(names, key=lambda n: _time_best(lambda: run(n)))
         _AUTO[key] = choice
     return choice
 
@@ -222,8 +224,7 @@ def _matmul_impl(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
             k, d = codebook.shape[-2], codebook.shape[-1]
             key = (tuple(indices.shape), tuple(codebook.shape), 1 << max(0, (x2.shape[0] - 1).bit_length()),
                    torch.get_num_threads())
-            name = _resolve(backend, k, d, key,
-                            {n: (lambda n=n: _by_groups(get_backend(n), xf, codebook, checked)) for n in _candidates(k, d)})
+            name = _resolve(backend, k, d, key, lambda n: _by_groups(get_backend(n), xf, codebook, checked))
             y = _by_groups(get_backend(name), xf, codebook, checked)
     return y.to(x.dtype).reshape(*lead, indices.shape[0])
 
@@ -356,7 +357,7 @@ def _vq_conv2d_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor
     k, d = codebook.shape[-2], codebook.shape[-1]
     key = ("conv", tuple(x.shape[1:]), 1 << max(0, (x.shape[0] - 1).bit_length()), tuple(weight_shape),
            tuple(codebook.shape), tuple(stride), tuple(padding), tuple(dilation), groups, segment, torch.get_num_threads())
-    name = _resolve(backend, k, d, key, {n: (lambda n=n: _conv_with(n, *args)) for n in _candidates(k, d)})
+    name = _resolve(backend, k, d, key, lambda n: _conv_with(n, *args))
     return _conv_with(name, *args)
 
 
