@@ -1,0 +1,200 @@
+"""Gong et al. 2014's quantizers (vqlab.methods.gong): binarization, scalar k-means, PQ and RVQ, end to end
+through quantize_, compressed_size, save/load and count_flops, plus each method's defining property."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import vqlab
+from vqlab import QuantizedConv2d, QuantizedLinear, compressed_size, count_flops, quantize_
+from vqlab.methods.gong import (BinaryCode, BinaryConfig, PQCode, PQConfig, RVQCode, RVQConfig, ScalarCode,
+                                ScalarConfig)
+
+CONFIGS = [BinaryConfig(), ScalarConfig(k=16), PQConfig(k=8, subspaces=4), PQConfig(k=16, subspaces=4, axis="output"),
+           RVQConfig(k=16, stages=2, d=4)]
+METHODS = ["gong binary", "gong scalar k-means", "gong pq", "gong pq", "gong rvq"]
+BITS = [(1.0, 1.0), (4.0, 4.0), (3 / 18, 3 / 64), (4 / 4, 4 / 8), (2.0, 2.0)]     # (conv "2", linear "4")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 4 * 4, 32),
+                         nn.ReLU(), nn.Linear(32, 10)).eval()
+
+
+def _float_bytes(m):
+    return sum(p.numel() * 4 for p in m.parameters())
+
+
+@pytest.mark.parametrize("i", range(len(CONFIGS)), ids=[type(c).__name__ + getattr(c, "axis", "") for c in CONFIGS])
+def test_each_method_end_to_end(i, tmp_path):
+    config, method, bits = CONFIGS[i], METHODS[i], BITS[i]
+    model = _model()
+    x = torch.randn(4, 1, 8, 8)
+    w = {n: mod.weight.detach().clone() for n, mod in model.named_modules() if hasattr(mod, "weight")}
+    report = quantize_(model, config, progress=False).set_index("layer")
+
+    # report: first conv / last linear stay float, the middle two carry the code's numbers
+    assert report["status"].tolist() == ["float (first conv)", config.report_status, config.report_status,
+                                         "float (last linear)"]
+    assert isinstance(model[2], QuantizedConv2d) and isinstance(model[4], QuantizedLinear)
+    for name, b in zip(("2", "4"), bits):
+        r = report.loc[name]
+        assert r["method"] == method and r["bits_per_weight"] == pytest.approx(b)
+        mse = (w[name].double() - model[int(name)].weight.double()).pow(2).mean().item()
+        assert r["weight_mse"] == pytest.approx(mse, rel=1e-9, abs=1e-15)
+
+    # compressed_size = the codes' own counts + the float layers and biases
+    size = compressed_size(model)
+    codes = [model[2].code.size(set()), model[4].code.size(set())]
+    floats = _float_bytes(model[0]) + _float_bytes(model[6]) + (16 + 32) * 4
+    assert size.compressed_bytes == floats + sum(c.index_bytes + c.codebook_bytes + c.other_bytes for c in codes)
+    assert size.dense_bytes == _float_bytes(_model())
+
+    # save / load without model=: bit-exact, the file is the counted bytes plus metadata
+    path = tmp_path / "gong.vqz"
+    nbytes = vqlab.save(model, path)
+    back = vqlab.load(path)
+    assert nbytes == os.path.getsize(path) and 0 <= nbytes - size.compressed_bytes <= 4096
+    assert type(back[2].code) is type(model[2].code) and back[4].code.config() == model[4].code.config()
+    assert torch.equal(back(x), model(x))
+    sa, sb = model.state_dict(), back.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
+
+    # FLOPs: the codes count a dense product, as FlopCounterMode does on the quantized model
+    df = count_flops(model, (4, 1, 8, 8))
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(4, 1, 8, 8))
+    assert df["vq_flops"].sum() == counter.get_total_flops()
+
+
+def test_binary_and_scalar_sizes_by_hand():
+    conv0, fc6 = (8 * 9 + 8) * 4, (32 * 10 + 10) * 4
+    model = _model()
+    quantize_(model, BinaryConfig(), progress=False)
+    size = compressed_size(model)
+    conv2 = 16 * 72 // 8 + 16 * 4 + 16 * 4                       # 1-bit signs + alpha + bias
+    fc4 = 32 * 256 // 8 + 32 * 4 + 32 * 4
+    assert size.compressed_bytes == conv0 + conv2 + fc4 + fc6
+    assert size.index_bytes == 16 * 72 // 8 + 32 * 256 // 8 and size.codebook_bytes == 0
+
+    model = _model()
+    quantize_(model, ScalarConfig(k=16), progress=False)
+    size = compressed_size(model)
+    conv2 = 16 * 72 * 4 // 8 + 16 * 4 + 16 * 4                   # 4-bit indices + (16,) codebook + bias
+    fc4 = 32 * 256 * 4 // 8 + 16 * 4 + 32 * 4
+    assert size.compressed_bytes == conv0 + conv2 + fc4 + fc6
+    assert size.index_bytes == (16 * 72 + 32 * 256) // 2 and size.codebook_bytes == 2 * 16 * 4
+    # the Huffman figure: from the index histogram, one code-length byte per codeword
+    code = model[4].code
+    assert code.size(set()).entropy_index_bytes == vqlab.bits.huffman_bytes(code.indices, 16)
+    entropy = sum(model[i].code.size(set()).entropy_index_bytes for i in (2, 4))
+    assert size.huffman_bytes == size.compressed_bytes - size.index_bytes + entropy
+
+    # k = 5: 3-bit indices, rounded up per layer
+    model = _model()
+    quantize_(model, ScalarConfig(k=5), progress=False)
+    assert compressed_size(model).index_bytes == -(-16 * 72 * 3 // 8) + 32 * 256 * 3 // 8
+
+
+def test_binary_rows_are_alpha_times_sign():
+    torch.manual_seed(1)
+    w = torch.randn(6, 5, 3, 3)
+    w[0, 0, 0, 0] = 0.0                                              # sign(0) is stored as +1
+    code = BinaryCode.from_weight(w)
+    flat = w.reshape(6, -1)
+    alpha = flat.abs().mean(1, keepdim=True)
+    assert torch.equal(code.rows(), alpha * torch.where(flat >= 0, 1.0, -1.0))
+    assert torch.equal(code.rows()[:, 1:], (alpha * torch.sign(flat))[:, 1:])
+    model = _model()
+    quantize_(model, BinaryConfig(quantize_first_last=True), progress=False)
+    for i in (0, 2, 4, 6):
+        f = _model()[i].weight.detach()
+        fl = f.reshape(len(f), -1)
+        assert torch.equal(model[i].weight, (fl.abs().mean(1, keepdim=True) * torch.where(fl >= 0, 1.0, -1.0))
+                           .reshape(f.shape))
+
+
+@pytest.mark.parametrize("axis", ["input", "output"])
+def test_pq_with_one_subspace_is_plain_kmeans(axis):
+    torch.manual_seed(2)
+    w = torch.randn(24, 40)
+    code = PQCode.from_weight(w, k=8, subspaces=1, axis=axis, iters=10, seed=3)
+    vectors = w if axis == "input" else w.T
+    ref = vqlab.kmeans(vectors, 8, iters=10, seed=3)
+    rebuilt = ref.codebook[ref.assignments]
+    assert torch.equal(code.rows(), rebuilt if axis == "input" else rebuilt.T)
+    assert torch.equal(code.codebooks[0], ref.codebook) and torch.equal(code.codes[:, 0].long(), ref.assignments)
+    # more sub-spaces: each block is its own k-means (seed + i), and the error does not grow here
+    pq4 = PQCode.from_weight(w, k=8, subspaces=4, axis=axis, iters=10, seed=3)
+    blk = vectors[:, 10:20] if axis == "input" else vectors[:, 6:12]
+    ref1 = vqlab.kmeans(blk, 8, iters=10, seed=4)
+    assert torch.equal(pq4.codebooks[1], ref1.codebook)
+    assert (pq4.rows() - w).pow(2).mean() < (code.rows() - w).pow(2).mean()
+
+
+def test_rvq_distortion_falls_with_every_stage():
+    torch.manual_seed(3)
+    w = torch.randn(32, 64)
+    errs = []
+    for t in range(1, 5):
+        code = RVQCode.from_weight(w, k=16, stages=t, d=4, iters=15)
+        errs.append((code.rows() - w).pow(2).mean().item())
+        assert code.rows().shape == w.shape and code.codes.shape == (32 * 64 // 4, t)
+        seg = code.codebooks[torch.arange(t), code.codes.long()].sum(1).reshape(32, 64)
+        assert torch.equal(code.rows(), seg)
+    assert all(b < a for a, b in zip(errs, errs[1:])), errs
+    ref = vqlab.residual_quantize(w.reshape(-1, 4), 16, 4, iters=15)
+    assert errs[-1] == pytest.approx(ref.distortion, rel=1e-5)
+
+
+def test_scalar_kmeans_with_enough_codewords_is_exact():
+    torch.manual_seed(4)
+    levels = torch.randn(10)
+    w = levels[torch.randint(0, 10, (12, 3, 2, 2))]
+    for k in (10, 16):
+        code = ScalarCode.from_weight(w, k=k)
+        assert torch.equal(code.rows(), w.reshape(12, -1))
+    # fewer codewords than values: lossy, but every weight goes to a codeword of the (k,) codebook
+    code = ScalarCode.from_weight(w, k=4)
+    assert code.codebook.shape == (4,) and set(code.rows().unique().tolist()) <= set(code.codebook.tolist())
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: ScalarConfig(k=1), "k"), (lambda: ScalarConfig(k=True), "k"), (lambda: ScalarConfig(k=2.0), "k"),
+    (lambda: ScalarConfig(k=16, iters=0), "iters"), (lambda: ScalarConfig(k=16, seed=-1), "seed"),
+    (lambda: BinaryConfig(quantize_first_last="yes"), "quantize_first_last"),
+    (lambda: PQConfig(k=16, subspaces=0), "subspaces"), (lambda: PQConfig(k=16, axis="rows"), "axis"),
+    (lambda: PQConfig(k=1 << 17), "k"), (lambda: RVQConfig(k=16, stages=0), "stages"),
+    (lambda: RVQConfig(k=16, d=0), "d"), (lambda: RVQConfig(k=16, d="4"), "d"),
+])
+def test_bad_config_values_name_the_field(make, field):
+    with pytest.raises(ValueError, match=rf"\b{field}\b"):
+        make()
+
+
+@pytest.mark.parametrize("config, what", [
+    (PQConfig(k=8, subspaces=5), "subspaces=5"),                   # 72 and 256 in-features: 5 divides neither
+    (PQConfig(k=32, subspaces=1), "k=32"),                         # the conv has 16 rows
+    (RVQConfig(k=16, d=5), "d=5"), (ScalarConfig(k=2000), "k=2000"),
+])
+def test_layers_that_do_not_fit_are_refused_before_anything_changes(config, what):
+    model = _model()
+    with pytest.raises(ValueError, match=what):
+        quantize_(model, config, progress=False)
+    assert all(type(m) in (nn.Conv2d, nn.Linear, nn.ReLU, nn.Flatten) for m in model)
+
+
+def test_out_of_range_indices_are_refused(tmp_path):
+    model = _model()
+    quantize_(model, ScalarConfig(k=5), progress=False)
+    model[4].code.indices[0, 0] = 6                                  # fits 3 bits, but not the 5-entry codebook
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        vqlab.save(model, tmp_path / "bad.vqz")
+    model = _model()
+    quantize_(model, PQConfig(k=8, subspaces=2), progress=False)
+    model[2].code.codebooks[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="codebooks"):
+        vqlab.save(model, tmp_path / "bad2.vqz")

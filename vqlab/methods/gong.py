@@ -1,0 +1,542 @@
+"""Gong et al. 2014, "Compressing Deep Convolutional Networks using Vector Quantization": the paper's
+post-training quantizers of a layer's weight, each a `WeightCode` with a frozen config and a handler, so that
+`quantize_`, `compressed_size`, `save`/`load` and `count_flops` work on them unchanged.
+
+Every method sees a layer's weight as its rows W (out, n): nn.Linear's weight (out, in), nn.Conv2d's kernel
+flattened per output channel (out, cin/groups * kh * kw).
+
+    BinaryConfig()                       W ~ alpha * sign(W), one alpha = mean |w| per output row;
+                                         1 bit per weight + one float32 per row          (kind "gong_binary")
+    ScalarConfig(k)                      scalar k-means on the individual weights of a layer: a (k,) codebook and
+                                         one ceil(log2 k)-bit index per weight            (kind "gong_scalar")
+    PQConfig(k, subspaces, axis)         product quantization: W split into `subspaces` blocks, one k-entry
+                                         codebook per block, one index per vector          (kind "gong_pq")
+    RVQConfig(k, stages, d)              residual quantization of length-d row segments over `stages` stages,
+                                         one k-entry codebook per stage                    (kind "gong_rvq")
+
+Import this module to register the configs:
+
+    >>> import vqlab, vqlab.methods.gong as gong
+    >>> vqlab.quantize_(model, gong.PQConfig(k=16, subspaces=4))
+
+Nothing here trains: codebooks and indices are buffers (the paper's methods are post-training).  Stored bytes
+(`size`) are exactly what `vqlab.save` writes for the code's buffers: index buffers bit-packed at the bits
+`packing()` names, codebooks / scales raw at float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
+
+import torch
+import torch.nn as nn
+
+from .._utils import bits_for
+from ..bits import huffman_bytes, pack_indices, packed_bytes
+from ..codebook import kmeans, pq_decode, product_quantize, residual_quantize, rvq_decode
+from ..quantize import register_handler
+from ..quantized import CodeSize, QuantizedConv2d, QuantizedLinear, WeightCode, register_code, tensor_bytes
+
+__all__ = ["BinaryConfig", "BinaryCode", "ScalarConfig", "ScalarCode", "PQConfig", "PQCode", "RVQConfig", "RVQCode"]
+
+MAX_K = 1 << 16
+
+
+# ---------------------------------------------------------------- helpers
+
+def _flat(w: torch.Tensor) -> torch.Tensor:
+    """A layer weight as float32 rows (out, n), detached."""
+    return w.detach().reshape(len(w), -1).float()
+
+
+def _idx_dtype(k: int) -> torch.dtype:
+    return torch.uint8 if k <= 256 else torch.int32
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        rng = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be an int {rng}, got {name}={value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {name}={value!r}")
+
+
+def _check_indices(name: str, idx: torch.Tensor, k: int) -> None:
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {idx.dtype}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= k):
+        raise ValueError(f"{name} must lie in [0, {k}), got range [{int(idx.min())}, {int(idx.max())}]")
+
+
+def _check_float(name: str, t: torch.Tensor, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape) or not t.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor of shape {list(shape)}, got {list(t.shape)} {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds non-finite values")
+
+
+def _check_layer(module: nn.Module, name: str, what: str) -> None:
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise TypeError(f"layer {name!r}: {what} supports nn.Linear and nn.Conv2d, not {type(module).__name__}")
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        raise ValueError(f"layer {name!r}: {what} supports padding_mode='zeros', got {module.padding_mode!r}")
+
+
+def _rows_n(module: nn.Module) -> tuple[int, int]:
+    w = module.weight
+    return w.shape[0], w[0].numel()
+
+
+def _wrap(m: nn.Module, code: WeightCode) -> nn.Module:
+    cls = QuantizedConv2d if isinstance(m, nn.Conv2d) else QuantizedLinear
+    return cls.from_code(m, code.to(m.weight.device))
+
+
+def _mark(seen: set[int], code: nn.Module) -> None:
+    seen.update(id(t) for t in code.buffers())
+
+
+# ---------------------------------------------------------------- binarization
+
+@register_code
+class BinaryCode(WeightCode):
+    """W ~ alpha * sign(W): `signs` (rows, n) uint8 bits (1 = w >= 0, i.e. sign(0) is taken as +1, since one bit
+    cannot hold 0), packed at 1 bit, and `alpha` (rows,) float32 = mean |w| of each row (the L2-optimal scale
+    for fixed signs)."""
+
+    kind = "gong_binary"
+    method = "gong binary"
+
+    def __init__(self, rows: int, n: int):
+        super().__init__()
+        self.register_buffer("signs", torch.zeros(rows, n, dtype=torch.uint8))
+        self.register_buffer("alpha", torch.zeros(rows))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> "BinaryCode":
+        flat = _flat(weight)
+        code = cls(*flat.shape)
+        code.signs.copy_(flat >= 0)
+        code.alpha.copy_(flat.abs().mean(1))
+        return code
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.signs.shape)
+
+    def rows(self) -> torch.Tensor:
+        return self.alpha[:, None] * (2.0 * self.signs.float() - 1.0)
+
+    def size(self, seen: set[int]) -> CodeSize:
+        _mark(seen, self)
+        return CodeSize(index_bytes=packed_bytes(self.signs.numel(), 1), other_bytes=tensor_bytes(self.alpha),
+                        streams=[pack_indices(self.signs, 1)], k=2, d=1, index_bits=1)
+
+    def config(self) -> dict:
+        return {"rows": self.shape[0], "n": self.shape[1]}
+
+    @classmethod
+    def from_config(cls, rows: int, n: int) -> "BinaryCode":
+        _check_int("rows", rows, 1)
+        _check_int("n", n, 1)
+        return cls(rows, n)
+
+    def packing(self) -> dict[str, int]:
+        return {"signs": 1}
+
+    def validate(self) -> None:
+        _check_indices("signs", self.signs, 2)
+        _check_float("alpha", self.alpha, (self.shape[0],))
+
+    def describe(self) -> dict:
+        return {"method": self.method, "K": 2, "d": 1, "bits_per_weight": 1.0}
+
+    def extra_repr(self) -> str:
+        return f"rows={self.shape[0]}, n={self.shape[1]}"
+
+
+@dataclass(frozen=True)
+class BinaryConfig:
+    """Gong et al.'s binarization: W ~ alpha * sign(W), one float32 alpha (mean |w|) per output row.
+
+    Args:
+        quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
+    Example:
+        >>> quantize_(model, BinaryConfig())
+    """
+
+    quantize_first_last: bool = False
+    report_status: ClassVar[str] = "gong binary"
+
+    def __post_init__(self):
+        _check_bool("quantize_first_last", self.quantize_first_last)
+
+    def check(self, module: nn.Module, name: str) -> None:
+        _check_layer(module, name, "gong binarization")
+
+
+@register_handler(BinaryConfig)
+def _binary_handler(modules: list[tuple[str, nn.Module]], config: BinaryConfig) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in modules:
+        yield name, _wrap(m, BinaryCode.from_weight(m.weight))
+
+
+# ---------------------------------------------------------------- scalar k-means
+
+@register_code
+class ScalarCode(WeightCode):
+    """Scalar k-means of a layer's weights (Deep Compression style): `codebook` (k,) float32 and `indices`
+    (rows, n) packed at ceil(log2 k) bits; rows() = codebook[indices]."""
+
+    kind = "gong_scalar"
+    method = "gong scalar k-means"
+
+    def __init__(self, rows: int, n: int, k: int):
+        super().__init__()
+        _check_int("k", k, 2, MAX_K)
+        self.k = k
+        self.register_buffer("indices", torch.zeros(rows, n, dtype=_idx_dtype(k)))
+        self.register_buffer("codebook", torch.zeros(k))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> "ScalarCode":
+        flat = _flat(weight)
+        res = kmeans(flat.reshape(-1, 1), k, iters=iters, seed=seed)
+        code = cls(flat.shape[0], flat.shape[1], k)
+        code.codebook.copy_(res.codebook[:, 0])
+        code.indices.copy_(res.assignments.reshape(flat.shape))
+        return code
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.indices.shape)
+
+    def rows(self) -> torch.Tensor:
+        return self.codebook[self.indices.long()]
+
+    def size(self, seen: set[int]) -> CodeSize:
+        bits = bits_for(self.k)
+        _mark(seen, self)
+        return CodeSize(index_bytes=packed_bytes(self.indices.numel(), bits), codebook_bytes=tensor_bytes(self.codebook),
+                        entropy_index_bytes=huffman_bytes(self.indices, self.k),
+                        streams=[pack_indices(self.indices, bits)], k=self.k, d=1, index_bits=bits)
+
+    def config(self) -> dict:
+        return {"rows": self.shape[0], "n": self.shape[1], "k": self.k}
+
+    @classmethod
+    def from_config(cls, rows: int, n: int, k: int) -> "ScalarCode":
+        _check_int("rows", rows, 1)
+        _check_int("n", n, 1)
+        return cls(rows, n, k)
+
+    def packing(self) -> dict[str, int]:
+        return {"indices": bits_for(self.k)}
+
+    def validate(self) -> None:
+        _check_indices("indices", self.indices, self.k)
+        _check_float("codebook", self.codebook, (self.k,))
+
+    def describe(self) -> dict:
+        return {"method": self.method, "K": self.k, "d": 1, "bits_per_weight": float(bits_for(self.k))}
+
+    def extra_repr(self) -> str:
+        return f"rows={self.shape[0]}, n={self.shape[1]}, k={self.k}"
+
+
+@dataclass(frozen=True)
+class ScalarConfig:
+    """Gong et al.'s scalar k-means: one k-entry codebook per layer, one ceil(log2 k)-bit index per weight.
+
+    Args:
+        k: codewords, 2..65536 (at most the layer's number of weights).
+        iters: Lloyd iterations (>= 1).  seed: k-means seed (int >= 0).
+        quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
+    Example:
+        >>> quantize_(model, ScalarConfig(k=16))
+    """
+
+    k: int = 16
+    iters: int = 25
+    seed: int = 0
+    quantize_first_last: bool = False
+    report_status: ClassVar[str] = "gong scalar"
+
+    def __post_init__(self):
+        _check_int("k", self.k, 2, MAX_K)
+        _check_int("iters", self.iters, 1)
+        _check_int("seed", self.seed, 0)
+        _check_bool("quantize_first_last", self.quantize_first_last)
+
+    def check(self, module: nn.Module, name: str) -> None:
+        _check_layer(module, name, "gong scalar k-means")
+        rows, n = _rows_n(module)
+        if self.k > rows * n:
+            raise ValueError(f"layer {name!r}: k={self.k} is larger than its {rows * n} weights")
+
+
+@register_handler(ScalarConfig)
+def _scalar_handler(modules: list[tuple[str, nn.Module]], config: ScalarConfig) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in modules:
+        yield name, _wrap(m, ScalarCode.from_weight(m.weight, config.k, config.iters, config.seed))
+
+
+# ---------------------------------------------------------------- product quantization
+
+def _pq_vectors(flat: torch.Tensor, axis: str) -> torch.Tensor:
+    """The matrix whose rows PQ clusters: W (out, n) for axis="input", W.T (n, out) for axis="output"."""
+    return flat if axis == "input" else flat.T.contiguous()
+
+
+@register_code
+class PQCode(WeightCode):
+    """Product quantization of a layer's rows W (out, n), as in Gong et al. Sec. 3.3: W is split into s blocks
+    and k-means runs on the vectors of each block, one k-entry codebook per block.
+
+    axis="input": W = [W_1 ... W_s] split along the input (column) axis into s blocks of n/s in-features;
+        the vectors of block i are the out row segments W_i[z, :] (length n/s).  s must divide n, k <= out.
+    axis="output": W split along the output (row) axis into s blocks of out/s rows; the vectors of block i
+        are its n column segments (length out/s), i.e. the same as axis="input" on W.T.  s | out, k <= n.
+
+    Stored: `codes` (vectors, s) packed at ceil(log2 k) bits and `codebooks` (s, k, length) float32.
+    With s = 1 this is plain k-means VQ of the rows (axis="input") or columns (axis="output").
+    """
+
+    kind = "gong_pq"
+    method = "gong pq"
+
+    def __init__(self, rows: int, n: int, k: int, subspaces: int, axis: str = "input"):
+        super().__init__()
+        _check_int("k", k, 2, MAX_K)
+        _check_int("subspaces", subspaces, 1)
+        if axis not in ("input", "output"):
+            raise ValueError(f"axis must be 'input' or 'output', got axis={axis!r}")
+        split, count = (n, rows) if axis == "input" else (rows, n)
+        if split % subspaces:
+            raise ValueError(f"subspaces={subspaces} must divide the {axis} axis length {split}")
+        self.rows_, self.n, self.k, self.subspaces, self.axis = rows, n, k, subspaces, axis
+        self.sub_d = split // subspaces
+        self.register_buffer("codes", torch.zeros(count, subspaces, dtype=_idx_dtype(k)))
+        self.register_buffer("codebooks", torch.zeros(subspaces, k, self.sub_d))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, k: int, subspaces: int, axis: str = "input", iters: int = 25,
+                    seed: int = 0) -> "PQCode":
+        flat = _flat(weight)
+        code = cls(flat.shape[0], flat.shape[1], k, subspaces, axis)
+        res = product_quantize(_pq_vectors(flat, axis), subspaces, k, iters=iters, seed=seed)
+        code.codebooks.copy_(res.codebooks)
+        code.codes.copy_(res.codes)
+        return code
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows_, self.n
+
+    def rows(self) -> torch.Tensor:
+        v = pq_decode(self.codebooks, self.codes)
+        return v if self.axis == "input" else v.T
+
+    def size(self, seen: set[int]) -> CodeSize:
+        bits = bits_for(self.k)
+        _mark(seen, self)
+        entropy = sum(huffman_bytes(self.codes[:, i], self.k) for i in range(self.subspaces))
+        return CodeSize(index_bytes=packed_bytes(self.codes.numel(), bits), codebook_bytes=tensor_bytes(self.codebooks),
+                        entropy_index_bytes=entropy, streams=[pack_indices(self.codes, bits)], k=self.k,
+                        d=self.sub_d, index_bits=bits)
+
+    def config(self) -> dict:
+        return {"rows": self.rows_, "n": self.n, "k": self.k, "subspaces": self.subspaces, "axis": self.axis}
+
+    @classmethod
+    def from_config(cls, rows: int, n: int, k: int, subspaces: int, axis: str = "input") -> "PQCode":
+        _check_int("rows", rows, 1)
+        _check_int("n", n, 1)
+        return cls(rows, n, k, subspaces, axis)
+
+    def packing(self) -> dict[str, int]:
+        return {"codes": bits_for(self.k)}
+
+    def validate(self) -> None:
+        _check_indices("codes", self.codes, self.k)
+        _check_float("codebooks", self.codebooks, (self.subspaces, self.k, self.sub_d))
+
+    def describe(self) -> dict:
+        return {"method": self.method, "K": self.k, "d": self.sub_d,
+                "bits_per_weight": bits_for(self.k) / self.sub_d}
+
+    def extra_repr(self) -> str:
+        return (f"rows={self.rows_}, n={self.n}, k={self.k}, subspaces={self.subspaces}, axis={self.axis!r}")
+
+
+@dataclass(frozen=True)
+class PQConfig:
+    """Gong et al.'s product quantization (see `PQCode` for the two split axes).
+
+    Args:
+        k: codewords per sub-space codebook, 2..65536 (at most the number of vectors of a block: out for
+            axis="input", n for axis="output").
+        subspaces: s >= 1 blocks; must divide the split axis of every quantized layer.
+        axis: "input" (split the in-features, cluster row segments; the paper's column split) or "output"
+            (split the rows, cluster column segments).
+        iters, seed: k-means iterations and seed (sub-space i uses seed + i).
+        quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
+    Example:
+        >>> quantize_(model, PQConfig(k=16, subspaces=4))
+    """
+
+    k: int = 16
+    subspaces: int = 1
+    axis: str = "input"
+    iters: int = 25
+    seed: int = 0
+    quantize_first_last: bool = False
+    report_status: ClassVar[str] = "gong pq"
+
+    def __post_init__(self):
+        _check_int("k", self.k, 2, MAX_K)
+        _check_int("subspaces", self.subspaces, 1)
+        if self.axis not in ("input", "output"):
+            raise ValueError(f"axis must be 'input' or 'output', got axis={self.axis!r}")
+        _check_int("iters", self.iters, 1)
+        _check_int("seed", self.seed, 0)
+        _check_bool("quantize_first_last", self.quantize_first_last)
+
+    def check(self, module: nn.Module, name: str) -> None:
+        _check_layer(module, name, "gong PQ")
+        rows, n = _rows_n(module)
+        split, count = (n, rows) if self.axis == "input" else (rows, n)
+        if split % self.subspaces:
+            raise ValueError(f"layer {name!r}: subspaces={self.subspaces} does not divide its {self.axis} axis "
+                             f"length {split}")
+        if self.k > count:
+            raise ValueError(f"layer {name!r}: k={self.k} is larger than its {count} vectors per sub-space "
+                             f"(axis={self.axis!r})")
+
+
+@register_handler(PQConfig)
+def _pq_handler(modules: list[tuple[str, nn.Module]], config: PQConfig) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in modules:
+        yield name, _wrap(m, PQCode.from_weight(m.weight, config.k, config.subspaces, config.axis, config.iters,
+                                                config.seed))
+
+
+# ---------------------------------------------------------------- residual quantization
+
+@register_code
+class RVQCode(WeightCode):
+    """Residual VQ of length-d row segments: W (out, n) is cut into out * n / d segments (row-major, d | n);
+    stage s runs k-means on what stages 0..s-1 left.  Stored: `codes` (segments, t) packed at ceil(log2 k)
+    bits (t index streams) and `codebooks` (t, k, d) float32; rows() = sum over stages of the chosen codewords."""
+
+    kind = "gong_rvq"
+    method = "gong rvq"
+
+    def __init__(self, rows: int, n: int, k: int, stages: int, d: int):
+        super().__init__()
+        _check_int("k", k, 2, MAX_K)
+        _check_int("stages", stages, 1)
+        _check_int("d", d, 1)
+        if n % d:
+            raise ValueError(f"d={d} must divide the row length {n}")
+        self.rows_, self.n, self.k, self.stages, self.d = rows, n, k, stages, d
+        self.register_buffer("codes", torch.zeros(rows * n // d, stages, dtype=_idx_dtype(k)))
+        self.register_buffer("codebooks", torch.zeros(stages, k, d))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, k: int, stages: int, d: int, iters: int = 25,
+                    seed: int = 0) -> "RVQCode":
+        flat = _flat(weight)
+        code = cls(flat.shape[0], flat.shape[1], k, stages, d)
+        res = residual_quantize(flat.reshape(-1, d), k, stages, iters=iters, seed=seed)
+        code.codebooks.copy_(res.codebooks)
+        code.codes.copy_(res.codes)
+        code.distortion_per_stage = res.distortion_per_stage           # not stored; for studies
+        return code
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows_, self.n
+
+    def rows(self) -> torch.Tensor:
+        return rvq_decode(self.codebooks, self.codes).reshape(self.rows_, self.n)
+
+    def size(self, seen: set[int]) -> CodeSize:
+        bits = bits_for(self.k)
+        _mark(seen, self)
+        entropy = sum(huffman_bytes(self.codes[:, s], self.k) for s in range(self.stages))
+        return CodeSize(index_bytes=packed_bytes(self.codes.numel(), bits), codebook_bytes=tensor_bytes(self.codebooks),
+                        entropy_index_bytes=entropy, streams=[pack_indices(self.codes, bits)], k=self.k, d=self.d,
+                        index_bits=bits)
+
+    def config(self) -> dict:
+        return {"rows": self.rows_, "n": self.n, "k": self.k, "stages": self.stages, "d": self.d}
+
+    @classmethod
+    def from_config(cls, rows: int, n: int, k: int, stages: int, d: int) -> "RVQCode":
+        _check_int("rows", rows, 1)
+        _check_int("n", n, 1)
+        return cls(rows, n, k, stages, d)
+
+    def packing(self) -> dict[str, int]:
+        return {"codes": bits_for(self.k)}
+
+    def validate(self) -> None:
+        _check_indices("codes", self.codes, self.k)
+        _check_float("codebooks", self.codebooks, (self.stages, self.k, self.d))
+
+    def describe(self) -> dict:
+        return {"method": self.method, "K": self.k, "d": self.d,
+                "bits_per_weight": self.stages * bits_for(self.k) / self.d}
+
+    def extra_repr(self) -> str:
+        return f"rows={self.rows_}, n={self.n}, k={self.k}, stages={self.stages}, d={self.d}"
+
+
+@dataclass(frozen=True)
+class RVQConfig:
+    """Gong et al.'s residual quantization of length-d row segments over `stages` k-entry codebooks.
+
+    Args:
+        k: codewords per stage, 2..65536 (at most the layer's out * n / d segments).
+        stages: t >= 1 stages.  d: segment length >= 1; must divide every quantized layer's row length.
+        iters, seed: k-means iterations and seed (stage s uses seed + s).
+        quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
+    Example:
+        >>> quantize_(model, RVQConfig(k=16, stages=2, d=4))
+    """
+
+    k: int = 16
+    stages: int = 2
+    d: int = 4
+    iters: int = 25
+    seed: int = 0
+    quantize_first_last: bool = False
+    report_status: ClassVar[str] = "gong rvq"
+
+    def __post_init__(self):
+        _check_int("k", self.k, 2, MAX_K)
+        _check_int("stages", self.stages, 1)
+        _check_int("d", self.d, 1)
+        _check_int("iters", self.iters, 1)
+        _check_int("seed", self.seed, 0)
+        _check_bool("quantize_first_last", self.quantize_first_last)
+
+    def check(self, module: nn.Module, name: str) -> None:
+        _check_layer(module, name, "gong RVQ")
+        rows, n = _rows_n(module)
+        if n % self.d:
+            raise ValueError(f"layer {name!r}: d={self.d} does not divide its row length {n}")
+        if self.k > rows * n // self.d:
+            raise ValueError(f"layer {name!r}: k={self.k} is larger than its {rows * n // self.d} segments")
+
+
+@register_handler(RVQConfig)
+def _rvq_handler(modules: list[tuple[str, nn.Module]], config: RVQConfig) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in modules:
+        yield name, _wrap(m, RVQCode.from_weight(m.weight, config.k, config.stages, config.d, config.iters,
+                                                 config.seed))
