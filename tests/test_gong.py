@@ -1,5 +1,6 @@
 """Gong et al. 2014's quantizers (vqlab.methods.gong): binarization, scalar k-means, PQ and RVQ, end to end
 through quantize_, compressed_size, save/load and count_flops, plus each method's defining property."""
+import copy
 import os
 
 import pytest
@@ -198,3 +199,36 @@ def test_out_of_range_indices_are_refused(tmp_path):
     model[2].code.codebooks[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="codebooks"):
         vqlab.save(model, tmp_path / "bad2.vqz")
+
+
+def test_pq_and_rvq_sizes_by_hand_and_a_grouped_conv(tmp_path):
+    conv0, fc6 = (8 * 9 + 8) * 4, (32 * 10 + 10) * 4
+    model = _model()
+    quantize_(model, PQConfig(k=8, subspaces=4), progress=False)        # conv: 16 rows x 4 blocks of 18
+    size = compressed_size(model)
+    conv2 = -(-16 * 4 * 3 // 8) + 4 * 8 * 18 * 4 + 16 * 4            # 3-bit codes + 4 (8, 18) codebooks + bias
+    fc4 = 32 * 4 * 3 // 8 + 4 * 8 * 64 * 4 + 32 * 4
+    assert size.compressed_bytes == conv0 + conv2 + fc4 + fc6
+
+    model = _model()
+    quantize_(model, RVQConfig(k=16, stages=3, d=8), progress=False)
+    size = compressed_size(model)
+    conv2 = 16 * 9 * 3 * 4 // 8 + 3 * 16 * 8 * 4 + 16 * 4            # 144 segments x 3 stages x 4 bits
+    fc4 = 32 * 32 * 3 * 4 // 8 + 3 * 16 * 8 * 4 + 32 * 4
+    assert size.compressed_bytes == conv0 + conv2 + fc4 + fc6
+    assert model[4].bits_per_weight == 3 * 4 / 8
+
+    # a grouped, padded, strided conv: rows = (out, cin/groups * kh * kw)
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2, bias=False),
+                        nn.Flatten(), nn.Linear(8 * 3 * 3, 5)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    for config in (BinaryConfig(), ScalarConfig(k=4), PQConfig(k=4, subspaces=2), RVQConfig(k=4, stages=2, d=2)):
+        m = copy.deepcopy(net)
+        quantize_(m, config, progress=False)
+        assert isinstance(m[1], QuantizedConv2d) and m[1].code.shape == (8, 18) and m[1].bias is None
+        ref = nn.functional.conv2d(m[0](x), m[1].weight, None, 2, 1, 1, 2)
+        assert torch.equal(m[1](m[0](x)), ref)
+        vqlab.save(m, tmp_path / "g.vqz")
+        assert torch.equal(vqlab.load(tmp_path / "g.vqz")(x), m(x))
+
