@@ -1,0 +1,419 @@
+"""Universal randomized (dithered) lattice quantization with universal source coding (Choi, El-Khamy, Lee:
+"Universal deep neural network compression").
+
+Each weight row (out, n) is cut into segments of `dim` weights (dim = 1, 4, 8 for the lattices Z, D4, E8),
+scaled by the step Delta and dithered by a vector u drawn uniformly over the lattice's Voronoi cell from a seed:
+
+    p     = Q(w / Delta + u)            Q: the nearest lattice point (Conway & Sloane)
+    w_hat = Delta * (p - u)             the decoder draws the same u from the stored seed
+
+The lattice points' integer coordinates are mapped to bytes (zigzag + LEB128 varint) and coded with a
+universal lossless coder from the standard library (`coder`: "lzma" raw LZMA2, "bz2", or "none" for the varint
+bytes themselves).  E8 points (all integers or all half-integers) are written as k = p - c/2 with the coset bit c
+folded into the first symbol, [2 k1 + c, k2, ..., k8], so every symbol stays on the integer grid (with lzma about
+0.8 bit per weight less than writing 2p).  The code holds exactly that coded stream as a uint8 buffer (`stream`):
+`vqlab.save` writes the coded bytes and `compressed_size` counts them; the points are decoded from it (and the
+dither redrawn from the seed) on first use, checked by `validate` after a load, and cached.
+Side information per layer: step (float32) and seed (int64), 12 bytes counted as other_bytes.
+
+Example:
+    >>> import vqlab.methods.lattice as lat
+    >>> vqlab.quantize_(model, lat.LatticeConfig(lattice="E8", step=0.02))
+    >>> vqlab.compressed_size(model).compressed_bytes
+"""
+from __future__ import annotations
+
+import bz2
+import lzma
+import math
+import weakref
+import zlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..bits import LZMA_FILTERS
+from ..quantize import register_handler
+from ..quantized import CodeSize, QuantizedConv2d, QuantizedLinear, WeightCode, register_code
+
+__all__ = ["LATTICES", "CODERS", "nearest_point", "generator_matrix", "voronoi_dither", "encode_ints",
+           "decode_ints", "LatticeCode", "LatticeConfig"]
+
+LATTICES = {"Z": 1, "D4": 4, "E8": 8}          # lattice -> dimension
+CODERS = ("lzma", "bz2", "none")
+_SIDE_BYTES = 4 + 8                           # step (float32) + seed (int64) per layer
+
+
+def _check_lattice(lattice) -> int:
+    if lattice not in LATTICES:
+        raise ValueError(f"lattice must be one of {sorted(LATTICES)}, got {lattice!r}")
+    return LATTICES[lattice]
+
+
+# ---------------------------------------------------------------- nearest lattice point (Conway & Sloane)
+
+def _nearest_dn(x: torch.Tensor) -> torch.Tensor:
+    """D_n = {integer vectors with even sum}: f(x) = round(x); where sum f(x) is odd, g(x): the coordinate
+    with the largest rounding error rounded the other way."""
+    f = torch.round(x)
+    err = x - f
+    odd = (f.sum(dim=-1).remainder(2) != 0)
+    k = err.abs().argmax(dim=-1, keepdim=True)                          # (N, 1)
+    ek = err.gather(-1, k)
+    away = torch.where(ek >= 0, torch.ones_like(ek), -torch.ones_like(ek))   # the other way (err 0: +1)
+    g = f.scatter_add(-1, k, away)
+    return torch.where(odd[..., None], g, f)
+
+
+def nearest_point(x: torch.Tensor, lattice: str) -> torch.Tensor:
+    """The nearest point of `lattice` ("Z", "D4", "E8") to every row of x (n, dim) -> (n, dim), float.
+
+    Z: round.  D4: see `_nearest_dn`.  E8 = D8 u (D8 + 1/2): the closer of the two candidates.
+    """
+    dim = _check_lattice(lattice)
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise ValueError(f"nearest_point({lattice}) needs x of shape (n, {dim}), got {tuple(x.shape)}")
+    x = x if x.is_floating_point() else x.float()
+    if lattice == "Z":
+        return torch.round(x)
+    if lattice == "D4":
+        return _nearest_dn(x)
+    y0 = _nearest_dn(x)
+    y1 = _nearest_dn(x - 0.5) + 0.5
+    d0 = (x - y0).pow(2).sum(-1, keepdim=True)
+    d1 = (x - y1).pow(2).sum(-1, keepdim=True)
+    return torch.where(d0 <= d1, y0, y1)
+
+
+# ---------------------------------------------------------------- dither: uniform over the Voronoi cell
+
+def generator_matrix(lattice: str) -> torch.Tensor:
+    """A generator matrix (rows = basis vectors, float64) of the lattice (Conway & Sloane, SPLAG ch. 4)."""
+    dim = _check_lattice(lattice)
+    if lattice == "Z":
+        return torch.eye(1, dtype=torch.float64)
+    if lattice == "D4":
+        # D_n basis: -e1-e2, e1-e2, e2-e3, e3-e4 (determinant 2: the Voronoi cell has volume 2)
+        return torch.tensor([[-1, -1, 0, 0], [1, -1, 0, 0], [0, 1, -1, 0], [0, 0, 1, -1]], dtype=torch.float64)
+    # E8: 2e1, e_{i+1} - e_i (i = 1..6), (1/2, ..., 1/2) (determinant 1)
+    g = torch.zeros(dim, dim, dtype=torch.float64)
+    g[0, 0] = 2
+    for i in range(1, 7):
+        g[i, i - 1], g[i, i] = -1, 1
+    g[7] = 0.5
+    return g
+
+
+def voronoi_dither(count: int, lattice: str, seed: int) -> torch.Tensor:
+    """`count` vectors (count, dim), float64 on the CPU, uniform over the Voronoi cell of `lattice` around 0,
+    drawn deterministically from `seed`: t uniform in [0, 1)^dim gives v = t G uniform over the fundamental
+    parallelepiped; v - Q(v) is then uniform over the Voronoi cell (the parallelepiped tiles space like the cell)."""
+    dim = _check_lattice(lattice)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    t = torch.rand(count, dim, generator=gen, dtype=torch.float64)
+    if lattice == "Z":
+        return t - 0.5
+    v = t @ generator_matrix(lattice)
+    return v - nearest_point(v, lattice)
+
+
+# ---------------------------------------------------------------- integers <-> bytes <-> coded stream
+
+def encode_ints(values: np.ndarray) -> bytes:
+    """Signed integers -> zigzag -> LEB128 varint bytes (7 bits per byte, high bit = more bytes follow)."""
+    v = np.asarray(values, dtype=np.int64).reshape(-1)
+    z = ((v << 1) ^ (v >> 63)).astype(np.uint64)
+    if z.size == 0:
+        return b""
+    if int(z.max()) < 128:
+        return z.astype(np.uint8).tobytes()
+    nbytes = np.ones(z.size, dtype=np.int64)
+    rest = z >> np.uint64(7)
+    while rest.any():
+        nbytes += (rest > 0)
+        rest = rest >> np.uint64(7)
+    width = int(nbytes.max())
+    shifts = (7 * np.arange(width)).astype(np.uint64)
+    groups = ((z[:, None] >> shifts[None, :]) & np.uint64(0x7F)).astype(np.uint8)
+    pos = np.arange(width)[None, :]
+    groups[pos < (nbytes[:, None] - 1)] |= 0x80
+    return groups[pos < nbytes[:, None]].tobytes()
+
+
+def decode_ints(data: bytes) -> np.ndarray:
+    """Inverse of `encode_ints` -> int64 array; ValueError on a truncated or overlong varint."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    if b.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if b[-1] & 0x80:
+        raise ValueError("truncated varint stream (the last byte has its continuation bit set)")
+    if not (b & 0x80).any():
+        z = b.astype(np.uint64)
+    else:
+        ends = np.flatnonzero((b & 0x80) == 0)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        if int((ends - starts).max()) >= 10:
+            raise ValueError("varint longer than 10 bytes")
+        group = np.repeat(np.arange(ends.size), ends - starts + 1)
+        shift = (7 * (np.arange(b.size) - starts[group])).astype(np.uint64)
+        z = np.add.reduceat((b & 0x7F).astype(np.uint64) << shift, starts)
+    return (z >> np.uint64(1)).astype(np.int64) ^ -(z & np.uint64(1)).astype(np.int64)
+
+
+def _to_symbols(ints: torch.Tensor, lattice: str) -> torch.Tensor:
+    """Stored integers (E8: 2p, (N, 8)) -> the symbols written to the stream (see the module docstring)."""
+    if lattice != "E8":
+        return ints
+    c = ints[:, :1].remainder(2)
+    k = torch.div(ints - c, 2, rounding_mode="floor")
+    k[:, :1] = 2 * k[:, :1] + c
+    return k
+
+
+def _from_symbols(sym: torch.Tensor, lattice: str) -> torch.Tensor:
+    """Inverse of `_to_symbols` (E8: -> 2p)."""
+    if lattice != "E8":
+        return sym
+    c = sym[:, :1].remainder(2)
+    k = sym.clone()
+    k[:, :1] = torch.div(sym[:, :1] - c, 2, rounding_mode="floor")
+    return 2 * k + c
+
+
+def _compress(raw: bytes, coder: str) -> bytes:
+    if coder == "lzma":
+        return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+    if coder == "bz2":
+        return bz2.compress(raw, 9)
+    return raw
+
+
+def _decompress(data: bytes, coder: str, limit: int) -> bytes:
+    """Decompress at most `limit` bytes (a bigger output is refused: a corrupted or hostile stream)."""
+    if coder == "none":
+        out = data
+    else:
+        try:
+            d = (lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=LZMA_FILTERS) if coder == "lzma"
+                 else bz2.BZ2Decompressor())
+            out = d.decompress(data, max_length=limit + 1) if data else b""
+        except (lzma.LZMAError, OSError, EOFError) as e:
+            raise ValueError(f"the {coder} stream cannot be decoded: {e}") from None
+    if len(out) > limit:
+        raise ValueError(f"the {coder} stream decodes to more than {limit} bytes")
+    return out
+
+
+# ---------------------------------------------------------------- the weight code
+
+_CACHE: "weakref.WeakKeyDictionary[LatticeCode, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _check_step(step) -> None:
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0:
+        raise ValueError(f"step must be a positive finite number, got {step!r}")
+
+
+def _check_coder(coder) -> None:
+    if coder not in CODERS:
+        raise ValueError(f"coder must be one of {list(CODERS)}, got {coder!r}")
+
+
+@register_code
+class LatticeCode(WeightCode):
+    """Dithered lattice points of a weight's rows (rows, n), n a multiple of the lattice dimension, held as
+    one coded byte stream (`stream`, uint8).  rows() = step * (points - dither), the dither redrawn from `seed`."""
+
+    kind = "lattice"
+
+    def __init__(self, rows: int, n: int, lattice: str, step: float, seed: int, coder: str, nbytes: int):
+        super().__init__()
+        dim = _check_lattice(lattice)
+        _check_step(step)
+        _check_coder(coder)
+        self.lattice, self.step, self.seed, self.coder = lattice, float(step), int(seed), coder
+        self.n_rows, self.n_cols = int(rows), int(n)
+        self.register_buffer("stream", torch.zeros(int(nbytes), dtype=torch.uint8))
+
+    @property
+    def method(self) -> str:
+        return f"lattice {self.lattice}"
+
+    @property
+    def dim(self) -> int:
+        return LATTICES[self.lattice]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n_rows, self.n_cols
+
+    @property
+    def n_pad(self) -> int:
+        """Row length quantized and stored: n rounded up to a multiple of the lattice dimension (zeros appended)."""
+        return -(-self.n_cols // self.dim) * self.dim
+
+    @property
+    def _scale(self) -> int:
+        """Stored integers = scale * coordinates (E8 has half-integer points)."""
+        return 2 if self.lattice == "E8" else 1
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, lattice: str = "E8", step: float = 0.05, seed: int = 0,
+                    coder: str = "lzma", pad: bool = False) -> "LatticeCode":
+        """Quantize weight (out, ...) (rows = weight.reshape(out, -1)); pad=True appends zeros to rows whose
+        length is no multiple of the lattice dimension (they are quantized and coded too), else ValueError."""
+        dim = _check_lattice(lattice)
+        _check_step(step)
+        _check_coder(coder)
+        flat = weight.detach().reshape(len(weight), -1)
+        rows, n = flat.shape
+        if n % dim and not pad:
+            raise ValueError(f"lattice {lattice} needs rows of a multiple of {dim} weights, got a weight of "
+                             f"{rows} rows of {n} (pass pad=True to append zeros)")
+        n_pad = -(-n // dim) * dim
+        flat = torch.nn.functional.pad(flat.cpu().to(torch.float64), (0, n_pad - n))
+        u = voronoi_dither(rows * n_pad // dim, lattice, seed).to(torch.float32).to(torch.float64)
+        x = flat.reshape(-1, dim) / float(step) + u
+        ints = torch.round(nearest_point(x, lattice) * (2 if lattice == "E8" else 1)).to(torch.int64)
+        stream = _compress(encode_ints(_to_symbols(ints, lattice).numpy()), coder)
+        code = cls(rows, n, lattice, step, seed, coder, len(stream))
+        code.stream.copy_(torch.frombuffer(bytearray(stream), dtype=torch.uint8) if stream else code.stream)
+        return code.to(weight.device)
+
+    # decoding, cached per code object and keyed on the stream tensor's identity/version and the side info
+    def _key(self) -> tuple:
+        s = self.stream
+        return (id(s), s._version, s.data_ptr(), s.numel(), str(s.device), self.lattice, self.step, self.seed,
+                self.coder, self.n_rows, self.n_cols)
+
+    def _decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer coordinates (rows, n) int64, dither (rows, n) float32) on the CPU."""
+        hit = _CACHE.get(self)
+        if hit is not None and hit[0] == self._key():
+            return hit[1], hit[2]
+        key, count = self._key(), self.n_rows * self.n_pad
+        raw = _decompress(self.stream.detach().cpu().numpy().tobytes(), self.coder, 10 * count)
+        ints = decode_ints(raw)
+        if ints.size != count:
+            raise ValueError(f"the lattice stream holds {ints.size} coordinates, the layer needs "
+                             f"{self.n_rows} x {self.n_pad} = {count}")
+        ints = _from_symbols(torch.from_numpy(ints.copy()).reshape(-1, self.dim), self.lattice)
+        ints = ints.reshape(self.n_rows, self.n_pad)
+        dither = voronoi_dither(count // self.dim, self.lattice, self.seed).to(torch.float32)
+        _CACHE[self] = (key, ints, dither.reshape(self.n_rows, self.n_pad))
+        return _CACHE[self][1], _CACHE[self][2]
+
+    def points(self) -> torch.Tensor:
+        """The lattice points (rows, n_pad), float32 (E8: half-integers where the segment is in D8 + 1/2)."""
+        ints, _ = self._decode()
+        return ints.to(torch.float32) / self._scale
+
+    def rows(self) -> torch.Tensor:
+        ints, dither = self._decode()
+        pts = ints.to(torch.float32) / self._scale
+        return (self.step * (pts - dither))[:, :self.n_cols].to(self.stream.device)
+
+    def validate(self) -> None:
+        """Decode the stream: the right number of coordinates, every segment a point of the lattice."""
+        ints, _ = self._decode()
+        seg = ints.reshape(-1, self.dim)
+        if self.lattice == "D4" and bool((seg.sum(1) % 2 != 0).any()):
+            raise ValueError("lattice D4 points must have an even coordinate sum")
+        if self.lattice == "E8":
+            par = seg % 2
+            if bool((par != par[:, :1]).any()) or bool((seg.sum(1) % 4 != 0).any()):
+                raise ValueError("lattice E8 points must be all integers or all half-integers with an even sum")
+
+    def size(self, seen: set[int]) -> CodeSize:
+        data = self.stream.detach().cpu().numpy().tobytes()
+        return CodeSize(index_bytes=len(data), other_bytes=_SIDE_BYTES, streams=[data], d=self.dim)
+
+    def config(self) -> dict:
+        return {"rows": self.n_rows, "n": self.n_cols, "lattice": self.lattice, "step": self.step,
+                "seed": self.seed, "coder": self.coder, "nbytes": int(self.stream.numel())}
+
+    @classmethod
+    def from_config(cls, rows: int, n: int, lattice: str, step: float, seed: int, coder: str,
+                    nbytes: int) -> "LatticeCode":
+        return cls(rows, n, lattice, step, seed, coder, nbytes)
+
+    def packing(self) -> dict[str, int]:
+        return {}                   # the stream is already coded: stored as raw bytes
+
+    def describe(self) -> dict:
+        count = self.n_rows * self.n_cols
+        return {"method": self.method, "K": None, "d": self.dim,
+                "bits_per_weight": 8.0 * self.stream.numel() / count if count else None}
+
+    def extra_repr(self) -> str:
+        return (f"rows={self.n_rows}, n={self.n_cols}, lattice={self.lattice}, step={self.step}, seed={self.seed}, "
+                f"coder={self.coder}, bytes={self.stream.numel()}")
+
+
+# ---------------------------------------------------------------- config + handler
+
+def layer_seed(seed: int, name: str) -> int:
+    """The dither seed of layer `name`: seed + crc32(name), mod 2**63 (stable across runs and machines)."""
+    return (int(seed) + zlib.crc32(name.encode("utf-8"))) % (1 << 63)
+
+
+@dataclass(frozen=True)
+class LatticeConfig:
+    """Universal randomized lattice quantization (Choi et al.) of nn.Linear / nn.Conv2d weights.
+
+    Args:
+        lattice: "Z" (scalar, dim 1), "D4" (dim 4) or "E8" (dim 8); a layer's rows (conv: cin/groups*kh*kw)
+            must be a multiple of the dimension.
+        step: the scale Delta (absolute, in weight units): w_hat = Delta * (Q(w / Delta + u) - u).
+        seed: dither seed; layer `name` uses `layer_seed(seed, name)`.
+        coder: "lzma", "bz2" or "none" (the zigzag-varint bytes uncompressed).
+        pad: quantize rows whose length is no multiple of the dimension with zeros appended (coded too; the
+            rows() drop them); else such a layer is refused by `check` before the model is touched.
+        quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
+    Example:
+        >>> quantize_(model, LatticeConfig(lattice="E8", step=0.02))
+    """
+
+    lattice: str = "E8"
+    step: float = 0.05
+    seed: int = 0
+    coder: str = "lzma"
+    pad: bool = False
+    quantize_first_last: bool = False
+    report_status = "lattice"
+
+    def __post_init__(self):
+        _check_lattice(self.lattice)
+        _check_step(self.step)
+        _check_coder(self.coder)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        for f in ("pad", "quantize_first_last"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{f} must be a bool, got {getattr(self, f)!r}")
+
+    def check(self, module: nn.Module, name: str) -> None:
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"layer {name!r}: lattice quantization supports nn.Linear and nn.Conv2d, not "
+                            f"{type(module).__name__}")
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            raise ValueError(f"layer {name!r}: lattice quantization supports padding_mode='zeros', got "
+                             f"{module.padding_mode!r}")
+        dim = LATTICES[self.lattice]
+        out, n = module.weight.shape[0], module.weight[0].numel()
+        if n % dim and not self.pad:
+            raise ValueError(f"layer {name!r}: lattice {self.lattice} cuts rows into segments of {dim} weights, but "
+                             f"the weight has {out} rows of {n} (shape {tuple(module.weight.shape)}); pass pad=True, "
+                             f"use lattice 'Z' or exclude the layer")
+
+
+@register_handler(LatticeConfig)
+def _lattice_handler(modules: list[tuple[str, nn.Module]], config: LatticeConfig) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in modules:
+        code = LatticeCode.from_weight(m.weight, config.lattice, config.step, layer_seed(config.seed, name),
+                                       config.coder, config.pad)
+        cls = QuantizedConv2d if isinstance(m, nn.Conv2d) else QuantizedLinear
+        yield name, cls.from_code(m, code)
