@@ -149,19 +149,71 @@ def test_code_round_trip_error_and_rate(lattice):
     assert mses[0] > mses[1] > mses[2] and rates[0] < rates[1] < rates[2]
 
 
-def test_a_corrupted_or_short_stream_is_refused():
+@pytest.mark.parametrize("lattice", ["D4", "E8"])
+def test_symbols_are_a_bijection_onto_the_integers(lattice):
+    dim = lat.LATTICES[lattice]
+    scale = 2 if lattice == "E8" else 1
+    g = torch.Generator().manual_seed(4)
+    p = nearest_point(5 * torch.randn(3000, dim, generator=g, dtype=torch.float64), lattice)
+    ints = torch.round(p * scale).long()
+    assert torch.equal(lat._from_symbols(lat._to_symbols(ints, lattice), lattice), ints)
+    sym = torch.randint(-9, 9, (3000, dim), generator=g)             # any symbols decode to lattice points
+    q = lat._from_symbols(sym, lattice).double() / scale
+    assert _is_lattice_point(q, lattice).all() and torch.equal(lat._to_symbols(lat._from_symbols(sym, lattice), lattice), sym)
+
+
+@pytest.mark.parametrize("coder", ["lzma", "bz2", "none"])
+def test_a_short_or_damaged_stream_is_refused(coder):
     w = torch.randn(8, 16)
-    code = LatticeCode.from_weight(w, "E8", 0.1, seed=0, coder="none")
-    bad = LatticeCode.from_config(**{**code.config(), "nbytes": code.stream.numel() - 1})
-    bad.stream.copy_(code.stream[:-1])
+    code = LatticeCode.from_weight(w, "E8", 0.1, seed=0, coder=coder)
+    code.validate()
+    short = LatticeCode.from_config(**{**code.config(), "nbytes": code.stream.numel() - 1})
+    short.stream.copy_(code.stream[:-1])
     with pytest.raises(ValueError):
-        bad.validate()
-    odd = LatticeCode.from_config(**code.config())
-    s = code.stream.clone()
-    s[1] = (int(s[1]) + 2) % 128            # second symbol of a segment changed by +-1: the D8 sum turns odd
-    odd.stream.copy_(s)
-    with pytest.raises(ValueError, match="E8"):
-        odd.validate()
+        short.validate()
+    longer = LatticeCode.from_config(**{**code.config(), "rows": 4})      # more coordinates than the layer has
+    longer.stream.copy_(code.stream)
+    with pytest.raises(ValueError, match="4 x 16"):
+        longer.validate()
+    extra = LatticeCode.from_config(**{**code.config(), "nbytes": code.stream.numel() + 1})
+    extra.stream[:-1].copy_(code.stream)                                   # one byte after the stream's end
+    with pytest.raises(ValueError):
+        extra.validate()
+    if coder != "none":
+        bad = LatticeCode.from_config(**code.config())
+        bad.stream.fill_(0xFF)
+        with pytest.raises(ValueError):
+            bad.validate()
+
+
+def test_padding_and_cache_follow_the_stream():
+    w = torch.randn(5, 9, generator=torch.Generator().manual_seed(8))
+    with pytest.raises(ValueError, match="5 rows of 9.*pad=True"):
+        LatticeCode.from_weight(w, "E8", 0.1)
+    code = LatticeCode.from_weight(w, "E8", 0.1, seed=1, pad=True)
+    assert code.shape == (5, 9) and code.n_pad == 16 and code.points().shape == (5, 16)
+    assert code.rows().shape == (5, 9) and (code.rows() - w).abs().max() < 0.2
+    twin = LatticeCode.from_config(**code.config())
+    twin.stream.copy_(code.stream)
+    assert torch.equal(twin.rows(), code.rows())
+    # the cache follows in-place changes of the stream (load_state_dict, copy_)
+    other = LatticeCode.from_weight(w + 1, "E8", 0.1, seed=1, pad=True, coder="none")
+    code2 = LatticeCode.from_weight(w, "E8", 0.1, seed=1, pad=True, coder="none")
+    before = code2.rows().clone()
+    code2.load_state_dict(other.state_dict())
+    assert torch.equal(code2.rows(), other.rows()) and not torch.equal(code2.rows(), before)
+
+
+def test_huffman_figure_is_near_the_symbol_entropy():
+    w = 0.05 * torch.randn(64, 256, generator=torch.Generator().manual_seed(9))
+    code = LatticeCode.from_weight(w, "Z", 0.01, seed=0)
+    sym = code.symbols().reshape(-1).numpy()
+    _, cnt = np.unique(sym, return_counts=True)
+    p = cnt / cnt.sum()
+    h_bytes = -(p * np.log2(p)).sum() * sym.size / 8
+    size = code.size(set())
+    assert h_bytes <= size.entropy_index_bytes <= 1.05 * h_bytes + (sym.max() - sym.min() + 1) + 8
+    assert size.index_bytes == code.stream.numel() and size.other_bytes == 12
 
 
 def test_config_is_validated():
