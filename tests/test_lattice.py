@@ -291,3 +291,33 @@ def test_first_last_rule_and_z_lattice_on_any_width():
     with pytest.raises(ValueError, match=r"layer '1'.*6 rows of 6"):
         vqlab.quantize_(m, LatticeConfig(lattice="D4"), progress=False)
     assert isinstance(m[1], nn.Linear)
+
+
+def test_finetuned_codewords_train_save_and_count(tmp_path):
+    model, plain = _model(), _model()
+    cfg = dict(lattice="D4", step=0.05, seed=3, pad=True)
+    vqlab.quantize_(model, LatticeConfig(**cfg, finetune=True), progress=False)
+    vqlab.quantize_(plain, LatticeConfig(**cfg), progress=False)
+    code = model[2].code
+    assert code.finetune and isinstance(code.codewords, nn.Parameter) and code.describe()["K"] == len(code.codewords)
+    assert torch.equal(code.rows(), plain[2].code.rows())               # codewords start at the lattice points
+    assert len(code.codewords) == len(torch.unique(code.points().reshape(-1, 4), dim=0))
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(x, torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(1)))
+    before = code.codewords.detach().clone()
+    stream = code.stream.clone()
+    vqlab.fit(model, data, epochs=1, batch_size=16, lr=1e-2, progress=False, device="cpu")
+    assert not torch.equal(code.codewords, before) and torch.equal(code.stream, stream)   # the stream is fixed
+    model.eval()
+    size, plain_size = vqlab.compressed_size(model), vqlab.compressed_size(plain)
+    books = sum(4 * model[i].code.codewords.numel() for i in (2, 4))
+    assert size.codebook_bytes == books and size.compressed_bytes == plain_size.compressed_bytes + books
+    path = tmp_path / "ft.vqz"
+    assert 0 < vqlab.save(model, path) - size.compressed_bytes < 4096
+    back = vqlab.load(path)
+    assert torch.equal(back[2].code.codewords, code.codewords) and torch.equal(back[2].code.rows(), code.rows())
+    assert torch.equal(back(x[:4]), model(x[:4]))
+    bad = LatticeCode.from_config(**{**code.config(), "n_codewords": len(code.codewords) + 1})
+    bad.stream.copy_(code.stream)
+    with pytest.raises(ValueError, match="distinct lattice points"):
+        bad.validate()

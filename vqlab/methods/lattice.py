@@ -17,6 +17,12 @@ the coded bytes and `compressed_size` counts them; the points are decoded from i
 the seed) on first use, checked by `validate` after a load, and cached.
 Side information per layer: step (float32) and seed (int64), 12 bytes counted as other_bytes.
 
+Fine-tuning (`finetune=True`): the distinct lattice points a layer uses become trainable float32 codewords (in
+units of the step, initialised to the points), rows() = step * (codewords[index] - u) with the index of every
+segment's point fixed by the stream; training (`vqlab.fit`) moves the codewords, which are then stored and
+counted as codebook bytes.  (The gradient of a codeword is the sum over the segments that use it; the paper
+averages it, which only rescales it per codeword.)
+
 Example:
     >>> import vqlab.methods.lattice as lat
     >>> vqlab.quantize_(model, lat.LatticeConfig(lattice="E8", step=0.02))
@@ -41,7 +47,7 @@ from ..quantize import register_handler
 from ..quantized import CodeSize, QuantizedConv2d, QuantizedLinear, WeightCode, register_code
 
 __all__ = ["LATTICES", "CODERS", "nearest_point", "generator_matrix", "voronoi_dither", "encode_ints",
-           "decode_ints", "LatticeCode", "LatticeConfig"]
+           "decode_ints", "layer_seed", "LatticeCode", "LatticeConfig"]
 
 LATTICES = {"Z": 1, "D4": 4, "E8": 8}          # lattice -> dimension
 CODERS = ("lzma", "bz2", "none")
@@ -252,14 +258,21 @@ class LatticeCode(WeightCode):
 
     kind = "lattice"
 
-    def __init__(self, rows: int, n: int, lattice: str, step: float, seed: int, coder: str, nbytes: int):
+    def __init__(self, rows: int, n: int, lattice: str, step: float, seed: int, coder: str, nbytes: int,
+                 finetune: bool = False, n_codewords: int = 0):
         super().__init__()
         dim = _check_lattice(lattice)
         _check_step(step)
         _check_coder(coder)
         self.lattice, self.step, self.seed, self.coder = lattice, float(step), int(seed), coder
         self.n_rows, self.n_cols = int(rows), int(n)
+        self.finetune = bool(finetune)
         self.register_buffer("stream", torch.zeros(int(nbytes), dtype=torch.uint8))
+        if self.finetune:
+            # fine-tuning (Choi et al.): the distinct lattice points used become trainable codewords (in units of
+            # the step); every segment keeps its point's index (the sorted order of the distinct points, so it is
+            # recomputed from the stream) and its dither
+            self.codewords = nn.Parameter(torch.zeros(int(n_codewords), dim))
 
     @property
     def method(self) -> str:
@@ -285,9 +298,10 @@ class LatticeCode(WeightCode):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, lattice: str = "E8", step: float = 0.05, seed: int = 0,
-                    coder: str = "lzma", pad: bool = False) -> "LatticeCode":
+                    coder: str = "lzma", pad: bool = False, finetune: bool = False) -> "LatticeCode":
         """Quantize weight (out, ...) (rows = weight.reshape(out, -1)); pad=True appends zeros to rows whose
-        length is no multiple of the lattice dimension (they are quantized and coded too), else ValueError."""
+        length is no multiple of the lattice dimension (they are quantized and coded too), else ValueError;
+        finetune=True makes the distinct points trainable codewords (initialised to the points themselves)."""
         dim = _check_lattice(lattice)
         _check_step(step)
         _check_coder(coder)
@@ -302,8 +316,12 @@ class LatticeCode(WeightCode):
         x = flat.reshape(-1, dim) / float(step) + u
         ints = torch.round(nearest_point(x, lattice) * (2 if lattice == "E8" else 1)).to(torch.int64)
         stream = _compress(encode_ints(_to_symbols(ints, lattice).numpy()), coder)
-        code = cls(rows, n, lattice, step, seed, coder, len(stream))
+        uniq = torch.unique(ints, dim=0) if finetune else None
+        code = cls(rows, n, lattice, step, seed, coder, len(stream), finetune, 0 if uniq is None else len(uniq))
         code.stream.copy_(torch.frombuffer(bytearray(stream), dtype=torch.uint8) if stream else code.stream)
+        if finetune:
+            with torch.no_grad():
+                code.codewords.copy_(uniq.to(torch.float32) / (2 if lattice == "E8" else 1))
         return code.to(weight.device)
 
     # decoding, cached per code object and keyed on the stream tensor's identity/version and the side info
@@ -313,7 +331,7 @@ class LatticeCode(WeightCode):
                 self.coder, self.n_rows, self.n_cols)
 
     def _decode(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(integer coordinates (rows, n) int64, dither (rows, n) float32) on the CPU."""
+        """(integer coordinates (rows, n_pad) int64, dither (rows, n_pad) float32) on the CPU."""
         hit = _CACHE.get(self)
         if hit is not None and hit[0] == self._key():
             return hit[1], hit[2]
@@ -326,8 +344,17 @@ class LatticeCode(WeightCode):
         ints = _from_symbols(torch.from_numpy(ints.copy()).reshape(-1, self.dim), self.lattice)
         ints = ints.reshape(self.n_rows, self.n_pad)
         dither = voronoi_dither(count // self.dim, self.lattice, self.seed).to(torch.float32)
-        _CACHE[self] = (key, ints, dither.reshape(self.n_rows, self.n_pad))
+        _CACHE[self] = (key, ints, dither.reshape(self.n_rows, self.n_pad), None)
         return _CACHE[self][1], _CACHE[self][2]
+
+    def _codeword_index(self) -> tuple[int, torch.Tensor]:
+        """(number of distinct points, index (rows * n_pad / dim,) of every segment's point among them, sorted)."""
+        ints, dither = self._decode()
+        hit = _CACHE[self]
+        if hit[3] is None:
+            uniq, inv = torch.unique(ints.reshape(-1, self.dim), dim=0, return_inverse=True)
+            _CACHE[self] = (*hit[:3], (len(uniq), inv))
+        return _CACHE[self][3]
 
     def points(self) -> torch.Tensor:
         """The lattice points (rows, n_pad), float32 (E8: half-integers where the segment is in D8 + 1/2)."""
@@ -335,9 +362,15 @@ class LatticeCode(WeightCode):
         return ints.to(torch.float32) / self._scale
 
     def rows(self) -> torch.Tensor:
+        """step * (points - dither), (rows, n); with finetune the points are the (trainable) codewords."""
         ints, dither = self._decode()
-        pts = ints.to(torch.float32) / self._scale
-        return (self.step * (pts - dither))[:, :self.n_cols].to(self.stream.device)
+        if not self.finetune:
+            pts = ints.to(torch.float32) / self._scale
+            return (self.step * (pts - dither))[:, :self.n_cols].to(self.stream.device)
+        _, inv = self._codeword_index()
+        dev = self.codewords.device
+        pts = self.codewords[inv.to(dev)].reshape(self.n_rows, self.n_pad)
+        return (self.step * (pts - dither.to(dev)))[:, :self.n_cols]
 
     def validate(self) -> None:
         """Decode the stream: the right number of coordinates (a truncated, overlong or undecodable stream is
@@ -350,6 +383,13 @@ class LatticeCode(WeightCode):
             par = seg % 2
             if bool((par != par[:, :1]).any()) or bool((seg.sum(1) % 4 != 0).any()):
                 raise ValueError("lattice E8 points must be all integers or all half-integers with an even sum")
+        if self.finetune:
+            k, _ = self._codeword_index()
+            if tuple(self.codewords.shape) != (k, self.dim):
+                raise ValueError(f"the stream uses {k} distinct lattice points, but the code holds codewords "
+                                 f"{tuple(self.codewords.shape)}, not ({k}, {self.dim})")
+            if not bool(torch.isfinite(self.codewords).all()):
+                raise ValueError("the fine-tuned codewords hold NaN or Inf")
 
     def symbols(self) -> torch.Tensor:
         """The integer symbols the stream codes, (rows * n_pad / dim, dim) int64 (see `_to_symbols`)."""
@@ -369,31 +409,35 @@ class LatticeCode(WeightCode):
 
     def size(self, seen: set[int]) -> CodeSize:
         """index_bytes: the coded stream as stored; entropy_index_bytes: `huffman_bytes` (for comparison);
-        other_bytes: step and seed (12 bytes)."""
+        other_bytes: step and seed (12 bytes); codebook_bytes: the fine-tuned codewords (float32), if any."""
         data = self.stream.detach().cpu().numpy().tobytes()
-        return CodeSize(index_bytes=len(data), other_bytes=_SIDE_BYTES, entropy_index_bytes=self.huffman_bytes(),
-                        streams=[data], d=self.dim)
+        book = self.codewords.numel() * 4 if self.finetune else 0
+        return CodeSize(index_bytes=len(data), other_bytes=_SIDE_BYTES, codebook_bytes=book,
+                        entropy_index_bytes=self.huffman_bytes(), streams=[data], d=self.dim,
+                        k=len(self.codewords) if self.finetune else None)
 
     def config(self) -> dict:
         return {"rows": self.n_rows, "n": self.n_cols, "lattice": self.lattice, "step": self.step,
-                "seed": self.seed, "coder": self.coder, "nbytes": int(self.stream.numel())}
+                "seed": self.seed, "coder": self.coder, "nbytes": int(self.stream.numel()),
+                "finetune": self.finetune, "n_codewords": len(self.codewords) if self.finetune else 0}
 
     @classmethod
     def from_config(cls, rows: int, n: int, lattice: str, step: float, seed: int, coder: str,
-                    nbytes: int) -> "LatticeCode":
-        return cls(rows, n, lattice, step, seed, coder, nbytes)
+                    nbytes: int, finetune: bool = False, n_codewords: int = 0) -> "LatticeCode":
+        return cls(rows, n, lattice, step, seed, coder, nbytes, finetune, n_codewords)
 
     def packing(self) -> dict[str, int]:
         return {}                   # the stream is already coded: stored as raw bytes
 
     def describe(self) -> dict:
         count = self.n_rows * self.n_cols
-        return {"method": self.method, "K": None, "d": self.dim,
+        return {"method": self.method, "K": len(self.codewords) if self.finetune else None, "d": self.dim,
                 "bits_per_weight": 8.0 * self.stream.numel() / count if count else None}
 
     def extra_repr(self) -> str:
         return (f"rows={self.n_rows}, n={self.n_cols}, lattice={self.lattice}, step={self.step}, seed={self.seed}, "
-                f"coder={self.coder}, bytes={self.stream.numel()}")
+                f"coder={self.coder}, bytes={self.stream.numel()}"
+                + (f", codewords={len(self.codewords)}" if self.finetune else ""))
 
 
 # ---------------------------------------------------------------- config + handler
@@ -415,6 +459,8 @@ class LatticeConfig:
         coder: "lzma", "bz2" or "none" (the zigzag-varint bytes uncompressed).
         pad: quantize rows whose length is no multiple of the dimension with zeros appended (coded too; the
             rows() drop them); else such a layer is refused by `check` before the model is touched.
+        finetune: make each layer's distinct lattice points trainable codewords (Choi et al.'s fine-tuning of
+            the quantized network, e.g. with `vqlab.fit`); they are stored and counted as float32 codebook bytes.
         quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
     Example:
         >>> quantize_(model, LatticeConfig(lattice="E8", step=0.02))
@@ -425,6 +471,7 @@ class LatticeConfig:
     seed: int = 0
     coder: str = "lzma"
     pad: bool = False
+    finetune: bool = False
     quantize_first_last: bool = False
     report_status = "lattice"
 
@@ -434,7 +481,7 @@ class LatticeConfig:
         _check_coder(self.coder)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        for f in ("pad", "quantize_first_last"):
+        for f in ("pad", "finetune", "quantize_first_last"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f} must be a bool, got {getattr(self, f)!r}")
 
@@ -457,6 +504,6 @@ class LatticeConfig:
 def _lattice_handler(modules: list[tuple[str, nn.Module]], config: LatticeConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
         code = LatticeCode.from_weight(m.weight, config.lattice, config.step, layer_seed(config.seed, name),
-                                       config.coder, config.pad)
+                                       config.coder, config.pad, config.finetune)
         cls = QuantizedConv2d if isinstance(m, nn.Conv2d) else QuantizedLinear
         yield name, cls.from_code(m, code)
