@@ -321,3 +321,11 @@ def test_finetuned_codewords_train_save_and_count(tmp_path):
     bad.stream.copy_(code.stream)
     with pytest.raises(ValueError, match="distinct lattice points"):
         bad.validate()
+
+
+def test_inference_mode_codes_decode():
+    with torch.inference_mode():
+        code = LatticeCode.from_weight(torch.randn(4, 16), "E8", 0.1)
+        r = code.rows()
+        code.validate()
+    assert torch.equal(code.rows(), r)

@@ -327,7 +327,11 @@ class LatticeCode(WeightCode):
     # decoding, cached per code object and keyed on the stream tensor's identity/version and the side info
     def _key(self) -> tuple:
         s = self.stream
-        return (id(s), s._version, s.data_ptr(), s.numel(), str(s.device), self.lattice, self.step, self.seed,
+        try:
+            version = s._version
+        except RuntimeError:            # an inference-mode tensor has no version counter: key on its bytes
+            version = zlib.crc32(s.detach().cpu().numpy().tobytes())
+        return (id(s), version, s.data_ptr(), s.numel(), str(s.device), self.lattice, self.step, self.seed,
                 self.coder, self.n_rows, self.n_cols)
 
     def _decode(self) -> tuple[torch.Tensor, torch.Tensor]:
