@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .bits import huffman_bytes, pack_indices, packed_bytes
 from .quantize import quantize_, register_handler
-from .quantized import CodeSize, QuantizedConv2d, QuantizedLinear, WeightCode, register_code, tensor_bytes
+from .quantized import CodeSize, WeightCode, check_layer, register_code, tensor_bytes, wrap
 
 __all__ = ["UniformConfig", "UniformCode", "uniform_quantize_", "fake_quantize_uniform"]
 
@@ -119,20 +119,13 @@ class UniformConfig:
         _check_bits(self.bits)
 
     def check(self, module: nn.Module, name: str) -> None:
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"layer {name!r}: uniform quantization supports nn.Linear and nn.Conv2d, not "
-                            f"{type(module).__name__}")
-        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-            raise ValueError(f"layer {name!r}: uniform quantization supports padding_mode='zeros', got "
-                             f"{module.padding_mode!r}")
+        check_layer(module, name, "uniform quantization")
 
 
 @register_handler(UniformConfig)
 def _uniform_handler(modules: list[tuple[str, nn.Module]], config: UniformConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
-        code = UniformCode.from_weight(m.weight, config.bits)
-        cls = QuantizedConv2d if isinstance(m, nn.Conv2d) else QuantizedLinear
-        yield name, cls.from_code(m, code)
+        yield name, wrap(m, UniformCode.from_weight(m.weight, config.bits))
 
 
 def uniform_quantize_(model: nn.Module, bits: int = 8, quantize_first_last: bool = False,

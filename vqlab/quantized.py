@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ._utils import pair
 
 __all__ = ["WeightCode", "CodeSize", "QuantizedLayer", "QuantizedLinear", "QuantizedConv2d", "register_code",
-           "CODES", "code_class", "tensor_bytes"]
+           "CODES", "code_class", "tensor_bytes", "check_layer", "wrap"]
 
 CODES: dict[str, type["WeightCode"]] = {}
 
@@ -268,3 +268,22 @@ class QuantizedConv2d(QuantizedLayer):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}")
+
+
+# ---------------------------------------------------------------- what every method's config and handler need
+
+def check_layer(module: nn.Module, name: str, method: str) -> None:
+    """Raise unless `module` is an nn.Linear or an nn.Conv2d with zeros padding (what QuantizedLinear /
+    QuantizedConv2d can stand for); the message names the layer and the method."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise TypeError(f"layer {name!r}: {method} supports nn.Linear and nn.Conv2d, not {type(module).__name__}")
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        raise ValueError(f"layer {name!r}: {method} supports padding_mode='zeros', got {module.padding_mode!r}")
+
+
+def wrap(module: nn.Module, code: WeightCode) -> QuantizedLayer:
+    """The quantized layer standing for `module` (nn.Linear or nn.Conv2d) with weight `code` (moved to the
+    module's device), its bias and training mode."""
+    cls = QuantizedConv2d if isinstance(module, nn.Conv2d) else QuantizedLinear
+    return cls.from_code(module, code.to(module.weight.device))
+

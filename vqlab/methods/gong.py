@@ -35,7 +35,7 @@ from .._utils import bits_for
 from ..bits import huffman_bytes, pack_indices, packed_bytes
 from ..codebook import kmeans, pq_decode, product_quantize, residual_quantize, rvq_decode
 from ..quantize import register_handler
-from ..quantized import CodeSize, QuantizedConv2d, QuantizedLinear, WeightCode, register_code, tensor_bytes
+from ..quantized import CodeSize, WeightCode, check_layer, register_code, tensor_bytes, wrap
 
 __all__ = ["BinaryConfig", "BinaryCode", "ScalarConfig", "ScalarCode", "PQConfig", "PQCode", "RVQConfig", "RVQCode"]
 
@@ -79,21 +79,9 @@ def _check_float(name: str, t: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"{name} holds non-finite values")
 
 
-def _check_layer(module: nn.Module, name: str, what: str) -> None:
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
-        raise TypeError(f"layer {name!r}: {what} supports nn.Linear and nn.Conv2d, not {type(module).__name__}")
-    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-        raise ValueError(f"layer {name!r}: {what} supports padding_mode='zeros', got {module.padding_mode!r}")
-
-
 def _rows_n(module: nn.Module) -> tuple[int, int]:
     w = module.weight
     return w.shape[0], w[0].numel()
-
-
-def _wrap(m: nn.Module, code: WeightCode) -> nn.Module:
-    cls = QuantizedConv2d if isinstance(m, nn.Conv2d) else QuantizedLinear
-    return cls.from_code(m, code.to(m.weight.device))
 
 
 def _mark(seen: set[int], code: nn.Module) -> None:
@@ -176,13 +164,13 @@ class BinaryConfig:
         _check_bool("quantize_first_last", self.quantize_first_last)
 
     def check(self, module: nn.Module, name: str) -> None:
-        _check_layer(module, name, "gong binarization")
+        check_layer(module, name, "gong binarization")
 
 
 @register_handler(BinaryConfig)
 def _binary_handler(modules: list[tuple[str, nn.Module]], config: BinaryConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
-        yield name, _wrap(m, BinaryCode.from_weight(m.weight))
+        yield name, wrap(m, BinaryCode.from_weight(m.weight))
 
 
 # ---------------------------------------------------------------- scalar k-means
@@ -273,7 +261,7 @@ class ScalarConfig:
         _check_bool("quantize_first_last", self.quantize_first_last)
 
     def check(self, module: nn.Module, name: str) -> None:
-        _check_layer(module, name, "gong scalar k-means")
+        check_layer(module, name, "gong scalar k-means")
         rows, n = _rows_n(module)
         if self.k > rows * n:
             raise ValueError(f"layer {name!r}: k={self.k} is larger than its {rows * n} weights")
@@ -282,7 +270,7 @@ class ScalarConfig:
 @register_handler(ScalarConfig)
 def _scalar_handler(modules: list[tuple[str, nn.Module]], config: ScalarConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
-        yield name, _wrap(m, ScalarCode.from_weight(m.weight, config.k, config.iters, config.seed))
+        yield name, wrap(m, ScalarCode.from_weight(m.weight, config.k, config.iters, config.seed))
 
 
 # ---------------------------------------------------------------- product quantization
@@ -407,7 +395,7 @@ class PQConfig:
         _check_bool("quantize_first_last", self.quantize_first_last)
 
     def check(self, module: nn.Module, name: str) -> None:
-        _check_layer(module, name, "gong PQ")
+        check_layer(module, name, "gong PQ")
         rows, n = _rows_n(module)
         split, count = (n, rows) if self.axis == "input" else (rows, n)
         if split % self.subspaces:
@@ -421,7 +409,7 @@ class PQConfig:
 @register_handler(PQConfig)
 def _pq_handler(modules: list[tuple[str, nn.Module]], config: PQConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
-        yield name, _wrap(m, PQCode.from_weight(m.weight, config.k, config.subspaces, config.axis, config.iters,
+        yield name, wrap(m, PQCode.from_weight(m.weight, config.k, config.subspaces, config.axis, config.iters,
                                                 config.seed))
 
 
@@ -527,7 +515,7 @@ class RVQConfig:
         _check_bool("quantize_first_last", self.quantize_first_last)
 
     def check(self, module: nn.Module, name: str) -> None:
-        _check_layer(module, name, "gong RVQ")
+        check_layer(module, name, "gong RVQ")
         rows, n = _rows_n(module)
         if n % self.d:
             raise ValueError(f"layer {name!r}: d={self.d} does not divide its row length {n}")
@@ -538,5 +526,5 @@ class RVQConfig:
 @register_handler(RVQConfig)
 def _rvq_handler(modules: list[tuple[str, nn.Module]], config: RVQConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
-        yield name, _wrap(m, RVQCode.from_weight(m.weight, config.k, config.stages, config.d, config.iters,
+        yield name, wrap(m, RVQCode.from_weight(m.weight, config.k, config.stages, config.d, config.iters,
                                                  config.seed))

@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from ..bits import LZMA_FILTERS, huffman_bytes
 from ..quantize import register_handler
-from ..quantized import CodeSize, QuantizedConv2d, QuantizedLinear, WeightCode, register_code
+from ..quantized import CodeSize, WeightCode, check_layer, register_code, wrap
 
 __all__ = ["LATTICES", "CODERS", "nearest_point", "generator_matrix", "voronoi_dither", "encode_ints",
            "decode_ints", "layer_seed", "LatticeCode", "LatticeConfig"]
@@ -490,12 +490,7 @@ class LatticeConfig:
                 raise ValueError(f"{f} must be a bool, got {getattr(self, f)!r}")
 
     def check(self, module: nn.Module, name: str) -> None:
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"layer {name!r}: lattice quantization supports nn.Linear and nn.Conv2d, not "
-                            f"{type(module).__name__}")
-        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-            raise ValueError(f"layer {name!r}: lattice quantization supports padding_mode='zeros', got "
-                             f"{module.padding_mode!r}")
+        check_layer(module, name, "lattice quantization")
         dim = LATTICES[self.lattice]
         out, n = module.weight.shape[0], module.weight[0].numel()
         if n % dim and not self.pad:
@@ -509,5 +504,4 @@ def _lattice_handler(modules: list[tuple[str, nn.Module]], config: LatticeConfig
     for name, m in modules:
         code = LatticeCode.from_weight(m.weight, config.lattice, config.step, layer_seed(config.seed, name),
                                        config.coder, config.pad, config.finetune)
-        cls = QuantizedConv2d if isinstance(m, nn.Conv2d) else QuantizedLinear
-        yield name, cls.from_code(m, code)
+        yield name, wrap(m, code)
