@@ -127,7 +127,7 @@ def test_pq_with_one_subspace_is_plain_kmeans(axis):
     ref = vqlab.kmeans(vectors, 8, iters=10, seed=3)
     rebuilt = ref.codebook[ref.assignments]
     assert torch.equal(code.rows(), rebuilt if axis == "input" else rebuilt.T)
-    assert torch.equal(code.codebooks[0], ref.codebook) and torch.equal(code.codes[:, 0].long(), ref.assignments)
+    assert torch.equal(code.codebooks[0], ref.codebook) and torch.equal(code.codes[0].long(), ref.assignments)
     # more sub-spaces: each block is its own k-means (seed + i), and the error does not grow here
     pq4 = PQCode.from_weight(w, k=8, subspaces=4, axis=axis, iters=10, seed=3)
     blk = vectors[:, 10:20] if axis == "input" else vectors[:, 6:12]
@@ -143,8 +143,8 @@ def test_rvq_distortion_falls_with_every_stage():
     for t in range(1, 5):
         code = RVQCode.from_weight(w, k=16, stages=t, d=4, iters=15)
         errs.append((code.rows() - w).pow(2).mean().item())
-        assert code.rows().shape == w.shape and code.codes.shape == (32 * 64 // 4, t)
-        seg = code.codebooks[torch.arange(t), code.codes.long()].sum(1).reshape(32, 64)
+        assert code.rows().shape == w.shape and code.codes.shape == (t, 32 * 64 // 4)
+        seg = code.codebooks[torch.arange(t), code.codes.T.long()].sum(1).reshape(32, 64)
         assert torch.equal(code.rows(), seg)
     assert all(b < a for a, b in zip(errs, errs[1:])), errs
     ref = vqlab.residual_quantize(w.reshape(-1, 4), 16, 4, iters=15)
@@ -232,3 +232,67 @@ def test_pq_and_rvq_sizes_by_hand_and_a_grouped_conv(tmp_path):
         vqlab.save(m, tmp_path / "g.vqz")
         assert torch.equal(vqlab.load(tmp_path / "g.vqz")(x), m(x))
 
+
+
+LUT_CODES = [PQConfig(k=8, subspaces=4), PQConfig(k=8, subspaces=2, axis="output"), PQConfig(k=8, subspaces=1),
+             RVQConfig(k=16, stages=3, d=4)]
+
+
+@pytest.mark.parametrize("backend", [b for b in vqlab.kernels.registry.available_backends() if b != "auto"])
+@pytest.mark.parametrize("i", range(len(LUT_CODES)), ids=["pq_in4", "pq_out2", "pq_in1", "rvq3"])
+def test_pq_and_rvq_run_through_the_lut_kernels(i, backend):
+    """Eval-mode PQ / RVQ layers compute with the lookup-table ops (custom ops seen by FlopCounterMode), not
+    with a dense weight; the result equals the dense product of the rebuilt weight, for Linear and for a
+    strided, padded, dilated Conv2d (im2col), on every backend."""
+    from vqlab.kernels.registry import set_backend
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2), nn.Flatten(),
+                          nn.Linear(16 * 4 * 4, 32), nn.Linear(32, 10)).eval()
+    quantize_(model, LUT_CODES[i], progress=False)
+    conv, fc = model[1], model[3]
+    x = torch.randn(2, 8, 9, 9)
+    h = torch.randn(5, 256)
+    ref_conv = nn.functional.conv2d(x, conv.weight, conv.bias, 2, 2, 2)
+    ref_fc = nn.functional.linear(h, fc.weight, fc.bias)
+    set_backend(None if backend == "torch" else backend)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            y_conv, y_fc = conv(x), fc(h)
+    finally:
+        set_backend(None)
+    torch.testing.assert_close(y_conv, ref_conv, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y_fc, ref_fc, rtol=1e-4, atol=1e-4)
+    ops = {str(op) for op in counter.get_flop_counts()["Global"]}
+    assert ops == ({"vqlab.pq_bucket_matmul"} if getattr(LUT_CODES[i], "axis", "") == "output" else {"vqlab.vq_matmul"}), ops
+    # the codes' own FLOP formula is what the ops register
+    expected = sum(conv.flops(2 * 5 * 5)) + sum(fc.flops(5))
+    assert counter.get_total_flops() == expected
+
+
+def test_lut_paths_refuse_codes_outside_the_codebook():
+    torch.manual_seed(6)
+    for config in (PQConfig(k=8, subspaces=4), PQConfig(k=8, subspaces=2, axis="output"), RVQConfig(k=16, stages=2)):
+        model = nn.Sequential(nn.Linear(64, 16), nn.Linear(16, 16)).eval()
+        quantize_(model, dataclasses_replace(config, quantize_first_last=True), progress=False)
+        model[0].code.codes[0, 0] = config.k                          # one past the last codeword
+        with pytest.raises(ValueError, match=rf"K={config.k}"):
+            model(torch.randn(2, 64))
+
+
+def dataclasses_replace(config, **kw):
+    import dataclasses
+    return dataclasses.replace(config, **kw)
+
+
+def test_pq_and_rvq_flops_formulas_by_hand():
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)).eval()
+    quantize_(model, PQConfig(k=8, subspaces=4, quantize_first_last=True), progress=False)
+    # 4 tables of 8 dot products of length 16 per row, then 4 reads per output
+    assert model[0].flops(3) == (3 * 2 * 64 * 8, 3 * 32 * 4)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)).eval()
+    quantize_(model, PQConfig(k=8, subspaces=2, axis="output", quantize_first_last=True), progress=False)
+    # bucket sums: one add per input per sub-space; then (8,) x (8, 16) per sub-space
+    assert model[0].flops(3) == (3 * 2 * 2 * 8 * 16, 3 * 2 * 64)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)).eval()
+    quantize_(model, RVQConfig(k=16, stages=3, d=4, quantize_first_last=True), progress=False)
+    assert model[0].flops(3) == (3 * 3 * 2 * 64 * 16, 3 * 3 * 32 * 16)

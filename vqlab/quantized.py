@@ -94,6 +94,7 @@ class WeightCode(nn.Module):
 
     kind: ClassVar[str] = ""
     method: ClassVar[str] = ""          # a readable name for reports ("vq", "uniform int8", ...)
+    has_matmul: ClassVar[bool] = False  # True: `matmul` is a fast path (QuantizedConv2d then runs it on im2col)
 
     def rows(self) -> torch.Tensor:
         raise NotImplementedError
@@ -132,7 +133,8 @@ class WeightCode(nn.Module):
         return 0, 2 * rows * out * n
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """An eval-mode fast path y = x @ rows().T (x: (..., n_pad)), or None to use F.linear on rows()."""
+        """An eval-mode fast path y = x @ rows().T (x: (..., n_pad)), or None to use F.linear on rows().
+        Codes that implement it set `has_matmul = True`."""
         return None
 
 
@@ -263,7 +265,22 @@ class QuantizedConv2d(QuantizedLayer):
         return weight.reshape(weight.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.code.has_matmul and self.groups == 1 and not isinstance(self.padding, str):
+            return self._im2col_forward(x)
         return F.conv2d(x, self.dequantize().to(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _im2col_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval with a code's fast matmul: x (B, cin, H, W) -> im2col (B, Ho*Wo, cin*kh*kw), whose column order
+        (cin, kh, kw) is the rows' -> code.matmul -> (B, out, Ho, Wo)."""
+        if x.dim() != 4:
+            raise ValueError(f"QuantizedConv2d expects x of shape (B, C, H, W), got {tuple(x.shape)}")
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)     # (B, n, Ho*Wo)
+        y = self.code.matmul(cols.transpose(1, 2))                                         # (B, Ho*Wo, out)
+        y = y.transpose(1, 2).reshape(x.shape[0], self.out_channels, ho, wo)
+        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -19,6 +19,12 @@ Import this module to register the configs:
     >>> import vqlab, vqlab.methods.gong as gong
     >>> vqlab.quantize_(model, gong.PQConfig(k=16, subspaces=4))
 
+PQ and RVQ run through the lookup-table kernels in eval mode (`WeightCode.matmul`; convolutions through
+im2col): RVQ is one `vq_matmul` per stage, summed; PQ along the input axis one per sub-space, each a table of
+the sub-space's K dot products; PQ along the output axis sums each input over the columns sharing a code
+("bucket sums", one add per weight column) and multiplies the (K,) sums by the sub-space codebook.  Their
+FLOPs (`flops`) are those ops' own formulas, as FlopCounterMode counts them.
+
 Nothing here trains: codebooks and indices are buffers (the paper's methods are post-training).  Stored bytes
 (`size`) are exactly what `vqlab.save` writes for the code's buffers: index buffers bit-packed at the bits
 `packing()` names, codebooks / scales raw at float32.
@@ -30,10 +36,13 @@ from typing import ClassVar, Iterator
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import register_flop_formula
 
 from .._utils import bits_for
 from ..bits import huffman_bytes, pack_indices, packed_bytes
 from ..codebook import kmeans, pq_decode, product_quantize, residual_quantize, rvq_decode
+from ..kernels.ops import lut_flops, vq_matmul
+from ..kernels.reference import check_indices
 from ..quantize import register_handler
 from ..quantized import CodeSize, WeightCode, check_layer, register_code, tensor_bytes, wrap
 
@@ -275,6 +284,44 @@ def _scalar_handler(modules: list[tuple[str, nn.Module]], config: ScalarConfig) 
 
 # ---------------------------------------------------------------- product quantization
 
+def _bucket_flops(rows: int, subspaces: int, n: int, k: int, length: int) -> tuple[int, int]:
+    """(product, accumulate) FLOPs of `pq_bucket_matmul`: rows * s * n adds into the buckets, then per
+    sub-space a (K,) x (K, length) product (2 FLOPs per multiply-add)."""
+    return rows * subspaces * 2 * k * length, rows * subspaces * n
+
+
+@torch.library.custom_op("vqlab::pq_bucket_matmul", mutates_args=())
+def _pq_bucket_matmul(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """PQ along the output axis: x (..., n), codebooks (s, K, L), codes (s, n) -> (..., s * L).
+
+    Output block i is sum_j x_j * codebooks[i, codes[i, j]] = (bucket sums of x by code) @ codebooks[i]."""
+    s, k, length = codebooks.shape
+    n = codes.shape[1]
+    check_indices(codes, k, what="codes")
+    xf = x.reshape(-1, n)
+    dtype = torch.float64 if xf.dtype == torch.float64 else torch.float32
+    xf = xf.to(dtype)
+    sums = xf.new_zeros(s, xf.shape[0], k)
+    for i in range(s):
+        sums[i].index_add_(1, codes[i].long(), xf)
+    y = torch.bmm(sums, codebooks.to(dtype))                      # (s, B, L)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], s * length).to(x.dtype)
+
+
+@_pq_bucket_matmul.register_fake
+def _(x, codebooks, codes):
+    return x.new_empty((*x.shape[:-1], codebooks.shape[0] * codebooks.shape[2]))
+
+
+@register_flop_formula(torch.ops.vqlab.pq_bucket_matmul)
+def _(x_shape, codebooks_shape, codes_shape, *args, out_shape=None, **kwargs) -> int:
+    s, k, length = codebooks_shape
+    rows = 1
+    for v in x_shape[:-1]:
+        rows *= v
+    return sum(_bucket_flops(rows, s, codes_shape[1], k, length))
+
+
 def _pq_vectors(flat: torch.Tensor, axis: str) -> torch.Tensor:
     """The matrix whose rows PQ clusters: W (out, n) for axis="input", W.T (n, out) for axis="output"."""
     return flat if axis == "input" else flat.T.contiguous()
@@ -290,12 +337,14 @@ class PQCode(WeightCode):
     axis="output": W split along the output (row) axis into s blocks of out/s rows; the vectors of block i
         are its n column segments (length out/s), i.e. the same as axis="input" on W.T.  s | out, k <= n.
 
-    Stored: `codes` (vectors, s) packed at ceil(log2 k) bits and `codebooks` (s, k, length) float32.
-    With s = 1 this is plain k-means VQ of the rows (axis="input") or columns (axis="output").
+    Stored: `codes` (s, vectors) — one contiguous index stream per sub-space — packed at ceil(log2 k) bits and
+    `codebooks` (s, k, length) float32.  With s = 1 this is plain k-means VQ of the rows (axis="input") or
+    columns (axis="output").
     """
 
     kind = "gong_pq"
     method = "gong pq"
+    has_matmul = True
 
     def __init__(self, rows: int, n: int, k: int, subspaces: int, axis: str = "input"):
         super().__init__()
@@ -308,7 +357,7 @@ class PQCode(WeightCode):
             raise ValueError(f"subspaces={subspaces} must divide the {axis} axis length {split}")
         self.rows_, self.n, self.k, self.subspaces, self.axis = rows, n, k, subspaces, axis
         self.sub_d = split // subspaces
-        self.register_buffer("codes", torch.zeros(count, subspaces, dtype=_idx_dtype(k)))
+        self.register_buffer("codes", torch.zeros(subspaces, count, dtype=_idx_dtype(k)))
         self.register_buffer("codebooks", torch.zeros(subspaces, k, self.sub_d))
 
     @classmethod
@@ -318,7 +367,7 @@ class PQCode(WeightCode):
         code = cls(flat.shape[0], flat.shape[1], k, subspaces, axis)
         res = product_quantize(_pq_vectors(flat, axis), subspaces, k, iters=iters, seed=seed)
         code.codebooks.copy_(res.codebooks)
-        code.codes.copy_(res.codes)
+        code.codes.copy_(res.codes.T)
         return code
 
     @property
@@ -326,13 +375,33 @@ class PQCode(WeightCode):
         return self.rows_, self.n
 
     def rows(self) -> torch.Tensor:
-        v = pq_decode(self.codebooks, self.codes)
+        v = pq_decode(self.codebooks, self.codes.T)
         return v if self.axis == "input" else v.T
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x @ rows().T, x: (..., n) -> (..., out).  axis="input": one LUT product per sub-space (its
+        slice of x against its K codewords, then one table read per output); axis="output": bucket sums."""
+        if self.axis == "output":
+            return torch.ops.vqlab.pq_bucket_matmul(x, self.codebooks, self.codes)
+        y = None
+        for i in range(self.subspaces):
+            part = vq_matmul(x[..., i * self.sub_d:(i + 1) * self.sub_d], self.codebooks[i],
+                             self.codes[i].view(-1, 1))
+            y = part if y is None else y + part
+        return y
+
+    def flops(self, rows: int, groups: int = 1) -> tuple[int, int]:
+        """axis="input": s tables of K dot products of length n/s, out * s table reads; axis="output": one add
+        per input and sub-space (bucket sums), then a (K,) x (K, out/s) product per sub-space."""
+        if self.axis == "output":
+            return _bucket_flops(rows, self.subspaces, self.n, self.k, self.sub_d)
+        table, accum = lut_flops(rows, self.rows_, 1, self.sub_d, self.k, 1)
+        return table * self.subspaces, accum * self.subspaces
 
     def size(self, seen: set[int]) -> CodeSize:
         bits = bits_for(self.k)
         _mark(seen, self)
-        entropy = sum(huffman_bytes(self.codes[:, i], self.k) for i in range(self.subspaces))
+        entropy = sum(huffman_bytes(self.codes[i], self.k) for i in range(self.subspaces))
         return CodeSize(index_bytes=packed_bytes(self.codes.numel(), bits), codebook_bytes=tensor_bytes(self.codebooks),
                         entropy_index_bytes=entropy, streams=[pack_indices(self.codes, bits)], k=self.k,
                         d=self.sub_d, index_bits=bits)
@@ -418,11 +487,13 @@ def _pq_handler(modules: list[tuple[str, nn.Module]], config: PQConfig) -> Itera
 @register_code
 class RVQCode(WeightCode):
     """Residual VQ of length-d row segments: W (out, n) is cut into out * n / d segments (row-major, d | n);
-    stage s runs k-means on what stages 0..s-1 left.  Stored: `codes` (segments, t) packed at ceil(log2 k)
-    bits (t index streams) and `codebooks` (t, k, d) float32; rows() = sum over stages of the chosen codewords."""
+    stage s runs k-means on what stages 0..s-1 left.  Stored: `codes` (t, segments) packed at ceil(log2 k)
+    bits (t contiguous index streams) and `codebooks` (t, k, d) float32; rows() = sum over stages of the chosen
+    codewords, and the product is one LUT product per stage, summed."""
 
     kind = "gong_rvq"
     method = "gong rvq"
+    has_matmul = True
 
     def __init__(self, rows: int, n: int, k: int, stages: int, d: int):
         super().__init__()
@@ -432,7 +503,7 @@ class RVQCode(WeightCode):
         if n % d:
             raise ValueError(f"d={d} must divide the row length {n}")
         self.rows_, self.n, self.k, self.stages, self.d = rows, n, k, stages, d
-        self.register_buffer("codes", torch.zeros(rows * n // d, stages, dtype=_idx_dtype(k)))
+        self.register_buffer("codes", torch.zeros(stages, rows * n // d, dtype=_idx_dtype(k)))
         self.register_buffer("codebooks", torch.zeros(stages, k, d))
 
     @classmethod
@@ -442,7 +513,7 @@ class RVQCode(WeightCode):
         code = cls(flat.shape[0], flat.shape[1], k, stages, d)
         res = residual_quantize(flat.reshape(-1, d), k, stages, iters=iters, seed=seed)
         code.codebooks.copy_(res.codebooks)
-        code.codes.copy_(res.codes)
+        code.codes.copy_(res.codes.T)
         code.distortion_per_stage = res.distortion_per_stage           # not stored; for studies
         return code
 
@@ -451,12 +522,25 @@ class RVQCode(WeightCode):
         return self.rows_, self.n
 
     def rows(self) -> torch.Tensor:
-        return rvq_decode(self.codebooks, self.codes).reshape(self.rows_, self.n)
+        return rvq_decode(self.codebooks, self.codes.T).reshape(self.rows_, self.n)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x @ rows().T, x: (..., n) -> (..., out): one LUT product per stage over the same segments."""
+        y = None
+        for s in range(self.stages):
+            part = vq_matmul(x, self.codebooks[s], self.codes[s].view(self.rows_, -1))
+            y = part if y is None else y + part
+        return y
+
+    def flops(self, rows: int, groups: int = 1) -> tuple[int, int]:
+        """t LUT products: per stage a table of K dot products per segment and one read per output and segment."""
+        table, accum = lut_flops(rows, self.rows_, self.n // self.d, self.d, self.k, 1)
+        return table * self.stages, accum * self.stages
 
     def size(self, seen: set[int]) -> CodeSize:
         bits = bits_for(self.k)
         _mark(seen, self)
-        entropy = sum(huffman_bytes(self.codes[:, s], self.k) for s in range(self.stages))
+        entropy = sum(huffman_bytes(self.codes[s], self.k) for s in range(self.stages))
         return CodeSize(index_bytes=packed_bytes(self.codes.numel(), bits), codebook_bytes=tensor_bytes(self.codebooks),
                         entropy_index_bytes=entropy, streams=[pack_indices(self.codes, bits)], k=self.k, d=self.d,
                         index_bits=bits)
