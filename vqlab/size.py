@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .bits import LZMA_FILTERS, huffman_bytes, huffman_code_lengths, pack_indices, packed_bytes, unpack_indices
+from .codebook import Codebook
 from .quantized import WeightCode, tensor_bytes
 
 __all__ = ["SizeReport", "compressed_size", "pack_indices", "unpack_indices", "huffman_code_lengths",
@@ -119,12 +120,14 @@ _COLUMNS = ["model", "layer", "type", "method", "K", "d", "index_bits", "dense_b
 
 
 @torch.no_grad()
-def compressed_size(model: nn.Module | Sequence[nn.Module]) -> SizeReport:
+def compressed_size(model: nn.Module | Sequence[nn.Module], codebook_in_rom: bool = False) -> SizeReport:
     """Count the bytes of a model, or of several models stored together, as `vqlab.save` writes them
     (packed indices) and as float32 models.
 
     model: one nn.Module, or a list of them: then every shared object (a codebook used by several models)
         is counted once, at the first model that reaches it, and `per_model` has one row per model.
+    codebook_in_rom: leave out every frozen `vqlab.Codebook` (a universal codebook held in ROM, as VQ4ALL
+        reports it): its bytes are counted nowhere.
     Example: `r = compressed_size(model); r.ratio, r.layers`;  `compressed_size([m1, m2, m3]).per_model`.
     raises ValueError, naming the model's type, when it holds no parameters or buffers at all (an
     activation, an empty Sequential): there is nothing to count and no ratio to report.
@@ -133,6 +136,8 @@ def compressed_size(model: nn.Module | Sequence[nn.Module]) -> SizeReport:
     if not models or not all(isinstance(m, nn.Module) for m in models):
         raise TypeError(f"compressed_size takes an nn.Module or a non-empty list of them, got {model!r:.80}")
     rows, seen, streams = [], set(), []
+    if codebook_in_rom:
+        seen.update(id(b.weight) for m in models for b in m.modules() if isinstance(b, Codebook) and b.frozen)
     for i, m in enumerate(models):
         rows += [{"model": i, **r} for r in _model_rows(m, seen, streams)]
     df = pd.DataFrame(rows, columns=[c for c in _COLUMNS if c not in ("compressed_bytes", "ratio")])
