@@ -8,6 +8,11 @@ Half precision: `fit` keeps a float32 master copy of every float16/bfloat16 trai
 moments and eps underflow in float16 and turn every parameter into NaN otherwise); after each step
 the masters are rounded back into the model's parameters, which keep their dtype.
 A non-finite loss stops `fit` with `NonFiniteLossError` before that step changes the model.
+
+Under torchrun (`vqlab.distributed`): `fit` wraps the model in DistributedDataParallel and deals every
+global batch of `batch_size` images across the ranks (batch_size / world_size each, gradients averaged),
+in the same order as the single-process run with the same seed; progress bars and files belong to
+rank 0; `evaluate` sums correct/total over the ranks.  Run it on every rank, or pass distributed=False.
 """
 from __future__ import annotations
 
@@ -19,9 +24,10 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from . import distributed as _dist
 from ._utils import default_device, seed_everything
 from .data import loader
 
@@ -101,6 +107,62 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _use_distributed(distributed: bool | None) -> bool:
+    """distributed=None: join torchrun's process group when there is one; False: never; True: when possible."""
+    return False if distributed is False else _dist.init()
+
+
+def _run_device(model: nn.Module, device: str | torch.device | None, distributed: bool) -> torch.device:
+    """`_model_device`, except that each rank of a distributed run takes its own GPU (cuda:LOCAL_RANK)."""
+    if distributed and device is None and torch.cuda.is_available():
+        return _dist.device()
+    return _model_device(model, device)
+
+
+class _ShardSampler(DistributedSampler):
+    """DistributedSampler whose epoch-e permutation is the one `loader(ds, shuffle=True, seed=seed)` draws
+    in its e-th epoch, so the ranks' batches together are the single-process run's batches.
+
+    Like DistributedSampler: the permutation is padded (by repeating its start) to a multiple of the
+    world size and rank r takes positions r, r + W, r + 2W, ...; `set_epoch(e)` picks the epoch.
+    """
+
+    def __iter__(self):
+        n = len(self.dataset)
+        gen = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch + 1):                     # the loader draws one permutation per epoch
+            order = torch.randperm(n, generator=gen)
+        order = order.tolist()
+        while len(order) < self.total_size:
+            order += order[: self.total_size - len(order)]
+        return iter(order[self.rank:self.total_size:self.num_replicas])
+
+
+class _RankBatches:
+    """This rank's share of every global batch: batches of ceil(batch_size / W) rows by tensor indexing.
+
+    When W divides batch_size, step s's batches over all ranks hold exactly the rows of the
+    single-process loader's batch s (the last, short batch may differ by the sampler's padding).
+    """
+
+    def __init__(self, ds: TensorDataset, batch_size: int, seed: int, rank: int, world: int):
+        self.tensors = ds.tensors
+        self.sampler = _ShardSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.batch_size = -(-batch_size // world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return -(-self.sampler.num_samples // self.batch_size)
+
+    def __iter__(self):
+        idx = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        for s in range(0, len(idx), self.batch_size):
+            take = idx[s:s + self.batch_size]
+            yield tuple(t[take] for t in self.tensors)
+
+
 def _non_finite(what: str, *, step: int, total: int, epoch: int, lr: float) -> NonFiniteLossError:
     return NonFiniteLossError(
         f"fit: {what} at step {step} of {total} (epoch {epoch}, lr={lr:g}); stopped before the optimizer "
@@ -119,15 +181,28 @@ def predict(model: nn.Module, ds: TensorDataset, batch_size: int = 1000, device:
     return torch.cat(out)
 
 
-def evaluate(model: nn.Module, ds: TensorDataset, batch_size: int = 1000, device: str | torch.device | None = None) -> float:
-    """Top-1 accuracy of `model` on `ds`, a float in [0, 1]."""
-    return (predict(model, ds, batch_size, device) == ds.tensors[1]).float().mean().item()
+def evaluate(model: nn.Module, ds: TensorDataset, batch_size: int = 1000, device: str | torch.device | None = None,
+             distributed: bool | None = None) -> float:
+    """Top-1 accuracy of `model` on `ds`, a float in [0, 1].
+
+    distributed: None = under torchrun every rank scores every W-th image and the correct/total counts
+    are summed over the ranks (call it on every rank; same number as one process); False = this
+    process alone scores all of `ds`.
+    """
+    if not _use_distributed(distributed):
+        return (predict(model, ds, batch_size, device) == ds.tensors[1]).float().mean().item()
+    r, w = _dist.rank(), _dist.world_size()
+    shard = TensorDataset(*(t[r::w] for t in ds.tensors))
+    dev = _run_device(model, device, True)
+    correct = int((predict(model, shard, batch_size, dev) == shard.tensors[1]).sum()) if len(shard) else 0
+    counts = _dist.all_reduce_sum(torch.tensor([correct, len(shard)], dtype=torch.float64, device=dev)).cpu()
+    return (counts[0].float() / counts[1].float()).item()        # rounded like the float32 mean above
 
 
 def fit(model: nn.Module, train_ds: TensorDataset, epochs: int = 1, lr: float = 1e-3, batch_size: int = 128,
         seed: int = 0, optimizer: str = "adam", weight_decay: float = 0.0, val_ds: TensorDataset | None = None,
         max_steps: int | None = None, device: str | torch.device | None = None, progress: bool = True,
-        on_step: Callable[[nn.Module, int], None] | None = None) -> pd.DataFrame:
+        on_step: Callable[[nn.Module, int], None] | None = None, distributed: bool | None = None) -> pd.DataFrame:
     """Train `model` in place with cross-entropy; return the history as a DataFrame.
 
     train_ds: TensorDataset(x (N, C, H, W), y (N,) int64) — see `vqlab.load_dataset`.
@@ -136,42 +211,63 @@ def fit(model: nn.Module, train_ds: TensorDataset, epochs: int = 1, lr: float = 
     max_steps: stop early after this many optimizer steps (fast modes, tests).
     on_step: called as on_step(model, step) after every optimizer step (e.g. record codebook drift).
     progress: tqdm.auto bar (notebook or terminal); False turns it off.
+    distributed: None = under torchrun (WORLD_SIZE > 1, or an initialised process group of > 1) train
+        with DistributedDataParallel on every rank; False = this process alone.  Distributed,
+        `batch_size` is the global batch (each rank takes ceil(batch_size / W) rows of it, in the
+        single-process order), rank r seeds torch with seed + r (dropout masks differ per rank), the
+        bar shows on rank 0 only, and every rank returns the same model and the same history (losses
+        and accuracies summed over ranks).  BatchNorm statistics stay per rank, as in plain DDP.
     float16/bfloat16 parameters are trained through float32 master copies (module docstring) and keep
     their dtype.
     returns: one row per epoch: epoch, steps, loss (mean train loss), train_acc, val_acc (NaN without
         val_ds), seconds.
     raises: NonFiniteLossError (a FloatingPointError) at the first NaN/Inf loss, or NaN/Inf gradient of
-        a float16/bfloat16 parameter, naming the step, epoch and lr; no optimizer step is taken with it.
+        a float16/bfloat16 parameter, naming the step, epoch and lr; no optimizer step is taken with it
+        (distributed: on every rank, when any rank's loss is not finite).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    seed_everything(seed)
-    dev = _model_device(model, device)
+    distributed = _use_distributed(distributed)
+    rank, world = (_dist.rank(), _dist.world_size()) if distributed else (0, 1)
+    if batch_size < world:
+        raise ValueError(f"batch_size is the global batch and must be >= the {world} processes, got {batch_size}")
+    seed_everything(seed + rank)
+    dev = _run_device(model, device, distributed)
     model.to(dev).train()
-    masters = _MasterParams(_trainable(model))
+    net = model
+    if distributed and _trainable(model):
+        from torch.nn.parallel import DistributedDataParallel
+
+        # broadcasts rank 0's parameters and buffers (codebooks, indices) now and its buffers every forward
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    masters = _MasterParams(_trainable(model))                   # after DDP's broadcast: same masters everywhere
     opt = _optimizer(optimizer, masters.params, lr, weight_decay)
-    batches = loader(train_ds, batch_size, shuffle=True, seed=seed)
+    batches = _RankBatches(train_ds, batch_size, seed, rank, world) if distributed else \
+        loader(train_ds, batch_size, shuffle=True, seed=seed)
     total = epochs * len(batches) if max_steps is None else min(max_steps, epochs * len(batches))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
     rows, step = [], 0
-    bar = tqdm(total=total, desc="fit", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="fit", unit="step", disable=not progress or rank != 0, leave=False)
     try:
         for epoch in range(1, epochs + 1):
             t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
             model.train()
+            if distributed:
+                batches.set_epoch(epoch - 1)
             for x, y in batches:
                 if step >= total:
                     break
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                logits = model(x)
+                logits = net(x)
                 loss = F.cross_entropy(logits, y)
                 loss_value = loss.item()
                 where = dict(step=step + 1, total=total, epoch=epoch, lr=opt.param_groups[0]["lr"])
-                if not math.isfinite(loss_value):
-                    raise _non_finite(f"loss is {loss_value}", **where)
+                if not _all_finite(loss_value, distributed, dev):
+                    what = f"loss is {loss_value}" if not math.isfinite(loss_value) else "loss is not finite on another rank"
+                    raise _non_finite(what, **where)
                 opt.zero_grad(set_to_none=True)
                 masters.zero_grad()
-                loss.backward()
+                loss.backward()                                      # DDP: gradients averaged over the ranks
                 bad = masters.to_masters()
                 if bad is not None:
                     raise _non_finite(f"gradient of {bad!r} is not finite (float16/bfloat16 overflow?)", **where)
@@ -186,7 +282,10 @@ def fit(model: nn.Module, train_ds: TensorDataset, epochs: int = 1, lr: float = 
                 seen += len(y)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}")
-            val = evaluate(model, val_ds, device=dev) if val_ds is not None else float("nan")
+            if distributed:
+                loss_sum, correct, seen = _dist.all_reduce_sum(
+                    torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=dev)).tolist()
+            val = evaluate(model, val_ds, device=dev, distributed=distributed) if val_ds is not None else float("nan")
             rows.append({"epoch": epoch, "steps": step, "loss": loss_sum / max(seen, 1),
                          "train_acc": correct / max(seen, 1), "val_acc": val, "seconds": time.perf_counter() - t0})
             if step >= total:
@@ -195,6 +294,15 @@ def fit(model: nn.Module, train_ds: TensorDataset, epochs: int = 1, lr: float = 
         bar.close()
     model.eval()
     return pd.DataFrame(rows)
+
+
+def _all_finite(value: float, distributed: bool, dev: torch.device) -> bool:
+    """math.isfinite(value) on this process; distributed: on every rank (one tiny all-reduce)."""
+    ok = math.isfinite(value)
+    if not distributed:
+        return ok
+    bad = _dist.all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=dev))
+    return float(bad) == 0.0
 
 
 # ---------------------------------------------------------------- float baselines on disk
@@ -213,7 +321,8 @@ def train_or_load(model_name: str = "lenet5", dataset: str = "fashion-mnist", ep
 
     Same call as `python -m vqlab train`.  Returns (model in eval mode on CPU, info dict with
     test_acc, epochs, seconds and the path).  The file is a plain state_dict plus metadata (< 2 MB
-    for LeNet-5 and the small CNN).
+    for LeNet-5 and the small CNN).  Under torchrun (call it on every rank): rank 0's file is read by
+    rank 0 and broadcast; a missing one is trained with DDP on all ranks and written by rank 0.
     """
     from pathlib import Path
 
@@ -224,8 +333,10 @@ def train_or_load(model_name: str = "lenet5", dataset: str = "fashion-mnist", ep
     path = Path(path) if path is not None else checkpoint_path(model_name, info.name, epochs, seed)
     torch.manual_seed(seed)
     model = get_model(model_name, num_classes=info.num_classes, in_channels=info.channels, input_size=info.size)
-    if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+    distributed = _dist.init()
+    if _dist.broadcast_object(path.exists()):                   # rank 0's file decides, and is read by rank 0
+        blob = torch.load(path, map_location="cpu", weights_only=True) if _dist.is_main() else None
+        blob = _dist.broadcast_object(blob)
         model.load_state_dict(blob["state_dict"])
         return model.eval(), blob["meta"]
     t0 = time.perf_counter()
@@ -234,6 +345,9 @@ def train_or_load(model_name: str = "lenet5", dataset: str = "fashion-mnist", ep
     meta = {"model": model_name, "dataset": info.name, "epochs": epochs, "seed": seed, "lr": lr,
             "batch_size": batch_size, "test_acc": evaluate(model, load_dataset(info.name, "test")),
             "seconds": time.perf_counter() - t0, "torch": str(torch.__version__)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
+    if _dist.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
+    if distributed:
+        _dist.barrier()
     return model.eval(), {**meta, "path": str(path)}

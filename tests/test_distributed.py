@@ -1,0 +1,129 @@
+"""vqlab under torch.distributed with real processes: 2 CPU ranks over gloo, started by the test.
+
+Every multi-process test starts `python -m torch.distributed.run --nproc_per_node 2` on a free port with
+this very file as the program (its `__main__` runs one of the `_worker_*` functions below on each rank),
+waits with a timeout, and kills the whole process group in `finally`, also when an assertion fails.
+The single-process reference runs in the test process itself.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from vqlab.distributed import free_port
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+TIMEOUT_S = 240      # generous for a loaded 2-core CI box; each run takes seconds
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
+               VQLAB_FAST="1", TQDM_DISABLE="1")
+    return env
+
+
+def run_procs(argv: list[str], timeout: float = TIMEOUT_S, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run argv (a full command line) in its own process group; kill the group on timeout or failure."""
+    proc = subprocess.Popen(argv, cwd=cwd or REPO, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = "", f"timed out after {timeout} s"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)        # the launcher and every rank it started
+        proc.wait()
+    result = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    assert result.returncode == 0, f"{argv} failed ({result.returncode}):\n{out[-3000:]}\n{err[-6000:]}"
+    return result
+
+
+def torchrun(*args: str, nproc: int = 2, **kw) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node nproc` on 127.0.0.1 and a free port."""
+    return run_procs([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                      "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args], **kw)
+
+
+# ---------------------------------------------------------------- what each rank runs
+
+def _fit_setup():
+    from vqlab.data import load_dataset
+    from vqlab.models import get_model
+    from vqlab.quantize import VQConfig, quantize_
+
+    torch.manual_seed(0)
+    model = get_model("lenet5", input_size=8)
+    # one codebook shared by the quantized layers, and periodic reassignment: both must stay in step
+    quantize_(model, VQConfig(k=16, d=2, iters=5, codebook="shared", reassign_every=2), progress=False)
+    return model, load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+FIT_KW = dict(batch_size=64, max_steps=6, lr=3e-3, seed=0, progress=False)
+
+
+def _worker_fit(out: str) -> None:
+    from vqlab import distributed as vdist
+    from vqlab.train import evaluate, fit
+
+    model, tr, te = _fit_setup()
+    hist = fit(model, tr, **FIT_KW)
+    acc = evaluate(model, te)
+    torch.save({"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "latent": {n: m.latent.detach().clone() for n, m in model.named_modules() if getattr(m, "latent", None) is not None},
+                "loss": hist["loss"].tolist(), "acc": acc, "world": vdist.world_size()},
+               Path(out) / f"rank{vdist.rank()}.pt")
+
+
+# ---------------------------------------------------------------- tests
+
+def test_ddp_fit_matches_one_process_with_the_same_global_batch(tmp_path):
+    t0 = time.perf_counter()
+    torchrun(str(HERE), "fit", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    # identical on both ranks: codebooks, indices (reassigned twice), latent weights, the float layers
+    for k, v in ranks[0]["state"].items():
+        assert torch.equal(v, ranks[1]["state"][k]), k
+    for k, v in ranks[0]["latent"].items():
+        assert torch.equal(v, ranks[1]["latent"][k]), k
+    assert ranks[0]["acc"] == ranks[1]["acc"] and ranks[0]["loss"] == ranks[1]["loss"]
+
+    from vqlab.train import evaluate, fit
+
+    model, tr, te = _fit_setup()
+    start_book = model.features[3].codebook.weight.detach().clone()
+    hist = fit(model, tr, **FIT_KW)
+    one = model.state_dict()
+    books = [k for k in one if k.endswith("codebook.weight")]
+    assert books and not torch.equal(one[books[0]], start_book)                     # it did train
+    diff = max((one[k].double() - v.double()).abs().max().item() for k, v in ranks[0]["state"].items())
+    assert diff <= 1e-5, diff
+    assert all(torch.equal(one[k], v) for k, v in ranks[0]["state"].items() if k.endswith("indices"))
+    assert evaluate(model, te) == ranks[0]["acc"]
+    assert hist["loss"].tolist() == pytest.approx(ranks[0]["loss"], rel=1e-5)
+    print(f"DDP vs one process: max |diff| = {diff:.2e}, {time.perf_counter() - t0:.1f} s")
+
+
+def test_distributed_helpers_are_identity_in_one_process():
+    from vqlab import distributed as vdist
+
+    assert not vdist.active() and vdist.rank() == 0 and vdist.world_size() == 1 and vdist.is_main()
+    t = torch.ones(3)
+    assert vdist.all_reduce_sum(t) is t and torch.equal(t, torch.ones(3))
+    assert vdist.all_gather_objects({"a": 1}) == [{"a": 1}] and vdist.broadcast_object(5) == 5
+
+
+if __name__ == "__main__":          # one rank of a test's torchrun
+    globals()[f"_worker_{sys.argv[1]}"](*sys.argv[2:])
