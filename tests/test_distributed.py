@@ -86,6 +86,32 @@ def _worker_fit(out: str) -> None:
                Path(out) / f"rank{vdist.rank()}.pt")
 
 
+def _kmeans_data(dtype=torch.float64):
+    """2000 rows around 10 blobs (d=4) and starting centers of which two are far off (they empty at once)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(10, 4, generator=g) * 4)[torch.randint(10, (2000,), generator=g)] + torch.randn(2000, 4, generator=g)
+    init = x[:12].clone()
+    init[[3, 7]] = 1e3
+    return x.to(dtype), init.to(dtype)
+
+
+SPLIT = 1234          # uneven shards: rank 0 holds rows [0, 1234), rank 1 the rest
+
+
+def _worker_kmeans(out: str) -> None:
+    from vqlab import distributed as vdist
+    from vqlab.codebook import kmeans
+
+    res = {}
+    for dtype in (torch.float64, torch.float32):
+        x, init = _kmeans_data(dtype)
+        shard = x[:SPLIT] if vdist.rank() == 0 else x[SPLIT:]
+        res[str(dtype)] = kmeans(shard, 12, init=init, iters=30, tol=0, distributed=True)
+    res["pp"] = kmeans(x[:SPLIT] if vdist.rank() == 0 else x[SPLIT:], 12, seed=5, distributed=True)
+    torch.save({key: (r.codebook, r.assignments, r.distortion, r.n_iter, r.dead_reseeded) for key, r in res.items()},
+               Path(out) / f"rank{vdist.rank()}.pt")
+
+
 # ---------------------------------------------------------------- tests
 
 def test_ddp_fit_matches_one_process_with_the_same_global_batch(tmp_path):
@@ -114,6 +140,36 @@ def test_ddp_fit_matches_one_process_with_the_same_global_batch(tmp_path):
     assert evaluate(model, te) == ranks[0]["acc"]
     assert hist["loss"].tolist() == pytest.approx(ranks[0]["loss"], rel=1e-5)
     print(f"DDP vs one process: max |diff| = {diff:.2e}, {time.perf_counter() - t0:.1f} s")
+
+
+def test_distributed_kmeans_equals_one_process_from_the_same_centers(tmp_path):
+    from vqlab.codebook import kmeans
+
+    t0 = time.perf_counter()
+    torchrun(str(HERE), "kmeans", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        x, init = _kmeans_data(dtype)
+        one = kmeans(x, 12, init=init, iters=30, tol=0)
+        (b0, a0, e0, it0, dead0), (b1, a1, e1, it1, dead1) = ranks[0][str(dtype)], ranks[1][str(dtype)]
+        assert torch.equal(b0, b1) and (e0, it0, dead0) == (e1, it1, dead1)      # the same on both ranks
+        assert dead0 == one.dead_reseeded >= 2 and it0 == one.n_iter               # the far centers were re-seeded
+        assert torch.allclose(b0, one.codebook, atol=atol, rtol=0), (b0 - one.codebook).abs().max()
+        assert torch.equal(torch.cat([a0, a1]), one.assignments)                 # each rank: its own rows
+        assert e0 == pytest.approx(one.distortion, rel=1e-5)
+    pp0, pp1 = ranks[0]["pp"], ranks[1]["pp"]
+    assert torch.equal(pp0[0], pp1[0]) and pp0[2] == pp1[2]                      # k-means++ from rank 0, broadcast
+    x, _ = _kmeans_data()
+    assert pp0[2] <= 1.5 * kmeans(x, 12, seed=5).distortion
+    print(f"distributed k-means: {time.perf_counter() - t0:.1f} s")
+
+
+def test_distributed_kmeans_in_one_process_is_plain_kmeans():
+    from vqlab.codebook import kmeans
+
+    x, init = _kmeans_data(torch.float32)
+    a, b = kmeans(x, 12, init=init, iters=5), kmeans(x, 12, init=init, iters=5, distributed=True)
+    assert torch.equal(a.codebook, b.codebook) and torch.equal(a.assignments, b.assignments)
 
 
 def test_distributed_helpers_are_identity_in_one_process():

@@ -341,7 +341,7 @@ def _minibatch(x, c, iters, tol, batch_size, chunk, gen, bar) -> tuple[int, int]
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, init: str | torch.Tensor = "kmeans++",
            batch_size: int | None = None, seed: int = 0, tol: float = 1e-4, progress: bool = False,
-           chunk: int = 65536) -> KMeansResult:
+           chunk: int = 65536, distributed: bool = False) -> KMeansResult:
     """Fit a k-entry codebook to the rows of x.
 
     x: (N, d) float tensor (any float dtype; fitted in float32, float64 stays float64); device follows x.
@@ -354,6 +354,14 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, init: str | torch.Tensor
     tol: stop once an iteration lowers the distortion by less than tol (relative) and no empty
         cluster had to be re-seeded.
     progress: show a tqdm bar.  chunk: rows per distance block (also capped at 2^21 / K).
+    distributed: x is this rank's shard of the data under torch.distributed (torchrun); call on every rank
+        with the same k, init, seed, ...  The centers start from rank 0 (k-means++ / random on a sample
+        gathered from all ranks, or rank 0's `init` tensor) and are broadcast; each Lloyd iteration
+        all-reduces the cluster sums and counts, and empty clusters are re-seeded from the globally
+        worst-served rows, so the result is single-process k-means on the concatenated shards (to
+        float summation order).  Every rank gets the same codebook, distortion and n_iter;
+        `assignments` are those of its own shard.  Lloyd only (batch_size must be None).  In a single
+        process it is plain k-means.
 
     Empty clusters are re-seeded every iteration onto the points with the largest error, and once
     more after the last one, so when x has at least K distinct rows every codeword is used; with
@@ -365,6 +373,12 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, init: str | torch.Tensor
         >>> res.codebook.shape, res.assignments.shape
         (torch.Size([16, 4]), torch.Size([10000]))
     """
+    if distributed:
+        from . import distributed as _dist
+
+        if _dist.init():
+            return _kmeans_distributed(x, k, iters=iters, init=init, batch_size=batch_size, seed=seed, tol=tol,
+                                       progress=progress, chunk=chunk)
     _check_x(x)
     n = x.shape[0]
     _check_k(k, n)
@@ -389,6 +403,121 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, init: str | torch.Tensor
     idx, moved = _polish(xw, c, chunk)
     return KMeansResult(codebook=c.to(x.dtype), assignments=idx, distortion=_distortion(xw, c, idx),
                         n_iter=n_iter, dead_reseeded=reseeded + moved)
+
+
+# ---------------------------------------------------------------- k-means over torch.distributed shards
+
+def _kmeans_distributed(x: torch.Tensor, k: int, *, iters: int, init, batch_size, seed: int, tol: float,
+                        progress: bool, chunk: int) -> KMeansResult:
+    """`kmeans(..., distributed=True)` with more than one process: x (N_r, d) is this rank's shard."""
+    from . import distributed as _dist
+
+    rank = _dist.rank()
+    problem = None
+    try:                                   # every rank checks; all raise together (no rank left waiting)
+        _check_x(x)
+        _check_int("iters", iters, 1)
+        _check_int("chunk", chunk, 1)
+        if batch_size is not None:
+            raise ValueError("distributed k-means runs Lloyd iterations on all points: batch_size must be None")
+        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
+            raise ValueError(f"tol must be a number >= 0, got tol={tol!r}")
+        if isinstance(init, torch.Tensor):
+            if init.shape != (k, x.shape[1]):
+                raise ValueError(f"init tensor must have shape (K, d) = {(k, x.shape[1])}, got {tuple(init.shape)}")
+            if not torch.isfinite(init).all():
+                raise ValueError("init tensor contains non-finite values (NaN or inf)")
+        elif init not in ("kmeans++", "random"):
+            raise ValueError(f"init must be 'kmeans++', 'random' or a (K, d) tensor, got init={init!r}")
+    except (TypeError, ValueError) as err:
+        problem = f"{type(err).__name__}: {err}"
+    shapes = _dist.all_gather_objects((problem, tuple(x.shape) if isinstance(x, torch.Tensor) else None))
+    for r, (msg, _) in enumerate(shapes):
+        if msg is not None:
+            raise ValueError(f"distributed k-means, rank {r}: {msg}")
+    dims = {shape[1] for _, shape in shapes}
+    if len(dims) != 1:
+        raise ValueError(f"distributed k-means: the ranks' shards have different d: {[s for _, s in shapes]}")
+    sizes = [shape[0] for _, shape in shapes]
+    n, d = sum(sizes), dims.pop()
+    _check_k(k, n)
+
+    gen = torch.Generator().manual_seed(seed)
+    xw = x.detach().to(_work_dtype(x.dtype)).contiguous()               # (N_r, d)
+    c = _dist_init_centers(xw, k, init, gen, sizes, seed)               # (k, d), the same on every rank
+    bar = tqdm(total=iters, desc=f"k-means K={k} x{len(sizes)} ranks", disable=not progress or rank != 0, leave=False)
+    with bar:
+        prev, reseeded, it = math.inf, 0, 0
+        for it in range(1, iters + 1):
+            idx, dist = _nearest(xw, c, chunk)
+            counts = _dist.all_reduce_sum(torch.bincount(idx, minlength=k))
+            delta = _cluster_sums(xw - c[idx], idx, k)                  # c + mean(x - c), as `_lloyd`
+            sums = _dist.all_reduce_sum(torch.cat([delta.flatten(), dist.sum().reshape(1)]))
+            delta, err = sums[:-1].reshape(k, d), sums[-1]
+            dead = (counts == 0).nonzero().flatten()
+            moved = _dist_reseed(xw, c, dead, dist, n) if len(dead) else 0
+            c += delta / counts.clamp_min(1).to(c.dtype)[:, None]
+            _dist.broadcast(c)                                          # rank 0's centers, bit for bit
+            reseeded += moved
+            cur = float(err) / (n * d)
+            if _end_iteration(bar, prev, cur, moved, tol):
+                break
+            prev = cur
+    c = c.to(x.dtype).to(xw.dtype)
+    total = 0
+    for _ in range(_POLISH_ROUNDS):                                     # `_polish` over all shards
+        idx, dist = _nearest(xw, c, chunk)
+        dead = (_dist.all_reduce_sum(torch.bincount(idx, minlength=k)) == 0).nonzero().flatten()
+        if len(dead) == 0:
+            break
+        moved = _dist_reseed(xw, c, dead, dist, n)
+        _dist.broadcast(c)
+        if moved == 0:
+            break
+        total += moved
+    else:
+        idx, _ = _nearest(xw, c, chunk)
+    err = _dist.all_reduce_sum(((xw - c[idx]) ** 2).sum().reshape(1).double())
+    return KMeansResult(codebook=c.to(x.dtype), assignments=idx, distortion=float(err) / (n * d), n_iter=it,
+                        dead_reseeded=reseeded + total)
+
+
+def _dist_init_centers(xw: torch.Tensor, k: int, init, gen: torch.Generator, sizes: list[int],
+                       seed: int) -> torch.Tensor:
+    """Starting centers (k, d) on every rank: rank 0's `init` tensor, or k-means++ / random rows that rank 0
+    draws from a sample gathered over the ranks (each rank sends its share of min(N, max(4096, 20 K))
+    random rows, in proportion to its shard), broadcast from rank 0."""
+    from . import distributed as _dist
+
+    rank, n, d = _dist.rank(), sum(sizes), xw.shape[1]
+    c = torch.empty(k, d, dtype=xw.dtype, device=xw.device)
+    if isinstance(init, torch.Tensor):
+        if rank == 0:                                                   # checked on every rank already
+            c.copy_(init.detach())
+        return _dist.broadcast(c)
+    m = min(n, max(_PP_MIN, _PP_PER_CENTER * k))
+    share = min(sizes[rank], -(-m * sizes[rank] // n))
+    local_gen = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
+    pick = torch.randperm(sizes[rank], generator=local_gen)[:share].to(xw.device)
+    samples = _dist.all_gather_objects(xw[pick].cpu())
+    if rank == 0:
+        sample = torch.cat(samples).to(device=xw.device)
+        c.copy_(_init_centers(sample, k, init, gen))
+    return _dist.broadcast(c)
+
+
+def _dist_reseed(xw: torch.Tensor, c: torch.Tensor, dead: torch.Tensor, dist: torch.Tensor, n: int) -> int:
+    """`_reseed` over all ranks: each rank offers its worst-served rows, every rank picks from the union
+    (the global worst rows, as one process would), in place on c.  Returns how many centers moved."""
+    from . import distributed as _dist
+
+    p = min(n, max(1024, 32 * len(dead)))
+    top = torch.topk(dist, min(len(dist), p))
+    offers = _dist.all_gather_objects((top.values.cpu(), xw[top.indices].cpu()))
+    err = torch.cat([v for v, _ in offers]).to(dist.device)
+    rows = torch.cat([r for _, r in offers]).to(xw.device)
+    best = torch.topk(err, min(len(err), p)).indices
+    return len(_reseed(rows[best], c, dead, err[best]))
 
 
 def assign(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
