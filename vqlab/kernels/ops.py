@@ -180,7 +180,8 @@ def _time_best(fn, budget: float = 0.05, max_runs: int = 5) -> float:
 
 
 def _candidates(k: int, d: int) -> list[str]:
-    return [n for n in available_backends()[1:-1] if get_backend(n).auto and get_backend(n).supports(k, d)]
+    return [n for n in available_backends()[1:-1]
+            if get_backend(n).auto and get_backend(n).exact and get_backend(n).supports(k, d)]
 
 
 def _resolve(backend: str, k: int, d: int, key, run) -> str:
@@ -204,7 +205,7 @@ def _uses_reference(x: torch.Tensor, backend: str) -> bool:
     float32), for backend "torch" (or "auto" pinned to it), and when the asked backend is not available here."""
     if backend == "auto":
         backend = pinned_backend() or "auto"
-    native = available_backends()[1:-1]
+    native = available_backends(approximate=True)[1:-1]
     return (x.device.type != "cpu" or x.dtype == torch.float64 or backend == "torch"
             or not native or (backend != "auto" and backend not in native))
 

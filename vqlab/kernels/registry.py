@@ -33,6 +33,9 @@ class KernelBackend:
     available() -> bool: usable on this machine (imports lazily inside, so unused kernels are never loaded).
     supports(k, d) -> bool: the codebook sizes it handles (others fall back to "dense" when asked directly).
     auto: a candidate for backend="auto".
+    exact: computes x @ W.T to float32 rounding.  An approximate backend (e.g. "simd": quantized tables) must
+        set exact=False and auto=False: it runs only when asked for by name or pinned with set_backend, and
+        `available_backends()` lists it only with approximate=True.
     """
 
     name: str
@@ -41,6 +44,7 @@ class KernelBackend:
     available: Callable[[], bool] = lambda: True
     supports: Callable[[int, int], bool] = lambda k, d: True
     auto: bool = True
+    exact: bool = True
     description: str = ""
 
 
@@ -67,16 +71,18 @@ def get_backend(name: str) -> KernelBackend:
     return _REGISTRY[name]
 
 
-def available_backends() -> list[str]:
-    """Backends usable here: "torch", every registered backend whose available() is true, "auto"."""
-    return ["torch", *(n for n, b in _REGISTRY.items() if b.available()), "auto"]
+def available_backends(approximate: bool = False) -> list[str]:
+    """Backends usable here: "torch", every registered exact backend whose available() is true, "auto";
+    approximate=True also lists the approximate ones (exact=False, e.g. "simd")."""
+    return ["torch", *(n for n, b in _REGISTRY.items() if (approximate or b.exact) and b.available()), "auto"]
 
 
 def set_backend(name: str | None) -> None:
     """Pin the backend that "auto" resolves to (None: time the candidates again).  The environment variable
     VQLAB_BACKEND does the same at start-up.  raises ValueError for an unknown or unavailable name."""
-    if name is not None and name not in available_backends()[:-1]:
-        raise ValueError(f"set_backend: {name!r} is not an available backend; available: {available_backends()[:-1]}")
+    usable = available_backends(approximate=True)[:-1]
+    if name is not None and name not in usable:
+        raise ValueError(f"set_backend: {name!r} is not an available backend; available: {usable}")
     _PINNED[0] = name
 
 

@@ -1,0 +1,251 @@
+"""Backend "simd": exact against an integer emulation of the kernel, within 6 sigma of the float reference,
+odd shapes, the scalar path, refused indices, opt-in only, and the numba fallback when no compiler exists."""
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vqlab.kernels as K
+from vqlab.kernels import dequantize, set_backend, vq_conv2d, vq_matmul
+from vqlab.kernels import simd
+from vqlab.kernels.ops import _candidates
+
+NATIVE = simd.native_isa() is not None
+needs_native = pytest.mark.skipif(not NATIVE, reason=f"simd: {simd.native_status()}")
+ISAS = [i for i in simd.ISAS if NATIVE and (i == "scalar" or simd._loaded()[0].vq_isa_supported(simd.ISAS[i]))]
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    K.clear_caches()
+    set_backend(None)
+    yield
+    set_backend(None)
+    K.clear_caches()
+
+
+def _case(m, s, k, d, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    book = torch.randn(k, d, generator=g)
+    idx = torch.randint(0, k, (m, s), generator=g, dtype=torch.uint8)
+    x = torch.randn(batch, s * d, generator=g)
+    return x, book, idx
+
+
+def emulate(x: torch.Tensor, book: torch.Tensor, idx: torch.Tensor, group: int = simd.GROUP):
+    """The kernel in numpy, operation for operation in float32 and exact integers: (y (B, m), q, step, offset)."""
+    xn, (k, d), I = x.numpy(), book.shape, idx.numpy().astype(np.int64)
+    b, s, m = xn.shape[0], I.shape[1], I.shape[0]
+    g = simd.group_size(s, group)
+    ng = -(-s // g)
+    cbt = np.zeros((d, 16), np.float32)
+    cbt[:, :k] = book.numpy().T
+    xs = xn.reshape(b, s, d)
+    t = np.zeros((b, s, 16), np.float32)
+    for j in range(d):
+        t = t + xs[:, :, j:j + 1] * cbt[j]
+    t[:, :, k:] = t[:, :, :1]
+    lo, r = t.min(-1), t.max(-1) - t.min(-1)
+    rp = np.zeros((b, ng * g), np.float32)
+    rp[:, :s] = r
+    step = rp.reshape(b, ng, g).max(-1) / np.float32(255)
+    inv = np.where(step > 0, np.float32(1) / np.where(step > 0, step, 1), np.float32(0)).astype(np.float32)
+    inv_s = np.repeat(inv, g, axis=1)[:, :s]
+    v = (t - lo[..., None]) * inv_s[..., None] + np.float32(0.5)
+    v = np.minimum(np.where(v >= 0, v, np.float32(0)), np.float32(255))
+    q = v.astype(np.int64)
+    q[:, :, k:] = 0
+    off = np.zeros(b, np.float32)
+    for j in range(s):
+        off = off + lo[:, j]
+    picked = np.take_along_axis(q[:, None, :, :], I[None, :, :, None], axis=3)[..., 0]      # (B, m, S)
+    y = np.repeat(off[:, None], m, axis=1)
+    for gi in range(ng):
+        part = picked[:, :, gi * g:(gi + 1) * g].sum(-1)
+        assert part.max(initial=0) <= 65535                       # what uint16 accumulation relies on
+        y = y + part.astype(np.float32) * step[:, gi:gi + 1]
+    return y, q, step, off
+
+
+SHAPES = [  # m, S, K, d, batch: m off the 32-output block, S off the pair / group, K < 16, batch 1/3/17
+    (1, 1, 2, 1, 1), (31, 3, 5, 3, 3), (33, 65, 16, 2, 17), (70, 130, 16, 2, 3), (64, 128, 7, 4, 1),
+    (100, 257, 16, 1, 17),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m, s, k, d, batch", SHAPES)
+def test_equals_integer_emulation(isa, m, s, k, d, batch):
+    x, book, idx = _case(m, s, k, d, batch, seed=m + s)
+    y_em, q_em, step_em, off_em = emulate(x, book, idx)
+    q, step, off = simd.simd_tables(x, book, isa=isa)
+    np.testing.assert_array_equal(q[:, :s], q_em.astype(np.uint8))
+    assert not q[:, s:].any()                                         # padded segments add nothing
+    np.testing.assert_array_equal(step, step_em)
+    np.testing.assert_array_equal(off, off_em)
+    y = simd.simd_matmul(x, book, simd.simd_layout(idx), m, isa=isa)
+    assert y.shape == (batch, m) and y.dtype == torch.float32
+    scale = np.abs(off_em)[:, None] + 255 * s * step_em.max(1, keepdims=True)
+    np.testing.assert_allclose(y.numpy(), y_em, rtol=0, atol=float(1e-6 * scale.max()))
+
+
+@needs_native
+@pytest.mark.parametrize("m, s, k, d, batch", SHAPES + [(256, 1024, 16, 2, 4)])
+def test_within_six_sigma_of_the_float_reference(m, s, k, d, batch):
+    x, book, idx = _case(m, s, k, d, batch, seed=7 * m + s)
+    ref = (x.double() @ dequantize(book.double(), idx).T).numpy()
+    y = vq_matmul(x, book, idx, backend="simd").double().numpy()
+    sigma = simd.error_sigma(simd.simd_tables(x, book)[1], s)[:, None]
+    err = np.abs(y - ref)
+    assert (err <= 6 * sigma + 1e-5 * (1 + np.abs(ref))).all(), float((err / (sigma + 1e-30)).max())
+    if m * s >= 2 ** 18:                                                  # enough samples: the model holds
+        rms_ratio = np.sqrt((err ** 2).mean(1)) / sigma[:, 0]
+        assert ((rms_ratio > 0.7) & (rms_ratio < 1.3)).all(), rms_ratio
+
+
+@needs_native
+def test_scalar_path_is_bit_identical_and_forced_by_the_environment(monkeypatch):
+    x, book, idx = _case(45, 77, 16, 2, 5, seed=3)
+    y = vq_matmul(x, book, idx, backend="simd")
+    monkeypatch.setenv("VQLAB_SIMD_ISA", "scalar")
+    assert simd.native_isa() == "scalar"
+    assert torch.equal(vq_matmul(x, book, idx, backend="simd"), y)
+    monkeypatch.setenv("VQLAB_SIMD_ISA", "avx9")
+    with pytest.raises(ValueError, match="isa"):
+        simd.native_isa()
+
+
+@needs_native
+def test_threads_chunks_and_nonfinite_inputs(monkeypatch):
+    x, book, idx = _case(300, 40, 16, 2, 9, seed=4)
+    lay = simd.simd_layout(idx)
+    y1 = simd.simd_matmul(x, book, lay, 300, threads=1)
+    assert torch.equal(simd.simd_matmul(x, book, lay, 300, threads=2), y1)
+    monkeypatch.setattr(simd, "CHUNK", 4)                               # batch split into table chunks
+    assert torch.equal(simd.simd_matmul(x, book, lay, 300, threads=1), y1)
+    x[2, 5] = float("nan")
+    x[4, 0] = float("inf")
+    y = simd.simd_matmul(x, book, lay, 300)
+    assert y[2].isnan().all() and y[4].isnan().all() and torch.equal(y[[0, 1, 3]], y1[[0, 1, 3]])
+
+
+def test_bad_indices_and_shapes_are_refused():
+    x, book, idx = _case(20, 6, 5, 2, 2)
+    for bad_value in (5, 16, 255):
+        bad = idx.clone()
+        bad[3, 2] = bad_value
+        with pytest.raises(ValueError, match="K=5"):
+            vq_matmul(x, book, bad, backend="simd")
+    neg = idx.to(torch.int8)
+    neg[0, 0] = -1
+    with pytest.raises(ValueError, match="K=5"):
+        vq_matmul(x, book, neg, backend="simd")
+    if NATIVE:
+        lay = simd.simd_layout(idx)
+        with pytest.raises(ValueError, match="layout"):
+            simd.simd_matmul(x, book, lay, 40)                           # m does not fit the layout
+        with pytest.raises(ValueError, match="float32"):
+            simd.simd_matmul(x[:, :-1], book, lay, 20)
+        with pytest.raises(ValueError, match="K <= 16"):
+            simd.simd_matmul(torch.randn(2, 12), torch.randn(17, 2), lay, 20)
+        with pytest.raises(ValueError, match="group"):
+            simd.group_size(10, 300)
+
+
+def test_in_place_index_changes_are_seen():
+    x, book, idx = _case(40, 10, 16, 2, 1)
+    y0 = vq_matmul(x, book, idx, backend="simd")
+    idx.numpy()[:] = (idx.numpy() + 1) % 16                               # behind torch's back
+    y1 = vq_matmul(x, book, idx, backend="simd")
+    ref = x @ dequantize(book, idx).T
+    assert (y1 - ref).abs().max() < (y0 - ref).abs().max()
+
+
+def test_auto_never_picks_simd_unless_asked():
+    assert "simd" not in K.available_backends() and "simd" in K.available_backends(approximate=True)
+    assert "simd" not in _candidates(16, 2)
+    x, book, idx = _case(64, 32, 16, 2, 1)
+    ref = x @ dequantize(book, idx).T
+    torch.testing.assert_close(vq_matmul(x, book, idx), ref, rtol=1e-5, atol=1e-4)   # auto: exact
+    assert "simd" not in K.auto_choices().values()
+    set_backend("simd")                                                   # the opt-in: pinned
+    assert torch.equal(vq_matmul(x, book, idx), vq_matmul(x, book, idx, backend="simd"))
+    set_backend(None)
+    # a layer opts in with layer.backend
+    from vqlab.layers import VQLinear
+    layer = VQLinear(64, 32, bias=False, k=16, d=2).eval()
+    with torch.no_grad():
+        layer.codebook.weight.normal_()
+        layer.indices = torch.randint(0, 16, tuple(layer.indices.shape), dtype=layer.indices.dtype)
+    assert layer.backend == "auto"
+    xl = torch.randn(3, 64)
+    exact = layer(xl)
+    layer.backend = "simd"
+    approx = layer(xl)
+    assert torch.equal(approx, vq_matmul(xl, layer.codebook.weight, layer.indices, backend="simd"))
+    if NATIVE:
+        assert not torch.equal(approx, exact)
+    # K > 16: asked for by name, simd hands over to the exact "dense" backend
+    x2, book2, idx2 = _case(16, 8, 256, 2, 2)
+    torch.testing.assert_close(vq_matmul(x2, book2, idx2, backend="simd"), x2 @ dequantize(book2, idx2).T,
+                               rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+def test_conv_and_codebook_groups_within_the_bound():
+    g = torch.Generator().manual_seed(5)
+    book = torch.randn(2, 16, 2, generator=g)                            # 2 codebook groups
+    x = torch.randn(2, 8, 6, 6, generator=g)
+    idx = torch.randint(0, 16, (6, 4 * 9 // 2), generator=g, dtype=torch.uint8)
+    y = vq_conv2d(x, book, idx, (6, 4, 3, 3), padding=1, groups=2, backend="simd")
+    w = dequantize(book, idx).reshape(6, 3, 3, 4).permute(0, 3, 1, 2)
+    ref = F.conv2d(x, w, padding=1, groups=2)
+    cols = F.unfold(x, 3, padding=1).view(2, 2, 4, 9, -1).transpose(2, 3).reshape(2, 2, 36, -1)
+    sig = max(simd.error_sigma(simd.simd_tables(cols[:, j].transpose(1, 2).reshape(-1, 36).contiguous(),
+                                                book[c])[1], 18).max() for j in range(2) for c in range(2))
+    assert (y - ref).abs().max() <= 6 * sig + 1e-5
+    xl = torch.randn(5, 36, generator=g)
+    idx_l = torch.randint(0, 16, (8, 18), generator=g, dtype=torch.uint8)
+    ref_l = xl @ dequantize(book, idx_l).T
+    sig_l = max(simd.error_sigma(simd.simd_tables(xl, book[c])[1], 18).max() for c in range(2))
+    assert (vq_matmul(xl, book, idx_l, backend="simd") - ref_l).abs().max() <= 6 * sig_l + 1e-5
+
+
+def test_compiled_once_into_the_cache(monkeypatch, tmp_path):
+    if simd._compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("VQLAB_CACHE_DIR", str(tmp_path))
+    simd._loaded.cache_clear()
+    try:
+        lib, why = simd._loaded()
+        assert lib is not None, why
+        built = list(tmp_path.glob("simd_lut-*.so"))
+        assert len(built) == 1 and not list(tmp_path.glob("*.tmp*"))
+        stamp = built[0].stat().st_mtime_ns
+        simd._loaded.cache_clear()
+        assert simd._loaded()[0] is not None and built[0].stat().st_mtime_ns == stamp   # reused, not rebuilt
+    finally:
+        simd._loaded.cache_clear()
+
+
+def test_no_compiler_falls_back_to_numba_with_one_notice(monkeypatch):
+    pytest.importorskip("numba")
+    monkeypatch.setattr(simd, "_compiler", lambda: None)
+    monkeypatch.setattr(simd, "_WARNED", [False])
+    simd._loaded.cache_clear()
+    try:
+        assert simd.native_isa() is None and "no C compiler" in simd.native_status()
+        x, book, idx = _case(40, 12, 16, 2, 3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = vq_matmul(x, book, idx, backend="simd")
+            vq_matmul(x, book, idx, backend="simd")
+        notes = [w for w in caught if "simd" in str(w.message)]
+        assert len(notes) == 1 and "numba" in str(notes[0].message) and "\n" not in str(notes[0].message)
+        assert torch.equal(y, vq_matmul(x, book, idx, backend="numba"))        # the exact kernel ran
+    finally:
+        simd._loaded.cache_clear()
