@@ -5,9 +5,14 @@ y[b, i] = sum_s T[b, s, I[i, s]]  with the table T[b, s, k] = x[b, s*d:(s+1)*d] 
 Two index layouts, both segment-major (the inner loop runs over outputs i, reading contiguous memory and
 gathering from table rows that stay in L1):
 * K <= 256 ("packed"): the byte indices of 8 consecutive segments are packed into one uint64 word,
-  words (ceil(S/8), m); the table is padded to 256 columns so the 8 lookups use constant offsets.  One
-  word load serves 8 lookups and one accumulator update; measured here 1.5x faster than one byte stream
-  per segment, and 2.2x faster than the same loop with a run-time stride K.
+  words (ceil(S/8), m); the table rows have a compile-time stride (64 for K <= 64, else 256: one compiled
+  kernel per stride) so the 8 lookups use constant offsets.  One word load serves 8 lookups and one
+  accumulator update; measured here 1.5x faster than one byte stream per segment, and 2.2x faster than
+  the same loop with a run-time stride K.  Small-K tables are packed densely (K=64: 256 bytes per segment
+  instead of 1 KB padded to 256 columns).
+* K <= 16 ("pairs"): two segments share one byte index i + 16 j and one 256-entry table of pair sums
+  T2[p, i + 16 j] = T[2p, i] + T[2p+1, j], so K=16, d=2 runs half the lookups (as fast as K=256, d=4;
+  with tables padded to 256 columns it had been 1.8x slower).
 * K > 256: (S, m) int16/int32, one segment per pass (tables of K floats no longer sit in L1; `auto`
   picks dequantize + GEMM for these in every case measured).
 The table is built inside numba too: a torch GEMM right before a numba parallel loop leaves torch's
@@ -64,39 +69,72 @@ def _build_table(x, cb_t, table):  # x (B, n) f32, cb_t (d, K) f32, table (B, S_
                     row[c] += xv * cj[c]
 
 
-@njit(inline="always", cache=True)
-def _sum8(t, w, base):  # sum of the 8 entries one uint64 word of byte indices picks from table rows at t[base:]
-    return (((t[base + (w & 255)] + t[base + 256 + ((w >> 8) & 255)])
-             + (t[base + 512 + ((w >> 16) & 255)] + t[base + 768 + ((w >> 24) & 255)]))
-            + ((t[base + 1024 + ((w >> 32) & 255)] + t[base + 1280 + ((w >> 40) & 255)])
-               + (t[base + 1536 + ((w >> 48) & 255)] + t[base + 1792 + (w >> 56)])))
+STRIDES = (64, 256)        # table row strides of the packed kernels
+PAIR_K = 16                # codebooks up to this size run on pair tables
+_PACKED: dict = {}
+
+
+def table_stride(k: int) -> int:
+    """Columns per table row of the packed kernel for a K-entry codebook (K <= 256; pair tables for K <= 16)."""
+    return 256 if k <= PAIR_K else next(t for t in STRIDES if k <= t)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _lut_packed(table, words, out):  # table (B, 8Q, 256) f32, words (Q, m) uint64, out (B, m) f32
-    nb = table.shape[0]
-    q_count, m = words.shape
-    nblocks = (m + BLOCK - 1) // BLOCK
-    for blk in prange(nblocks):
-        lo = blk * BLOCK
-        hi = min(m, lo + BLOCK)
-        acc = np.zeros((nb, hi - lo), dtype=np.float32)
-        for q in range(0, q_count - 1, 2):     # two words (16 segments) per accumulator update: 12 % faster
-            w0, w1 = words[q], words[q + 1]
-            for b in range(nb):
-                t = table[b, 8 * q:8 * q + 16].ravel()         # 16 table rows of 256, one after another
-                a = acc[b]
-                for i in range(lo, hi):
-                    a[i - lo] += _sum8(t, w0[i], 0) + _sum8(t, w1[i], 2048)
-        if q_count % 2:
-            q = q_count - 1
-            w0 = words[q]
-            for b in range(nb):
-                t = table[b, 8 * q:8 * q + 8].ravel()
-                a = acc[b]
-                for i in range(lo, hi):
-                    a[i - lo] += _sum8(t, w0[i], 0)
-        out[:, lo:hi] = acc
+def _pair_table(single, table):  # single (B, 2P, K<=16) f32 -> table (B, P, 256): [b, p, i + 16 j] = T[2p, i] + T[2p+1, j]
+    nb, s2, k = single.shape
+    p_count = table.shape[1]
+    for bp in prange(nb * p_count):
+        b, p = bp // p_count, bp % p_count
+        row = table[b, p]
+        row[:] = 0.0
+        if 2 * p < s2:
+            t0, t1 = single[b, 2 * p], single[b, 2 * p + 1]
+            for j in range(k):
+                for i in range(k):
+                    row[i + 16 * j] = t0[i] + t1[j]
+
+
+def _packed_kernel(ks: int):
+    """The packed LUT kernel for table rows of `ks` columns (a compile-time constant; compiled and cached on
+    disk once per stride).  Reads t[row * ks + index] for byte indices < K <= ks (the checked layout)."""
+    if ks in _PACKED:
+        return _PACKED[ks]
+
+    @njit(inline="always", cache=True)
+    def sum8(t, w, base):  # the 8 entries one uint64 word of byte indices picks from 8 table rows at t[base:]
+        return (((t[base + (w & 255)] + t[base + ks + ((w >> 8) & 255)])
+                 + (t[base + 2 * ks + ((w >> 16) & 255)] + t[base + 3 * ks + ((w >> 24) & 255)]))
+                + ((t[base + 4 * ks + ((w >> 32) & 255)] + t[base + 5 * ks + ((w >> 40) & 255)])
+                   + (t[base + 6 * ks + ((w >> 48) & 255)] + t[base + 7 * ks + (w >> 56)])))
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def lut_packed(table, words, out):  # table (B, 8Q, ks) f32, words (Q, m) uint64, out (B, m) f32
+        nb = table.shape[0]
+        q_count, m = words.shape
+        nblocks = (m + BLOCK - 1) // BLOCK
+        for blk in prange(nblocks):
+            lo = blk * BLOCK
+            hi = min(m, lo + BLOCK)
+            acc = np.zeros((nb, hi - lo), dtype=np.float32)
+            for q in range(0, q_count - 1, 2):     # two words (16 segments) per accumulator update: 12 % faster
+                w0, w1 = words[q], words[q + 1]
+                for b in range(nb):
+                    t = table[b, 8 * q:8 * q + 16].ravel()         # 16 table rows of ks, one after another
+                    a = acc[b]
+                    for i in range(lo, hi):
+                        a[i - lo] += sum8(t, w0[i], 0) + sum8(t, w1[i], 8 * ks)
+            if q_count % 2:
+                q = q_count - 1
+                w0 = words[q]
+                for b in range(nb):
+                    t = table[b, 8 * q:8 * q + 8].ravel()
+                    a = acc[b]
+                    for i in range(lo, hi):
+                        a[i - lo] += sum8(t, w0[i], 0)
+            out[:, lo:hi] = acc
+
+    _PACKED[ks] = lut_packed
+    return lut_packed
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -149,13 +187,19 @@ def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def lut_layout(indices: torch.Tensor, k: int) -> np.ndarray:
-    """(m, S) indices -> the kernel's layout: uint64 words (ceil(S/8), m) when k <= 256, else (S, m) int16/int32."""
+    """(m, S) indices -> the kernel's layout: uint64 words (ceil(S'/8), m) of byte indices when k <= 256 (for
+    k <= 16 the S' = ceil(S/2) pair indices i + 16 j of segments 2p, 2p+1), else (S, m) int16/int32."""
     idx = indices.detach().cpu()
     if k <= 256:
         m, s = idx.shape
+        b = idx.to(torch.uint8).numpy()
+        if k <= PAIR_K:
+            pairs = np.zeros((m, s + s % 2), dtype=np.uint8)
+            pairs[:, :s] = b
+            b, s = pairs[:, 0::2] | (pairs[:, 1::2] << 4), (s + 1) // 2
         q = -(-s // PACK)
         padded = np.zeros((m, q * PACK), dtype=np.uint8)
-        padded[:, :s] = idx.to(torch.uint8).numpy()
+        padded[:, :s] = b
         return np.ascontiguousarray(padded.reshape(m, q, PACK).transpose(1, 0, 2)).view(np.uint64).reshape(q, m)
     return np.ascontiguousarray(idx.to(torch.int32 if k > 2**15 else torch.int16).numpy().T)
 
@@ -166,8 +210,9 @@ def lut_matmul(x: torch.Tensor, codebook: torch.Tensor, layout: np.ndarray) -> t
     b, n = x.shape
     k, d = codebook.shape
     packed = layout.dtype == np.uint64
+    pairs = packed and k <= PAIR_K
     m = layout.shape[1]
-    s_pad, k_pad = (layout.shape[0] * PACK, 256) if packed else (layout.shape[0], k)
+    s_pad, k_pad = (layout.shape[0] * PACK, table_stride(k)) if packed else (layout.shape[0], k)
     xn = x.numpy()
     cb_t = codebook.detach().to(torch.float32).T.contiguous().numpy()
     out = np.empty((b, m), dtype=np.float32)
@@ -175,8 +220,13 @@ def lut_matmul(x: torch.Tensor, codebook: torch.Tensor, layout: np.ndarray) -> t
     for lo in range(0, b, chunk):
         xb = xn[lo:lo + chunk]
         table = scratch("table", (len(xb), s_pad, k_pad))
-        _build_table(xb, cb_t, table)                                    # n*K MACs per row
-        (_lut_packed if packed else _lut_wide)(table, layout, out[lo:lo + chunk])
+        if pairs:
+            single = scratch("single", (len(xb), 2 * s_pad, k))
+            _build_table(xb, cb_t, single)               # n*K MACs per row; segments past n/d get zero rows
+            _pair_table(single, table)                                   # 256 adds per pair of segments
+        else:
+            _build_table(xb, cb_t, table)                                # n*K MACs per row
+        (_packed_kernel(k_pad) if packed else _lut_wide)(table, layout, out[lo:lo + chunk])
     return torch.from_numpy(out)
 
 
