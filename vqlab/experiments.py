@@ -46,7 +46,7 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, max_steps: int | None, seed: int) -> None:
     if epochs > 0:
-        fit(model, train_ds, epochs=epochs, lr=lr, seed=seed, max_steps=max_steps, progress=False)
+        fit(model, train_ds, epochs=epochs, lr=lr, seed=seed, max_steps=max_steps, progress=False, distributed=False)
 
 
 def compress_and_evaluate(model: nn.Module, train_ds: TensorDataset | None, test_ds: TensorDataset, k: int, d: int,
@@ -55,16 +55,17 @@ def compress_and_evaluate(model: nn.Module, train_ds: TensorDataset | None, test
     """Quantize a copy of `model` with VQConfig(k, d, **config), evaluate, optionally fine-tune, evaluate.
 
     returns (row dict with the COLUMNS of `sweep`, the compressed copy).  `model` is not changed.
+    Always this process alone (also under torchrun, where `sweep` hands each rank its own grid points).
     """
     t0 = time.perf_counter()
     q = copy_model(model)
     quantize_(q, VQConfig(k=k, d=d, seed=seed, **config), progress=False)
     size = compressed_size(q)
-    acc = evaluate(q, test_ds)
+    acc = evaluate(q, test_ds, distributed=False)
     acc_ft = float("nan")
     if finetune_epochs > 0 and train_ds is not None:
         _finetune(q, train_ds, finetune_epochs, lr, max_steps, seed)
-        acc_ft = evaluate(q, test_ds)
+        acc_ft = evaluate(q, test_ds, distributed=False)
     best = acc_ft if finetune_epochs > 0 else acc
     row = {"method": "vq" if d > 1 else "scalar k-means", "K": k, "d": d,
            "bits_per_weight": index_bits_per_weight(k, d), "ratio": size.ratio, "compressed_bytes": size.compressed_bytes,
@@ -78,7 +79,7 @@ def _uniform_row(model: nn.Module, test_ds, bits: int, dense_bytes: int, baselin
     q = copy_model(model)
     uniform_quantize_(q, bits)                      # through quantize_: the same layers as the VQ rows
     stored = compressed_size(q).compressed_bytes
-    acc = evaluate(q, test_ds)
+    acc = evaluate(q, test_ds, distributed=False)
     return {"method": f"uniform int{bits}", "K": 2 ** bits, "d": 1, "bits_per_weight": float(bits),
             "ratio": dense_bytes / stored, "compressed_bytes": stored, "acc": acc, "acc_finetuned": float("nan"),
             "delta_points": 100 * (acc - baseline_acc), "seconds": float("nan")}
@@ -87,7 +88,7 @@ def _uniform_row(model: nn.Module, test_ds, bits: int, dense_bytes: int, baselin
 def sweep(model: nn.Module, train_ds: TensorDataset | None, test_ds: TensorDataset, ks=(16, 64, 256), ds=(2, 4, 8),
           finetune_epochs: int = 0, lr: float = 1e-3, max_steps: int | None = None, seed: int = 0,
           baselines: tuple[str, ...] = ("float", "int8", "int4", "scalar"), scalar_ks=(4, 16),
-          progress: bool = True, **config) -> pd.DataFrame:
+          progress: bool = True, distributed: bool | None = None, **config) -> pd.DataFrame:
     """Compress `model` over the grid ks x ds (VQ, whole model but first/last layer) and baselines.
 
     model: a trained float model (not changed).  train_ds is used only for fine-tuning.
@@ -96,29 +97,55 @@ def sweep(model: nn.Module, train_ds: TensorDataset | None, test_ds: TensorDatas
         (d=1 k-means, Deep-Compression style, K in scalar_ks).
     config: more VQConfig fields (segment, codebook, iters, ...).  Combinations a layer cannot take
         (e.g. K above a layer's number of segments) are reported as rows with status in `error`.
+    distributed: None = under torchrun (vqlab.distributed) the uniform baselines and grid points are dealt
+        round-robin over the ranks, each rank compresses (and fine-tunes) its share alone, and every rank
+        returns the whole table, rows in the one-process order (only `seconds` differ); call it on every
+        rank.  False = this process does everything.
     returns: DataFrame with columns COLUMNS (+ error), one row per compressed model.
-    raises ValueError before any work for K < 2, d < 1 or finetune_epochs < 0 (not grid rows).
+    raises ValueError before any work for K < 2, d < 1 or finetune_epochs < 0 (not grid rows);
+        distributed, RuntimeError on every rank when a rank failed (naming the rank and the error).
     """
+    from . import distributed as _dist
+
     check_grid(ks, ds, finetune_epochs, scalar_ks if "scalar" in baselines else ())
-    float_acc = evaluate(model, test_ds)
+    split = False if distributed is False else _dist.init()
+    rank, world = (_dist.rank(), _dist.world_size()) if split else (0, 1)
+    float_acc = evaluate(model, test_ds, distributed=False)
     dense = compressed_size(model).dense_bytes
     rows: list[dict] = []
     if "float" in baselines:
         rows.append({"method": "float32", "K": pd.NA, "d": pd.NA, "bits_per_weight": 32.0, "ratio": 1.0,
                      "compressed_bytes": dense, "acc": float_acc, "acc_finetuned": float("nan"),
                      "delta_points": 0.0, "seconds": 0.0})
-    for bits in (8, 4):
-        if f"int{bits}" in baselines:
-            rows.append(_uniform_row(model, test_ds, bits, dense, float_acc))
     grid = [(k, d) for k in ks for d in ds] + ([(k, 1) for k in scalar_ks] if "scalar" in baselines else [])
-    for k, d in tqdm(grid, desc="sweep", disable=not progress, leave=False):
+    jobs = [("int", bits, 1) for bits in (8, 4) if f"int{bits}" in baselines] + [("vq", k, d) for k, d in grid]
+
+    def run(kind: str, k: int, d: int) -> dict:
+        if kind == "int":
+            return _uniform_row(model, test_ds, k, dense, float_acc)
         try:
             row, _ = compress_and_evaluate(model, train_ds, test_ds, k, d, finetune_epochs, lr, max_steps, seed,
                                            baseline_acc=float_acc, **config)
         except ValueError as err:  # a grid point some layer cannot take: keep the reason in the table
             row = {"method": "vq" if d > 1 else "scalar k-means", "K": k, "d": d,
                    "bits_per_weight": index_bits_per_weight(k, d), "error": str(err).splitlines()[0]}
-        rows.append(row)
+        return row
+
+    done, failure = {}, None
+    try:
+        for i in tqdm(range(rank, len(jobs), world), desc="sweep", disable=not progress or rank != 0, leave=False):
+            done[i] = run(*jobs[i])
+    except Exception as err:                       # distributed: tell the other ranks instead of leaving them waiting
+        if not split:
+            raise
+        failure = f"rank {rank}: {type(err).__name__}: {err}"
+    if split:
+        parts = _dist.all_gather_objects((done, failure))
+        failures = [f for _, f in parts if f is not None]
+        if failures:
+            raise RuntimeError("sweep failed on " + "; ".join(failures))
+        done = {i: row for part, _ in parts for i, row in part.items()}
+    rows += [done[i] for i in range(len(jobs))]
     df = pd.DataFrame(rows)
     for c in COLUMNS + ["error"]:
         if c not in df:
@@ -219,13 +246,18 @@ def add_sweep_command(sub) -> None:
     s.add_argument("--dataset", default="fashion-mnist")
     s.add_argument("--model", default="lenet5")
     s.add_argument("--epochs", type=int, default=10, help="epochs of the float baseline (trained if missing)")
-    s.add_argument("--k", type=int, nargs="+", default=[16, 64, 256])
-    s.add_argument("--d", type=int, nargs="+", default=[2, 4, 8])
+    s.add_argument("-k", "--k", type=int, nargs="+", default=[16, 64, 256])
+    s.add_argument("-d", "--d", type=int, nargs="+", default=[2, 4, 8], help="under torchrun write -d (torchrun "
+                   "reads --d as its own --duplicate-* option)")
     s.add_argument("--finetune-epochs", type=int, default=1)
     s.add_argument("--max-steps", type=int, default=None)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="results/", help="folder for the CSV and PNG (created; checked before any work)")
+    s.add_argument("--baseline", default=None, help="float baseline checkpoint (default "
+                                                    "data/checkpoints/<model>_<dataset>_e<epochs>_s<seed>.pt)")
+    s.add_argument("--workers", type=int, default=1, help="local processes that share the grid (torch's elastic "
+                   "launcher, as torchrun --nproc_per_node N); under torchrun the ranks share it anyway")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_run_sweep, check=_check_sweep_args)
 
@@ -237,7 +269,7 @@ def _check_sweep_args(args) -> None:
         if bad:
             raise ValueError(f"{flag} values must be >= {low}, got {bad[0]}")
     for flag, value, low in (("--finetune-epochs", args.finetune_epochs, 0), ("--epochs", args.epochs, 1),
-                             ("--max-steps", args.max_steps, 1)):
+                             ("--max-steps", args.max_steps, 1), ("--workers", getattr(args, "workers", 1), 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if not args.lr > 0:
@@ -253,20 +285,47 @@ def _check_sweep_args(args) -> None:
         raise ValueError(f"--out {out}: folder is not writable")
 
 
+def _sweep_rank(args) -> int:
+    """One process of `sweep --workers N` (module level, so the launcher can start it)."""
+    args.workers = 1
+    return _run_sweep(args)
+
+
 def _run_sweep(args) -> int:
+    from . import distributed as _dist
+
+    if getattr(args, "workers", 1) > 1 and not _dist.active():
+        _dist.launch_local(_sweep_rank, args.workers, args)      # N local ranks; rank 0 writes and prints
+        return 0
+    joined = _dist.init()
+    try:
+        return _sweep_and_write(args)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _sweep_and_write(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from . import distributed as _dist
     from .data import load_dataset
     from .train import train_or_load
 
     out = Path(args.out)
-    model, meta = train_or_load(args.model, args.dataset, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    main_rank = _dist.is_main()
+    model, meta = train_or_load(args.model, args.dataset, epochs=args.epochs, seed=args.seed,
+                                path=getattr(args, "baseline", None), progress=not args.quiet and main_rank)
     df = sweep(model, load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test"), ks=args.k, ds=args.d,
                finetune_epochs=args.finetune_epochs, lr=args.lr, max_steps=args.max_steps, seed=args.seed,
                progress=not args.quiet)
+    if not main_rank:                                              # torchrun: rank 0 writes the combined table
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     stem = f"sweep_{args.model}_{args.dataset}"
     df.to_csv(out / f"{stem}.csv", index=False)
