@@ -28,8 +28,10 @@ TIMEOUT_S = 240      # generous for a loaded 2-core CI box; each run takes secon
 def _child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    # the reference kernels: "auto" would time (and JIT-compile) the candidates in every rank, and could pick
+    # different ones in different processes
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
-               VQLAB_FAST="1", TQDM_DISABLE="1")
+               VQLAB_FAST="1", TQDM_DISABLE="1", VQLAB_BACKEND="torch")
     return env
 
 
@@ -54,6 +56,17 @@ def torchrun(*args: str, nproc: int = 2, **kw) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --nproc_per_node nproc` on 127.0.0.1 and a free port."""
     return run_procs([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                       "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args], **kw)
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels():
+    """Eval-mode kernels pinned to the torch reference here too, as in the children (then restored)."""
+    from vqlab.kernels.registry import pinned_backend, set_backend
+
+    before = pinned_backend()
+    set_backend("torch")
+    yield
+    set_backend(before)
 
 
 # ---------------------------------------------------------------- what each rank runs
@@ -170,6 +183,81 @@ def test_distributed_kmeans_in_one_process_is_plain_kmeans():
     x, init = _kmeans_data(torch.float32)
     a, b = kmeans(x, 12, init=init, iters=5), kmeans(x, 12, init=init, iters=5, distributed=True)
     assert torch.equal(a.codebook, b.codebook) and torch.equal(a.assignments, b.assignments)
+
+
+@pytest.fixture(scope="module")
+def digits_baseline(tmp_path_factory):
+    """A LeNet-5 float baseline on digits (2 epochs), trained once in this process."""
+    from vqlab.train import train_or_load
+
+    path = tmp_path_factory.mktemp("baseline") / "lenet5_digits.pt"
+    train_or_load("lenet5", "digits", epochs=2, path=path, progress=False)
+    return path
+
+
+SWEEP_ARGS = ["sweep", "--dataset", "digits", "--model", "lenet5", "--epochs", "2", "-k", "16", "-d", "2", "4",
+              "--finetune-epochs", "1", "--max-steps", "2", "--quiet"]
+
+
+def _sweep_table(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "sweep_lenet5_digits.csv").drop(columns="seconds")
+
+
+@pytest.fixture(scope="module")
+def one_rank_sweep(tmp_path_factory, digits_baseline) -> pd.DataFrame:
+    """`python -m vqlab sweep` in this process: the table the ranks must reproduce."""
+    from vqlab.__main__ import main
+    from vqlab.kernels.registry import pinned_backend, set_backend
+
+    out = tmp_path_factory.mktemp("sweep_one")
+    before = pinned_backend()
+    set_backend("torch")
+    try:
+        assert main([*SWEEP_ARGS, "--baseline", str(digits_baseline), "--out", str(out)]) == 0
+    finally:
+        set_backend(before)
+    one = _sweep_table(out)
+    # float, int8, int4, 2 VQ and 2 scalar k-means rows; the 4 k-means rows fine-tuned
+    assert len(one) == 7 and one["acc_finetuned"].notna().sum() == 4
+    return one
+
+
+def test_two_rank_sweep_returns_the_one_rank_table(tmp_path, digits_baseline, one_rank_sweep):
+    torchrun("-m", "vqlab", *SWEEP_ARGS, "--baseline", str(digits_baseline), "--out", str(tmp_path))
+    pd.testing.assert_frame_equal(_sweep_table(tmp_path), one_rank_sweep)
+    assert (tmp_path / "sweep_lenet5_digits.png").stat().st_size > 10_000
+
+
+def test_sweep_workers_option_starts_local_ranks(tmp_path, digits_baseline, one_rank_sweep):
+    run_procs([sys.executable, "-m", "vqlab", *SWEEP_ARGS, "--workers", "2", "--baseline", str(digits_baseline),
+               "--out", str(tmp_path)])
+    pd.testing.assert_frame_equal(_sweep_table(tmp_path), one_rank_sweep)
+
+
+def test_finetune_cli_under_torchrun_writes_a_loadable_file(tmp_path, digits_baseline):
+    import json
+
+    import vqlab
+    from vqlab.data import load_dataset
+
+    out = tmp_path / "model.vqz"
+    r = torchrun("-m", "vqlab", "finetune", "--dataset", "digits", "--model", "lenet5", "--k", "16", "-d", "2",
+                 "--epochs", "1", "--max-steps", "3", "--baseline", str(digits_baseline), "--out", str(out), "--quiet")
+    assert r.stdout.count('"processes": 2') == 1                                      # rank 0 alone speaks
+    summary = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
+    assert summary["steps"] == 3 and summary["bytes"] == out.stat().st_size
+    model = vqlab.load(out)
+    assert model.classifier[1].k == 16 and model.classifier[1].d == 2
+    assert vqlab.evaluate(model, load_dataset("digits", "test")) == pytest.approx(summary["finetuned_acc"])
+
+
+def test_finetune_cli_bad_arguments_fail_before_any_work(tmp_path, capsys):
+    from vqlab.__main__ import main
+
+    assert main(["finetune", "--dataset", "digits", "--k", "1", "--out", str(tmp_path / "m.vqz")]) == 2
+    assert capsys.readouterr().err == "error: --k must be >= 2, got 1\n"
+    assert main(["finetune", "--dataset", "digits", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_distributed_helpers_are_identity_in_one_process():
