@@ -35,6 +35,7 @@ test-notebooks: venv
 bench: venv
 	$(PY) benchmarks/kmeans.py
 	$(PY) benchmarks/kernel.py --quick
+	$(PY) benchmarks/simd.py --rounds 5
 
 clean-venv:
 	rm -rf $(VENV)
