@@ -249,3 +249,15 @@ def test_no_compiler_falls_back_to_numba_with_one_notice(monkeypatch):
         assert torch.equal(y, vq_matmul(x, book, idx, backend="numba"))        # the exact kernel ran
     finally:
         simd._loaded.cache_clear()
+
+
+def test_no_avx2_falls_back_to_numba_with_one_notice(monkeypatch):
+    pytest.importorskip("numba")
+    monkeypatch.setattr(simd, "native_isa", lambda isa=None: None)        # a CPU without AVX2
+    monkeypatch.setattr(simd, "_WARNED", [False])
+    x, book, idx = _case(40, 12, 16, 2, 3)
+    with pytest.warns(RuntimeWarning, match="numba") as caught:
+        y = vq_matmul(x, book, idx, backend="simd")
+    assert len([w for w in caught if "simd" in str(w.message)]) == 1
+    assert "AVX2" in simd.native_status() or "compiler" in simd.native_status()
+    assert torch.equal(y, vq_matmul(x, book, idx, backend="numba"))

@@ -163,7 +163,7 @@ def native_status() -> str:
     isa = native_isa()
     if isa is not None:
         return f"native kernel, isa={isa}"
-    return f"numba fallback: {why or 'this CPU has no AVX2 (the scalar C path is slower than numba)'}"
+    return f"numba fallback: {why or 'no AVX2 on this CPU (VQLAB_SIMD_ISA=scalar runs the portable C path)'}"
 
 
 # ---------------------------------------------------------------- layout, tables, kernel
