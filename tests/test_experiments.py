@@ -157,3 +157,31 @@ def test_cli_error_exit_status_from_the_shell():
                        timeout=300)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: unknown model 'nope'") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_compare_configs_measures_any_method(digits_model):
+    import vqlab.methods.gong as gong
+    import vqlab.methods.lattice as lat
+    from vqlab.experiments import compare_configs, compress_and_evaluate
+    from vqlab.quantize import VQConfig
+
+    model, tr, te = digits_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    df = compare_configs(model, te, {"vq": VQConfig(k=16, d=4), "scalar": gong.ScalarConfig(k=16),
+                                     "rvq": gong.RVQConfig(k=4, stages=2, d=4),
+                                     "too big": gong.ScalarConfig(k=1 << 15)}, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())      # the model is not changed
+    assert df["label"].tolist() == ["vq", "scalar", "rvq", "too big"]
+    assert df["method"].tolist()[:3] == ["vq", "gong scalar k-means", "gong rvq"]
+    row, q = compress_and_evaluate(model, None, te, 16, 4)
+    vq = df.iloc[0]
+    assert vq["ratio"] == row["ratio"] and vq["acc"] == row["acc"] and vq["bits_per_weight"] == pytest.approx(1.0)
+    assert df.iloc[1]["bits_per_weight"] == pytest.approx(4.0) and df.iloc[2]["bits_per_weight"] == pytest.approx(1.0)
+    assert df.iloc[1]["acc"] == pytest.approx(evaluate(model, te), abs=0.05)         # 16 levels: close to float
+    assert "k=32768" in df.iloc[3]["error"] and math.isnan(df.iloc[3]["ratio"])
+    assert df.iloc[:3]["error"].isna().all()
+    # fine-tuning: accuracy after it is measured, and the size is counted again (trainable lattice codewords)
+    ft = compare_configs(model, te, {"E8": lat.LatticeConfig(step=0.2, pad=True, finetune=True)}, train_ds=tr,
+                         finetune_epochs=1, max_steps=5, progress=False).iloc[0]
+    assert not math.isnan(ft["acc_finetuned"]) and ft["delta_points"] == pytest.approx(
+        100 * (ft["acc_finetuned"] - evaluate(model, te)))

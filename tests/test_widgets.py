@@ -93,3 +93,26 @@ def test_set_names_the_slider_and_its_options():
     with pytest.raises(ValueError, match=r"slider 'd'"):
         panel.set(K=16, d=3)                              # checked before any slider moves
     assert panel.values == {"K": 4, "d": 2}
+
+
+def test_method_panel_every_option_and_bad_values():
+    import vqlab.methods.gong as gong
+    import vqlab.methods.lattice as lat
+    from vqlab.widgets import method_panel
+
+    tr, te = load_dataset("digits", "train"), load_dataset("digits", "test")
+    torch.manual_seed(0)
+    model = get_model("lenet5", input_size=8)
+    fit(model, tr, epochs=2, batch_size=32, seed=0, progress=False)
+    grid = sweep(model, None, te, ks=[16], ds=[4], baselines=("float",), progress=False)
+    panel = method_panel(model, te, grid, {"K": ([4, 16], 4), "d": ([2, 4], 4), "stages": ([1, 2], 1)},
+                         lambda K, d, stages: gong.RVQConfig(k=K, d=d, stages=stages))
+    assert list(panel.sliders) == ["K", "d", "stages"] and "× smaller" in panel.text
+    assert _walk_every_option(panel) == 2 + 2 + 2
+    panel = method_panel(model, te, grid, {"lattice": (["Z", "E8"], "Z"), "step": ([0.05, 0.1], 0.05)},
+                         lambda lattice, step: lat.LatticeConfig(lattice=lattice, step=step, pad=True))
+    assert _walk_every_option(panel) == 2 + 2
+    # a knob value some layer cannot take: the reason in the readout, no stale plot
+    panel = method_panel(model, te, grid, {"K": ([4, 4096], 4)}, lambda K: gong.ScalarConfig(k=K))
+    panel.set(K=4096)
+    assert panel.error is not None and "k=4096" in panel.error and panel.png == b""

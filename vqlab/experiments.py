@@ -28,7 +28,8 @@ from .quantize import VQConfig, quantize_
 from .size import compressed_size
 from .train import evaluate, fit
 
-__all__ = ["compress_and_evaluate", "sweep", "check_grid", "pareto_front", "pareto_plot", "layer_sensitivity", "add_sweep_command"]
+__all__ = ["compress_and_evaluate", "sweep", "compare_configs", "check_grid", "pareto_front", "pareto_plot",
+           "layer_sensitivity", "add_sweep_command"]
 
 COLUMNS = ["method", "K", "d", "bits_per_weight", "ratio", "compressed_bytes", "acc", "acc_finetuned",
            "delta_points", "seconds"]
@@ -153,6 +154,53 @@ def sweep(model: nn.Module, train_ds: TensorDataset | None, test_ds: TensorDatas
     return df[COLUMNS + ["error"]].astype({"K": "Int64", "d": "Int64"})
 
 
+def compare_configs(model: nn.Module, test_ds: TensorDataset, configs: dict, *, train_ds: TensorDataset | None = None,
+                    finetune_epochs: int = 0, lr: float = 1e-3, max_steps: int | None = None, seed: int = 0,
+                    baseline_acc: float | None = None, progress: bool = True) -> pd.DataFrame:
+    """Compress a copy of `model` with each config (any registered method: VQConfig, gong.PQConfig,
+    lattice.LatticeConfig, ...), evaluate, optionally fine-tune (finetune_epochs > 0 with train_ds), evaluate.
+
+    configs: {label: config}.  returns one row per label with sweep's COLUMNS plus label, huffman_ratio,
+    lzma_ratio and error (a config some layer cannot take keeps its reason there).  method is what the
+    quantize_ report names; K and d come from the config where it has them; bits_per_weight is the stored
+    index bits per quantized weight (index_bytes * 8 / weights of the quantized layers).
+    """
+    from .quantized import QuantizedLayer
+
+    base = evaluate(model, test_ds) if baseline_acc is None else baseline_acc
+    rows = []
+    for label, config in tqdm(configs.items(), desc="methods", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        q = copy_model(model)
+        row = {"label": label, "K": getattr(config, "k", pd.NA), "d": getattr(config, "d", pd.NA)}
+        try:
+            report = quantize_(q, config, progress=False)
+        except ValueError as err:
+            rows.append({**row, "method": type(config).__name__, "error": str(err).splitlines()[0]})
+            continue
+        methods = [m for m in report["method"].dropna().unique() if m != "float"]
+        size = compressed_size(q)
+        weights = sum(m.weight_numel for m in q.modules() if isinstance(m, QuantizedLayer))
+        acc = evaluate(q, test_ds)
+        acc_ft = float("nan")
+        if finetune_epochs > 0 and train_ds is not None:
+            _finetune(q, train_ds, finetune_epochs, lr, max_steps, seed)
+            size = compressed_size(q)                  # fine-tuning may change what is stored (e.g. lattice)
+            acc_ft = evaluate(q, test_ds)
+        best = acc_ft if finetune_epochs > 0 and train_ds is not None else acc
+        rows.append({**row, "method": ", ".join(map(str, methods)) or "float32",
+                     "bits_per_weight": 8 * size.index_bytes / weights if weights else float("nan"),
+                     "ratio": size.ratio, "huffman_ratio": size.huffman_ratio, "lzma_ratio": size.lzma_ratio,
+                     "compressed_bytes": size.compressed_bytes, "acc": acc, "acc_finetuned": acc_ft,
+                     "delta_points": 100 * (best - base), "seconds": time.perf_counter() - t0})
+    cols = ["label"] + COLUMNS + ["huffman_ratio", "lzma_ratio", "error"]
+    df = pd.DataFrame(rows)
+    for c in cols:
+        if c not in df:
+            df[c] = pd.NA if c == "error" else float("nan")
+    return df[cols].astype({"K": "Int64", "d": "Int64"})
+
+
 def check_grid(ks, ds, finetune_epochs: int = 0, scalar_ks=()) -> None:
     """ValueError naming the first bad value: every K an integer >= 2, every d >= 1, finetune_epochs >= 0."""
     def ints(name, values, low):
@@ -193,10 +241,16 @@ def pareto_plot(df: pd.DataFrame, ax=None, live: dict | None = None, title: str 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4.5))
     acc = df["acc_finetuned"].fillna(df["acc"])
-    markers = {"float32": "s", "uniform int8": "D", "uniform int4": "d", "scalar k-means": "^", "vq": "o", "pq": "v"}
+    markers = {"float32": "s", "uniform int8": "D", "uniform int4": "d", "scalar k-means": "^", "vq": "o", "pq": "v",
+               "gong binary": "x", "gong scalar k-means": "<", "gong pq": "v", "gong rvq": "P", "lattice Z": "h",
+               "lattice D4": "H", "lattice E8": "p"}
     for method, sub in df.assign(_acc=acc).dropna(subset=["ratio", "_acc"]).groupby("method", sort=False):
         ax.scatter(sub["ratio"], 100 * sub["_acc"], marker=markers.get(method, "o"), s=45, label=method, zorder=3)
-        if method in ("vq", "scalar k-means"):
+        if "label" in sub and sub["label"].notna().any():           # compare_configs rows name themselves
+            for _, r in sub.iterrows():
+                ax.annotate(str(r["label"]), (r["ratio"], 100 * r["_acc"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        elif method in ("vq", "scalar k-means"):
             for _, r in sub.iterrows():
                 ax.annotate(f"K{r['K']},d{r['d']}", (r["ratio"], 100 * r["_acc"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")

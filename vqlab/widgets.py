@@ -1,7 +1,8 @@
-"""ipywidgets panels for the notebooks: sliders over codebook size K and segment length d.
+"""ipywidgets panels for the notebooks: sliders over codebook size K and segment length d, and over any
+method's knobs (`method_panel`: sub-spaces, stages, lattice, step, coder, ...).
 
 Every panel is a `Panel` (an ipywidgets VBox with CSS class `vqlab-panel`) holding
-  - SelectionSliders whose description is exactly "K", "d" (and "batch" for the speed panel),
+  - SelectionSliders whose description is the knob's name ("K", "d", "batch", "stages", "step", ...),
   - an HTML readout (class `vqlab-readout`) with the figures for the current values,
   - an Output (class `vqlab-plot`) with the plot as a PNG image,
 and redraws both on every slider change.  When drawing fails, the readout shows the error and the plot
@@ -21,7 +22,7 @@ import torch.nn as nn
 
 from ._utils import index_bits_per_weight
 
-__all__ = ["Panel", "codebook_panel", "compression_panel", "speed_panel"]
+__all__ = ["Panel", "codebook_panel", "compression_panel", "method_panel", "speed_panel"]
 
 
 def _png(fig) -> bytes:
@@ -186,6 +187,45 @@ def compression_panel(model: nn.Module, train_ds, test_ds, grid, ks: Sequence[in
         return text, fig
 
     return Panel([_slider("K", ks, k), _slider("d", ds, d)], render, "compress, evaluate, place on the plot")
+
+
+# ---------------------------------------------------------------- notebooks 04, 05: any method's knobs
+
+def method_panel(model: nn.Module, test_ds, grid, knobs: dict[str, tuple[Sequence, object]],
+                 make_config: Callable[..., object], title: str = "re-quantize and place the point") -> Panel:
+    """Sliders over a method's knobs; each change quantizes a copy of `model` with `make_config(**values)`,
+    evaluates it and places the point (red star) on the accuracy-vs-ratio plot of `grid`.
+
+    knobs: {slider name: (options, start value)}, e.g. {"K": ([4, 16, 64], 16), "stages": ([1, 2, 3], 2)};
+    make_config(**values) -> a config for `vqlab.quantize_` (any registered method).  grid: a DataFrame from
+    `sweep` / `compare_configs` (drawn underneath).  Results are cached per slider state.
+    """
+    from .experiments import compare_configs, pareto_plot
+    from .train import evaluate
+
+    base = evaluate(model, test_ds)
+    cache: dict = {}
+    sliders = [_slider(name, options, start) for name, (options, start) in knobs.items()]
+
+    def render(**values):
+        import matplotlib.pyplot as plt
+
+        key = tuple(values.items())
+        label = ", ".join(f"{k}={v}" for k, v in values.items())
+        if key not in cache:
+            df = compare_configs(model, test_ds, {label: make_config(**values)}, baseline_acc=base, progress=False)
+            cache[key] = df.iloc[0]
+        row = cache[key]
+        if isinstance(row["error"], str):
+            raise ValueError(row["error"])
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        pareto_plot(grid, ax=ax, live={"ratio": row["ratio"], "acc": row["acc"], "label": f"live: {label}"})
+        text = (f"{label}: <b>{row['ratio']:.1f}× smaller</b> ({row['compressed_bytes'] / 1024:.1f} KiB, "
+                f"{row['bits_per_weight']:.2f} index bits/weight), accuracy {row['acc']:.3f} "
+                f"({100 * (row['acc'] - base):+.1f} points vs float {base:.3f})")
+        return text, fig
+
+    return Panel(sliders, render, title)
 
 
 # ---------------------------------------------------------------- notebook 03: FLOPs and wall time

@@ -2,14 +2,14 @@
 
 For each notebook in notebooks/ (or $VQLAB_UI_NOTEBOOKS): open it in JupyterLab, run all cells, wait for
 every code cell to have run and the kernel to be idle, then assert no error output (cell output models
-and page text) and that every widget rendered. For each vqlab widget panel, move the "K" and then the
-"d" slider one step and assert that its readout text and its plot image both change and that the readout
+and page text) and that every widget rendered. For each vqlab widget panel, move every slider (the K/d panels:
+"K" and then "d"; the method panels: each knob) one step and assert that its readout text and its plot image both change and that the readout
 names the new value. Screenshots go to test-artifacts/ui/.
 
 Widget panel contract (what vqlab.widgets builds and this test drives):
   - an ipywidgets VBox with CSS class `vqlab-panel`, containing
-  - a slider (IntSlider or SelectionSlider) with description exactly "K", another with description "d",
-  - an HTML widget with class `vqlab-readout` whose text names the values as `K=<value>` and `d=<value>`
+  - sliders (IntSlider or SelectionSlider), each described by its knob's name ("K", "d", "stages", ...),
+  - an HTML widget with class `vqlab-readout` whose text names every slider's value as `<name>=<value>`
     and holds the figures (e.g. "K=256, d=4: 15.8× smaller, acc 0.897"),
   - an Output widget with class `vqlab-plot` that shows one matplotlib PNG (an `<img>`), redrawn when
     K or d change.
@@ -351,7 +351,9 @@ def test_notebook_runs_and_widgets_respond(page, lab_server, notebook: Path):
             panel = panels.nth(i)
             shown = re.search(r"\b[A-Z]\w*(Error|Exception): .*", panel_state(panel)["readout"] or "")
             assert not shown, f"{name} panel {i}: readout shows an error after the run: {shown[0]!r}"
-            for description in ("K", "d"):
+            descriptions = [t.strip() for t in panel.locator(".widget-slider label.widget-label").all_text_contents()]
+            assert descriptions, f"{name} panel {i}: no slider"
+            for description in descriptions:
                 move_and_check(page, panel, description, f"{name} panel {i}")
             panel.evaluate("el => el.scrollIntoView({block: 'start'})")
             page.screenshot(path=str(ARTIFACTS / f"{notebook.stem}-panel{i}.png"))
