@@ -162,7 +162,7 @@ def test_symbols_are_a_bijection_onto_the_integers(lattice):
     assert _is_lattice_point(q, lattice).all() and torch.equal(lat._to_symbols(lat._from_symbols(sym, lattice), lattice), sym)
 
 
-@pytest.mark.parametrize("coder", ["lzma", "bz2", "none"])
+@pytest.mark.parametrize("coder", ["lzma", "bz2", "huffman", "none"])
 def test_a_short_or_damaged_stream_is_refused(coder):
     w = torch.randn(8, 16)
     code = LatticeCode.from_weight(w, "E8", 0.1, seed=0, coder=coder)
@@ -237,7 +237,7 @@ def _model():
                          nn.ReLU(), nn.Linear(32, 10)).eval()
 
 
-@pytest.mark.parametrize("coder", ["lzma", "bz2"])
+@pytest.mark.parametrize("coder", ["lzma", "bz2", "huffman"])
 def test_quantize_size_save_load_flops_end_to_end(tmp_path, coder):
     model = _model()
     x = torch.randn(3, 1, 8, 8)
@@ -329,3 +329,30 @@ def test_inference_mode_codes_decode():
         r = code.rows()
         code.validate()
     assert torch.equal(code.rows(), r)
+
+
+def test_huffman_coder_round_trip_sizes_and_damage():
+    from vqlab.bits import huffman_decode, huffman_encode
+    g = np.random.default_rng(0)
+    for data in (b"", b"\x07" * 5000, g.integers(0, 16, 20000, dtype=np.uint8).tobytes(),
+                 g.geometric(0.3, 30000).clip(1, 255).astype(np.uint8).tobytes(), bytes(range(256)) * 3):
+        coded = huffman_encode(data)
+        assert huffman_decode(coded, len(data)) == data
+    # a constant stream: one bit per byte; 16 equiprobable values: 4 bits; a skewed one: near its entropy
+    assert len(huffman_encode(b"\x07" * 8000)) == 132 + 1000
+    uniform = g.integers(0, 16, 40000, dtype=np.uint8).tobytes()
+    assert abs(8 * (len(huffman_encode(uniform)) - 132) / 40000 - 4.0) < 0.01
+    skew = g.geometric(0.3, 40000).clip(1, 255).astype(np.uint8)
+    p = np.bincount(skew) / len(skew)
+    entropy = -(p[p > 0] * np.log2(p[p > 0])).sum()
+    assert entropy <= 8 * (len(huffman_encode(skew.tobytes())) - 132) / 40000 < entropy + 0.1
+    # extreme skew: code lengths are limited to 15 bits and the round trip still holds
+    fib = b"".join(bytes([i]) * int(1.6 ** i) for i in range(30))
+    assert huffman_decode(huffman_encode(fib), len(fib)) == fib
+    coded = huffman_encode(uniform)
+    for bad, what in ((coded[:100], "header"), (coded[:-1], "truncated"), (coded + b"\0", "after its end"),
+                      (coded[:4] + b"\x11" * 128 + coded[132:], "prefix code")):
+        with pytest.raises(ValueError, match=what):
+            huffman_decode(bad, 40000)
+    with pytest.raises(ValueError, match="more than 100"):
+        huffman_decode(coded, 100)

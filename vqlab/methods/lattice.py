@@ -11,7 +11,8 @@ The lattice points are written as integer symbols, a bijection onto Z^dim that d
 redundancy (`_to_symbols`): Z as is; D4 (even sum) with the last coordinate's parity left out; E8 = D8 u (D8 + 1/2)
 as p = k + c/2, k in D8, with the coset bit c in place of k8's parity bit.  (Writing 2p for E8 instead costs about
 0.8 bit per weight more with lzma.)  The symbols are mapped to bytes (zigzag + LEB128 varint) and coded with a
-universal lossless coder from the standard library (`coder`: "lzma" raw LZMA2, "bz2", or "none" for the varint
+universal lossless coder from the standard library (`coder`: "lzma" raw LZMA2, "bz2"; "huffman", a static canonical
+Huffman code of the bytes from their own histogram (`vqlab.bits.huffman_encode`, a 132-byte table); or "none" for the varint
 bytes themselves).  The code holds exactly that coded stream as a uint8 buffer (`stream`): `vqlab.save` writes
 the coded bytes and `compressed_size` counts them; the points are decoded from it (and the dither redrawn from
 the seed) on first use, checked by `validate` after a load, and cached.
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..bits import LZMA_FILTERS, huffman_bytes
+from ..bits import LZMA_FILTERS, huffman_bytes, huffman_decode, huffman_encode
 from ..quantize import register_handler
 from ..quantized import CodeSize, WeightCode, check_layer, register_code, wrap
 
@@ -50,7 +51,7 @@ __all__ = ["LATTICES", "CODERS", "nearest_point", "generator_matrix", "voronoi_d
            "decode_ints", "layer_seed", "LatticeCode", "LatticeConfig"]
 
 LATTICES = {"Z": 1, "D4": 4, "E8": 8}          # lattice -> dimension
-CODERS = ("lzma", "bz2", "none")
+CODERS = ("lzma", "bz2", "huffman", "none")
 _SIDE_BYTES = 4 + 8                           # step (float32) + seed (int64) per layer
 
 
@@ -213,6 +214,8 @@ def _compress(raw: bytes, coder: str) -> bytes:
         return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
     if coder == "bz2":
         return bz2.compress(raw, 9)
+    if coder == "huffman":
+        return huffman_encode(raw)
     return raw
 
 
@@ -220,6 +223,8 @@ def _decompress(data: bytes, coder: str, limit: int) -> bytes:
     """Decompress at most `limit` bytes (a bigger output is refused: a corrupted or hostile stream)."""
     if coder == "none":
         out = data
+    elif coder == "huffman":
+        out = huffman_decode(data, limit)
     else:
         try:
             d = (lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=LZMA_FILTERS) if coder == "lzma"
@@ -460,7 +465,8 @@ class LatticeConfig:
             must be a multiple of the dimension.
         step: the scale Delta (absolute, in weight units): w_hat = Delta * (Q(w / Delta + u) - u).
         seed: dither seed; layer `name` uses `layer_seed(seed, name)`.
-        coder: "lzma", "bz2" or "none" (the zigzag-varint bytes uncompressed).
+        coder: "lzma", "bz2", "huffman" (static, from the stream's own byte histogram) or "none" (the
+            zigzag-varint bytes uncompressed).
         pad: quantize rows whose length is no multiple of the dimension with zeros appended (coded too; the
             rows() drop them); else such a layer is refused by `check` before the model is touched.
         finetune: make each layer's distinct lattice points trainable codewords (Choi et al.'s fine-tuning of
