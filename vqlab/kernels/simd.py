@@ -56,6 +56,7 @@ _LOCK = threading.Lock()
 _WARNED: list[bool] = [False]
 _TLS = threading.local()
 _POOL: dict[int, ThreadPoolExecutor] = {}
+_ISA_MEMO: dict = {}     # (requested isa, id(loaded library)) -> native_isa's answer
 
 
 class _Unavailable(RuntimeError):
@@ -133,6 +134,7 @@ def _build() -> ctypes.CDLL:
 @functools.cache
 def _loaded() -> tuple[ctypes.CDLL | None, str]:
     """(library, "") or (None, why not): compiled and loaded once per process."""
+    _ISA_MEMO.clear()                                   # answers were for the previously loaded library
     with _LOCK:
         try:
             return _build(), ""
@@ -145,16 +147,20 @@ def native_isa(isa: str | None = None) -> str | None:
     CPU supports ("avx2"); None when no compiled kernel or no supported ISA is here (the backend then runs
     numba).  raises ValueError for an unknown name, RuntimeError for a forced ISA this machine cannot run."""
     want = isa or os.environ.get("VQLAB_SIMD_ISA", "") or "auto"
+    lib, why = _loaded()
+    key = (want, id(lib))
+    if key in _ISA_MEMO:
+        return _ISA_MEMO[key]
     if want != "auto" and want not in ISAS:
         raise ValueError(f"simd isa must be one of {['auto', *ISAS]}, got {want!r}")
-    lib, why = _loaded()
     if want != "auto":
         if lib is None or not lib.vq_isa_supported(ISAS[want]):
             raise RuntimeError(f"simd isa {want!r} is not usable here: {why or 'the CPU lacks it'}")
-        return want
-    if lib is not None and lib.vq_isa_supported(ISAS["avx2"]):
-        return "avx2"
-    return None
+        found = want
+    else:
+        found = "avx2" if lib is not None and lib.vq_isa_supported(ISAS["avx2"]) else None
+    _ISA_MEMO[key] = found
+    return found
 
 
 def native_status() -> str:
@@ -201,11 +207,11 @@ def _scratch(name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
     return buf
 
 
-def _codebook_t(codebook: torch.Tensor) -> torch.Tensor:
+def _codebook_t(codebook: torch.Tensor) -> np.ndarray:
     """(K, d) -> contiguous float32 (d, 16), columns >= K zero."""
     k, d = codebook.shape
-    cbt = torch.zeros((d, ROW), dtype=torch.float32)
-    cbt[:, :k] = codebook.detach().T
+    cbt = np.zeros((d, ROW), dtype=np.float32)
+    cbt[:, :k] = codebook.detach().to(device="cpu", dtype=torch.float32).numpy().T
     return cbt
 
 
@@ -235,7 +241,7 @@ def simd_tables(x: torch.Tensor, codebook: torch.Tensor, group: int = GROUP, isa
     steps = np.empty((b, ngroups), dtype=np.float32)
     off = np.empty(b, dtype=np.float32)
     cbt = _codebook_t(codebook)
-    rc = _loaded()[0].vq_tables(x.data_ptr(), b, s, d, cbt.data_ptr(), k, g, ngroups, tab.ctypes.data,
+    rc = _loaded()[0].vq_tables(x.data_ptr(), b, s, d, cbt.ctypes.data, k, g, ngroups, tab.ctypes.data,
                                 steps.ctypes.data, off.ctypes.data, ISAS[isa])
     if rc != 0:
         raise RuntimeError("simd: vq_tables refused its arguments")
@@ -281,7 +287,7 @@ def simd_matmul(x: torch.Tensor, codebook: torch.Tensor, layout: torch.Tensor, m
     tab = _scratch("tab", chunk * ngroups * g * ROW, torch.uint8).data_ptr()
     steps = _scratch("steps", chunk * ngroups, torch.float32).data_ptr()
     off = _scratch("off", chunk, torch.float32).data_ptr()
-    xp, yp, lp, cp = x.data_ptr(), out.data_ptr(), layout.data_ptr(), cbt.data_ptr()
+    xp, yp, lp, cp = x.data_ptr(), out.data_ptr(), layout.data_ptr(), cbt.ctypes.data
     for lo in range(0, b, chunk):
         nb = min(chunk, b - lo)
         rc = lib.vq_tables(xp + lo * x.shape[1] * 4, nb, s, d, cp, k, g, ngroups, tab, steps, off, code)
