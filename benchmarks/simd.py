@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=12, help="layers rotated in the 'dram' case")
     p.add_argument("--no-dram", action="store_true")
     p.add_argument("--no-train", action="store_true", help="skip the training-path (dequantize) timings")
+    p.add_argument("--train-only", action="store_true", help="only the training-path timings")
     args = p.parse_args(argv)
 
     import numba
@@ -117,6 +118,12 @@ def main(argv=None) -> int:
 
     m, n = args.size
     k, d = 16, 2
+    if args.train_only:
+        torch.set_num_threads(args.threads[0])
+        numba.set_num_threads(min(args.threads[0], numba.config.NUMBA_NUM_THREADS))
+        print(f"CPU: {cpu_line()}")
+        train_path(m, n, args.rounds, args.block)
+        return 0
     print(f"CPU: {cpu_line()}")
     print(f"simd backend: {simd.native_status()}; torch {torch.__version__}, numba {numba.__version__} "
           f"({numba.config.THREADING_LAYER} threading layer), "
@@ -201,7 +208,8 @@ def main(argv=None) -> int:
 
 
 def train_path(m: int, n: int, rounds: int, block_s: float, batch: int = 16) -> None:
-    """Timings of the training path (K=256, d=4): dequantize, dequantize + GEMM, forward + backward."""
+    """Timings of the training path (K=256, d=4): dequantize, dequantize + GEMM, forward + backward (a dense
+    fp32 layer's training step beside it: its backward also builds the (m, n) weight gradient)."""
     from vqlab.kernels import dequantize
 
     def indexing(book, idx):                   # the reference before: int64 copy, advanced indexing
@@ -209,11 +217,16 @@ def train_path(m: int, n: int, rounds: int, block_s: float, batch: int = 16) -> 
 
     book0, idx, w = make_layers(1, m, n, 256, 4, seed=2)[0]
     book = book0.clone().requires_grad_()
+    wp = w.clone().requires_grad_()
     x = torch.randn(batch, n)
 
     def step(f):
         book.grad = None
         F.linear(x, f(book, idx)).sum().backward()
+
+    def dense_step():
+        wp.grad = None
+        F.linear(x, wp).sum().backward()
 
     with torch.no_grad():
         fns = {"fp32 GEMM": lambda: F.linear(x, w),
@@ -223,16 +236,17 @@ def train_path(m: int, n: int, rounds: int, block_s: float, batch: int = 16) -> 
                "indexing+GEMM": lambda: F.linear(x, indexing(book0, idx))}
         res = timings(fns, rounds, block_s)
     with torch.enable_grad():
-        res.update(timings({"train step": lambda: step(dequantize), "train step indexing": lambda: step(indexing)},
-                           rounds, block_s))
+        res.update(timings({"train step": lambda: step(dequantize), "train step indexing": lambda: step(indexing),
+                            "fp32 train step": dense_step}, rounds, block_s))
     print(f"\ntraining / torch path, {m}x{n}, K=256, d=4, batch {batch}, {torch.get_num_threads()} thread(s): "
           f"ms per call, median [min, max] over {rounds} rounds ('indexing' = torch advanced indexing, the "
           f"reference before)")
     for name, xs in res.items():
         print(f"  {name:20s} {fmt(xs)}")
-    for name in ("dequantize+GEMM", "indexing+GEMM"):
-        ratio = [a / b for a, b in zip(res[name], res["fp32 GEMM"])]
-        print(f"  {name} / fp32 GEMM = {statistics.median(ratio):.2f}x [{min(ratio):.2f}, {max(ratio):.2f}]")
+    for name, base in (("dequantize+GEMM", "fp32 GEMM"), ("indexing+GEMM", "fp32 GEMM"),
+                       ("train step", "fp32 train step"), ("train step indexing", "fp32 train step")):
+        ratio = [a / b for a, b in zip(res[name], res[base])]
+        print(f"  {name} / {base} = {statistics.median(ratio):.2f}x [{min(ratio):.2f}, {max(ratio):.2f}]")
 
 
 if __name__ == "__main__":
