@@ -127,6 +127,8 @@ def test_threads_chunks_and_nonfinite_inputs(monkeypatch):
     assert torch.equal(simd.simd_matmul(x, book, lay, 300, threads=2), y1)
     monkeypatch.setattr(simd, "CHUNK", 4)                               # batch split into table chunks
     assert torch.equal(simd.simd_matmul(x, book, lay, 300, threads=1), y1)
+    assert simd.simd_matmul(x[:0], book, lay, 300).shape == (0, 300)
+    assert vq_matmul(x[:0], book, idx, backend="simd").shape == (0, 300)
     x[2, 5] = float("nan")
     x[4, 0] = float("inf")
     y = simd.simd_matmul(x, book, lay, 300)

@@ -283,7 +283,7 @@ def simd_matmul(x: torch.Tensor, codebook: torch.Tensor, layout: torch.Tensor, m
     out = torch.empty((b, nblk * BLOCK), dtype=torch.float32)
     cbt = _codebook_t(codebook)
     threads = max(1, min(threads or torch.get_num_threads(), nblk // 4))
-    chunk = min(CHUNK, b)
+    chunk = max(1, min(CHUNK, b))
     tab = _scratch("tab", chunk * ngroups * g * ROW, torch.uint8).data_ptr()
     steps = _scratch("steps", chunk * ngroups, torch.float32).data_ptr()
     off = _scratch("off", chunk, torch.float32).data_ptr()
