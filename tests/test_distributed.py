@@ -99,6 +99,34 @@ def _worker_fit(out: str) -> None:
                Path(out) / f"rank{vdist.rank()}.pt")
 
 
+class _NaNOnRank1(torch.nn.Module):
+    """Logits from a linear layer; NaN on rank 1 from its third training forward on."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.fc, self.rank, self.calls = torch.nn.Linear(64, 10), rank, 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.fc(x.flatten(1))
+        return y * float("nan") if self.training and self.rank == 1 and self.calls >= 3 else y
+
+
+def _worker_nan(out: str) -> None:
+    from vqlab import distributed as vdist
+    from vqlab.data import load_dataset
+    from vqlab.train import NonFiniteLossError, fit
+
+    torch.manual_seed(0)
+    model = _NaNOnRank1(vdist.rank() if vdist.init() else 0)
+    try:
+        fit(model, load_dataset("digits", "train"), epochs=1, batch_size=64, progress=False)
+        result = "no error"
+    except NonFiniteLossError as err:          # on both ranks, before the optimizer step: nobody left waiting
+        result = (err.step, str(err), all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+    torch.save(result, Path(out) / f"rank{vdist.rank()}.pt")
+
+
 def _kmeans_data(dtype=torch.float64):
     """2000 rows around 10 blobs (d=4) and starting centers of which two are far off (they empty at once)."""
     g = torch.Generator().manual_seed(3)
@@ -153,6 +181,13 @@ def test_ddp_fit_matches_one_process_with_the_same_global_batch(tmp_path):
     assert evaluate(model, te) == ranks[0]["acc"]
     assert hist["loss"].tolist() == pytest.approx(ranks[0]["loss"], rel=1e-5)
     print(f"DDP vs one process: max |diff| = {diff:.2e}, {time.perf_counter() - t0:.1f} s")
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    torchrun(str(HERE), "nan", str(tmp_path))
+    (step0, msg0, ok0), (step1, msg1, ok1) = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert step0 == step1 == 3 and ok0 and ok1
+    assert "loss is not finite on another rank" in msg0 and "loss is nan at step 3" in msg1
 
 
 def test_distributed_kmeans_equals_one_process_from_the_same_centers(tmp_path):
