@@ -3,8 +3,8 @@
 One signature for every backend (public meaning W[i, s*d:(s+1)*d] = codebook[indices[i, s]]):
     vq_matmul(x (..., n), codebook (K, d) | (G, K, d), indices (m, n/d)) -> (..., m)
 The reference (dequantize + GEMM, backend "torch") is the correctness oracle and the fallback on every device.
-Native backends live in `registry` ("dense": numba's parallel gather + GEMM, "numba": the LUT kernel); numba is
-imported only when one of them runs.  `auto` times the candidates once per shape/batch bucket and keeps the
+Native backends live in `registry` ("dense": numba's parallel gather + GEMM, "numba": the LUT kernel, "simd":
+the approximate register-table kernel in C, opt-in only); numba is imported only when one of them runs.  `auto` times the candidates once per shape/batch bucket and keeps the
 faster (CPU), unless `set_backend` / $VQLAB_BACKEND pins one; on CUDA the reference runs.
 
 Native code never reads a caller's index tensor: it reads a checked private copy (`checked.checked_indices`),
@@ -287,7 +287,8 @@ def vq_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, ba
     codebook: (K, d) or (G, K, d) (G groups of output rows, G must divide m); indices: (m, n/d)
     uint8/int8/int16/int32/int64 with every value in [0, K).  returns (..., m) in x's dtype on x's device.
     backend: "torch" (the reference: torch indexing + GEMM), a registered native backend ("dense": dequantize
-    with a parallel gather, then GEMM; "numba": CPU LUT kernel; see `vqlab.kernels.registry`), or "auto" (the
+    with a parallel gather, then GEMM; "numba": CPU LUT kernel; "simd": approximate uint8-table kernel for
+    K <= 16, opt-in only, see `vqlab.kernels.simd`; see `vqlab.kernels.registry`), or "auto" (the
     backend pinned by `set_backend`/$VQLAB_BACKEND, else the fastest candidate, timed once per shape and batch
     bucket).  On CUDA every backend runs the reference.
     raises: ValueError for an index outside [0, K) (on every backend, checked once per index tensor's
