@@ -9,7 +9,8 @@ Every backend is timed in the same process, in blocks of calls, the backends alt
 Cases: "cache" (one layer, called again and again: its 4 MB index layout stays in the 32 MB L3) and "dram"
 (--layers distinct layers in rotation, weights streaming from memory).  "simd" is `vq_matmul(backend="simd")`
 end to end, including the per-call index freshness check (a compare of the caller's index bytes with the
-checked copy: 8 MB of uint8 indices here); "simd kernel" calls the kernel on its cached layout directly.
+checked copy: 8 MB of uint8 indices here; timed alone as "index check"); "simd kernel" calls the kernel on its
+cached layout directly.
 Then the error of simd and of int8 dynamic against the float64 reference on the same VQ weights, relative to
 rms(y), for Gaussian inputs and for inputs with 8 outlier channels (30x); and the training / "torch" path
 (K=256, d=4): `dequantize` forward, dequantize + GEMM, and a training step (forward + backward to the
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
                         book, idx, w = lays[0]
                         fns = {"simd": lambda: vq_matmul(x, book, idx, backend="simd"),
                                "simd kernel": kernel_fn(book, idx, x),
+                               "index check": lambda: checked_indices(idx, k),
                                "numba": lambda: vq_matmul(x, book, idx, backend="numba"),
                                "numba K256 d4": lambda: vq_matmul(x, k256[0], k256[1], backend="numba"),
                                "fp32": lambda: F.linear(x, w),
