@@ -237,7 +237,7 @@ def simd_tables(x: torch.Tensor, codebook: torch.Tensor, group: int = GROUP, isa
     g = group_size(s, group)
     ngroups = -(-s // g)
     b = x.shape[0]
-    tab = np.empty((b, ngroups * g, ROW), dtype=np.uint8)
+    tab = np.empty((ngroups, b, g, ROW), dtype=np.uint8)                    # the kernel's group-major order
     steps = np.empty((b, ngroups), dtype=np.float32)
     off = np.empty(b, dtype=np.float32)
     cbt = _codebook_t(codebook)
@@ -245,7 +245,7 @@ def simd_tables(x: torch.Tensor, codebook: torch.Tensor, group: int = GROUP, isa
                                 steps.ctypes.data, off.ctypes.data, ISAS[isa])
     if rc != 0:
         raise RuntimeError("simd: vq_tables refused its arguments")
-    return tab, steps, off
+    return np.ascontiguousarray(tab.transpose(1, 0, 2, 3)).reshape(b, ngroups * g, ROW), steps, off
 
 
 def error_sigma(steps: np.ndarray, segments: int, group: int = GROUP) -> np.ndarray:

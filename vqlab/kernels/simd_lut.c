@@ -9,6 +9,7 @@
  *   y[b, o]   ~= sum_s lo_s + sum_g step_g * (sum_{s in g} q[b, s, I[o, s]]).
  * The integer sum over one group is exact in uint16 because G * 255 <= 65535 (G <= 256, checked here).
  *
+ * Tables: (ngroups, B, G, 16) uint8, group-major.
  * Index layout (built in Python from the checked copy): bytes (ngroups, nblk, G/2, 32), one 32-byte row per
  * pair of segments (2p, 2p+1) and block of 32 outputs: byte j (j < 16) = I[o_j, 2p] | I[o_{16+j}, 2p] << 4,
  * byte 16 + j = I[o_j, 2p+1] | I[o_{16+j}, 2p+1] << 4.  The table rows of a pair are 32 contiguous bytes, so
@@ -52,17 +53,16 @@ int vq_isa_supported(int isa)
 /* ------------------------------------------------------------------ tables */
 
 /* x (B, S*d) float32 rows, cbt (d, 16) float32 (codebook transposed, columns >= K unused),
- * tab (B, ngroups*group, 16) uint8, steps (B, ngroups) float32, offset (B,) float32. */
+ * tab (ngroups, B, group, 16) uint8 (group-major: the tables of all rows for one group are contiguous; with
+ * (B, S, 16) rows 32 KB apart collided in the same L1 sets), steps (B, ngroups) float32, offset (B,). */
 static inline __attribute__((always_inline))
 void tables_body(const float *x, int64_t B, int64_t S, int64_t d, const float *cbt, int64_t K, int64_t group,
                  int64_t ngroups, uint8_t *tab, float *steps, float *offset)
 {
-    const int64_t spad = ngroups * group;
     float t[VQ_MAXG][VQ_ROW];
     float lo[VQ_MAXG];
     for (int64_t b = 0; b < B; b++) {
         const float *xb = x + b * S * d;
-        uint8_t *tb = tab + b * spad * VQ_ROW;
         float off = 0.0f;
         int bad = 0;
         for (int64_t g = 0; g < ngroups; g++) {
@@ -94,7 +94,7 @@ void tables_body(const float *x, int64_t B, int64_t S, int64_t d, const float *c
             const float step = maxr / 255.0f;
             const float inv = step > 0.0f ? 1.0f / step : 0.0f;
             steps[b * ngroups + g] = step;
-            uint8_t *tg = tb + s0 * VQ_ROW;
+            uint8_t *tg = tab + (g * B + b) * group * VQ_ROW;
             for (int64_t i = 0; i < cnt; i++) {
                 for (int k = 0; k < VQ_ROW; k++) {
                     float v = (t[i][k] - lo[i]) * inv + 0.5f;
@@ -139,7 +139,6 @@ __attribute__((target("avx2")))
 static void tables_avx2(const float *x, int64_t B, int64_t S, int64_t d, const float *cbt, int64_t K,
                         int64_t group, int64_t ngroups, uint8_t *tab, float *steps, float *offset)
 {
-    const int64_t spad = ngroups * group;
     __m256 t0[VQ_MAXG], t1[VQ_MAXG];
     float lo[VQ_MAXG];
     uint8_t keep[VQ_ROW];
@@ -153,7 +152,6 @@ static void tables_avx2(const float *x, int64_t B, int64_t S, int64_t d, const f
     const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(255.0f), half = _mm256_set1_ps(0.5f);
     for (int64_t b = 0; b < B; b++) {
         const float *xb = x + b * S * d;
-        uint8_t *tb = tab + b * spad * VQ_ROW;
         float off = 0.0f;
         int bad = 0;
         for (int64_t g = 0; g < ngroups; g++) {
@@ -185,7 +183,7 @@ static void tables_avx2(const float *x, int64_t B, int64_t S, int64_t d, const f
             const float inv = step > 0.0f ? 1.0f / step : 0.0f;
             steps[b * ngroups + g] = step;
             const __m256 vinv = _mm256_set1_ps(inv);
-            uint8_t *tg = tb + s0 * VQ_ROW;
+            uint8_t *tg = tab + (g * B + b) * group * VQ_ROW;
             for (int64_t i = 0; i < cnt; i++) {
                 const __m256 l = _mm256_set1_ps(lo[i]);
                 __m256 v0 = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(t0[i], l), vinv), half);
@@ -223,12 +221,12 @@ int vq_tables(const float *x, int64_t B, int64_t S, int64_t d, const float *cbt,
 static void lut_scalar(const uint8_t *idx, const uint8_t *tab, const float *steps, float *y, int64_t B,
                        int64_t nblk, int64_t blk0, int64_t blk1, int64_t ngroups, int64_t group)
 {
-    const int64_t half = group / 2, spad = ngroups * group, ldy = nblk * VQ_BLK;
+    const int64_t half = group / 2, ldy = nblk * VQ_BLK;
     for (int64_t g = 0; g < ngroups; g++) {
         for (int64_t blk = blk0; blk < blk1; blk++) {
             const uint8_t *ib = idx + (g * nblk + blk) * half * VQ_BLK;
             for (int64_t b = 0; b < B; b++) {
-                const uint8_t *tg = tab + (b * spad + g * group) * VQ_ROW;
+                const uint8_t *tg = tab + (g * B + b) * group * VQ_ROW;
                 uint32_t acc[VQ_BLK];
                 for (int j = 0; j < VQ_BLK; j++) acc[j] = 0;
                 for (int64_t p = 0; p < half; p++) {
@@ -327,17 +325,17 @@ __attribute__((target("avx2")))
 static void lut_avx2(const uint8_t *idx, const uint8_t *tab, const float *steps, float *y, int64_t B,
                      int64_t nblk, int64_t blk0, int64_t blk1, int64_t ngroups, int64_t group)
 {
-    const int64_t half = group / 2, spad = ngroups * group, ldy = nblk * VQ_BLK, tstride = spad * VQ_ROW;
+    const int64_t half = group / 2, ldy = nblk * VQ_BLK, tstride = group * VQ_ROW;
     for (int64_t g = 0; g < ngroups; g++) {
         for (int64_t blk = blk0; blk < blk1; blk++) {
             const uint8_t *ib = idx + (g * nblk + blk) * half * VQ_BLK;
             int64_t b = 0;
+            const uint8_t *tg = tab + g * B * tstride;
             for (; b + 2 <= B; b += 2)
-                block2_avx2(ib, half, tab + b * tstride + g * group * VQ_ROW, tstride, steps[b * ngroups + g],
+                block2_avx2(ib, half, tg + b * tstride, tstride, steps[b * ngroups + g],
                             steps[(b + 1) * ngroups + g], y + b * ldy + blk * VQ_BLK, ldy);
             if (b < B)
-                block1_avx2(ib, half, tab + b * tstride + g * group * VQ_ROW, steps[b * ngroups + g],
-                            y + b * ldy + blk * VQ_BLK);
+                block1_avx2(ib, half, tg + b * tstride, steps[b * ngroups + g], y + b * ldy + blk * VQ_BLK);
         }
     }
 }
