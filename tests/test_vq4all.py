@@ -104,7 +104,6 @@ def test_progressive_fit_fixes_more_each_round_and_ends_as_the_plain_vq_network(
     book = vq4all.universal_codebook([model, _mlp()], k=16, d=4)
     quantize_(model, VQ4ALLConfig(codebook=book, candidates=4, alpha=0.3), progress=False)
     biases = [model[i].bias.detach().clone() for i in (0, 2, 4, 6)]
-    fractions = []
     hist = vq4all.progressive_fit(model, _data(), rounds=4, steps_per_round=6, lr=0.1, batch_size=32, progress=False)
     fractions = hist["fixed_fraction"].tolist()
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and hist["fixed_now"].sum() > 0
