@@ -316,7 +316,8 @@ class VQ4ALLConfig:
 @register_handler(VQ4ALLConfig)
 def _vq4all_handler(modules: list[tuple[str, nn.Module]], config: VQ4ALLConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
-        yield name, wrap(m, VQ4ALLCode.from_weight(m.weight, config.codebook, config.candidates, config.alpha))
+        book = config.codebook.to(m.weight.device)                     # in place: the one object stays shared
+        yield name, wrap(m, VQ4ALLCode.from_weight(m.weight, book, config.candidates, config.alpha))
 
 
 # ---------------------------------------------------------------- progressive network construction
