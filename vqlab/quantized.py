@@ -137,6 +137,11 @@ class WeightCode(nn.Module):
         Codes that implement it set `has_matmul = True`."""
         return None
 
+    def conv_via_matmul(self) -> bool:
+        """Whether QuantizedConv2d runs this code's `matmul` on im2col rows in eval (default: when it has one);
+        otherwise it convolves with the rebuilt weight, and `flops` counts that dense product."""
+        return self.has_matmul
+
 
 # ---------------------------------------------------------------- the layers that hold a code
 
@@ -264,8 +269,19 @@ class QuantizedConv2d(QuantizedLayer):
     def _weight_to_flat(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.reshape(weight.shape[0], -1)
 
+    def _via_matmul(self) -> bool:
+        return (not self.training and self.code.has_matmul and self.groups == 1 and not isinstance(self.padding, str)
+                and self.code.conv_via_matmul())
+
+    def flops(self, rows: int) -> tuple[int, int]:
+        """(table, accumulate) FLOPs for `rows` output positions: the code's count when the convolution runs
+        through its matmul, else the dense convolution's."""
+        if self.code.has_matmul and not self._via_matmul():
+            return 0, 2 * rows * self.out_dim * self.n
+        return super().flops(rows)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and self.code.has_matmul and self.groups == 1 and not isinstance(self.padding, str):
+        if self._via_matmul():
             return self._im2col_forward(x)
         return F.conv2d(x, self.dequantize().to(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups)
 

@@ -19,11 +19,13 @@ Import this module to register the configs:
     >>> import vqlab, vqlab.methods.gong as gong
     >>> vqlab.quantize_(model, gong.PQConfig(k=16, subspaces=4))
 
-PQ and RVQ run through the lookup-table kernels in eval mode (`WeightCode.matmul`; convolutions through
-im2col): RVQ is one `vq_matmul` per stage, summed; PQ along the input axis one per sub-space, each a table of
-the sub-space's K dot products; PQ along the output axis sums each input over the columns sharing a code
-("bucket sums", one add per weight column) and multiplies the (K,) sums by the sub-space codebook.  Their
-FLOPs (`flops`) are those ops' own formulas, as FlopCounterMode counts them.
+PQ and RVQ run through the lookup-table kernels in eval mode (`WeightCode.matmul`): RVQ is one `vq_matmul` per
+stage, summed; PQ along the input axis one per sub-space, each a table of the sub-space's K dot products; PQ along
+the output axis sums each input over the columns sharing a code ("bucket sums", one add per weight column) and
+multiplies the (K,) sums by the sub-space codebook.  Their FLOPs (`flops`) are those ops' own formulas, as
+FlopCounterMode counts them.  Convolutions take the same path on im2col rows when a lookup-table backend is
+pinned (`vqlab.kernels.set_backend("numba")`); otherwise they convolve with the rebuilt weight (on narrow
+convolutions the im2col product costs more FLOPs and memory than the dense convolution, see `count_flops`).
 
 Nothing here trains: codebooks and indices are buffers (the paper's methods are post-training).  Stored bytes
 (`size`) are exactly what `vqlab.save` writes for the code's buffers: index buffers bit-packed at the bits
@@ -43,6 +45,7 @@ from ..bits import huffman_bytes, pack_indices, packed_bytes
 from ..codebook import kmeans, pq_decode, product_quantize, residual_quantize, rvq_decode
 from ..kernels.ops import lut_flops, vq_matmul
 from ..kernels.reference import check_indices
+from ..kernels.registry import pinned_backend
 from ..quantize import register_handler
 from ..quantized import CodeSize, WeightCode, check_layer, register_code, tensor_bytes, wrap
 
@@ -91,6 +94,11 @@ def _check_float(name: str, t: torch.Tensor, shape: tuple) -> None:
 def _rows_n(module: nn.Module) -> tuple[int, int]:
     w = module.weight
     return w.shape[0], w[0].numel()
+
+
+def _lut_pinned() -> bool:
+    """True when a lookup-table backend is pinned (set_backend / $VQLAB_BACKEND other than dense / torch)."""
+    return pinned_backend() not in (None, "dense", "torch")
 
 
 def _mark(seen: set[int], code: nn.Module) -> None:
@@ -345,6 +353,7 @@ class PQCode(WeightCode):
     kind = "gong_pq"
     method = "gong pq"
     has_matmul = True
+    conv_via_matmul = staticmethod(lambda: _lut_pinned())
 
     def __init__(self, rows: int, n: int, k: int, subspaces: int, axis: str = "input"):
         super().__init__()
@@ -494,6 +503,7 @@ class RVQCode(WeightCode):
     kind = "gong_rvq"
     method = "gong rvq"
     has_matmul = True
+    conv_via_matmul = staticmethod(lambda: _lut_pinned())
 
     def __init__(self, rows: int, n: int, k: int, stages: int, d: int):
         super().__init__()
