@@ -36,6 +36,10 @@ def _lenet(seed=0):
     (dict(reassign_every=-1), r"VQConfig.reassign_every must be an integer >= 0, got -1"),
     (dict(codebook_dtype=torch.int8), r"VQConfig.codebook_dtype must be a float dtype .* got torch.int8"),
     (dict(codebook_dtype="int4"), r"VQConfig.codebook_dtype 'int4' is not a float dtype"),
+    (dict(distributed=1), r"VQConfig.distributed must be True or False, got 1"),
+    (dict(distributed="yes"), r"VQConfig.distributed must be True or False, got 'yes'"),
+    (dict(distributed=True, batch_size=256), r"VQConfig.distributed=True runs Lloyd k-means .* set batch_size=None "
+                                             r"\(got batch_size=256\)"),
 ])
 def test_config_rejects_bad_values(kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -143,18 +143,23 @@ def check_quantizable(module: nn.Module, k: int, d: int, *, groups: int = 1, seg
 
 @torch.no_grad()
 def fit_codebook(segments: torch.Tensor, k: int, *, iters: int = 25, init: str = "kmeans++",
-                 batch_size: int | None = None, seed: int = 0, dtype: torch.dtype | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 batch_size: int | None = None, seed: int = 0, dtype: torch.dtype | None = None,
+                 distributed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means codebooks for G groups of segments.
 
     segments: (G, N, d) float.  returns codebook (G, k, d) in `dtype` (default: segments' dtype) and
     assignments (G, N) int64, each segment's nearest codeword in the returned codebook.
     When a group has at most k distinct segments the codebook holds them exactly (the rest of the
     rows repeat them), so K >= #distinct segments reproduces the weights bit for bit.
+    distributed: under torchrun, call on every rank with the same segments; each rank runs k-means on
+        its rows [rank::world] (`kmeans(..., distributed=True)`: Lloyd, batch_size must be None), every
+        rank gets rank 0's codebook bit for bit and assigns all N segments to it.  In one process the
+        same as False.
     """
     g, n, d = segments.shape
     dtype = dtype or segments.dtype
     work = segments.float() if segments.dtype != torch.float64 else segments
+    rank, world = _shards(work, batch_size) if distributed else (0, 1)
     books, codes = [], []
     for j in range(g):
         x = work[j]                                                    # (N, d)
@@ -164,11 +169,33 @@ def fit_codebook(segments: torch.Tensor, k: int, *, iters: int = 25, init: str =
             books.append(torch.cat([uniq, uniq[fill]]))
             codes.append(inv)
             continue
-        res = kmeans(x, k, iters=iters, init=init, batch_size=batch_size, seed=seed + j)
+        if world > 1:
+            res = kmeans(x[rank::world], k, iters=iters, init=init, seed=seed + j, distributed=True)
+        else:
+            res = kmeans(x, k, iters=iters, init=init, batch_size=batch_size, seed=seed + j)
         book = res.codebook.to(dtype).to(x.dtype)                      # assign against the stored values
         books.append(book)
         codes.append(assign(x, book))
     return torch.stack(books).to(dtype), torch.stack(codes)
+
+
+def _shards(work: torch.Tensor, batch_size: int | None) -> tuple[int, int]:
+    """(rank, world size) for `fit_codebook(distributed=True)`; (0, 1) in one process or with fewer segments
+    than ranks.  Checks that every rank holds the same segments, else the ranks would part ways."""
+    from . import distributed as _dist
+
+    if batch_size is not None:
+        raise ValueError(f"distributed k-means runs Lloyd iterations on all segments: batch_size must be None, "
+                         f"got batch_size={batch_size}")
+    if not _dist.init():
+        return 0, 1
+    bits = work.detach().contiguous().view(torch.int64 if work.dtype == torch.float64 else torch.int32)
+    seen = _dist.all_gather_objects((tuple(work.shape), int(bits.sum(dtype=torch.int64))))  # exact, any order
+    if any(s != seen[0] for s in seen):
+        raise ValueError(f"distributed k-means needs the same weights on every rank; (shape, checksum) per rank: "
+                         f"{seen}.  Load or seed the float model identically on every rank first")
+    rank, world = _dist.rank(), _dist.world_size()
+    return (rank, world) if work.shape[1] >= world else (0, 1)
 
 
 # ---------------------------------------------------------------- the shared core
@@ -376,12 +403,12 @@ class VQLayer(QuantizedLayer):
     # -- construction from a float layer
     def _fill_from(self, weight: torch.Tensor, *, k: int, d: int, groups: int, iters: int, init: str,
                    batch_size: int | None, seed: int, codebook: Codebook | None,
-                   codebook_dtype: torch.dtype | None) -> None:
+                   codebook_dtype: torch.dtype | None, distributed: bool = False) -> None:
         if codebook is None:
             flat = self._weight_to_flat(weight.detach())               # (out, n_pad)
             book, codes = fit_codebook(flat.reshape(groups, -1, d), k, iters=iters, init=init,
                                        batch_size=batch_size, seed=seed,
-                                       dtype=codebook_dtype or weight.dtype)
+                                       dtype=codebook_dtype or weight.dtype, distributed=distributed)
             with torch.no_grad():
                 self.codebook.weight.copy_(book)
                 self.indices.copy_(codes.reshape(self.indices.shape).to(self.indices.dtype))
@@ -392,7 +419,7 @@ class VQLayer(QuantizedLayer):
 
     @classmethod
     def _from_float(cls, module: nn.Module, k, d, *, codebook, groups, pad, iters, init, batch_size, seed,
-                    reassign_every, codebook_dtype, name, **layout):
+                    reassign_every, codebook_dtype, name, distributed=False, **layout):
         """The body of VQLinear/VQConv2d.from_float; `layout` holds the conv's `segment`."""
         label = _label(name, module)
         if codebook is not None:
@@ -407,7 +434,7 @@ class VQLayer(QuantizedLayer):
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
         layer._fill_from(w, k=k, d=d, groups=groups, iters=iters, init=init, batch_size=batch_size, seed=seed,
-                         codebook=codebook, codebook_dtype=codebook_dtype)
+                         codebook=codebook, codebook_dtype=codebook_dtype, distributed=distributed)
         return layer
 
     def extra_repr(self) -> str:
@@ -461,15 +488,16 @@ class VQLinear(VQLayer):
                    codebook: Codebook | None = None, groups: int = 1, pad: bool = False, iters: int = 25,
                    init: str = "kmeans++", batch_size: int | None = None, seed: int = 0,
                    reassign_every: int = 0, codebook_dtype: torch.dtype | None = None,
-                   name: str | None = None) -> "VQLinear":
+                   name: str | None = None, distributed: bool = False) -> "VQLinear":
         """Quantize an nn.Linear: k-means (K codewords of length d, G codebooks) on its weight rows.
 
         codebook: an existing Codebook to share (then K, d, G come from it and the weights are only
             assigned to it).  name: the layer's name, used in error messages.
+        distributed: under torchrun, k-means over the ranks (see `fit_codebook`); the same layer on every rank.
         """
         return cls._from_float(module, k, d, codebook=codebook, groups=groups, pad=pad, iters=iters, init=init,
                                batch_size=batch_size, seed=seed, reassign_every=reassign_every,
-                               codebook_dtype=codebook_dtype, name=name)
+                               codebook_dtype=codebook_dtype, name=name, distributed=distributed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -550,15 +578,16 @@ class VQConv2d(VQLayer):
                    codebook: Codebook | None = None, groups: int = 1, segment: str = "input", pad: bool = False,
                    iters: int = 25, init: str = "kmeans++", batch_size: int | None = None, seed: int = 0,
                    reassign_every: int = 0, codebook_dtype: torch.dtype | None = None,
-                   name: str | None = None) -> "VQConv2d":
+                   name: str | None = None, distributed: bool = False) -> "VQConv2d":
         """Quantize an nn.Conv2d: k-means on its weight segments (layout per `segment`).
 
         groups: number of codebooks G (blocks of output channels), not the conv's groups.
         codebook: an existing Codebook to share.  name: the layer's name, used in error messages.
+        distributed: under torchrun, k-means over the ranks (see `fit_codebook`); the same layer on every rank.
         """
         return cls._from_float(module, k, d, codebook=codebook, groups=groups, pad=pad, iters=iters, init=init,
                                batch_size=batch_size, seed=seed, reassign_every=reassign_every,
-                               codebook_dtype=codebook_dtype, name=name, segment=segment)
+                               codebook_dtype=codebook_dtype, name=name, distributed=distributed, segment=segment)
 
     def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
         if self._pre_pad is not None:

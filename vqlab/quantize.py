@@ -54,6 +54,10 @@ class VQConfig:
         seed: k-means seed.
         quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear.
         codebook_dtype: stored codebook dtype (torch dtype or name); None = the weight's dtype.
+        distributed: under torchrun, every rank runs quantize_ on the same float model and each layer's
+            k-means is spread over the ranks (each fits its rows [rank::world] of the segments,
+            `kmeans(..., distributed=True)`); every rank ends with the same codebooks and indices.  Lloyd
+            only (batch_size must be None).  In one process the same as False.
 
     Example:
         >>> report = quantize_(model, VQConfig(k=256, d=4), overrides={"classifier.1": VQConfig(k=16, d=2)})
@@ -74,6 +78,7 @@ class VQConfig:
     seed: int = 0
     quantize_first_last: bool = False
     codebook_dtype: torch.dtype | str | None = None
+    distributed: bool = False
 
     def __post_init__(self):
         _int("k", self.k, 2)
@@ -101,9 +106,12 @@ class VQConfig:
             raise ValueError(f"VQConfig.groups must be >= 2 with codebook='group', got groups={self.groups}")
         if self.codebook != "group" and self.groups != 1:
             raise ValueError(f"VQConfig.groups={self.groups} needs codebook='group' (got codebook={self.codebook!r})")
-        for flag in ("pad", "quantize_first_last"):
+        for flag in ("pad", "quantize_first_last", "distributed"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"VQConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.distributed and self.batch_size is not None:
+            raise ValueError(f"VQConfig.distributed=True runs Lloyd k-means over the ranks; mini-batch k-means is "
+                             f"single-process: set batch_size=None (got batch_size={self.batch_size})")
         dt = self.codebook_dtype
         if isinstance(dt, str):
             if dt.removeprefix("torch.") not in FLOAT_DTYPE_NAMES:
@@ -164,7 +172,7 @@ def _vq_handler(modules: list[tuple[str, nn.Module]], config: VQConfig) -> Itera
         dtype = config.codebook_dtype or modules[0][1].weight.dtype
         book, _ = fit_codebook(torch.cat([s.to(segs[0].device) for s in segs])[None], config.k,
                                iters=config.iters, init=config.init, batch_size=config.batch_size,
-                               seed=config.seed, dtype=dtype)
+                               seed=config.seed, dtype=dtype, distributed=config.distributed)
         shared = Codebook.from_tensor(book)
     for name, m in modules:
         cls = vq_layer_class(m)
@@ -173,7 +181,8 @@ def _vq_handler(modules: list[tuple[str, nn.Module]], config: VQConfig) -> Itera
         else:
             yield name, cls.from_float(m, config.k, config.d, groups=config.groups, iters=config.iters,
                                        init=config.init, batch_size=config.batch_size, seed=config.seed,
-                                       codebook_dtype=config.codebook_dtype, name=name, **_vq_kwargs(m, config))
+                                       codebook_dtype=config.codebook_dtype, name=name,
+                                       distributed=config.distributed, **_vq_kwargs(m, config))
 
 
 # ---------------------------------------------------------------- quantize_
