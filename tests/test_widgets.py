@@ -49,12 +49,19 @@ def test_codebook_panel_shows_bad_values_in_the_readout():
     assert "d=4 does not divide" in panel.readout.value
 
 
-def test_compression_panel_every_option():
+@pytest.fixture(scope="module")
+def digits_lenet():
+    """A LeNet-5 for 8x8 digits trained 3 epochs, the data, and a one-point sweep to draw under the live point."""
     tr, te = load_dataset("digits", "train"), load_dataset("digits", "test")
     torch.manual_seed(0)
     model = get_model("lenet5", input_size=8)
     fit(model, tr, epochs=3, batch_size=32, seed=0, progress=False)
     grid = sweep(model, None, te, ks=[16], ds=[4], baselines=("float",), progress=False)
+    return model, tr, te, grid
+
+
+def test_compression_panel_every_option(digits_lenet):
+    model, tr, te, grid = digits_lenet
     panel = compression_panel(model, tr, te, grid, ks=(4, 16, 64), ds=(2, 4, 8), k=16, d=4)
     assert "× smaller" in panel.text
     assert _walk_every_option(panel) == 3 + 3
@@ -95,16 +102,12 @@ def test_set_names_the_slider_and_its_options():
     assert panel.values == {"K": 4, "d": 2}
 
 
-def test_method_panel_every_option_and_bad_values():
+def test_method_panel_every_option_and_bad_values(digits_lenet):
     import vqlab.methods.gong as gong
     import vqlab.methods.lattice as lat
     from vqlab.widgets import method_panel
 
-    tr, te = load_dataset("digits", "train"), load_dataset("digits", "test")
-    torch.manual_seed(0)
-    model = get_model("lenet5", input_size=8)
-    fit(model, tr, epochs=2, batch_size=32, seed=0, progress=False)
-    grid = sweep(model, None, te, ks=[16], ds=[4], baselines=("float",), progress=False)
+    model, _, te, grid = digits_lenet
     panel = method_panel(model, te, grid, {"K": ([4, 16], 4), "d": ([2, 4], 4), "stages": ([1, 2], 1)},
                          lambda K, d, stages: gong.RVQConfig(k=K, d=d, stages=stages))
     assert list(panel.sliders) == ["K", "d", "stages"] and "× smaller" in panel.text
