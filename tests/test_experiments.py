@@ -179,6 +179,13 @@ def test_compare_configs_measures_any_method(digits_model):
     assert df.iloc[1]["bits_per_weight"] == pytest.approx(4.0) and df.iloc[2]["bits_per_weight"] == pytest.approx(1.0)
     assert df.iloc[1]["acc"] == pytest.approx(evaluate(model, te), abs=0.05)         # 16 levels: close to float
     assert "k=32768" in df.iloc[3]["error"] and math.isnan(df.iloc[3]["ratio"])
+    # FLOPs per method: count_flops of the compressed copy (the VQ row's equals counting `q` by hand)
+    from vqlab.flops import count_flops
+    fl = compare_configs(model, te, {"vq": VQConfig(k=16, d=4)}, flops_input_shape=(1, 1, 8, 8), progress=False)
+    by_hand = count_flops(q, (1, 1, 8, 8))
+    assert fl.iloc[0]["flops"] == by_hand["vq_flops"].sum()
+    assert fl.iloc[0]["flop_ratio"] == pytest.approx(by_hand["vq_flops"].sum() / by_hand["dense_flops"].sum())
+    assert "flops" not in df
     assert df.iloc[:3]["error"].isna().all()
     # fine-tuning: accuracy after it is measured, and the size is counted again (trainable lattice codewords)
     ft = compare_configs(model, te, {"E8": lat.LatticeConfig(step=0.2, pad=True, finetune=True)}, train_ds=tr,

@@ -156,7 +156,8 @@ def sweep(model: nn.Module, train_ds: TensorDataset | None, test_ds: TensorDatas
 
 def compare_configs(model: nn.Module, test_ds: TensorDataset, configs: dict, *, train_ds: TensorDataset | None = None,
                     finetune_epochs: int = 0, lr: float = 1e-3, max_steps: int | None = None, seed: int = 0,
-                    baseline_acc: float | None = None, progress: bool = True) -> pd.DataFrame:
+                    baseline_acc: float | None = None, flops_input_shape: tuple[int, ...] | None = None,
+                    progress: bool = True) -> pd.DataFrame:
     """Compress a copy of `model` with each config (any registered method: VQConfig, gong.PQConfig,
     lattice.LatticeConfig, ...), evaluate, optionally fine-tune (finetune_epochs > 0 with train_ds), evaluate.
 
@@ -164,7 +165,10 @@ def compare_configs(model: nn.Module, test_ds: TensorDataset, configs: dict, *, 
     lzma_ratio and error (a config some layer cannot take keeps its reason there).  method is what the
     quantize_ report names; K and d come from the config where it has them; bits_per_weight is the stored
     index bits per quantized weight (index_bytes * 8 / weights of the quantized layers).
+    flops_input_shape: e.g. (1, 1, 28, 28): also `count_flops` of each compressed model on that input, as
+    columns flops (the quantized model's total) and flop_ratio (over the dense model's).
     """
+    from .flops import count_flops
     from .quantized import QuantizedLayer
 
     base = evaluate(model, test_ds) if baseline_acc is None else baseline_acc
@@ -188,12 +192,16 @@ def compare_configs(model: nn.Module, test_ds: TensorDataset, configs: dict, *, 
             size = compressed_size(q)                  # fine-tuning may change what is stored (e.g. lattice)
             acc_ft = evaluate(q, test_ds)
         best = acc_ft if finetune_epochs > 0 and train_ds is not None else acc
+        if flops_input_shape is not None:
+            df = count_flops(q, tuple(flops_input_shape))
+            row.update(flops=int(df["vq_flops"].sum()), flop_ratio=df["vq_flops"].sum() / df["dense_flops"].sum())
         rows.append({**row, "method": ", ".join(map(str, methods)) or "float32",
                      "bits_per_weight": 8 * size.index_bytes / weights if weights else float("nan"),
                      "ratio": size.ratio, "huffman_ratio": size.huffman_ratio, "lzma_ratio": size.lzma_ratio,
                      "compressed_bytes": size.compressed_bytes, "acc": acc, "acc_finetuned": acc_ft,
                      "delta_points": 100 * (best - base), "seconds": time.perf_counter() - t0})
-    cols = ["label"] + COLUMNS + ["huffman_ratio", "lzma_ratio", "error"]
+    cols = ["label"] + COLUMNS + ["huffman_ratio", "lzma_ratio"] + (
+        ["flops", "flop_ratio"] if flops_input_shape is not None else []) + ["error"]
     df = pd.DataFrame(rows)
     for c in cols:
         if c not in df:
