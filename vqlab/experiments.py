@@ -251,7 +251,7 @@ def pareto_plot(df: pd.DataFrame, ax=None, live: dict | None = None, title: str 
     acc = df["acc_finetuned"].fillna(df["acc"])
     markers = {"float32": "s", "uniform int8": "D", "uniform int4": "d", "scalar k-means": "^", "vq": "o", "pq": "v",
                "gong binary": "x", "gong scalar k-means": "<", "gong pq": "v", "gong rvq": "P", "lattice Z": "h",
-               "lattice D4": "H", "lattice E8": "p"}
+               "lattice D4": "H", "lattice E8": "p", "vq4all": "8", "qaf": "X"}
     for method, sub in df.assign(_acc=acc).dropna(subset=["ratio", "_acc"]).groupby("method", sort=False):
         ax.scatter(sub["ratio"], 100 * sub["_acc"], marker=markers.get(method, "o"), s=45, label=method, zorder=3)
         if "label" in sub and sub["label"].notna().any():           # compare_configs rows name themselves
