@@ -251,7 +251,7 @@ def speed_panel(m: int = 1024, n: int = 1024, ks: Sequence[int] = (16, 64, 256, 
         ax.set_xlabel("milliseconds per call (median)")
         ax.set_title(f"{m}×{n} layer, batch {batch}, K={K}, d={d}", fontsize=9)
         ax.invert_yaxis()
-        text = (f"K={K}, d={d}, batch {batch}: FLOP ratio VQ/dense = K/m + 1/d = <b>{flop_ratio:.3f}</b>; "
+        text = (f"K={K}, d={d}, batch={batch}: FLOP ratio VQ/dense = K/m + 1/d = <b>{flop_ratio:.3f}</b>; "
                 f"measured: VQ auto {1e3 * t['vq auto']:.3f} ms vs dense {1e3 * t['dense fp32']:.3f} ms "
                 f"(<b>{t['dense fp32'] / t['vq auto']:.2f}×</b>), int8 {1e3 * t['int8 dynamic']:.3f} ms")
         return text, fig
