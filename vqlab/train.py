@@ -31,7 +31,8 @@ from . import distributed as _dist
 from ._utils import default_device, seed_everything
 from .data import loader
 
-__all__ = ["fit", "evaluate", "predict", "train_or_load", "checkpoint_path", "NonFiniteLossError"]
+__all__ = ["fit", "evaluate", "predict", "train_or_load", "checkpoint_path", "NonFiniteLossError",
+           "distillation_loss"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -45,6 +46,33 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, message: str, *, step: int, epoch: int, lr: float):
         super().__init__(message)
         self.step, self.epoch, self.lr = step, epoch, lr
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
+                      temperature: float = 4.0, weight: float = 0.5) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015): (1 - weight) * CE(logits, y)
+    + weight * T^2 * KL(softmax(teacher_logits / T) || softmax(logits / T)).
+
+    logits, teacher_logits: (batch, classes); y: (batch,) int64 labels; temperature T > 0; weight in [0, 1]
+    (0 = plain cross-entropy, 1 = the teacher's soft targets only).  The T^2 factor keeps the soft term's
+    gradient scale independent of T.  The KL term and its gradient vanish where the student's logits equal
+    the teacher's (up to a constant per row), so a teacher identical to the student leaves only the
+    (1 - weight)-scaled cross-entropy gradient.
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (isinstance(weight, (int, float)) and 0.0 <= weight <= 1.0):
+        raise ValueError(f"distillation weight must be in [0, 1], got {weight!r}")
+    if teacher_logits.shape != logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match the student's "
+                         f"{tuple(logits.shape)}: the teacher must predict the same classes")
+    ce = F.cross_entropy(logits, y)
+    if weight == 0:
+        return ce
+    t = float(temperature)
+    kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits.detach().to(logits.dtype) / t, dim=1),
+                  reduction="batchmean", log_target=True)
+    return (1.0 - weight) * ce + weight * t * t * kl
 
 
 def _model_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -202,8 +230,9 @@ def evaluate(model: nn.Module, ds: TensorDataset, batch_size: int = 1000, device
 def fit(model: nn.Module, train_ds: TensorDataset, epochs: int = 1, lr: float = 1e-3, batch_size: int = 128,
         seed: int = 0, optimizer: str = "adam", weight_decay: float = 0.0, val_ds: TensorDataset | None = None,
         max_steps: int | None = None, device: str | torch.device | None = None, progress: bool = True,
-        on_step: Callable[[nn.Module, int], None] | None = None, distributed: bool | None = None) -> pd.DataFrame:
-    """Train `model` in place with cross-entropy; return the history as a DataFrame.
+        on_step: Callable[[nn.Module, int], None] | None = None, distributed: bool | None = None,
+        teacher: nn.Module | None = None, temperature: float = 4.0, distill_weight: float = 0.5) -> pd.DataFrame:
+    """Train `model` in place with cross-entropy (or distillation from `teacher`); return the history.
 
     train_ds: TensorDataset(x (N, C, H, W), y (N,) int64) — see `vqlab.load_dataset`.
     epochs, lr, batch_size: the usual; the learning rate follows a cosine decay over all steps.
@@ -217,6 +246,9 @@ def fit(model: nn.Module, train_ds: TensorDataset, epochs: int = 1, lr: float = 
         single-process order), rank r seeds torch with seed + r (dropout masks differ per rank), the
         bar shows on rank 0 only, and every rank returns the same model and the same history (losses
         and accuracies summed over ranks).  BatchNorm statistics stay per rank, as in plain DDP.
+    teacher: a trained model whose logits the student learns to match (`distillation_loss` with
+        `temperature` and `distill_weight`); it runs in eval mode under no_grad on the same batches and is
+        never changed.  None = plain cross-entropy.
     float16/bfloat16 parameters are trained through float32 master copies (module docstring) and keep
     their dtype.
     returns: one row per epoch: epoch, steps, loss (mean train loss), train_acc, val_acc (NaN without
@@ -227,6 +259,13 @@ def fit(model: nn.Module, train_ds: TensorDataset, epochs: int = 1, lr: float = 
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if teacher is not None:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        if teacher is model:
+            raise ValueError("teacher must be a separate model (a frozen copy), not the model being trained")
+        distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long),
+                          temperature, distill_weight)           # checks the two numbers before any work
     distributed = _use_distributed(distributed)
     rank, world = (_dist.rank(), _dist.world_size()) if distributed else (0, 1)
     if batch_size < world:
@@ -240,6 +279,9 @@ def fit(model: nn.Module, train_ds: TensorDataset, epochs: int = 1, lr: float = 
 
         # broadcasts rank 0's parameters and buffers (codebooks, indices) now and its buffers every forward
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if teacher is not None:
+        teacher_was_training = teacher.training
+        teacher.to(dev).eval()
     masters = _MasterParams(_trainable(model))                   # after DDP's broadcast: same masters everywhere
     opt = _optimizer(optimizer, masters.params, lr, weight_decay)
     batches = _RankBatches(train_ds, batch_size, seed, rank, world) if distributed else \
@@ -259,7 +301,12 @@ def fit(model: nn.Module, train_ds: TensorDataset, epochs: int = 1, lr: float = 
                     break
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 logits = net(x)
-                loss = F.cross_entropy(logits, y)
+                if teacher is None:
+                    loss = F.cross_entropy(logits, y)
+                else:
+                    with torch.no_grad():
+                        soft = teacher(x)
+                    loss = distillation_loss(logits, soft, y, temperature, distill_weight)
                 loss_value = loss.item()
                 where = dict(step=step + 1, total=total, epoch=epoch, lr=opt.param_groups[0]["lr"])
                 if not _all_finite(loss_value, distributed, dev):
@@ -292,6 +339,8 @@ def fit(model: nn.Module, train_ds: TensorDataset, epochs: int = 1, lr: float = 
                 break
     finally:
         bar.close()
+        if teacher is not None:
+            teacher.train(teacher_was_training)
     model.eval()
     return pd.DataFrame(rows)
 
