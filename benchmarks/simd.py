@@ -6,11 +6,12 @@
 Every backend is timed in the same process, in blocks of calls, the backends alternating block after block
 (order shuffled each round), so a noisy neighbour slows all of them alike; the table gives the median and the
 [min, max] range over rounds of the per-call time, and the paired ratios int8/simd (> 1: simd faster).
-Cases: "cache" (one layer, called again and again: its 4 MB index layout stays in the 32 MB L3) and "dram"
+Cases: "cache" (one layer, called again and again: its 8 MB of uint8 indices stay in the 32 MB L3) and "dram"
 (--layers distinct layers in rotation, weights streaming from memory).  "simd" is `vq_matmul(backend="simd")`
-end to end, including the per-call index freshness check (a compare of the caller's index bytes with the
-checked copy: 8 MB of uint8 indices here; timed alone as "index check"); "simd kernel" calls the kernel on its
-cached layout directly.
+end to end: the kernel reads the caller's uint8 index tensor in place on every call (no private copy, no
+freshness compare) and range-checks every byte as it goes, so that check is inside every "simd" time;
+"simd kernel" is `simd.simd_matmul` on the same tensor (the same kernel without vq_matmul's argument checks
+and dispatch).
 Then the error of simd and of int8 dynamic against the float64 reference on the same VQ weights, relative to
 rms(y), for Gaussian inputs and for inputs with 8 outlier channels (30x); and the training / "torch" path
 (K=256, d=4): `dequantize` forward, dequantize + GEMM, and a training step (forward + backward to the
@@ -115,7 +116,6 @@ def main(argv=None) -> int:
     import numba
 
     from vqlab.kernels import simd, vq_matmul
-    from vqlab.kernels.checked import checked_indices
 
     m, n = args.size
     k, d = 16, 2
@@ -134,8 +134,7 @@ def main(argv=None) -> int:
     int8 = [int8_dynamic(w) for _, _, w in layers]
 
     def kernel_fn(book, idx, x):
-        lay = checked_indices(idx, k).layout(f"simd/{simd.GROUP}", lambda c: simd.simd_layout(c, simd.GROUP))
-        return lambda: simd.simd_matmul(x, book, lay, m)
+        return lambda: simd.simd_matmul(x, book, idx)
 
     with torch.no_grad():
         for threads in args.threads:
@@ -151,7 +150,6 @@ def main(argv=None) -> int:
                         book, idx, w = lays[0]
                         fns = {"simd": lambda: vq_matmul(x, book, idx, backend="simd"),
                                "simd kernel": kernel_fn(book, idx, x),
-                               "index check": lambda: checked_indices(idx, k),
                                "numba": lambda: vq_matmul(x, book, idx, backend="numba"),
                                "numba K256 d4": lambda: vq_matmul(x, k256[0], k256[1], backend="numba"),
                                "fp32": lambda: F.linear(x, w),

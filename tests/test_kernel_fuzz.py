@@ -79,3 +79,40 @@ def test_child_conv(data, k, d, conv_groups, groups, dtype, backend):
     w = dequantize(book.double(), idx.long()).reshape(out_c, kh, kw, cin_g).permute(0, 3, 1, 2)
     ref = torch.nn.functional.conv2d(x.double(), w, padding=1, groups=conv_groups)
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4 * (cin_g * kh * kw) ** 0.5)
+
+
+@pytest.mark.skipif(not CHILD, reason="runs inside test_fuzz_in_a_child_process")
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data(), m=st.integers(1, 70), s=st.integers(1, 80), k=st.sampled_from([2, 9, 16]),
+       d=st.sampled_from([1, 2, 3]), groups=st.sampled_from([1, 2]), batch=st.sampled_from([0, 1, 2, 5]),
+       bad=st.sampled_from([None, None, None, 16, 17, 127, 128, 255]), threads=st.sampled_from([1, 2]))
+def test_child_simd_direct(data, m, s, k, d, groups, batch, bad, threads):
+    """The approximate "simd" backend reading the caller's uint8 indices in place: within its 6-sigma error
+    bound of the reference, or ValueError for a byte >= K; never a crash, the scalar path bit-identical."""
+    from vqlab.kernels import simd
+    if simd.native_isa() is None:
+        pytest.skip("no native simd kernel here")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    idx = torch.randint(0, k, (m, s), generator=g, dtype=torch.uint8)
+    if bad is not None:
+        idx[data.draw(st.integers(0, m - 1)), data.draw(st.integers(0, s - 1))] = min(bad, 255) if bad >= k else k
+    book = torch.randn((groups, k, d) if groups > 1 else (k, d), generator=g)
+    x = torch.randn(batch, s * d, generator=g)
+    if int(idx.max()) >= k or m % groups:
+        with pytest.raises(ValueError):
+            vq_matmul(x, book, idx, backend="simd")
+        return
+    y = vq_matmul(x, book, idx, backend="simd")
+    assert torch.equal(simd.simd_matmul(x, book, idx, threads=threads), y)
+    os.environ["VQLAB_SIMD_ISA"] = "scalar"
+    try:
+        assert torch.equal(vq_matmul(x, book, idx, backend="simd"), y)
+    finally:
+        del os.environ["VQLAB_SIMD_ISA"]
+    ref = x.double() @ dequantize(book.double(), idx.long()).T
+    per = m // groups
+    for j in range(groups):
+        b = book[j] if groups > 1 else book
+        sigma = torch.from_numpy(simd.error_sigma(simd.simd_tables(x, b)[1], s))[:, None] if batch else 0
+        err = (y[:, j * per:(j + 1) * per].double() - ref[:, j * per:(j + 1) * per]).abs()
+        assert (err <= 6 * sigma + 1e-5 * (1 + ref[:, j * per:(j + 1) * per].abs())).all()

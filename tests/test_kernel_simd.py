@@ -87,7 +87,7 @@ def test_equals_integer_emulation(isa, m, s, k, d, batch):
     assert not q[:, s:].any()                                         # padded segments add nothing
     np.testing.assert_array_equal(step, step_em)
     np.testing.assert_array_equal(off, off_em)
-    y = simd.simd_matmul(x, book, simd.simd_layout(idx), m, isa=isa)
+    y = simd.simd_matmul(x, book, idx, isa=isa)                        # the caller's uint8 indices, read in place
     assert y.shape == (batch, m) and y.dtype == torch.float32
     scale = np.abs(off_em)[:, None] + 255 * s * step_em.max(1, keepdims=True)
     np.testing.assert_allclose(y.numpy(), y_em, rtol=0, atol=float(1e-6 * scale.max()))
@@ -122,16 +122,15 @@ def test_scalar_path_is_bit_identical_and_forced_by_the_environment(monkeypatch)
 @needs_native
 def test_threads_chunks_and_nonfinite_inputs(monkeypatch):
     x, book, idx = _case(300, 40, 16, 2, 9, seed=4)
-    lay = simd.simd_layout(idx)
-    y1 = simd.simd_matmul(x, book, lay, 300, threads=1)
-    assert torch.equal(simd.simd_matmul(x, book, lay, 300, threads=2), y1)
+    y1 = simd.simd_matmul(x, book, idx, threads=1)
+    assert torch.equal(simd.simd_matmul(x, book, idx, threads=2), y1)
     monkeypatch.setattr(simd, "CHUNK", 4)                               # batch split into table chunks
-    assert torch.equal(simd.simd_matmul(x, book, lay, 300, threads=1), y1)
-    assert simd.simd_matmul(x[:0], book, lay, 300).shape == (0, 300)
+    assert torch.equal(simd.simd_matmul(x, book, idx, threads=1), y1)
+    assert simd.simd_matmul(x[:0], book, idx).shape == (0, 300)
     assert vq_matmul(x[:0], book, idx, backend="simd").shape == (0, 300)
     x[2, 5] = float("nan")
     x[4, 0] = float("inf")
-    y = simd.simd_matmul(x, book, lay, 300)
+    y = simd.simd_matmul(x, book, idx)
     assert y[2].isnan().all() and y[4].isnan().all() and torch.equal(y[[0, 1, 3]], y1[[0, 1, 3]])
 
 
@@ -147,13 +146,17 @@ def test_bad_indices_and_shapes_are_refused():
     with pytest.raises(ValueError, match="K=5"):
         vq_matmul(x, book, neg, backend="simd")
     if NATIVE:
-        lay = simd.simd_layout(idx)
-        with pytest.raises(ValueError, match="layout"):
-            simd.simd_matmul(x, book, lay, 40)                           # m does not fit the layout
+        for bad in (idx.to(torch.int64), idx.t(), idx[:, ::2], idx[None], idx[:0]):   # dtype, strides, shape
+            with pytest.raises(ValueError, match="contiguous uint8"):
+                simd.simd_matmul(x, book, bad)
         with pytest.raises(ValueError, match="float32"):
-            simd.simd_matmul(x[:, :-1], book, lay, 20)
+            simd.simd_matmul(x[:, :-1], book, idx)
+        with pytest.raises(ValueError, match="float32"):
+            simd.simd_matmul(x.double(), book, idx)
         with pytest.raises(ValueError, match="K <= 16"):
-            simd.simd_matmul(torch.randn(2, 12), torch.randn(17, 2), lay, 20)
+            simd.simd_matmul(torch.randn(2, 12), torch.randn(17, 2), idx)
+        with pytest.raises(ValueError, match="codebook groups"):
+            simd.simd_matmul(x, torch.randn(3, 5, 2), idx)               # 3 groups do not divide 20 rows
         with pytest.raises(ValueError, match="group"):
             simd.group_size(10, 300)
 
@@ -165,6 +168,131 @@ def test_in_place_index_changes_are_seen():
     y1 = vq_matmul(x, book, idx, backend="simd")
     ref = x @ dequantize(book, idx).T
     assert (y1 - ref).abs().max() < (y0 - ref).abs().max()
+
+
+# ---------------------------------------------------------------- the direct path: the caller's uint8 indices, read in place
+
+def emulate_groups(x, book, idx):
+    """emulate() per codebook group (G, K, d): the G equal blocks of rows, concatenated."""
+    if book.dim() == 2:
+        return emulate(x, book, idx)[0]
+    per = idx.shape[0] // book.shape[0]
+    return np.concatenate([emulate(x, book[j], idx[j * per:(j + 1) * per])[0] for j in range(book.shape[0])], axis=1)
+
+
+def _assert_emulated(y, x, book, idx):
+    y_em = emulate_groups(x, book, idx)
+    assert y.shape == y_em.shape and y.dtype == torch.float32
+    scale = float(np.abs(y_em).max(initial=0)) + 1.0
+    np.testing.assert_allclose(y.numpy(), y_em, rtol=0, atol=2e-6 * scale)
+
+
+DIRECT_SHAPES = [  # m off 16 / 32, S odd, S off 32 / G, S < 32; batches 0..17; codebook groups
+    (1, 1, 16, 2, 1, 1), (15, 31, 16, 2, 2, 1), (17, 33, 9, 2, 3, 1), (33, 65, 16, 1, 17, 1), (48, 2, 16, 4, 0, 1),
+    (40, 100, 16, 2, 3, 2), (96, 130, 5, 3, 1, 3), (64, 257, 16, 2, 2, 4),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m, s, k, d, batch, groups", DIRECT_SHAPES)
+def test_direct_path_equals_integer_emulation(monkeypatch, isa, m, s, k, d, batch, groups):
+    import vqlab.kernels.checked as checked
+    x, book, idx = _case(m, s, k, d, batch, seed=3 * m + s)
+    if groups > 1:
+        book = torch.randn(groups, k, d, generator=torch.Generator().manual_seed(m))
+    monkeypatch.setenv("VQLAB_SIMD_ISA", isa)
+    y = vq_matmul(x, book, idx, backend="simd")
+    _assert_emulated(y, x, book, idx)
+    assert not checked._CACHE                                             # no private copy was made
+    for threads in (1, 2):
+        assert torch.equal(simd.simd_matmul(x, book, idx, threads=threads), y)
+    # the same indices as int64 or as a strided view take the checked-copy path: same result
+    assert torch.equal(vq_matmul(x, book, idx.long(), backend="simd"), y)
+    wide = torch.zeros(m, s + 3, dtype=torch.uint8)
+    wide[:, 1:s + 1] = idx
+    view = wide[:, 1:s + 1]
+    assert view.is_contiguous() == (m == 1)
+    assert torch.equal(vq_matmul(x, book, view, backend="simd"), y)
+    assert torch.equal(vq_matmul(x.reshape(batch, 1, s * d), book, idx, backend="simd"), y.reshape(batch, 1, m))
+
+
+@needs_native
+@pytest.mark.parametrize("k, bad", [(16, 16), (9, 9), (16, 255), (5, 200), (16, 128)])
+def test_direct_path_refuses_every_out_of_range_byte_on_every_call(k, bad):
+    x, book, idx = _case(70, 45, k, 2, 2, seed=k)
+    for r, c in ((0, 0), (69, 44), (33, 31), (17, 32)):                    # first, last, tile / block edges
+        idx.numpy()[r, c] = bad                                          # behind torch's back
+        for _ in range(2):                                               # refused again: nothing is cached
+            with pytest.raises(ValueError, match=rf"\[0, {bad}\] but the codebook has K={k} codewords"):
+                vq_matmul(x, book, idx, backend="simd")
+            with pytest.raises(ValueError, match=rf"K={k}"):
+                vq_matmul(x[:0], book, idx, backend="simd")                # an empty batch checks too
+            with pytest.raises(ValueError, match=rf"K={k}"):
+                simd.simd_matmul(x, book, idx, threads=2)
+        idx.numpy()[r, c] = k - 1
+        _assert_emulated(vq_matmul(x, book, idx, backend="simd"), x, book, idx)
+    gbook = torch.randn(2, k, 2)                                          # codebook groups: the second block too
+    idx.numpy()[60, 3] = bad
+    with pytest.raises(ValueError, match=rf"K={k}"):
+        vq_matmul(x, gbook, idx, backend="simd")
+
+
+@needs_native
+def test_direct_path_sees_every_write_behind_torchs_back():
+    x, book, idx = _case(50, 40, 16, 2, 3, seed=11)
+    y0 = vq_matmul(x, book, idx, backend="simd")
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        version = idx._version
+        idx.numpy()[:] = rng.integers(0, 16, size=idx.shape)              # no version bump
+        assert idx._version == version
+        y = vq_matmul(x, book, idx, backend="simd")
+        _assert_emulated(y, x, book, idx)
+        assert not torch.equal(y, y0)
+        y0 = y
+    book.numpy()[:] = book.numpy()[::-1]                                 # the codebook too
+    _assert_emulated(vq_matmul(x, book, idx, backend="simd"), x, book, idx)
+
+
+@needs_native
+def test_direct_path_in_conv_and_pinned():
+    import vqlab.kernels.checked as checked
+    g = torch.Generator().manual_seed(6)
+    book = torch.randn(2, 16, 2, generator=g)
+    x = torch.randn(2, 8, 5, 5, generator=g)
+    idx = torch.randint(0, 16, (6, 4 * 9 // 2), generator=g, dtype=torch.uint8)
+    y = vq_conv2d(x, book, idx, (6, 4, 3, 3), padding=1, groups=2, backend="simd")
+    assert not checked._CACHE
+    assert torch.equal(y, vq_conv2d(x, book, idx.long(), (6, 4, 3, 3), padding=1, groups=2, backend="simd"))
+    idx.numpy()[5, 17] = 16
+    with pytest.raises(ValueError, match="K=16"):
+        vq_conv2d(x, book, idx, (6, 4, 3, 3), padding=1, groups=2, backend="simd")
+    idx.numpy()[5, 17] = 3
+    K.clear_caches()
+    set_backend("simd")                                                   # pinned: auto takes the direct path
+    xl, bl, il = _case(40, 24, 16, 2, 3, seed=8)
+    assert torch.equal(vq_matmul(xl, bl, il), vq_matmul(xl, bl, il, backend="simd"))
+    assert not checked._CACHE
+    il.numpy()[0, 0] = 200
+    with pytest.raises(ValueError, match=r"\[0, 200\] but the codebook has K=16"):
+        vq_matmul(xl, bl, il)
+
+
+@needs_native
+def test_direct_path_keeps_the_custom_op_where_it_matters():
+    from torch.utils.flop_counter import FlopCounterMode
+    x, book, idx = _case(32, 16, 16, 2, 2, seed=12)
+    y = vq_matmul(x, book, idx, backend="simd")
+    with FlopCounterMode(display=False) as counter:                      # a dispatch mode sees the op
+        assert torch.equal(vq_matmul(x, book, idx, backend="simd"), y)
+    assert counter.get_total_flops() > 0
+    xg = x.clone().requires_grad_()
+    out = vq_matmul(xg, book, idx, backend="simd")                       # autograd asked for: through the op
+    assert torch.equal(out.detach(), y)
+    xh = x.half()                                                         # other float dtypes: in float32
+    assert torch.equal(vq_matmul(xh, book, idx, backend="simd"), vq_matmul(xh.float(), book, idx, backend="simd").half())
+    assert vq_matmul(x.double(), book, idx, backend="simd").dtype == torch.float64   # the float64 reference
 
 
 def test_auto_never_picks_simd_unless_asked():

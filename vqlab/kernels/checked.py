@@ -2,9 +2,14 @@
 
 The first time a CPU index tensor reaches a native backend it is checked (`check_indices`: an integer dtype,
 every value in [0, K)) and copied.  Kernels read only that copy and the layouts derived from it.  On every
-later call the caller's bytes are compared with the copy (one linear pass at about memory speed, far cheaper
-than the kernel's table lookups), so a change made behind torch's back (`indices.numpy()[:] = ...`, which does
-not bump `_version`) can never hit a stale entry: it is checked and copied again.
+later call the caller's bytes are compared with the copy (one linear pass at about memory speed), so a change
+made behind torch's back (`indices.numpy()[:] = ...`, which does not bump `_version`) can never hit a stale
+entry: it is checked and copied again.
+
+The one exception is a backend with a `direct` entry (`registry.KernelBackend.direct`, today "simd") given
+contiguous uint8 CPU indices: it reads the caller's tensor itself, with no copy and no compare, because its
+kernel range-checks every index byte on every call and cannot address memory with an index value (see
+`vqlab.kernels.simd`).  Its other index tensors (int64, strided views) still come through here.
 """
 from __future__ import annotations
 

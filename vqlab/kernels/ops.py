@@ -7,8 +7,10 @@ Native backends live in `registry` ("dense": numba's parallel gather + GEMM, "nu
 the approximate register-table kernel in C, opt-in only); numba is imported only when one of them runs.  `auto` times the candidates once per shape/batch bucket and keeps the
 faster (CPU), unless `set_backend` / $VQLAB_BACKEND pins one; on CUDA the reference runs.
 
-Native code never reads a caller's index tensor: it reads a checked private copy (`checked.checked_indices`),
-checked once per tensor contents and compared with the caller's bytes on every call.
+Native code reads a checked private copy of the indices (`checked.checked_indices`), checked once per tensor
+contents and compared with the caller's bytes on every call -- except a backend with a `direct` entry ("simd"),
+which, for contiguous uint8 CPU indices, reads the caller's tensor itself and range-checks every index byte on
+every call, memory-safe whatever the values (see `registry.KernelBackend.direct`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .checked import CheckedIndices, checked_indices, clear_checked
 from .reference import INDEX_DTYPES, check_codebook_groups, dequantize, vq_matmul_reference
-from .registry import (KernelBackend, available_backends, backend_names, get_backend, pinned_backend,
+from .registry import (_REGISTRY, KernelBackend, available_backends, backend_names, get_backend, pinned_backend,
                        register_backend, set_backend)
 
 __all__ = ["vq_matmul", "vq_conv2d", "available_backends", "auto_choices", "conv_weight_from_rows",
@@ -210,10 +212,63 @@ def _uses_reference(x: torch.Tensor, backend: str) -> bool:
             or not native or (backend != "auto" and backend not in native))
 
 
+def _direct_backend(backend: str, codebook: torch.Tensor, indices: torch.Tensor) -> KernelBackend | None:
+    """The backend named (or pinned) for this call when it reads the caller's indices itself (`direct`), is
+    available and supports (K, d), and the indices are a contiguous uint8 CPU tensor; else None (checked path)."""
+    name = pinned_backend() if backend == "auto" else backend
+    be = _REGISTRY.get(name) if name is not None else None
+    if (be is None or be.direct is None or indices.dtype != torch.uint8 or indices.device.type != "cpu"
+            or not indices.is_contiguous() or not be.supports(codebook.shape[-2], codebook.shape[-1])
+            or not be.available()):
+        return None
+    return be
+
+
+def _float32(x2: torch.Tensor) -> torch.Tensor:
+    """x2 as a contiguous float32 tensor without autograd history (no copy when it already is one)."""
+    if x2.requires_grad:
+        x2 = x2.detach()
+    return x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.to(torch.float32).contiguous()
+
+
+def _direct_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.Tensor | None:
+    """vq_matmul through a backend's direct entry (the caller's uint8 indices, read and range-checked by the
+    kernel on every call), or None when this call does not take that path."""
+    if x.device.type != "cpu" or x.dtype == torch.float64:
+        return None                                          # the reference runs (see _uses_reference)
+    be = _direct_backend(backend, codebook, indices)
+    if be is None:
+        return None
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y = be.direct(_float32(x2), codebook, indices)
+    if y is None:
+        return None
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], indices.shape[0])
+
+
+def _plain_eager(*tensors: torch.Tensor) -> bool:
+    """Whether a call may skip the custom op's dispatch (about 20-40 us a call): plain tensors, no dispatch or
+    function mode (FlopCounterMode, ...), no functorch transform, not tracing or compiling, no gradient asked for.
+    The op is then nothing but a redispatch to _matmul_impl."""
+    C = torch._C
+    return (not C._len_torch_dispatch_stack() and not C._is_torch_function_mode_enabled()
+            and C._functorch.peek_interpreter_stack() is None and C._get_tracing_state() is None
+            and not torch.compiler.is_compiling()
+            and all(type(t) is torch.Tensor for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
 def _matmul_impl(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.Tensor:
     lead, n = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n)
-    if _uses_reference(x, backend):
+    reference = _uses_reference(x, backend)
+    if not reference:
+        y = _direct_matmul(x, codebook, indices, backend)   # reads (and range-checks) the caller's indices itself
+        if y is not None:
+            return y
+    if reference:
         half_cpu = x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu"
         y = vq_matmul_reference(x2.to(torch.float32) if half_cpu else x2, codebook.to(x2.device), indices.to(x2.device))
     else:
@@ -221,7 +276,7 @@ def _matmul_impl(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
         if x2.shape[0] == 0:
             y = x2.new_zeros((0, indices.shape[0]), dtype=torch.float32)
         else:
-            xf = x2.detach().to(torch.float32).contiguous()
+            xf = _float32(x2)
             k, d = codebook.shape[-2], codebook.shape[-1]
             key = (tuple(indices.shape), tuple(codebook.shape), 1 << max(0, (x2.shape[0] - 1).bit_length()),
                    torch.get_num_threads())
@@ -296,6 +351,10 @@ def vq_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, ba
     Not differentiable: train through `dequantize` (what VQ layers do in training mode).
     """
     _check(x, codebook, indices, backend)
+    if _plain_eager(x, codebook, indices):                  # the custom op would only redispatch: skip it
+        y = _direct_matmul(x, codebook, indices, backend)
+        if y is not None:
+            return y
     return torch.ops.vqlab.vq_matmul(x, codebook, indices, backend)
 
 
@@ -318,9 +377,25 @@ def _conv_out_hw(x_shape, weight_shape, stride, padding, dilation) -> tuple[int,
     return ho, wo
 
 
+class _RawRows:
+    """The caller's contiguous uint8 indices, for a backend's `direct` entry, sliced by output rows like
+    `CheckedIndices.rows` (a block of rows of a contiguous tensor is contiguous)."""
+
+    def __init__(self, indices: torch.Tensor):
+        self.indices = indices
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        return self.indices[a:b]
+
+
+class _Declined(Exception):
+    """A backend's direct entry returned None (no native kernel here): take the checked-copy path."""
+
+
 def _conv_im2col(be: KernelBackend, x, codebook, checked, weight_shape, stride, padding, dilation, groups, segment):
     """im2col (F.unfold) in the row layout's column order, then the backend's matmul per (conv group,
-    codebook group) block of output rows."""
+    codebook group) block of output rows (its direct entry when `checked` is the caller's raw indices)."""
+    raw = isinstance(checked, _RawRows)
     out_c, cin_g, kh, kw = weight_shape
     b = x.shape[0]
     cols = F.unfold(x.to(torch.float32), (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C*kh*kw, L)
@@ -337,7 +412,10 @@ def _conv_im2col(be: KernelBackend, x, codebook, checked, weight_shape, stride, 
         xf = cols[j].reshape(b * L, -1).contiguous()
         cuts = sorted({j * rows, (j + 1) * rows} | {c for c in range(0, out_c, per_book) if j * rows < c < (j + 1) * rows})
         for a, e in zip(cuts, cuts[1:]):
-            outs.append(be.matmul(xf, _book(codebook, a // per_book), checked.rows(a, e)).view(b, L, e - a))
+            y = (be.direct if raw else be.matmul)(xf, _book(codebook, a // per_book), checked.rows(a, e))
+            if y is None:
+                raise _Declined
+            outs.append(y.view(b, L, e - a))
     y = torch.cat(outs, dim=2)                                                         # (B, L, out)
     return y.permute(0, 2, 1).reshape(b, out_c, ho, wo).to(x.dtype)
 
@@ -354,6 +432,13 @@ def _vq_conv2d_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor
     if _uses_reference(x, backend):
         w = conv_weight_from_rows(dequantize(codebook, indices), weight_shape, segment).to(x.dtype)
         return F.conv2d(x, w, None, stride, padding, dilation, groups)
+    be = _direct_backend(backend, codebook, indices)
+    if be is not None and be.conv is None:
+        try:
+            return _conv_im2col(be, x, codebook, _RawRows(indices), weight_shape, stride, padding, dilation, groups,
+                                segment)
+        except _Declined:
+            pass
     checked = checked_indices(indices, codebook.shape[-2])
     args = (x, codebook, checked, weight_shape, stride, padding, dilation, groups, segment)
     k, d = codebook.shape[-2], codebook.shape[-1]

@@ -28,6 +28,11 @@ class KernelBackend:
     """One native kernel.
 
     matmul(x (B, n) float32 contiguous CPU, codebook (K, d), checked: CheckedIndices (m, S)) -> (B, m) float32.
+    direct: optional direct(x (B, n) float32 contiguous CPU, codebook (K, d) | (G, K, d), indices) -> (B, m)
+        float32, or None to decline.  Called instead of matmul when the caller's indices are a contiguous uint8
+        CPU (m, S) tensor, with that tensor itself: no checked copy is made, so the backend must itself read
+        every index on every call, raise ValueError (as `check_indices`) for a value >= K, and stay memory-safe
+        whatever the values (e.g. a concurrent write).  Only for backends that are asked for by name or pinned.
     conv: optional conv(x, codebook (K, d) | (G, K, d), checked, weight_shape, stride, padding, dilation, groups,
         segment) -> y; None = im2col + matmul per (conv group, codebook group) block.
     available() -> bool: usable on this machine (imports lazily inside, so unused kernels are never loaded).
@@ -41,6 +46,7 @@ class KernelBackend:
     name: str
     matmul: Callable
     conv: Callable | None = None
+    direct: Callable | None = None
     available: Callable[[], bool] = lambda: True
     supports: Callable[[int, int], bool] = lambda k, d: True
     auto: bool = True

@@ -17,8 +17,16 @@ AVX2 where the CPU has it; $VQLAB_SIMD_ISA=scalar (or isa="scalar") forces the p
 bit-identical results.  Without a compiler or without AVX2 the backend runs the numba kernel (exact) after one
 warnings.warn notice.  AVX-512 and NEON paths are not written (no such machine to test them on).
 
-Native code reads only the checked private copy of the indices (`CheckedIndices`, every value < K) through
-the layout built here; all shapes are checked in Python before a call and again in C.
+Indices: the kernel reads the caller's contiguous uint8 (m, S) index tensor itself, row-major, on every call --
+no private copy, no cache, no layout built in advance (it transposes 16 rows x 32 segments at a time in
+registers).  It also returns the largest index byte it read, and `simd_matmul` raises the ValueError of
+`check_indices` when that is >= K, so a value written behind torch's back (`indices.numpy()[...] = v`) is
+seen at the next call and an out-of-range value is refused on every call.  This is memory-safe by
+construction: Python checks the tensor's shape, dtype, device and contiguity, the kernel reads only those
+m * S bytes, and a lookup is a shuffle inside a 16-byte register (`& 15` in the scalar path), so no index
+value, even one rewritten by another thread during the call, can address memory; such a race can only make
+that call's output wrong.  Other index tensors (int64, strided views) go through the checked private copy of
+`vqlab.kernels.checked`, converted to uint8 once per content.  Shapes are checked in Python and again in C.
 """
 from __future__ import annotations
 
@@ -42,11 +50,12 @@ import torch
 from .checked import CheckedIndices
 from .registry import KernelBackend, register_backend
 
-__all__ = ["GROUP", "BLOCK", "ISAS", "simd_layout", "simd_tables", "simd_matmul", "error_sigma", "native_isa",
-           "native_status", "group_size"]
+__all__ = ["GROUP", "ISAS", "simd_tables", "simd_matmul", "error_sigma", "native_isa", "native_status",
+           "group_size"]
 
 GROUP = 64          # segments per quantization group (even, <= 256 so that G * 255 fits uint16)
-BLOCK = 32          # outputs per block of the index layout
+TILE_ROWS = 16      # output rows the kernel transposes together
+TILE_SEGMENTS = 32  # segments per transposed block (two 128-bit lanes of 16)
 ROW = 16            # table entries per segment
 CHUNK = 64          # input rows per table build (tables of 64 rows x S x 16 bytes)
 ISAS = {"scalar": 0, "avx2": 1}
@@ -119,14 +128,17 @@ def _build() -> ctypes.CDLL:
             dll = ctypes.CDLL(str(lib))
         except OSError as e:
             raise _Unavailable(f"loading the compiled kernel failed ({e})") from None
-        if dll.vq_abi_version() != 1:
+        if dll.vq_abi_version() != 2:
             raise _Unavailable("compiled kernel has another ABI version")
         i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         dll.vq_isa_supported.argtypes, dll.vq_isa_supported.restype = [i32], i32
         dll.vq_tables.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i32]
         dll.vq_tables.restype = i32
-        dll.vq_lut.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i32]
-        dll.vq_lut.restype = i32
+        dll.vq_lut_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i32]
+        dll.vq_lut_rows.restype = i32
+        dll.vq_matmul_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr,
+                                       ptr, ptr, i32]
+        dll.vq_matmul_rows.restype = i32
         return dll
     raise _Unavailable("no writable cache folder for the compiled kernel")
 
@@ -172,7 +184,7 @@ def native_status() -> str:
     return f"numba fallback: {why or 'no AVX2 on this CPU (VQLAB_SIMD_ISA=scalar runs the portable C path)'}"
 
 
-# ---------------------------------------------------------------- layout, tables, kernel
+# ---------------------------------------------------------------- tables, kernel
 
 def group_size(segments: int, group: int = GROUP) -> int:
     """The group size used for `segments` segments: `group` (even, 2..256), lowered to fit small layers."""
@@ -181,53 +193,42 @@ def group_size(segments: int, group: int = GROUP) -> int:
     return min(group, segments + segments % 2)
 
 
-def simd_layout(indices: torch.Tensor, group: int = GROUP) -> torch.Tensor:
-    """(m, S) checked indices (values < 16) -> uint8 tensor (ngroups, nblk, G/2, 32): per group, block of 32 outputs
-    and pair of segments, 32 bytes = (segment 2p: outputs j | outputs 16+j << 4, then segment 2p+1).
-    Outputs are padded to a multiple of 32 and segments to ngroups * G with index 0 (never used: padded
-    outputs are dropped and padded segments have all-zero tables)."""
-    idx = indices.detach().cpu()
-    m, s = idx.shape
-    g = group_size(s, group)
-    ngroups, nblk = -(-s // g), -(-m // BLOCK)
-    padded = np.zeros((nblk * BLOCK, ngroups * g), dtype=np.uint8)
-    padded[:m, :s] = idx.to(torch.uint8).numpy()
-    p = padded.reshape(nblk, 2, 16, ngroups, g // 2, 2)                     # blk, half, j, group, pair, seg
-    nib = p[:, 0] | (p[:, 1] << 4)                                          # blk, j, group, pair, seg
-    return torch.from_numpy(np.ascontiguousarray(nib.transpose(2, 0, 3, 4, 1)).reshape(ngroups, nblk, g // 2, BLOCK))
+def _stored(group: int) -> int:
+    """Table rows stored per group: whole blocks of 32 segments."""
+    return -(-group // TILE_SEGMENTS) * TILE_SEGMENTS
 
 
-def _scratch(name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's reused flat buffer `name` of at least `size` elements (a temporary: fresh memory costs
-    page faults on every call)."""
-    buf = getattr(_TLS, name, None)
-    if buf is None or buf.numel() < size:
-        buf = torch.empty(max(size, 1), dtype=dtype)
-        setattr(_TLS, name, buf)
-    return buf
+@functools.cache
+def _segment_rows(group: int) -> np.ndarray:
+    """Row of each of a group's segments in the kernel's interleaved table: segment 16 L + t of a block of 32
+    at 2 t + L (one table register = segments t and 16 + t, the two lanes of a transposed index vector)."""
+    i = np.arange(_stored(group))
+    return ((i & ~31) | ((i & 15) << 1) | ((i >> 4) & 1))[:group]
 
 
-def _codebook_t(codebook: torch.Tensor) -> np.ndarray:
-    """(K, d) -> contiguous float32 (d, 16), columns >= K zero."""
-    k, d = codebook.shape
-    cbt = np.zeros((d, ROW), dtype=np.float32)
-    cbt[:, :k] = codebook.detach().to(device="cpu", dtype=torch.float32).numpy().T
-    return cbt
+def _books(codebook: torch.Tensor) -> torch.Tensor:
+    """The codebook(s) as a contiguous float32 CPU tensor ((K, d) or (G, K, d)): the tensor itself when it
+    already is one (the kernel reads it on every call, so a codebook written behind torch's back is never stale)."""
+    if codebook.dtype == torch.float32 and codebook.device.type == "cpu" and codebook.is_contiguous():
+        return codebook.detach() if codebook.requires_grad else codebook
+    return codebook.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
 def _check_x_book(x: torch.Tensor, codebook: torch.Tensor, segments: int) -> None:
-    if codebook.dim() != 2 or not 1 <= codebook.shape[0] <= ROW:
-        raise ValueError(f"simd: codebook must be (K, d) with K <= {ROW}, got {tuple(codebook.shape)}")
+    if codebook.dim() not in (2, 3) or not 1 <= codebook.shape[-2] <= ROW or 0 in codebook.shape:
+        raise ValueError(f"simd: codebook must be (K, d) or (G, K, d) with K <= {ROW}, got {tuple(codebook.shape)}")
     if (x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous()
-            or x.shape[1] != segments * codebook.shape[1]):
-        raise ValueError(f"simd: x must be a contiguous float32 CPU (B, {segments * codebook.shape[1]}) tensor, "
+            or x.shape[1] != segments * codebook.shape[-1]):
+        raise ValueError(f"simd: x must be a contiguous float32 CPU (B, {segments * codebook.shape[-1]}) tensor, "
                          f"got {tuple(x.shape)} {x.dtype} on {x.device}")
 
 
 def simd_tables(x: torch.Tensor, codebook: torch.Tensor, group: int = GROUP, isa: str | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The kernel's quantized tables (for tests and the error model): x (B, S*d) float32, codebook (K, d)
-    -> (q (B, ngroups*G, 16) uint8, step (B, ngroups) float32, offset (B,) float32 = sum_s lo_s)."""
+    -> (q (B, ngroups*G, 16) uint8 in segment order, step (B, ngroups) float32, offset (B,) float32 = sum_s lo_s)."""
+    if codebook.dim() != 2:
+        raise ValueError(f"simd_tables: codebook must be (K, d), got {tuple(codebook.shape)}")
     k, d = codebook.shape
     s = x.shape[1] // d
     _check_x_book(x, codebook, s)
@@ -235,17 +236,18 @@ def simd_tables(x: torch.Tensor, codebook: torch.Tensor, group: int = GROUP, isa
     if isa is None:
         raise RuntimeError(f"simd: no native kernel here ({native_status()})")
     g = group_size(s, group)
-    ngroups = -(-s // g)
+    ngroups, gs = -(-s // g), _stored(g)
     b = x.shape[0]
-    tab = np.empty((ngroups, b, g, ROW), dtype=np.uint8)                    # the kernel's group-major order
+    tab = np.empty((ngroups, b, gs, ROW), dtype=np.uint8)                   # the kernel's group-major order
     steps = np.empty((b, ngroups), dtype=np.float32)
     off = np.empty(b, dtype=np.float32)
-    cbt = _codebook_t(codebook)
-    rc = _loaded()[0].vq_tables(x.data_ptr(), b, s, d, cbt.ctypes.data, k, g, ngroups, tab.ctypes.data,
+    book = _books(codebook)
+    rc = _loaded()[0].vq_tables(x.data_ptr(), b, s, d, book.data_ptr(), k, g, ngroups, tab.ctypes.data,
                                 steps.ctypes.data, off.ctypes.data, ISAS[isa])
     if rc != 0:
         raise RuntimeError("simd: vq_tables refused its arguments")
-    return np.ascontiguousarray(tab.transpose(1, 0, 2, 3)).reshape(b, ngroups * g, ROW), steps, off
+    q = tab[:, :, _segment_rows(g)]                                          # back to segment order
+    return np.ascontiguousarray(q.transpose(1, 0, 2, 3)).reshape(b, ngroups * g, ROW), steps, off
 
 
 def error_sigma(steps: np.ndarray, segments: int, group: int = GROUP) -> np.ndarray:
@@ -262,46 +264,90 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return _POOL[threads]
 
 
-def simd_matmul(x: torch.Tensor, codebook: torch.Tensor, layout: torch.Tensor, m: int, group: int = GROUP,
+def _out_of_range(top: int, k: int) -> ValueError:
+    """The error `reference.check_indices` raises for uint8 indices whose largest value is `top`."""
+    return ValueError(f"indices hold values in [0, {top}] but the codebook has K={k} codewords: every index "
+                      f"must lie in [0, {k - 1}]")
+
+
+def simd_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, group: int = GROUP,
                 isa: str | None = None, threads: int | None = None) -> torch.Tensor:
-    """y ~= x @ W.T by the quantized-table kernel.  x: (B, n) contiguous float32 CPU, codebook (K <= 16, d),
-    layout from `simd_layout` for the (m, S) indices with the same `group` -> (B, m) float32.
-    threads: worker threads splitting the output blocks (default torch.get_num_threads())."""
-    k, d = codebook.shape
-    s = x.shape[1] // d
+    """y ~= x @ W.T by the quantized-table kernel, reading the caller's index tensor in place.
+
+    x: (B, n) contiguous float32 CPU; codebook: (K <= 16, d) or (G, K, d) (G equal blocks of output rows);
+    indices: the (m, n/d) uint8 contiguous CPU tensor itself (no copy is made or kept).  -> (B, m) float32.
+    Every call reads all m * n/d index bytes and raises ValueError (as `check_indices` does) when one is >= K,
+    so a change made behind torch's back is always seen.  threads: worker threads splitting the output rows
+    (default torch.get_num_threads())."""
+    if (not isinstance(indices, torch.Tensor) or indices.dtype != torch.uint8 or indices.dim() != 2
+            or indices.device.type != "cpu" or not indices.is_contiguous() or 0 in indices.shape):
+        raise ValueError(f"simd: indices must be a non-empty contiguous uint8 CPU (m, S) tensor, got "
+                         f"{tuple(getattr(indices, 'shape', ()))} {getattr(indices, 'dtype', type(indices).__name__)}")
+    m, s = indices.shape
     _check_x_book(x, codebook, s)
-    g = group_size(s, group)
-    ngroups, nblk = -(-s // g), -(-m // BLOCK)
-    if (not isinstance(layout, torch.Tensor) or layout.dtype != torch.uint8 or not layout.is_contiguous()
-            or tuple(layout.shape) != (ngroups, nblk, g // 2, BLOCK)):
-        raise ValueError(f"simd: layout {tuple(getattr(layout, 'shape', ()))} does not fit m={m}, S={s}, G={g}")
+    books = codebook.shape[0] if codebook.dim() == 3 else 1
+    if m % books:
+        raise ValueError(f"simd: {m} output rows cannot be split into {books} codebook groups")
     isa = native_isa(isa)
     if isa is None:
         raise RuntimeError(f"simd: no native kernel here ({native_status()})")
-    lib, code = _loaded()[0], ISAS[isa]
+    return _run(x, codebook, indices, group, ISAS[isa], threads)
+
+
+def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, group: int, code: int,
+         threads: int | None) -> torch.Tensor:
+    """simd_matmul after its checks: per chunk of input rows and codebook group the tables, then the lookups
+    (one C call when single-threaded).  raises ValueError when an index byte read is >= K."""
+    lib = _loaded()[0]
+    m, s = indices.shape
+    k, d = codebook.shape[-2], codebook.shape[-1]
+    books = codebook.shape[0] if codebook.dim() == 3 else 1
+    per = m // books
+    g = group_size(s, group)
+    ngroups = -(-s // g)
     b = x.shape[0]
-    out = torch.empty((b, nblk * BLOCK), dtype=torch.float32)
-    cbt = _codebook_t(codebook)
-    threads = max(1, min(threads or torch.get_num_threads(), nblk // 4))
-    chunk = max(1, min(CHUNK, b))
-    tab = _scratch("tab", chunk * ngroups * g * ROW, torch.uint8).data_ptr()
-    steps = _scratch("steps", chunk * ngroups, torch.float32).data_ptr()
-    off = _scratch("off", chunk, torch.float32).data_ptr()
-    xp, yp, lp, cp = x.data_ptr(), out.data_ptr(), layout.data_ptr(), cbt.ctypes.data
-    for lo in range(0, b, chunk):
+    out = torch.empty((b, m), dtype=torch.float32)
+    threads = threads or torch.get_num_threads()
+    if threads > 1:
+        threads = max(1, min(threads, per // (4 * TILE_ROWS)))
+    chunk = CHUNK if b > CHUNK else max(b, 1)
+    size = (chunk * ngroups * _stored(g) * ROW + 63) // 64 * 64                      # tables, then steps, offsets
+    need = 64 + size + 4 * (chunk * ngroups + chunk)
+    buf = getattr(_TLS, "buf", None)                     # this thread's reused scratch: fresh memory page-faults
+    if buf is None or buf.numel() < need:
+        buf = _TLS.buf = torch.empty(need, dtype=torch.uint8)
+    tab = (buf.data_ptr() + 63) & ~63
+    steps = tab + size
+    off = steps + 4 * chunk * ngroups
+    top = (ctypes.c_int * threads)()
+    top_p = ctypes.addressof(top)
+    book = _books(codebook)
+    xp, bp, ip, yp, row_bytes = x.data_ptr(), book.data_ptr(), indices.data_ptr(), out.data_ptr(), x.shape[1] * 4
+    big = 0
+    for lo in range(0, max(b, 1), chunk):
         nb = min(chunk, b - lo)
-        rc = lib.vq_tables(xp + lo * x.shape[1] * 4, nb, s, d, cp, k, g, ngroups, tab, steps, off, code)
-        args = (lp, tab, steps, off, yp + lo * nblk * BLOCK * 4, nb, nblk)
-        if threads == 1:
-            rc |= lib.vq_lut(*args, 0, nblk, ngroups, g, code)
-        else:
-            cuts = [nblk * i // threads for i in range(threads + 1)]
-            futures = [_pool(threads).submit(lib.vq_lut, *args, a, e, ngroups, g, code) for a, e in zip(cuts, cuts[1:])]
+        for j in range(books):
+            if threads == 1:
+                rc = lib.vq_matmul_rows(xp + lo * row_bytes, nb, d, bp + j * k * d * 4, k, ip, m, s, j * per,
+                                        (j + 1) * per, yp + lo * m * 4, m, g, ngroups, tab, steps, off, top_p, code)
+                if rc != 0:
+                    raise RuntimeError(f"simd: the kernel refused its arguments ({rc})")
+                big = max(big, top[0])
+                continue
+            rc = lib.vq_tables(xp + lo * row_bytes, nb, s, d, bp + j * k * d * 4, k, g, ngroups, tab, steps, off,
+                               code) if nb else 0
+            cuts = [j * per + (per * i // threads) // TILE_ROWS * TILE_ROWS for i in range(threads)] + [(j + 1) * per]
+            futures = [_pool(threads).submit(lib.vq_lut_rows, ip, m, s, a, e, tab, steps, off, yp + lo * m * 4, m, nb,
+                                             ngroups, g, top_p + 4 * i, code)
+                       for i, (a, e) in enumerate(zip(cuts, cuts[1:]))]
             for f in futures:
                 rc |= f.result()
-        if rc != 0:
-            raise RuntimeError("simd: the kernel refused its arguments")
-    return out[:, :m].contiguous() if m != nblk * BLOCK else out
+            if rc != 0:
+                raise RuntimeError(f"simd: the kernel refused its arguments ({rc})")
+            big = max(big, *top)
+        if big >= k:
+            raise _out_of_range(big, k)
+    return out
 
 
 # ---------------------------------------------------------------- the registered backend
@@ -313,17 +359,43 @@ def _notice(reason: str) -> None:
                       stacklevel=2)
 
 
+def _fallback(xf: torch.Tensor, book: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
+    """No native kernel here: the exact numba kernel (or dequantize + GEMM) after a one-line notice."""
+    _notice(native_status().split(": ", 1)[-1])
+    from .ops import _numba_available, _numba_matmul
+    if _numba_available():
+        return _numba_matmul(xf, book, checked)
+    w = book.to(torch.float32)[checked.copy.long()].reshape(checked.copy.shape[0], -1)
+    return xf @ w.T
+
+
 def _matmul(xf: torch.Tensor, book: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
-    """Backend entry: xf (B, n) float32 contiguous, book (K <= 16, d), checked (m, S) -> (B, m) float32."""
-    if native_isa() is None:
-        _notice(native_status().split(": ", 1)[-1])
-        from .ops import _numba_available, _numba_matmul
-        if _numba_available():
-            return _numba_matmul(xf, book, checked)
-        w = book.to(torch.float32)[checked.copy.long()].reshape(checked.copy.shape[0], -1)
-        return xf @ w.T
-    layout = checked.layout(f"simd/{GROUP}", lambda c: simd_layout(c, GROUP))
-    return simd_matmul(xf, book, layout, checked.copy.shape[0], GROUP)
+    """Backend entry for indices that are not a contiguous uint8 CPU tensor (int64, a strided view, ...): their
+    checked private copy, converted to uint8 once per content.  xf (B, n) float32 contiguous, book (K <= 16, d),
+    checked (m, S) -> (B, m) float32."""
+    isa = native_isa()
+    if isa is None:
+        return _fallback(xf, book, checked)
+    u8 = checked.layout("simd/uint8", lambda c: c.to(torch.uint8).contiguous())     # values < K <= 16: exact
+    return _run(xf, book, u8, GROUP, ISAS[isa], None)
+
+
+def _direct(xf: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+    """Backend entry for the caller's own contiguous uint8 CPU indices (no copy, no cache): xf (B, n) float32
+    contiguous, codebook (K <= 16, d) or (G, K, d) -> (B, m) float32; ValueError for an index >= K (the kernel
+    reads every index byte on every call).  None when no native kernel is here (ops then takes the checked path).
+    The checks that keep native code inside its buffers are repeated here (ops made them already)."""
+    isa = native_isa()
+    if isa is None:
+        return None
+    m, s = indices.shape
+    k = codebook.shape[-2]
+    if (indices.dtype != torch.uint8 or not indices.is_contiguous() or indices.device.type != "cpu" or m * s == 0
+            or xf.dtype != torch.float32 or not xf.is_contiguous() or xf.device.type != "cpu" or xf.dim() != 2
+            or xf.shape[1] != s * codebook.shape[-1] or not 1 <= k <= ROW or codebook.dim() not in (2, 3)
+            or m % (codebook.shape[0] if codebook.dim() == 3 else 1)):
+        return simd_matmul(xf, codebook, indices, GROUP, isa)       # raises the precise ValueError
+    return _run(xf, codebook, indices, GROUP, ISAS[isa], None)
 
 
 @functools.cache
@@ -339,6 +411,6 @@ def _available() -> bool:
 
 
 register_backend(KernelBackend(
-    "simd", matmul=_matmul, available=_available, supports=lambda k, d: k <= ROW, auto=False, exact=False,
+    "simd", matmul=_matmul, direct=_direct, available=_available, supports=lambda k, d: k <= ROW, auto=False, exact=False,
     description="C lookup-table kernel, uint8 tables in registers (AVX2 vpshufb), K <= 16; approximate "
                 "(table quantization, see vqlab.kernels.simd), opt-in only"))

@@ -9,19 +9,23 @@
  *   y[b, o]   ~= sum_s lo_s + sum_g step_g * (sum_{s in g} q[b, s, I[o, s]]).
  * The integer sum over one group is exact in uint16 because G * 255 <= 65535 (G <= 256, checked here).
  *
- * Tables: (ngroups, B, G, 16) uint8, group-major.
- * Index layout (built in Python from the checked copy): bytes (ngroups, nblk, G/2, 32), one 32-byte row per
- * pair of segments (2p, 2p+1) and block of 32 outputs: byte j (j < 16) = I[o_j, 2p] | I[o_{16+j}, 2p] << 4,
- * byte 16 + j = I[o_j, 2p+1] | I[o_{16+j}, 2p+1] << 4.  The table rows of a pair are 32 contiguous bytes, so
- * one vector load of indices feeds two 16-entry shuffles (AVX2 vpshufb: the 128-bit lanes are the two
- * segments, low / high nibbles the two halves of the output block).
+ * Indices: the caller's (m, S) uint8 tensor itself, row-major, read in place -- there is no private copy and
+ * no layout built in advance.  A tile of 16 output rows x 32 segments is loaded as 16 vectors (lane L of row r
+ * = I[r, s + 16 L .. s + 16 L + 15]) and transposed inside the 128-bit lanes (4 rounds of unpacks), giving 16
+ * vectors t whose lane L holds I[r0 .. r0 + 15, s + 16 L + t]: one vpshufb against the table register of
+ * segments (s + t, s + 16 + t) looks up 32 entries.  Per group, uint16 sums (even / odd bytes apart), then one
+ * float flush per 16 outputs.
  *
- * Memory safety: every read is bounded by the dimensions passed in; a nibble is < 16 and each table row has
- * 16 bytes, so even an index value >= K (never passed: Python checks indices < K) cannot leave its row.
+ * Range check and memory safety: the kernel reads exactly the bytes [row0 * S, row1 * S) of the index tensor
+ * (Python checked its shape, dtype and contiguity) and returns the largest byte it read; Python raises for a
+ * value >= K and discards the output.  A lookup never addresses memory with an index: AVX2 shuffles inside a
+ * 16-byte register, the scalar path masks with & 15 inside a 16-byte table row.  So a caller that rewrites its
+ * indices during a call can get a wrong result, never a crash.
  * Floating point: compiled with -ffp-contract=off and both paths perform the same float operations in the
  * same order, so the AVX2 and the scalar path give bit-identical outputs.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 
@@ -31,12 +35,15 @@
 #endif
 
 #define VQ_ROW 16      /* table entries per segment */
-#define VQ_BLK 32      /* outputs per block */
+#define VQ_TILE 16     /* output rows per tile */
 #define VQ_MAXG 256    /* largest group: 256 * 255 <= 65535 */
+#ifndef VQ_TABLE_BUDGET
+#define VQ_TABLE_BUDGET (128 * 1024)   /* bytes of tables one pass of row tiles works through */
+#endif
 
 enum { VQ_SCALAR = 0, VQ_AVX2 = 1 };
 
-int vq_abi_version(void) { return 1; }
+int vq_abi_version(void) { return 2; }
 
 int vq_isa_supported(int isa)
 {
@@ -52,9 +59,21 @@ int vq_isa_supported(int isa)
 
 /* ------------------------------------------------------------------ tables */
 
+/* Table rows stored per group: G rounded up to a multiple of 32 (whole blocks; the padding rows are zero). */
+static inline int64_t vq_gstride(int64_t group) { return (group + 31) & ~(int64_t)31; }
+
+/* Where segment i of a group is stored: interleaved per block of 32 segments, segment 16 L + t (L = 0, 1;
+ * t < 16) at row 2 t + L, so the 32 bytes at row 2 t are one table register: segment t in the low lane,
+ * segment 16 + t in the high lane -- the lanes of the transposed index vector t (see below). */
+static inline int64_t vq_pos(int64_t i)
+{
+    return (i & ~(int64_t)31) | ((i & 15) << 1) | ((i >> 4) & 1);
+}
+
 /* x (B, S*d) float32 rows, cbt (d, 16) float32 (codebook transposed, columns >= K unused),
- * tab (ngroups, B, group, 16) uint8 (group-major: the tables of all rows for one group are contiguous; with
- * (B, S, 16) rows 32 KB apart collided in the same L1 sets), steps (B, ngroups) float32, offset (B,). */
+ * tab (ngroups, B, Gs, 16) uint8, Gs = vq_gstride(G), segment i of group g at row vq_pos(i) (group-major: the
+ * tables of all rows for one group are contiguous; with (B, S, 16) rows 32 KB apart collided in the same L1
+ * sets), steps (B, ngroups) float32, offset (B,). */
 static inline __attribute__((always_inline))
 void tables_body(const float *x, int64_t B, int64_t S, int64_t d, const float *cbt, int64_t K, int64_t group,
                  int64_t ngroups, uint8_t *tab, float *steps, float *offset)
@@ -94,16 +113,19 @@ void tables_body(const float *x, int64_t B, int64_t S, int64_t d, const float *c
             const float step = maxr / 255.0f;
             const float inv = step > 0.0f ? 1.0f / step : 0.0f;
             steps[b * ngroups + g] = step;
-            uint8_t *tg = tab + (g * B + b) * group * VQ_ROW;
+            const int64_t gs = vq_gstride(group);
+            uint8_t *tg = tab + (g * B + b) * gs * VQ_ROW;
             for (int64_t i = 0; i < cnt; i++) {
+                uint8_t *ti = tg + vq_pos(i) * VQ_ROW;
                 for (int k = 0; k < VQ_ROW; k++) {
                     float v = (t[i][k] - lo[i]) * inv + 0.5f;
                     v = v >= 0.0f ? v : 0.0f;                               /* also maps NaN to 0 */
                     v = v <= 255.0f ? v : 255.0f;
-                    tg[i * VQ_ROW + k] = (k < K) ? (uint8_t)(int)v : 0;
+                    ti[k] = (k < K) ? (uint8_t)(int)v : 0;
                 }
             }
-            memset(tg + cnt * VQ_ROW, 0, (size_t)((group - cnt) * VQ_ROW)); /* padded segments add 0 */
+            for (int64_t i = cnt; i < gs; i++)                             /* padded segments add 0 */
+                memset(tg + vq_pos(i) * VQ_ROW, 0, VQ_ROW);
         }
         offset[b] = bad ? NAN : off;
     }
@@ -183,7 +205,8 @@ static void tables_avx2(const float *x, int64_t B, int64_t S, int64_t d, const f
             const float inv = step > 0.0f ? 1.0f / step : 0.0f;
             steps[b * ngroups + g] = step;
             const __m256 vinv = _mm256_set1_ps(inv);
-            uint8_t *tg = tab + (g * B + b) * group * VQ_ROW;
+            const int64_t gs = vq_gstride(group);
+            uint8_t *tg = tab + (g * B + b) * gs * VQ_ROW;
             for (int64_t i = 0; i < cnt; i++) {
                 const __m256 l = _mm256_set1_ps(lo[i]);
                 __m256 v0 = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(t0[i], l), vinv), half);
@@ -193,63 +216,81 @@ static void tables_avx2(const float *x, int64_t B, int64_t S, int64_t d, const f
                 const __m256i w = _mm256_permute4x64_epi64(
                     _mm256_packs_epi32(_mm256_cvttps_epi32(v0), _mm256_cvttps_epi32(v1)), 0xd8);
                 const __m128i q = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-                _mm_storeu_si128((__m128i *)(tg + i * VQ_ROW), _mm_and_si128(q, mask));
+                _mm_storeu_si128((__m128i *)(tg + vq_pos(i) * VQ_ROW), _mm_and_si128(q, mask));
             }
-            memset(tg + cnt * VQ_ROW, 0, (size_t)((group - cnt) * VQ_ROW));
+            for (int64_t i = cnt; i < gs; i++)
+                memset(tg + vq_pos(i) * VQ_ROW, 0, VQ_ROW);
         }
         offset[b] = bad ? NAN : off;
     }
 }
 #endif
 
-/* Returns 0, or -1 for arguments outside what the kernel handles (nothing is written then). */
-int vq_tables(const float *x, int64_t B, int64_t S, int64_t d, const float *cbt, int64_t K, int64_t group,
-              int64_t ngroups, uint8_t *tab, float *steps, float *offset, int isa)
+static int tables_run(const float *x, int64_t B, int64_t S, int64_t d, const float *cb, int64_t K, int64_t group,
+                      int64_t ngroups, uint8_t *tab, float *steps, float *offset, int isa)
 {
-    if (B < 0 || S < 1 || d < 1 || K < 1 || K > VQ_ROW || group < 2 || group > VQ_MAXG || group % 2
-        || ngroups < 1 || ngroups * group < S || (ngroups - 1) * group >= S || !vq_isa_supported(isa))
-        return -1;
+    float local[64 * VQ_ROW];
+    float *cbt = d <= 64 ? local : (float *)malloc((size_t)(d * VQ_ROW) * sizeof(float));
+    if (cbt == NULL) return -2;
+    for (int64_t j = 0; j < d; j++)                            /* the codebook transposed: (d, 16), 0 for k >= K */
+        for (int64_t k = 0; k < VQ_ROW; k++) cbt[j * VQ_ROW + k] = k < K ? cb[k * d + j] : 0.0f;
 #ifdef VQ_X86
-    if (isa == VQ_AVX2) { tables_avx2(x, B, S, d, cbt, K, group, ngroups, tab, steps, offset); return 0; }
+    if (isa == VQ_AVX2) tables_avx2(x, B, S, d, cbt, K, group, ngroups, tab, steps, offset);
+    else
 #endif
     tables_scalar(x, B, S, d, cbt, K, group, ngroups, tab, steps, offset);
+    if (cbt != local) free(cbt);
     return 0;
 }
 
-/* ------------------------------------------------------------------ lookups: scalar */
-
-static void lut_scalar(const uint8_t *idx, const uint8_t *tab, const float *steps, float *y, int64_t B,
-                       int64_t nblk, int64_t blk0, int64_t blk1, int64_t ngroups, int64_t group)
+static int tables_args_ok(int64_t B, int64_t S, int64_t d, int64_t K, int64_t group, int64_t ngroups, int isa)
 {
-    const int64_t half = group / 2, ldy = nblk * VQ_BLK;
-    for (int64_t g = 0; g < ngroups; g++) {
-        for (int64_t blk = blk0; blk < blk1; blk++) {
-            const uint8_t *ib = idx + (g * nblk + blk) * half * VQ_BLK;
-            for (int64_t b = 0; b < B; b++) {
-                const uint8_t *tg = tab + (g * B + b) * group * VQ_ROW;
-                uint32_t acc[VQ_BLK];
-                for (int j = 0; j < VQ_BLK; j++) acc[j] = 0;
-                for (int64_t p = 0; p < half; p++) {
-                    const uint8_t *v = ib + p * VQ_BLK;
-                    const uint8_t *t0 = tg + 2 * p * VQ_ROW, *t1 = t0 + VQ_ROW;
-                    for (int j = 0; j < 16; j++) {
-                        acc[j] += t0[v[j] & 15] + t1[v[16 + j] & 15];
-                        acc[16 + j] += t0[v[j] >> 4] + t1[v[16 + j] >> 4];
-                    }
-                }
-                const float step = steps[b * ngroups + g];
-                float *yb = y + b * ldy + blk * VQ_BLK;
-                for (int j = 0; j < VQ_BLK; j++) yb[j] = yb[j] + (float)acc[j] * step;
-            }
-        }
-    }
+    return !(B < 0 || S < 1 || d < 1 || K < 1 || K > VQ_ROW || group < 2 || group > VQ_MAXG || group % 2
+             || ngroups < 1 || ngroups * group < S || (ngroups - 1) * group >= S || !vq_isa_supported(isa));
 }
 
-/* ------------------------------------------------------------------ lookups: AVX2 */
+/* x (B, S*d) float32, cb: the (K, d) float32 codebook, row-major -> tab, steps, offset (see tables_body).
+ * Returns 0, -1 for arguments outside what the kernel handles (nothing is written then), -2 out of memory. */
+int vq_tables(const float *x, int64_t B, int64_t S, int64_t d, const float *cb, int64_t K, int64_t group,
+              int64_t ngroups, uint8_t *tab, float *steps, float *offset, int isa)
+{
+    if (!tables_args_ok(B, S, d, K, group, ngroups, isa)) return -1;
+    return tables_run(x, B, S, d, cb, K, group, ngroups, tab, steps, offset, isa);
+}
+
+/* ------------------------------------------------------------------ lookups
+ *
+ * idx: the caller's (m, S) uint8 indices, row stride S; only the bytes [row0 * S, row1 * S) are read.
+ * tab: from vq_tables; y: (B, ldy) float32, of which outputs [row0, row1) of every row are set.
+ * *maxval: the largest index byte read (>= K: the output is meaningless and must be discarded). */
+
+static void rows_scalar(const uint8_t *idx, int64_t S, int64_t row0, int64_t row1, const uint8_t *tab,
+                        const float *steps, const float *offset, float *y, int64_t ldy, int64_t B,
+                        int64_t ngroups, int64_t group, int *maxval)
+{
+    const int64_t gs = vq_gstride(group);
+    int mx = 0;
+    for (int64_t o = row0; o < row1; o++) {
+        const uint8_t *io = idx + o * S;
+        for (int64_t s = 0; s < S; s++) mx = io[s] > mx ? io[s] : mx;
+        for (int64_t b = 0; b < B; b++) {
+            float acc = offset[b];
+            for (int64_t g = 0; g < ngroups; g++) {
+                const int64_t s0 = g * group, cnt = (S - s0 < group) ? (S - s0) : group;
+                const uint8_t *tg = tab + (g * B + b) * gs * VQ_ROW;
+                uint32_t sum = 0;
+                for (int64_t i = 0; i < cnt; i++) sum += tg[vq_pos(i) * VQ_ROW + (io[s0 + i] & 15)];
+                acc = acc + (float)sum * steps[b * ngroups + g];
+            }
+            y[b * ldy + o] = acc;
+        }
+    }
+    *maxval = mx;
+}
 
 #ifdef VQ_X86
-/* 16 outputs from the two uint16 accumulators of one half block: a = sum of (even + 256 * odd byte),
- * c = sum of odd bytes (both per 16-bit lane; lane 0 / lane 1 = the pair's two segments). */
+/* 16 outputs from the uint16 accumulators a = sum of (even + 256 * odd byte), c = sum of odd bytes (per 16-bit
+ * lane; the two 128-bit lanes are two halves of the segments and are added): y[0..15] += sums * step. */
 static inline __attribute__((always_inline, target("avx2")))
 void flush16(__m256i a, __m256i c, __m256 step, float *y)
 {
@@ -262,99 +303,206 @@ void flush16(__m256i a, __m256i c, __m256 step, float *y)
     _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_loadu_ps(y + 8), _mm256_mul_ps(f1, step)));
 }
 
-/* One step of one input row: the pair's 32 table bytes at t, shuffled by the low / high nibbles, added to the
- * uint16 accumulators (A: even + 256 * odd bytes, C: odd bytes) of outputs 0..15 (lo) and 16..31 (hi). */
-#define VQ_STEP(t, ALO, CLO, AHI, CHI) do {                                      \
-        const __m256i u_ = _mm256_shuffle_epi8(t, lo);                          \
-        const __m256i w_ = _mm256_shuffle_epi8(t, hi);                          \
-        ALO = _mm256_add_epi16(ALO, u_);                                        \
-        CLO = _mm256_add_epi16(CLO, _mm256_srli_epi16(u_, 8));                  \
-        AHI = _mm256_add_epi16(AHI, w_);                                        \
-        CHI = _mm256_add_epi16(CHI, _mm256_srli_epi16(w_, 8));                  \
-    } while (0)
-
-/* One group x one block of 32 outputs for one input row.  ib: the block's G/2 rows of 32 index bytes;
- * tg: the row's table at the group's first segment; yb: the row's 32 outputs. */
+/* flush16 into the nr (<= 16) outputs at y. */
 static inline __attribute__((always_inline, target("avx2")))
-void block1_avx2(const uint8_t *ib, int64_t half, const uint8_t *tg, float step, float *yb)
+void flush_tile(__m256i a, __m256i c, float step, float *y, int64_t nr)
 {
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    __m256i alo = _mm256_setzero_si256(), clo = _mm256_setzero_si256();
-    __m256i ahi = _mm256_setzero_si256(), chi = _mm256_setzero_si256();
-    for (int64_t p = 0; p < half; p++) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(ib + p * VQ_BLK));
-        const __m256i lo = _mm256_and_si256(v, m4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        const __m256i t = _mm256_loadu_si256((const __m256i *)(tg + p * VQ_BLK));
-        VQ_STEP(t, alo, clo, ahi, chi);
-    }
     const __m256 st = _mm256_set1_ps(step);
-    flush16(alo, clo, st, yb);
-    flush16(ahi, chi, st, yb + 16);
+    if (nr == VQ_TILE) {
+        flush16(a, c, st, y);
+        return;
+    }
+    float yt[VQ_TILE];
+    for (int64_t j = 0; j < VQ_TILE; j++) yt[j] = j < nr ? y[j] : 0.0f;
+    flush16(a, c, st, yt);
+    for (int64_t j = 0; j < nr; j++) y[j] = yt[j];
 }
 
-/* The same for two input rows (tables tg and tg + tstride, outputs yb and yb + ldy): one index load feeds
- * four shuffles; 8 accumulators + 6 temporaries fit the 16 registers. */
+/* Keeps the compiler from re-associating a chain of adds into a tree that spills registers. */
+#define VQ_PIN(v) __asm__("" : "+x"(v))
+
+/* One transposed index vector v looked up in table register t, added to the accumulators a, c (the odd bytes
+ * by vpmaddubsw against 0x0100 words, which runs beside the shuffles: shifts compete with them for ports). */
+#define VQ_LOOK(v, t) do {                                                      \
+        const __m256i u_ = _mm256_shuffle_epi8(t, v);                           \
+        a = _mm256_add_epi16(a, u_);                                            \
+        c = _mm256_add_epi16(c, _mm256_maddubs_epi16(u_, odd));                 \
+        VQ_PIN(a);                                                              \
+        VQ_PIN(c);                                                              \
+    } while (0)
+
+/* Transpose, rounds 1-2, of rows p0..p3: q[k] = the 4 rows as dwords, columns 4k..4k+3 (in each lane). */
 static inline __attribute__((always_inline, target("avx2")))
-void block2_avx2(const uint8_t *ib, int64_t half, const uint8_t *tg, int64_t tstride, float step0, float step1,
-                 float *yb, int64_t ldy)
+void quad(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __m256i *q)
 {
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    __m256i alo0 = _mm256_setzero_si256(), clo0 = _mm256_setzero_si256();
-    __m256i ahi0 = _mm256_setzero_si256(), chi0 = _mm256_setzero_si256();
-    __m256i alo1 = _mm256_setzero_si256(), clo1 = _mm256_setzero_si256();
-    __m256i ahi1 = _mm256_setzero_si256(), chi1 = _mm256_setzero_si256();
-    const uint8_t *tg1 = tg + tstride;
-    for (int64_t p = 0; p < half; p++) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(ib + p * VQ_BLK));
-        const __m256i lo = _mm256_and_si256(v, m4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        const __m256i t0 = _mm256_loadu_si256((const __m256i *)(tg + p * VQ_BLK));
-        VQ_STEP(t0, alo0, clo0, ahi0, chi0);
-        const __m256i t1 = _mm256_loadu_si256((const __m256i *)(tg1 + p * VQ_BLK));
-        VQ_STEP(t1, alo1, clo1, ahi1, chi1);
+    const __m256i e0 = _mm256_unpacklo_epi8(p0, p1), e1 = _mm256_unpackhi_epi8(p0, p1);
+    const __m256i e2 = _mm256_unpacklo_epi8(p2, p3), e3 = _mm256_unpackhi_epi8(p2, p3);
+    q[0] = _mm256_unpacklo_epi16(e0, e2);
+    q[1] = _mm256_unpackhi_epi16(e0, e2);
+    q[2] = _mm256_unpacklo_epi16(e1, e3);
+    q[3] = _mm256_unpackhi_epi16(e1, e3);
+}
+
+/* Rounds 3-4 for column quad k of the four row quads (q[4 i + k]): v[e] = column 4k + e of all 16 rows. */
+static inline __attribute__((always_inline, target("avx2")))
+void cols(const __m256i *q, int k, __m256i *v)
+{
+    const __m256i t0 = _mm256_unpacklo_epi32(q[k], q[4 + k]), t1 = _mm256_unpackhi_epi32(q[k], q[4 + k]);
+    const __m256i t2 = _mm256_unpacklo_epi32(q[8 + k], q[12 + k]), t3 = _mm256_unpackhi_epi32(q[8 + k], q[12 + k]);
+    v[0] = _mm256_unpacklo_epi64(t0, t2);
+    v[1] = _mm256_unpackhi_epi64(t0, t2);
+    v[2] = _mm256_unpacklo_epi64(t1, t3);
+    v[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+/* Loads the block of 32 segments at s of the 16 rows (running byte maximum in *vmax) and transposes rounds 1-2. */
+static inline __attribute__((always_inline, target("avx2")))
+void load_block(const uint8_t *const *rows, int64_t s, __m256i *q, __m256i *vmax)
+{
+    __m256i mx = *vmax;
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        const __m256i p0 = _mm256_loadu_si256((const __m256i *)(rows[4 * i] + s));
+        const __m256i p1 = _mm256_loadu_si256((const __m256i *)(rows[4 * i + 1] + s));
+        const __m256i p2 = _mm256_loadu_si256((const __m256i *)(rows[4 * i + 2] + s));
+        const __m256i p3 = _mm256_loadu_si256((const __m256i *)(rows[4 * i + 3] + s));
+        mx = _mm256_max_epu8(mx, _mm256_max_epu8(_mm256_max_epu8(p0, p1), _mm256_max_epu8(p2, p3)));
+        VQ_PIN(mx);
+        quad(p0, p1, p2, p3, q + 4 * i);
     }
-    const __m256 s0 = _mm256_set1_ps(step0), s1 = _mm256_set1_ps(step1);
-    flush16(alo0, clo0, s0, yb);
-    flush16(ahi0, chi0, s0, yb + 16);
-    flush16(alo1, clo1, s1, yb + ldy);
-    flush16(ahi1, chi1, s1, yb + ldy + 16);
+    *vmax = mx;
 }
 
 __attribute__((target("avx2")))
-static void lut_avx2(const uint8_t *idx, const uint8_t *tab, const float *steps, float *y, int64_t B,
-                     int64_t nblk, int64_t blk0, int64_t blk1, int64_t ngroups, int64_t group)
+static void rows_avx2(const uint8_t *idx, int64_t S, int64_t row0, int64_t row1, const uint8_t *tab,
+                      const float *steps, const float *offset, float *y, int64_t ldy, int64_t B,
+                      int64_t ngroups, int64_t group, int *maxval)
 {
-    const int64_t half = group / 2, ldy = nblk * VQ_BLK, tstride = group * VQ_ROW;
-    for (int64_t g = 0; g < ngroups; g++) {
-        for (int64_t blk = blk0; blk < blk1; blk++) {
-            const uint8_t *ib = idx + (g * nblk + blk) * half * VQ_BLK;
-            int64_t b = 0;
+    const int64_t gs = vq_gstride(group), tstride = gs * VQ_ROW;
+    const __m256i odd = _mm256_set1_epi16(0x0100);
+    __m256i tv[VQ_MAXG / 2] __attribute__((aligned(32)));   /* batch > 1: the group's transposed index vectors */
+    uint8_t pad[VQ_TILE][32];                                /* a block with fewer than 32 real segments */
+    const uint8_t *rows[VQ_TILE], *padrows[VQ_TILE];
+    __m256i vmax = _mm256_setzero_si256();
+    for (int i = 0; i < VQ_TILE; i++) padrows[i] = pad[i];
+    /* groups in chunks whose tables (B rows) stay in cache while every tile of rows passes over them */
+    const int64_t gchunk = (VQ_TABLE_BUDGET / (B * tstride)) > 1 ? VQ_TABLE_BUDGET / (B * tstride) : 1;
+    for (int64_t g0 = 0; g0 < ngroups; g0 += gchunk) {
+    const int64_t g1 = (g0 + gchunk < ngroups) ? g0 + gchunk : ngroups;
+    for (int64_t r0 = row0; r0 < row1; r0 += VQ_TILE) {
+        const int64_t nr = (row1 - r0 < VQ_TILE) ? row1 - r0 : VQ_TILE;
+        for (int i = 0; i < VQ_TILE; i++) rows[i] = idx + (r0 + (i < nr ? i : nr - 1)) * S;  /* repeats: unused */
+        if (g0 == 0)
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t j = 0; j < nr; j++) y[b * ldy + r0 + j] = offset[b];
+        for (int64_t g = g0; g < g1; g++) {
+            const int64_t s0 = g * group, cnt = (S - s0 < group) ? (S - s0) : group, nb = (cnt + 31) / 32;
             const uint8_t *tg = tab + g * B * tstride;
-            for (; b + 2 <= B; b += 2)
-                block2_avx2(ib, half, tg + b * tstride, tstride, steps[b * ngroups + g],
-                            steps[(b + 1) * ngroups + g], y + b * ldy + blk * VQ_BLK, ldy);
-            if (b < B)
-                block1_avx2(ib, half, tg + b * tstride, steps[b * ngroups + g], y + b * ldy + blk * VQ_BLK);
+            __m256i a = _mm256_setzero_si256(), c = _mm256_setzero_si256();        /* batch 1 */
+            for (int64_t k = 0; k < nb; k++) {
+                const int64_t w = (cnt - 32 * k < 32) ? cnt - 32 * k : 32;
+                const uint8_t *const *src = rows;
+                int64_t at = s0 + 32 * k;
+                if (w < 32) {                                    /* zero-padded copies: padded tables are 0 */
+                    for (int i = 0; i < VQ_TILE; i++) {
+                        memset(pad[i], 0, 32);
+                        memcpy(pad[i], rows[i] + at, (size_t)w);
+                    }
+                    src = padrows;
+                    at = 0;
+                }
+                __m256i q[16];
+                load_block(src, at, q, &vmax);
+                if (B == 1) {                                    /* look up as the vectors come out */
+                    const __m256i *t = (const __m256i *)(tg + k * 32 * VQ_ROW);
+#pragma GCC unroll 4
+                    for (int kk = 0; kk < 4; kk++) {
+                        __m256i v[4];
+                        cols(q, kk, v);
+                        VQ_LOOK(v[0], _mm256_loadu_si256(t + 4 * kk));
+                        VQ_LOOK(v[1], _mm256_loadu_si256(t + 4 * kk + 1));
+                        VQ_LOOK(v[2], _mm256_loadu_si256(t + 4 * kk + 2));
+                        VQ_LOOK(v[3], _mm256_loadu_si256(t + 4 * kk + 3));
+                    }
+                } else {
+#pragma GCC unroll 4
+                    for (int kk = 0; kk < 4; kk++) cols(q, kk, tv + 16 * k + 4 * kk);
+                }
+            }
+            if (B == 1) {
+                flush_tile(a, c, steps[g], y + r0, nr);
+                continue;
+            }
+            int64_t b = 0;
+            for (; b + 2 <= B; b += 2) {                             /* two rows per pass over the vectors */
+                const __m256i *t0 = (const __m256i *)(tg + b * tstride), *t1 = (const __m256i *)(tg + (b + 1) * tstride);
+                __m256i a0 = _mm256_setzero_si256(), c0 = a0, a1 = a0, c1 = a0;
+                for (int64_t v = 0; v < 16 * nb; v++) {
+                    const __m256i iv = _mm256_load_si256(tv + v);
+                    const __m256i u0 = _mm256_shuffle_epi8(_mm256_loadu_si256(t0 + v), iv);
+                    const __m256i u1 = _mm256_shuffle_epi8(_mm256_loadu_si256(t1 + v), iv);
+                    a0 = _mm256_add_epi16(a0, u0);
+                    c0 = _mm256_add_epi16(c0, _mm256_maddubs_epi16(u0, odd));
+                    a1 = _mm256_add_epi16(a1, u1);
+                    c1 = _mm256_add_epi16(c1, _mm256_maddubs_epi16(u1, odd));
+                }
+                flush_tile(a0, c0, steps[b * ngroups + g], y + b * ldy + r0, nr);
+                flush_tile(a1, c1, steps[(b + 1) * ngroups + g], y + (b + 1) * ldy + r0, nr);
+            }
+            if (b < B) {
+                const __m256i *t = (const __m256i *)(tg + b * tstride);
+                a = _mm256_setzero_si256();
+                c = _mm256_setzero_si256();
+                for (int64_t v = 0; v < 16 * nb; v++) VQ_LOOK(tv[v], _mm256_loadu_si256(t + v));
+                flush_tile(a, c, steps[b * ngroups + g], y + b * ldy + r0, nr);
+            }
         }
     }
+    }
+    uint8_t m[32];
+    _mm256_storeu_si256((__m256i *)m, vmax);
+    int mx = 0;
+    for (int i = 0; i < 32; i++) mx = m[i] > mx ? m[i] : mx;
+    *maxval = mx;
 }
 #endif
 
-/* y (B, nblk*32) float32: its blocks [blk0, blk1) are set to offset[b] + the lookups.  Returns 0, or -1 for
- * arguments outside what the kernel handles (nothing is written then). */
-int vq_lut(const uint8_t *idx, const uint8_t *tab, const float *steps, const float *offset, float *y, int64_t B,
-           int64_t nblk, int64_t blk0, int64_t blk1, int64_t ngroups, int64_t group, int isa)
+/* y[b, row0:row1] = offset[b] + the lookups of index rows [row0, row1).  Returns 0 (then *maxval = the largest
+ * index byte read: >= K means the output is meaningless), or -1 for arguments outside what the kernel handles
+ * (nothing is written then). */
+int vq_lut_rows(const uint8_t *idx, int64_t m, int64_t S, int64_t row0, int64_t row1, const uint8_t *tab,
+                const float *steps, const float *offset, float *y, int64_t ldy, int64_t B, int64_t ngroups,
+                int64_t group, int *maxval, int isa)
 {
-    if (B < 0 || nblk < 1 || blk0 < 0 || blk1 > nblk || blk0 > blk1 || ngroups < 1 || group < 2
-        || group > VQ_MAXG || group % 2 || !vq_isa_supported(isa))
+    if (m < 1 || S < 1 || row0 < 0 || row1 > m || row0 > row1 || B < 0 || ldy < row1 || group < 2
+        || group > VQ_MAXG || group % 2 || ngroups < 1 || ngroups * group < S || (ngroups - 1) * group >= S
+        || !vq_isa_supported(isa))
         return -1;
-    const int64_t ldy = nblk * VQ_BLK;
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t o = blk0 * VQ_BLK; o < blk1 * VQ_BLK; o++) y[b * ldy + o] = offset[b];
+    *maxval = 0;
+    if (row0 == row1 || B == 0) {
+        int mx = 0;                                              /* still report the indices' range */
+        for (int64_t i = row0 * S; i < row1 * S; i++) mx = idx[i] > mx ? idx[i] : mx;
+        *maxval = mx;
+        return 0;
+    }
 #ifdef VQ_X86
-    if (isa == VQ_AVX2) { lut_avx2(idx, tab, steps, y, B, nblk, blk0, blk1, ngroups, group); return 0; }
+    if (isa == VQ_AVX2) {
+        rows_avx2(idx, S, row0, row1, tab, steps, offset, y, ldy, B, ngroups, group, maxval);
+        return 0;
+    }
 #endif
-    lut_scalar(idx, tab, steps, y, B, nblk, blk0, blk1, ngroups, group);
+    rows_scalar(idx, S, row0, row1, tab, steps, offset, y, ldy, B, ngroups, group, maxval);
     return 0;
+}
+
+/* vq_tables then vq_lut_rows in one call (one ctypes call for the common single-threaded case). */
+int vq_matmul_rows(const float *x, int64_t B, int64_t d, const float *cb, int64_t K, const uint8_t *idx, int64_t m,
+                   int64_t S, int64_t row0, int64_t row1, float *y, int64_t ldy, int64_t group, int64_t ngroups,
+                   uint8_t *tab, float *steps, float *offset, int *maxval, int isa)
+{
+    if (!tables_args_ok(B, S, d, K, group, ngroups, isa)) return -1;
+    if (m < 1 || row0 < 0 || row1 > m || row0 > row1 || ldy < row1) return -1;
+    const int rc = B ? tables_run(x, B, S, d, cb, K, group, ngroups, tab, steps, offset, isa) : 0;
+    if (rc != 0) return rc;
+    return vq_lut_rows(idx, m, S, row0, row1, tab, steps, offset, y, ldy, B, ngroups, group, maxval, isa);
 }
