@@ -1,6 +1,7 @@
 """vqlab files are untrusted input: no code runs on load, bounded inflation, every field checked,
 indices checked against K, atomic saves, clear errors for models the file cannot rebuild."""
 import builtins
+import contextlib
 import copy
 import functools
 import hashlib
@@ -21,7 +22,7 @@ from vqlab.io import FORMAT_VERSION, VQFileError, load, save
 from vqlab.layers import VQLinear
 from vqlab.models import get_model
 from vqlab.quantize import VQConfig, quantize_
-from vqlab.size import LZMA_FILTERS, compressed_size
+from vqlab.size import LZMA_FILTERS, compressed_size, round_to_store_dtype_
 
 # The file envelope, written independently of vqlab.io so that these tests craft files the way an
 # attacker would: header, raw-LZMA2 JSON metadata, payload, sha256 of everything before it.
@@ -242,6 +243,98 @@ def test_random_field_damage_gives_only_vqfileerror(tmp_path, tiny_file):
             load(tmp_path / "f.vqz")
         except VQFileError:
             pass
+
+
+# ---------------------------------------------------------------- stored fields: narrower floats, ANS streams
+
+def _coded_vq() -> nn.Module:
+    """_tiny_vq with skewed indices in layer 0 (so its ANS stream is a real one, not the packed fallback)."""
+    m = _tiny_vq()
+    with torch.no_grad():
+        m[0].indices.copy_(torch.tensor([0, 0, 0, 1, 0, 2, 0, 0] * 16, dtype=torch.uint8).reshape(m[0].indices.shape))
+    return m
+
+
+@pytest.fixture(scope="module")
+def coded_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("coded") / "coded.vqz"
+    save(_coded_vq(), path, store_dtype="float16", index_coding="ans")
+    return path.read_bytes()
+
+
+def _stored(meta: dict, stored: str) -> list:
+    return next(e for e in meta["tensors"] if len(e) == 9 and e[8] == stored)
+
+
+def _restream(meta: dict, payload: bytes, data: bytes) -> tuple[dict, bytes]:
+    """Point the first ANS entry at `data`, appended to the payload."""
+    e = _stored(meta, "ans")
+    e[2], e[3] = len(payload), len(data)
+    return meta, payload + data
+
+
+_MALFORMED_STORED = {
+    "stored unknown dtype": (lambda m, p: (_stored(m, "float16").__setitem__(8, "float8") or m, p),
+                             r"tensors\[\d+\]' \('.*'\) has a bad stored 'float8'"),
+    "stored not narrower": (lambda m, p: (_stored(m, "float16").__setitem__(8, "float32") or m, p), "bad stored 'float32'"),
+    "stored type": (lambda m, p: (_stored(m, "float16").__setitem__(8, 7) or m, p), "bad stored 7"),
+    "ans on a raw entry": (lambda m, p: (_stored(m, "float16").__setitem__(8, "ans") or m, p), "bad stored 'ans'"),
+    "float on a packed entry": (lambda m, p: (_stored(m, "ans").__setitem__(8, "float16") or m, p),
+                                "bad stored 'float16'"),
+    "stored on an int entry": (lambda m, p: (next(e for e in m["tensors"] if e[5] == "int64").append("float16") or m, p),
+                               "bad stored 'float16'"),
+    "stored length": (lambda m, p: (_stored(m, "float16").__setitem__(3, 2 * _stored(m, "float16")[3]) or m, p),
+                      r"has length \d+ bytes; shape \[\d+\] float16 needs"),
+    "ten fields": (lambda m, p: (_stored(m, "ans").append(0) or m, p), "must be .*requires_grad, stored"),
+    "ans values beyond the cap": (lambda m, p: (_stored(m, "ans").__setitem__(6, [1 << 27]) or m, p),
+                                  r"the ANS-coded entries hold 1342177\d\d values, more than the 67108864 \+ 64 per payload byte"),
+    "ans truncated": (lambda m, p: (_stored(m, "ans").__setitem__(3, _stored(m, "ans")[3] - 4) or m, p),
+                      r"field 'tensors\[\d+\]' \(buffer '0\.code\.indices', stored 'ans'\): "),
+    "ans unknown mode": (lambda m, p: _restream(m, p, b"\x03" + bytes(8)), "unknown mode 3"),
+    "ans counts not summing": (lambda m, p: _restream(m, p, bytes([8 | 0, 100, 27])), "counts sum to 127, not to the 128"),
+    "ans symbol >= 2**bits": (lambda m, p: _restream(m, p, bytes([17 << 2]) + bytes(16) + bytes([128, 1])),
+                              r"17 counts .*k=16 allows"),
+    "ans packed wrong length": (lambda m, p: _restream(m, p, b"\x02" + bytes(63)),
+                                "a packed ANS stream of 128 symbols at 4 bits has 1 \\+ 64 bytes, got 64"),
+    "ans empty": (lambda m, p: _restream(m, p, b""), "the ANS stream is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MALFORMED_STORED))
+def test_malformed_stored_fields_raise_vqfileerror_naming_the_field(tmp_path, coded_file, case):
+    mutate, match = _MALFORMED_STORED[case]
+    _, meta, payload = _split(coded_file)
+    assert sum(len(e) == 9 and e[8] == "ans" and e[3] != 1 + 64 for e in meta["tensors"]) >= 1   # a real ANS stream
+    meta, payload = mutate(meta, payload)
+    (tmp_path / "bad.vqz").write_bytes(_build(meta, payload))
+    with pytest.raises(VQFileError, match=match):
+        load(tmp_path / "bad.vqz")
+
+
+def test_coded_file_loads_and_random_damage_gives_only_vqfileerror(tmp_path, coded_file):
+    """The store_dtype + ANS file loads to the rounded model; junk in its JSON values or bytes of its payload
+    (checksum recomputed, as a crafted file would) give VQFileError or a model, nothing else."""
+    (tmp_path / "ok.vqz").write_bytes(coded_file)
+    back = load(tmp_path / "ok.vqz")
+    want = round_to_store_dtype_(_coded_vq(), "float16")
+    assert all(torch.equal(a, b) for a, b in zip(want.state_dict().values(), back.state_dict().values()))
+    _, meta, payload = _split(coded_file)
+    rng = random.Random(1)
+    junk = [None, -1, 0, 2 ** 70, 1.5, "", "ans", "float16", "bfloat16", "float64", [], {}]
+    for _ in range(60):
+        bad = copy.deepcopy(meta)
+        e = rng.choice(bad["tensors"])
+        e[rng.randrange(len(e))] = rng.choice(junk)
+        (tmp_path / "f.vqz").write_bytes(_build(bad, payload))
+        with contextlib.suppress(VQFileError):
+            load(tmp_path / "f.vqz")
+    for _ in range(60):
+        p = bytearray(payload)
+        for _ in range(rng.randint(1, 4)):
+            p[rng.randrange(len(p))] = rng.randrange(256)
+        (tmp_path / "p.vqz").write_bytes(_build(meta, bytes(p)))
+        with contextlib.suppress(VQFileError):
+            load(tmp_path / "p.vqz")
 
 
 # ---------------------------------------------------------------- indices checked against K

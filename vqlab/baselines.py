@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .bits import huffman_bytes, pack_indices, packed_bytes
 from .quantize import quantize_, register_handler
-from .quantized import CodeSize, WeightCode, check_layer, register_code, tensor_bytes, wrap
+from .quantized import CodeSize, WeightCode, check_layer, packed_ans_bytes, register_code, stored_bytes, wrap
 
 __all__ = ["UniformConfig", "UniformCode", "uniform_quantize_", "fake_quantize_uniform"]
 
@@ -75,7 +75,8 @@ class UniformCode(WeightCode):
         return (self.codes.float() - (2 ** (self.bits - 1) - 1)) * self.scale[:, None]
 
     def size(self, seen: set[int]) -> CodeSize:
-        return CodeSize(index_bytes=packed_bytes(self.codes.numel(), self.bits), other_bytes=tensor_bytes(self.scale),
+        return CodeSize(index_bytes=packed_bytes(self.codes.numel(), self.bits), other_bytes=stored_bytes(self.scale),
+                        ans_index_bytes=packed_ans_bytes(self),
                         entropy_index_bytes=huffman_bytes(self.codes, 2 ** self.bits),
                         streams=[pack_indices(self.codes, self.bits)], index_bits=self.bits)
 

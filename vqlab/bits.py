@@ -1,5 +1,5 @@
-"""Bits and bytes of stored codes: bit packing of index streams and Huffman code lengths (defined once;
-used by the code objects, `vqlab.size` and `vqlab.io`)."""
+"""Bits and bytes of stored codes: bit packing of index streams, Huffman code lengths and ANS coding of
+index streams (defined once; used by the code objects, `vqlab.size` and `vqlab.io`)."""
 from __future__ import annotations
 
 import heapq
@@ -8,7 +8,8 @@ import lzma
 import numpy as np
 import torch
 
-__all__ = ["pack_indices", "unpack_indices", "packed_bytes", "huffman_code_lengths", "huffman_bytes", "LZMA_FILTERS"]
+__all__ = ["pack_indices", "unpack_indices", "packed_bytes", "huffman_code_lengths", "huffman_bytes", "LZMA_FILTERS",
+           "ans_encode", "ans_decode", "ans_bytes"]
 
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 _CHUNK = 1 << 20  # indices per packing chunk (a multiple of 8, so chunks end on byte boundaries)
@@ -198,3 +199,218 @@ def huffman_decode(coded: bytes, limit: int) -> bytes:
     if end - pos >= 8:
         raise ValueError(f"the huffman stream has {(end - pos) // 8} bytes after its end")
     return bytes(out)
+
+
+# ---------------------------------------------------------------- ANS coding of index streams
+#
+# A static order-0 model per stream (Duda 2013, "Asymmetric numeral systems"): the stream's own histogram,
+# stored exactly as a header of varint counts, is the categorical model of an ANS coder over the symbols
+# that occur (the `constriction` package's AnsCoder: 32-bit words, 64-bit state, probabilities quantized to
+# 24 bits by its `Categorical(perfect=False)`).  Layout of `ans_encode(x, k)` for n = len(x) symbols:
+#
+#   n == 0                b""
+#   header                varint h; mode = h & 3, size = h >> 2 (varints: LEB128, 7 bits a byte, low first)
+#     mode 0, dense       size = M = max symbol + 1 (<= k), then M varint counts (count[M - 1] > 0)
+#     mode 1, sparse      size = u = symbols that occur, then u pairs of varints (gap, count): symbol =
+#                         previous symbol + 1 + gap (the first: gap), count >= 1
+#     mode 2, packed      size = 0, then the n symbols bit-packed at ceil(log2 k) bits (`pack_indices`)
+#   body (modes 0, 1)     the AnsCoder's words, uint32 little-endian, coding each symbol's rank among the
+#                         symbols that occur; empty when only one symbol occurs (it costs no bits)
+#
+# The encoder writes the shorter of the dense and sparse headers (dense on a tie), and mode 2 whenever the ANS stream would be
+# longer than 1 + the packed stream: so `ans_bytes(x, k) <= packed_bytes(n, ceil(log2 k)) + 1`, always.
+# The counts must sum to n and the decoded symbols must reproduce them exactly, which refuses almost every
+# damaged stream; what a checksum would catch beyond that is left to the file's sha256 (`vqlab.io`).
+
+_ANS_DENSE, _ANS_SPARSE, _ANS_PACKED = 0, 1, 2
+_VARINT_MAX = 9               # bytes: values below 2**63
+_ANS_MAX_N = 1 << 48          # symbols one stream may hold
+
+
+def _stream_bits(k: int) -> int:
+    """Bits of one symbol in [0, k) when packed (mode 2): ceil(log2 k), at least 1."""
+    return max(1, (k - 1).bit_length())
+
+
+def _varint_lengths(v: np.ndarray) -> np.ndarray:
+    """Bytes of each value's LEB128 varint (uint64 values below 2**63): 1 + one per further 7 bits."""
+    nbytes = np.ones(v.shape, dtype=np.int64)
+    for j in range(1, _VARINT_MAX):
+        nbytes[(v >> np.uint64(7 * j)) > 0] = j + 1
+    return nbytes
+
+
+def _varints(values: np.ndarray) -> bytes:
+    """LEB128 varints of non-negative integers below 2**63, back to back."""
+    v = np.asarray(values, dtype=np.uint64).reshape(-1)
+    if v.size == 0:
+        return b""
+    groups = np.stack([(v >> np.uint64(7 * j)) & np.uint64(0x7F) for j in range(_VARINT_MAX)], 1).astype(np.uint8)
+    nbytes = _varint_lengths(v)
+    cols = np.arange(_VARINT_MAX)
+    groups[cols < nbytes[:, None] - 1] |= 0x80             # continuation bit on every byte but the last
+    return groups[cols < nbytes[:, None]].tobytes()        # row-major: value by value
+
+
+def _read_varints(data: bytes, start: int, count: int, what: str) -> tuple[np.ndarray, int]:
+    """`count` varints from data[start:] -> (uint64 values, offset after them); ValueError when truncated
+    or a varint is longer than 9 bytes."""
+    if count == 0:
+        return np.zeros(0, dtype=np.uint64), start
+    b = np.frombuffer(data, dtype=np.uint8)[start:start + _VARINT_MAX * count]
+    ends = np.flatnonzero(b < 0x80)[:count]
+    if len(ends) < count and len(b) == _VARINT_MAX * count:   # count varints of <= 9 bytes would fit
+        raise ValueError(f"the ANS header has a varint longer than {_VARINT_MAX} bytes in {what}")
+    if len(ends) < count:
+        raise ValueError(f"the ANS header is truncated: {what} needs {count} varints")
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lens = ends - starts + 1
+    if int(lens.max()) > _VARINT_MAX:
+        raise ValueError(f"the ANS header has a varint longer than {_VARINT_MAX} bytes in {what}")
+    seg = b[:ends[-1] + 1].astype(np.uint64)
+    shift = (np.arange(len(seg)) - np.repeat(starts, lens)).astype(np.uint64) * np.uint64(7)
+    return np.add.reduceat((seg & np.uint64(0x7F)) << shift, starts), start + int(ends[-1]) + 1
+
+
+def _symbols(symbols, k: int) -> np.ndarray:
+    """(n,) int64 of an integer array or tensor, any shape; ValueError outside [0, k)."""
+    if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and 1 <= k <= 1 << 32):
+        raise ValueError(f"k (the alphabet size) must be an integer in 1..2**32, got {k!r}")
+    if isinstance(symbols, torch.Tensor):
+        symbols = symbols.detach().cpu().numpy()
+    x = np.asarray(symbols)
+    if x.dtype.kind not in "iub":
+        raise ValueError(f"ANS coding takes integer symbols, got dtype {x.dtype}")
+    x = x.reshape(-1).astype(np.int64)
+    if x.size and (int(x.min()) < 0 or int(x.max()) >= k):
+        raise ValueError(f"symbols must lie in [0, {k}) to code with k={k}, got range [{x.min()}, {x.max()}]")
+    return x
+
+
+def _ans_model(counts: np.ndarray):
+    """constriction's categorical model over the symbols that occur, from their counts (the same floats on both
+    sides, so encoder and decoder quantize them identically)."""
+    import constriction                                    # a dependency; imported when first used
+    return constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)
+
+
+def ans_encode(symbols: np.ndarray | torch.Tensor, k: int) -> bytes:
+    """ANS-code integer symbols in [0, k) (any shape, row-major) with a static model from their own
+    histogram (layout above).  returns at most packed_bytes(n, ceil(log2 k)) + 1 bytes; b"" for n = 0.
+
+    Example: `data = ans_encode(layer.indices, 16); ans_decode(data, layer.indices.numel(), 16)`.
+    """
+    x = _symbols(symbols, k)
+    n = x.size
+    if n == 0:
+        return b""
+    m = int(x.max()) + 1                                   # the dense header's M
+    if m <= max(1 << 16, 4 * n):                           # a histogram over [0, M) is cheap
+        counts = np.bincount(x, minlength=m)
+        used = np.flatnonzero(counts)
+        count, rank = counts[used], np.cumsum(counts > 0) - 1
+        rank = rank[x]
+    else:                                                  # a few symbols spread over a large alphabet
+        used, count = np.unique(x, return_counts=True)
+        rank = np.searchsorted(used, x)
+    gaps = np.diff(used, prepend=-1) - 1
+    sparse = _varints(np.concatenate(([len(used) << 2 | _ANS_SPARSE], np.stack([gaps, count], 1).reshape(-1))))
+    # the dense header's length without building it: M zero-or-not counts, each at least one byte
+    dense_len = int(_varint_lengths(np.array([m << 2], np.uint64))[0] + (m - len(used))
+                    + _varint_lengths(count.astype(np.uint64)).sum())
+    if dense_len <= len(sparse):
+        dense = np.zeros(m, dtype=np.int64)
+        dense[used] = count
+        header = _varints(np.concatenate(([m << 2 | _ANS_DENSE], dense)))
+    else:
+        header = sparse
+    body = b""
+    if len(used) > 1:
+        import constriction
+        coder = constriction.stream.stack.AnsCoder()
+        coder.encode_reverse(rank.astype(np.int32), _ans_model(count))
+        body = coder.get_compressed().astype("<u4").tobytes()
+    bits = _stream_bits(k)
+    if len(header) + len(body) > 1 + packed_bytes(n, bits):
+        return bytes([_ANS_PACKED]) + pack_indices(torch.from_numpy(x), bits)
+    return header + body
+
+
+def ans_bytes(indices: np.ndarray | torch.Tensor, k: int) -> int:
+    """Exact length in bytes of `ans_encode(indices, k)` (header included)."""
+    return len(ans_encode(indices, k))
+
+
+def ans_decode(data: bytes, n: int, k: int) -> np.ndarray:
+    """Inverse of `ans_encode`: (n,) int64 symbols in [0, k).
+
+    raises ValueError for a stream that is truncated or too long, a bad header (unknown mode, a symbol >= k,
+    counts that do not sum to n, a zero count), words that do not decode to exactly the header's counts, or
+    packed symbols >= k.  Allocates n values: a caller reading untrusted data bounds n first.
+    """
+    if not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 0 <= n <= _ANS_MAX_N):
+        raise ValueError(f"n (the number of symbols) must be an integer in 0..2**48, got {n!r}")
+    _symbols(np.zeros(0, np.int64), k)                      # checks k
+    data = bytes(data)
+    n = int(n)
+    if n == 0:
+        if data:
+            raise ValueError(f"an ANS stream of 0 symbols is empty, got {len(data)} bytes")
+        return np.zeros(0, dtype=np.int64)
+    if not data:
+        raise ValueError(f"the ANS stream is empty, but {n} symbols were expected")
+    (h,), pos = _read_varints(data, 0, 1, "the mode")
+    mode, size = int(h) & 3, int(h) >> 2
+    if mode == _ANS_PACKED:
+        bits = _stream_bits(k)
+        need = packed_bytes(n, bits)
+        if size != 0 or len(data) - pos != need:
+            raise ValueError(f"a packed ANS stream of {n} symbols at {bits} bits has 1 + {need} bytes, got "
+                             f"{len(data)} (mode word {int(h)})")
+        x = unpack_indices(data[pos:], bits, n).numpy()
+        if int(x.max()) >= k:
+            raise ValueError(f"the packed ANS stream holds symbol {int(x.max())} >= k={k}")
+        return x
+    if mode == _ANS_DENSE:
+        if not 1 <= size <= k:
+            raise ValueError(f"the ANS header has {size} counts (symbols 0..{size - 1}); k={k} allows 1..{k}")
+        counts, pos = _read_varints(data, pos, size, "the counts")
+        if counts[-1] == 0:
+            raise ValueError("the ANS header's last count is 0 (the encoder ends at the largest symbol)")
+        used = np.flatnonzero(counts)
+        counts = counts[used]
+    elif mode == _ANS_SPARSE:
+        if not 1 <= size <= min(k, n):
+            raise ValueError(f"the ANS header lists {size} symbols; {n} symbols below k={k} allow 1..{min(k, n)}")
+        pairs, pos = _read_varints(data, pos, 2 * size, "the symbols and counts")
+        gaps, counts = pairs[0::2], pairs[1::2]
+        if float(gaps.astype(np.float64).sum()) + size > k:
+            raise ValueError(f"the ANS header lists a symbol >= k={k}")
+        used = np.cumsum(gaps.astype(np.int64) + 1) - 1
+        if int(counts.min()) == 0:
+            raise ValueError("the ANS header lists a symbol with count 0")
+    else:
+        raise ValueError(f"the ANS stream has an unknown mode {mode} (mode word {int(h)})")
+    if int(counts.max()) > n or int(counts.sum(dtype=np.uint64)) != n or float(counts.astype(np.float64).sum()) > 2 * n:
+        raise ValueError(f"the ANS header's counts sum to {int(counts.astype(np.float64).sum())}, not to the "
+                         f"{n} symbols of the stream")
+    body = data[pos:]
+    if len(used) == 1:
+        if body:
+            raise ValueError(f"an ANS stream of one repeated symbol has no body, got {len(body)} bytes more")
+        return np.full(n, int(used[0]), dtype=np.int64)
+    if not body or len(body) % 4:
+        raise ValueError(f"the ANS body must be a non-empty whole number of 4-byte words, got {len(body)} bytes "
+                         f"(truncated or damaged)")
+    import constriction
+    try:
+        coder = constriction.stream.stack.AnsCoder(np.frombuffer(body, dtype="<u4").astype(np.uint32))
+        ranks = coder.decode(_ans_model(counts), n)
+    except (ValueError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"the ANS body does not decode ({e})") from None
+    if not coder.is_empty():
+        raise ValueError("the ANS body has words left over after the last symbol (damaged or too long)")
+    ranks = np.asarray(ranks, dtype=np.int64)
+    if not np.array_equal(np.bincount(ranks, minlength=len(used)), counts.astype(np.int64)):
+        raise ValueError("the ANS body decodes to other counts than its header's (truncated or damaged)")
+    return used[ranks]

@@ -1,9 +1,10 @@
-"""Save and load compressed models: `save(model, path)` and `load(path, model=None)`.
+"""Save and load compressed models: `save(model, path, store_dtype=None, index_coding="packed")` and
+`load(path, model=None)`.
 
 Loading never runs code from the file: there is no pickle.  The architecture is stored as JSON data
 and rebuilt only from an allow-list of module types; every field is checked before it is used.
 
-File layout, format version 2 (all integers little-endian):
+File layout, format version 3 (all integers little-endian; version 2 files, written before, are read too):
 
     offset 0   magic  b"\\x89VQLAB\\r\\n"                      8 bytes
                version u16, reserved u16, meta_len u32, payload_len u64   16 bytes
@@ -11,16 +12,24 @@ File layout, format version 2 (all integers little-endian):
                payload: the tensor sections, back to back                 payload_len bytes
     end - 32   sha256 of everything before it (a checksum against damage, not a signature)
 
-JSON meta: {"format": "vqlab", "version": 2, "torch": version, "tensors": [...], "modules": [...]}.
+JSON meta: {"format": "vqlab", "version": 3, "torch": version, "tensors": [...], "modules": [...]}.
 The metadata may decompress to at most 16 MiB (`META_CAP`); a bigger one is refused before it is built.
 
 "tensors": one entry per unique parameter/buffer (shared codebooks and tied weights are stored once),
-    [name, kind, offset, length, bits, dtype, shape, requires_grad]: kind "param" or "buffer";
-    offset/length: bytes into the payload; bits in 1..32 marks a VQ `indices` buffer packed at
-    ceil(log2 K) bits per index (`vqlab.size.pack_indices`), bits = 0 raw bytes at `dtype`
-    ("float32", "uint8", ...); shape: list of sizes.  BatchNorm statistics and non-persistent
-    buffers are included; a VQ layer's training-only `latent` weights are not (`load` rebuilds
-    them from the codebook when reassign_every > 0).
+    [name, kind, offset, length, bits, dtype, shape, requires_grad] or, version 3, the same and `stored`:
+    kind "param" or "buffer"; offset/length: bytes into the payload; bits in 1..32 marks a VQ `indices`
+    buffer (or another code's `packing()` buffer) packed at ceil(log2 K) bits per index
+    (`vqlab.size.pack_indices`), bits = 0 raw bytes at `dtype` ("float32", "uint8", ...); dtype: the
+    tensor's dtype in the model; shape: list of sizes.  `stored` (present only where the bytes are not
+    what bits/dtype say):
+        "ans"      (bits > 0; save(..., index_coding="ans")) the values ANS-coded, `vqlab.bits.ans_encode`
+                   with k = 2**bits: a varint histogram header and constriction's AnsCoder words; the length
+                   is the stream's; at most `ANS_CAP` + `ANS_PER_BYTE` * payload_len values per file
+        "float16", "bfloat16", "float32"
+                   (bits = 0; save(..., store_dtype=...)) a float tensor stored at that narrower float
+                   dtype, numel * its itemsize bytes, cast back to `dtype` on load
+    BatchNorm statistics and non-persistent buffers are included; a VQ layer's training-only `latent`
+    weights are not (`load` rebuilds them from the codebook when reassign_every > 0).
 
 "modules": the module tree in post-order (children before their parent, the root last), one node each;
     a module held in several places (a shared Codebook) is one node referenced several times:
@@ -44,6 +53,8 @@ quantized model of the same architecture.  Forward hooks are not stored.
 
 `save` writes a temporary file next to `path` (".<name>.<random>.tmp"), fsyncs it and renames it over `path`: a failed save
 leaves the previous file as it was.  Files of format version 1 (pickled skeleton) are not read.
+`save` always writes version 3; a file without `stored` fields differs from version 2 only in the version
+number (version 2 entries have exactly 8 fields).
 """
 from __future__ import annotations
 
@@ -64,14 +75,20 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-from .bits import pack_indices, packed_bytes, unpack_indices
-from .quantized import CODES, QuantizedLayer, WeightCode
+from .bits import ans_decode, ans_encode, pack_indices, packed_bytes, unpack_indices
+from .quantized import CODES, QuantizedLayer, WeightCode, check_store_dtype, stored_dtype
+from .size import check_store_range
 
-__all__ = ["save", "load", "VQFileError", "FORMAT_VERSION", "ALLOWED_TYPES", "META_CAP"]
+__all__ = ["save", "load", "VQFileError", "FORMAT_VERSION", "READ_VERSIONS", "ALLOWED_TYPES", "META_CAP",
+           "ANS_CAP", "ANS_PER_BYTE", "INDEX_CODINGS"]
 
 MAGIC = b"\x89VQLAB\r\n"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)        # versions `load` reads (2: entries without `stored`)
 META_CAP = 16 << 20           # bytes the JSON metadata may decompress to
+ANS_CAP, ANS_PER_BYTE = 1 << 26, 64   # values ANS entries may decode to: ANS_CAP + ANS_PER_BYTE * payload bytes
+INDEX_CODINGS = ("packed", "ans")
+_STORED_FLOATS = ("float16", "bfloat16", "float32")
 _HEADER = struct.Struct("<8sHHIQ")  # magic, version, reserved, meta_len, payload_len
 _DIGEST = 32
 _META_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 20}]
@@ -353,25 +370,46 @@ def _as_module(model: nn.Module | list | tuple) -> tuple[nn.Module, int | None]:
     return model, None
 
 
-def save(model: nn.Module | list[nn.Module], path: str | os.PathLike) -> int:
+def save(model: nn.Module | list[nn.Module], path: str | os.PathLike, store_dtype: torch.dtype | str | None = None,
+         index_coding: str = "packed") -> int:
     """Write `model` (VQ or float), or several models in one file, to `path`; return the file size in bytes.
 
     model: one nn.Module, or a list of them: every object they share (a universal codebook) is stored once,
         and `load(path)` returns the list.
-    The size is compressed_size(model).compressed_bytes plus the header and the JSON metadata (a few KB
-    at most).  The file is replaced atomically: if saving fails, an existing `path` is left unchanged.
-    Raises ValueError for a meta-device model or out-of-range indices.
+    store_dtype: None (every tensor at its dtype), or torch.float16 / torch.bfloat16 / torch.float32 or the
+        name: every float tensor wider than it (codebooks, biases, float layers, BatchNorm, side tensors) is
+        written at it and loaded back as its own dtype, rounded — `vqlab.size.round_to_store_dtype_(model,
+        store_dtype)` first makes the model in memory equal to the loaded one.
+    index_coding: "packed" (bit-packed at ceil(log2 K) bits) or "ans": every bit-packed stream (VQ indices, the
+        other codes' packed buffers) ANS-coded from its own histogram (`vqlab.bits.ans_encode`).
+    The size is compressed_size(model, store_dtype=store_dtype).compressed_bytes (index_coding="ans": its
+    ans_bytes) plus the header and the JSON metadata (a few KB at most).  The file is replaced atomically:
+    if saving fails, an existing `path` is left unchanged.
+    Raises ValueError for a meta-device model, out-of-range indices, a bad store_dtype or index_coding, or a
+    value beyond store_dtype's range (float16: |x| > 65504).
     Example: `vqlab.save(model, "lenet.vqz"); model2 = vqlab.load("lenet.vqz")`;
-        `vqlab.save([m1, m2, m3], "three.vqz"); m1, m2, m3 = vqlab.load("three.vqz")`.
+        `vqlab.save([m1, m2, m3], "three.vqz"); m1, m2, m3 = vqlab.load("three.vqz")`;
+        `vqlab.save(model, "small.vqz", store_dtype="float16", index_coding="ans")`.
     """
+    store = check_store_dtype(store_dtype)
+    if index_coding not in INDEX_CODINGS:
+        raise ValueError(f"index_coding must be one of {list(INDEX_CODINGS)}, got {index_coding!r}")
     model, count = _as_module(model)
     _check_savable(model)
     sections, entries, tindex, offset = [], [], {}, 0
     for name, kind, t, bits in _stored_tensors(model):
-        b = pack_indices(t, bits) if bits else _raw_bytes(t)
+        stored = None
+        if bits and index_coding == "ans":
+            b, stored = ans_encode(t, 1 << bits), "ans"
+        elif bits:
+            b = pack_indices(t, bits)
+        elif stored_dtype(t, store) != t.dtype:
+            b, stored = _raw_bytes(check_store_range(name, t, store)), str(store).removeprefix("torch.")
+        else:
+            b = _raw_bytes(t)
         tindex[id(t)] = len(entries)
         entries.append([name, kind, offset, len(b), bits, str(t.dtype).removeprefix("torch."), list(t.shape),
-                        t.requires_grad])
+                        t.requires_grad] + ([stored] if stored else []))
         sections.append(b)
         offset += len(b)
     meta = {"format": "vqlab", "version": FORMAT_VERSION, "torch": torch.__version__, "tensors": entries,
@@ -416,10 +454,11 @@ def _read_checked(path: str | os.PathLike) -> tuple[dict, bytes, str]:
             raise VQFileError(f"{where} is truncated: {len(data)} bytes, shorter than the {_HEADER.size}-byte header")
         raise VQFileError(f"{os.fspath(path)!r} is not a vqlab file (bad magic {data[:8]!r}, expected {MAGIC!r})")
     _, version, _, meta_len, payload_len = _HEADER.unpack_from(data)
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         hint = (" (format 1 kept a pickle, which this vqlab never loads: load the file with the vqlab that "
                 "wrote it, only if you trust it, and save it again)" if version == 1 else "")
-        raise VQFileError(f"{where} has format version {version}; this vqlab reads version {FORMAT_VERSION}{hint}")
+        raise VQFileError(f"{where} has format version {version}; this vqlab reads version {FORMAT_VERSION} "
+                          f"(and {', '.join(map(str, READ_VERSIONS[:-1]))}){hint}")
     expected = _HEADER.size + meta_len + payload_len + _DIGEST
     if len(data) < expected:
         raise VQFileError(f"{where} is truncated: {len(data)} bytes, the header announces {expected}")
@@ -437,8 +476,8 @@ def _read_checked(path: str | os.PathLike) -> tuple[dict, bytes, str]:
         raise VQFileError(f"{where}: metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != "vqlab":
         raise VQFileError(f"{where}: field 'format' must be 'vqlab', got {_short(meta.get('format'))}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise VQFileError(f"{where}: field 'version' is {_short(meta.get('version'))}, the header says {FORMAT_VERSION}")
+    if meta.get("version") != version or isinstance(meta.get("version"), bool):
+        raise VQFileError(f"{where}: field 'version' is {_short(meta.get('version'))}, the header says {version}")
     return meta, body[_HEADER.size + meta_len:], where
 
 
@@ -453,6 +492,7 @@ class _Entry(NamedTuple):
     dtype: torch.dtype
     shape: tuple[int, ...]
     requires_grad: bool
+    stored: str | None = None     # "ans", or the float dtype the raw bytes hold (version 3)
 
 
 def _is_int(v: Any, lo: int = 0, hi: int | None = None) -> bool:
@@ -464,13 +504,16 @@ def _is_name(v: Any) -> bool:
     return isinstance(v, str) and v != "" and "." not in v
 
 
-def _parse_entry(e: Any, i: int, payload_len: int, where: str) -> _Entry:
-    """Check one "tensors" entry field by field; sizes must match the bytes it claims."""
+def _parse_entry(e: Any, i: int, payload_len: int, where: str, version: int = FORMAT_VERSION) -> _Entry:
+    """Check one "tensors" entry field by field; sizes must match the bytes it claims (an ANS stream: any
+    length inside the payload, its values checked when decoded)."""
     f = f"field 'tensors[{i}]'"
-    if not isinstance(e, list) or len(e) != 8:
-        raise VQFileError(f"{where}: {f} must be [name, kind, offset, length, bits, dtype, shape, requires_grad], "
-                          f"got {_short(e)}")
-    name, kind, off, n, bits, dt, shape, rg = e
+    lengths = (8, 9) if version >= 3 else (8,)
+    if not isinstance(e, list) or len(e) not in lengths:
+        raise VQFileError(f"{where}: {f} must be [name, kind, offset, length, bits, dtype, shape, requires_grad"
+                          f"{', stored' if version >= 3 else ''}], got {_short(e)}")
+    name, kind, off, n, bits, dt, shape, rg = e[:8]
+    stored = e[8] if len(e) == 9 else None
     checks = [("name", name, isinstance(name, str) and all(map(_is_name, name.split(".")))),
               ("kind", kind, kind in ("param", "buffer")),
               ("offset", off, _is_int(off)), ("length", n, _is_int(n)),
@@ -486,18 +529,34 @@ def _parse_entry(e: Any, i: int, payload_len: int, where: str) -> _Entry:
     dtype, numel = _DTYPES[dt], math.prod(shape)
     if bits and (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
         raise VQFileError(f"{where}: {f} ({name!r}) is packed at {bits} bits but has dtype {dt}")
-    need = packed_bytes(numel, bits) if bits else numel * dtype.itemsize
+    if stored is not None:
+        as_float = (not bits and stored in _STORED_FLOATS and dtype.is_floating_point
+                    and _DTYPES[stored].itemsize < dtype.itemsize)
+        if not (as_float or (bits and stored == "ans")):
+            raise VQFileError(f"{where}: {f} ({name!r}) has a bad stored {_short(stored)}: a packed entry may be "
+                              f"stored as 'ans', a raw float entry as a narrower float among {list(_STORED_FLOATS)} "
+                              f"(its dtype is {dt}, bits {bits})")
+        if stored == "ans":
+            return _Entry(name, kind, off, n, bits, dtype, tuple(shape), rg, stored)
+    itemsize = _DTYPES[stored].itemsize if stored else dtype.itemsize
+    need = packed_bytes(numel, bits) if bits else numel * itemsize
     if n != need:
-        raise VQFileError(f"{where}: {f} ({name!r}) has length {n} bytes; shape {shape} {dt}"
+        raise VQFileError(f"{where}: {f} ({name!r}) has length {n} bytes; shape {shape} {stored or dt}"
                           f"{f' at {bits} bits' if bits else ''} needs {need}")
-    return _Entry(name, kind, off, n, bits, dtype, tuple(shape), rg)
+    return _Entry(name, kind, off, n, bits, dtype, tuple(shape), rg, stored)
 
 
 def _parse_tensors(meta: dict, payload_len: int, where: str) -> list[_Entry]:
     table = meta.get("tensors")
     if not isinstance(table, list):
         raise VQFileError(f"{where}: field 'tensors' must be a list, got {_short(table)}")
-    entries = [_parse_entry(e, i, payload_len, where) for i, e in enumerate(table)]
+    version = meta.get("version", FORMAT_VERSION)
+    entries = [_parse_entry(e, i, payload_len, where, version) for i, e in enumerate(table)]
+    coded = sum(math.prod(e.shape) for e in entries if e.stored == "ans")
+    if coded > ANS_CAP + ANS_PER_BYTE * payload_len:
+        raise VQFileError(f"{where}: field 'tensors': the ANS-coded entries hold {coded} values, more than the "
+                          f"{ANS_CAP} + {ANS_PER_BYTE} per payload byte = {ANS_CAP + ANS_PER_BYTE * payload_len} "
+                          f"a file may decode to; the file is corrupted or crafted")
     seen: set[tuple[str, str]] = set()
     for e in entries:
         if (e.kind, e.name) in seen:
@@ -506,11 +565,17 @@ def _parse_tensors(meta: dict, payload_len: int, where: str) -> list[_Entry]:
     return entries
 
 
-def _tensor_from(payload: bytes, e: _Entry, where: str) -> torch.Tensor:
-    """The entry's bytes as a CPU tensor of its dtype and shape."""
+def _tensor_from(payload: bytes, e: _Entry, where: str, i: int = 0) -> torch.Tensor:
+    """The entry's bytes (tensors[i]) as a CPU tensor of its dtype and shape."""
     b = payload[e.offset:e.offset + e.length]
-    if e.bits:
+    if e.stored == "ans":
+        try:
+            v = torch.from_numpy(ans_decode(b, math.prod(e.shape), 1 << e.bits))
+        except ValueError as err:
+            raise VQFileError(f"{where}: field 'tensors[{i}]' ({e.kind} {e.name!r}, stored 'ans'): {err}") from None
+    elif e.bits:
         v = unpack_indices(b, e.bits, math.prod(e.shape))
+    if e.bits:
         hi = torch.iinfo(e.dtype).max
         if v.numel() and int(v.max()) > hi:
             raise VQFileError(f"{where}: {e.kind} {e.name!r} holds values up to {int(v.max())}, more than its "
@@ -521,6 +586,8 @@ def _tensor_from(payload: bytes, e: _Entry, where: str) -> torch.Tensor:
     t = torch.frombuffer(bytearray(b), dtype=torch.uint8)
     if e.dtype == torch.bool and int(t.max()) > 1:
         raise VQFileError(f"{where}: bool {e.kind} {e.name!r} holds bytes other than 0 and 1")
+    if e.stored:                                   # a narrower float, cast back to the tensor's dtype
+        return t.view(_DTYPES[e.stored]).to(e.dtype).reshape(e.shape)
     return t.view(e.dtype).reshape(e.shape)
 
 
@@ -660,14 +727,14 @@ def _fill(model: nn.Module, entries: list[_Entry], payload: bytes, where: str,
              "buffer": dict(model.named_buffers(remove_duplicate=False))}
     slots = _slots(model)
     filled = set()
-    for e in entries:
+    for i, e in enumerate(entries):
         like = named[e.kind].get(e.name)
         if like is None:
             raise VQFileError(f"{where}: the model has no {e.kind} {e.name!r}")
         if tuple(like.shape) != e.shape or like.dtype != e.dtype:
             raise VQFileError(f"{where}: {e.kind} {e.name!r} is {list(e.shape)} {e.dtype} in the file, but "
                               f"{list(like.shape)} {like.dtype} in the model")
-        t = _tensor_from(payload, e, where).to(map_location)
+        t = _tensor_from(payload, e, where, i).to(map_location)
         if e.kind == "param":
             t = nn.Parameter(t, requires_grad=like.requires_grad)
         for mod, attr, k in slots[id(like)]:  # one object for every holder: sharing survives the round trip
@@ -700,6 +767,8 @@ def load(path: str | os.PathLike, model: nn.Module | list[nn.Module] | None = No
         already quantized model of the same architecture (same names, shapes, dtypes and K), filled
         in place — needed for models with your own module classes.
     map_location: device for the loaded tensors.
+    Tensors saved with store_dtype come back at their own dtype (the rounded values); ANS-coded streams are
+    decoded (their header, length and histogram checked) and then range-checked like packed ones.
     Raises VQFileError (a ValueError) for a truncated, corrupted, malformed or foreign file, indices
     outside [0, K), or a model that does not fit; the message names the file, the field and the value.
     """

@@ -45,7 +45,7 @@ from .codebook import Codebook, assign, kmeans
 from .kernels import vq_conv2d as _vq_conv2d, vq_matmul as _vq_matmul
 from .kernels.ops import lut_flops, table_count
 from .kernels.reference import check_codebook_groups, check_indices, dequantize as _dequantize
-from .quantized import CodeSize, QuantizedLayer, WeightCode, register_code, tensor_bytes
+from .quantized import CodeSize, QuantizedLayer, WeightCode, packed_ans_bytes, register_code, stored_bytes
 
 __all__ = ["VQLinear", "VQConv2d", "VQLayer", "VQCode", "vq_layer_class", "check_quantizable", "fit_codebook",
            "weight_segments", "segment_geometry", "FLOAT_DTYPES"]
@@ -206,8 +206,8 @@ class VQCode(WeightCode):
     index per segment, indices (rows, n_pad / d) of dtype `index_dtype(K)`.
 
     rows() = dequantize(codebook, indices): (rows, n_pad), differentiable w.r.t. the codebook.
-    Stored: indices packed at ceil(log2 K) bits each (Huffman figure from their histogram); the codebook at
-    its dtype, once per object across everything counted with one `seen` set.
+    Stored: indices packed at ceil(log2 K) bits each (Huffman and ANS figures from their histogram); the
+    codebook at its storage dtype (`stored_bytes`), once per object across everything counted with one `seen` set.
     """
 
     kind = "vq"
@@ -244,8 +244,9 @@ class VQCode(WeightCode):
         shared = id(book) in seen
         seen.update((id(book), id(self.indices)))
         return CodeSize(index_bytes=packed_bytes(self.indices.numel(), bits),
-                        codebook_bytes=0 if shared else tensor_bytes(book),
+                        codebook_bytes=0 if shared else stored_bytes(book),
                         entropy_index_bytes=huffman_bytes(self.indices, self.codebook.k),
+                        ans_index_bytes=packed_ans_bytes(self),
                         streams=[pack_indices(self.indices, bits)], k=self.codebook.k, d=self.codebook.d,
                         index_bits=bits)
 

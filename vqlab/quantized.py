@@ -6,9 +6,11 @@ A code object knows four things, and `quantize_`'s report, `compressed_size`, `s
 
     rows()                 the weight as (out, n_pad) rows in the layer's row layout, differentiable w.r.t. the
                            code's trainable parts (what training and the reference forward use)
-    size(seen)             a `CodeSize`: bytes of packed indices / codebooks / other tensors, an entropy-coded
-                           index figure and the packed streams; objects whose id() is in `seen` (a shared
-                           codebook, also across models) are counted once, and the method adds what it counts
+    size(seen)             a `CodeSize`: bytes of packed indices / codebooks / other tensors, entropy-coded
+                           (Huffman, ANS) index figures and the packed streams; objects whose id() is in `seen`
+                           (a shared codebook, also across models) are counted once, and the method adds what it
+                           counts.  Float tensors are counted with `stored_bytes` (at the storage dtype that
+                           `compressed_size(store_dtype=...)` / `save(store_dtype=...)` set), integers at their dtype
     config(), packing()    the constructor arguments as JSON data and, per buffer, the bits to pack it at
                            (0 = raw bytes at its dtype); `from_config(**config)` rebuilds an empty code that
                            `vqlab.load` fills — the file holds data only, never pickle
@@ -23,17 +25,21 @@ kernel (out, cin/groups * kh * kw).  The VQ layers (vqlab.layers) add padding an
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ._utils import pair
+from .bits import ans_bytes
 
 __all__ = ["WeightCode", "CodeSize", "QuantizedLayer", "QuantizedLinear", "QuantizedConv2d", "register_code",
-           "CODES", "code_class", "tensor_bytes", "check_layer", "wrap"]
+           "CODES", "code_class", "tensor_bytes", "check_layer", "wrap", "STORE_DTYPES", "check_store_dtype",
+           "stored_dtype", "stored_bytes", "storing_as", "packed_ans_bytes"]
 
 CODES: dict[str, type["WeightCode"]] = {}
 
@@ -62,14 +68,68 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+# ---------------------------------------------------------------- the storage dtype of float tensors
+
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# The storage dtype in effect while `storing_as` runs (None: every tensor at its own dtype).  A context
+# variable, so that every code's `size(seen)` counts at it without a new argument; set only by `storing_as`.
+_STORE_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("vqlab_store_dtype", default=None)
+
+
+def check_store_dtype(store_dtype) -> torch.dtype | None:
+    """None, or the torch dtype of `store_dtype` (torch.float16 / torch.bfloat16 / torch.float32 or the name);
+    ValueError naming the value and the allowed names otherwise."""
+    if store_dtype is None:
+        return None
+    if isinstance(store_dtype, str) and store_dtype.removeprefix("torch.") in STORE_DTYPES:
+        return STORE_DTYPES[store_dtype.removeprefix("torch.")]
+    if isinstance(store_dtype, torch.dtype) and store_dtype in STORE_DTYPES.values():
+        return store_dtype
+    raise ValueError(f"store_dtype must be None or one of {sorted(STORE_DTYPES)} (a name or a torch dtype), "
+                     f"got {store_dtype!r}")
+
+
+def stored_dtype(t: torch.Tensor, store_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype `t` is stored at: `store_dtype` (default: the one `storing_as` set) for a floating-point
+    tensor wider than it (float32/float64 under float16), else t's own dtype (integers, narrower floats)."""
+    store = _STORE_DTYPE.get() if store_dtype is None else store_dtype
+    if store is not None and t.is_floating_point() and t.element_size() > store.itemsize:
+        return store
+    return t.dtype
+
+
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor as stored: at `stored_dtype(t)` (its own dtype unless `storing_as` is in effect)."""
+    return t.numel() * stored_dtype(t).itemsize
+
+
+@contextlib.contextmanager
+def storing_as(store_dtype) -> Iterator[torch.dtype | None]:
+    """Within the block, `stored_bytes` counts wider floats at `store_dtype` (checked; None: at their own
+    dtype).  `compressed_size(store_dtype=...)` counts every code's size under it."""
+    token = _STORE_DTYPE.set(check_store_dtype(store_dtype))
+    try:
+        yield _STORE_DTYPE.get()
+    finally:
+        _STORE_DTYPE.reset(token)
+
+
+def packed_ans_bytes(code: "WeightCode") -> int:
+    """Bytes of a code's bit-packed buffers (`packing()`) ANS-coded one by one, as `vqlab.save(...,
+    index_coding="ans")` writes them (`vqlab.bits.ans_encode` with k = 2**bits)."""
+    return sum(ans_bytes(getattr(code, name), 1 << bits) for name, bits in code.packing().items())
+
+
 @dataclass
 class CodeSize:
     """What one code stores, in bytes (see `WeightCode.size`).
 
     index_bytes: packed index/code streams; codebook_bytes: codebooks and other shared tables (counted by the
     first code that reaches them); other_bytes: per-layer side tensors (scales, ...); entropy_index_bytes: the
-    index streams entropy-coded (equal to index_bytes when the method has no such figure); streams: the packed
-    streams themselves (for the lzma figure); k, d, index_bits: for reports (None where they mean nothing).
+    index streams entropy-coded (Huffman; equal to index_bytes when the method has no such figure);
+    ans_index_bytes: the index streams ANS-coded, headers included (`packed_ans_bytes`: what
+    `save(..., index_coding="ans")` writes; default: entropy_index_bytes); streams: the packed streams
+    themselves (for the lzma figure); k, d, index_bits: for reports (None where they mean nothing).
     """
 
     index_bytes: int = 0
@@ -80,10 +140,13 @@ class CodeSize:
     k: int | None = None
     d: int | None = None
     index_bits: int | None = None
+    ans_index_bytes: int | None = None
 
     def __post_init__(self):
         if self.entropy_index_bytes is None:
             self.entropy_index_bytes = self.index_bytes
+        if self.ans_index_bytes is None:
+            self.ans_index_bytes = self.entropy_index_bytes
 
 
 class WeightCode(nn.Module):

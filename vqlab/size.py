@@ -1,4 +1,4 @@
-"""Model size, counting every bit: `compressed_size(model or [models]) -> SizeReport`.
+"""Model size, counting every bit: `compressed_size(model or [models], store_dtype=None) -> SizeReport`.
 
 What is counted (bytes):
     quantized    every quantized layer's weight as its code object reports it (`WeightCode.size`): packed
@@ -7,6 +7,11 @@ What is counted (bytes):
     other        every other parameter and buffer at its dtype: biases, float layers, BatchNorm
                  weight/bias/running_mean/running_var and num_batches_tracked (int64, 8 bytes)
     not counted  training-only state a layer names in `training_only` (a VQ layer's `latent`; not saved either)
+    store_dtype  float16 / bfloat16 (or float32): every floating-point tensor stored raw — biases, float layers,
+                 BatchNorm tensors, codebooks, codes' float side tensors — that is wider than it (float32,
+                 float64) is counted at its itemsize, as `vqlab.save(..., store_dtype=...)` writes it; packed
+                 index streams and integer buffers are unchanged.  `round_to_store_dtype_(model, dtype)` rounds
+                 the model's values to what such a file holds, so that evaluating it gives what loading gives.
 dense_bytes is the float32 model the quantized one came from: quantized layers' dense weights at 4 bytes per
 weight, every other float parameter/buffer at 4 bytes per element, integer buffers at their dtype.
 
@@ -14,6 +19,11 @@ Entropy-coded figures, as the papers report them (Han et al. 2016, "Deep Compres
     huffman_bytes  compressed_bytes with each layer's index stream replaced by its entropy-coded figure
                    (VQ: Huffman from that layer's index histogram, sum count * code length bits, rounded up
                    to bytes, plus one code-length byte per codeword — canonical Huffman needs nothing else)
+    ans_bytes      compressed_bytes with each code's bit-packed streams ANS-coded from their own histograms
+                   (`vqlab.bits.ans_encode`: a static categorical model per stream, its counts as a varint
+                   header; never more than packed + 1 byte per stream) — exactly the index bytes
+                   `vqlab.save(..., index_coding="ans")` writes.  Codes without packed streams report their own
+                   figure (the lattice code: its symbols ANS-coded, for comparison) or their index_bytes
     lzma_bytes     compressed_bytes with the concatenated packed index streams of all layers replaced
                    by their LZMA2 (raw, preset 9e) compression
 """
@@ -27,12 +37,13 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .bits import LZMA_FILTERS, huffman_bytes, huffman_code_lengths, pack_indices, packed_bytes, unpack_indices
+from .bits import (LZMA_FILTERS, ans_bytes, huffman_bytes, huffman_code_lengths, pack_indices, packed_bytes,
+                   unpack_indices)
 from .codebook import Codebook
-from .quantized import WeightCode, tensor_bytes
+from .quantized import WeightCode, check_store_dtype, stored_bytes, stored_dtype, storing_as, tensor_bytes
 
-__all__ = ["SizeReport", "compressed_size", "pack_indices", "unpack_indices", "huffman_code_lengths",
-           "huffman_bytes", "packed_bytes", "LZMA_FILTERS"]
+__all__ = ["SizeReport", "compressed_size", "round_to_store_dtype_", "pack_indices", "unpack_indices",
+           "huffman_code_lengths", "huffman_bytes", "ans_bytes", "packed_bytes", "LZMA_FILTERS"]
 
 
 # ---------------------------------------------------------------- the report
@@ -43,7 +54,7 @@ class SizeReport:
 
     layers: one row per module holding tensors: (model, when several were counted), layer, type, method,
         K, d, index_bits, dense_bytes, index_bytes, codebook_bytes, other_bytes, compressed_bytes,
-        huffman_index_bytes, ratio.  The rows sum to the totals.
+        huffman_index_bytes, ans_index_bytes, ratio.  The rows sum to the totals.
     per_model: one row per model counted: model, dense_bytes, index_bytes, codebook_bytes (shared codebooks
         at the first model that reaches them), other_bytes, compressed_bytes, ratio.
     """
@@ -57,6 +68,8 @@ class SizeReport:
     lzma_bytes: int
     layers: pd.DataFrame = field(repr=False)
     per_model: pd.DataFrame = field(repr=False, default=None)
+    ans_bytes: int | None = None
+    store_dtype: torch.dtype | None = None
 
     @property
     def ratio(self) -> float:
@@ -68,14 +81,19 @@ class SizeReport:
         return self.dense_bytes / self.huffman_bytes
 
     @property
+    def ans_ratio(self) -> float:
+        return self.dense_bytes / self.ans_bytes
+
+    @property
     def lzma_ratio(self) -> float:
         return self.dense_bytes / self.lzma_bytes
 
     def summary(self) -> pd.DataFrame:
-        """One row per coding (packed, huffman, lzma): bytes and ratio to the float32 model."""
-        return pd.DataFrame({"coding": ["float32", "packed", "huffman", "lzma"],
-                             "bytes": [self.dense_bytes, self.compressed_bytes, self.huffman_bytes, self.lzma_bytes],
-                             "ratio": [1.0, self.ratio, self.huffman_ratio, self.lzma_ratio]})
+        """One row per coding (packed, huffman, ans, lzma): bytes and ratio to the float32 model."""
+        return pd.DataFrame({"coding": ["float32", "packed", "huffman", "ans", "lzma"],
+                             "bytes": [self.dense_bytes, self.compressed_bytes, self.huffman_bytes, self.ans_bytes,
+                                       self.lzma_bytes],
+                             "ratio": [1.0, self.ratio, self.huffman_ratio, self.ans_ratio, self.lzma_ratio]})
 
 
 def _dense32_bytes(t: torch.Tensor) -> int:
@@ -93,7 +111,7 @@ def _model_rows(model: nn.Module, seen: set[int], streams: list[bytes]) -> list[
     for name, mod in model.named_modules():
         row = {"layer": name or "(root)", "type": type(mod).__name__, "method": pd.NA, "K": pd.NA, "d": pd.NA,
                "index_bits": pd.NA, "dense_bytes": 0, "index_bytes": 0, "codebook_bytes": 0,
-               "other_bytes": 0, "huffman_index_bytes": 0}
+               "other_bytes": 0, "huffman_index_bytes": 0, "ans_index_bytes": 0}
         skip = {id(getattr(mod, n)) for n in getattr(mod, "training_only", ()) if getattr(mod, n, None) is not None}
         code = _code_of(mod)
         if code is not None:
@@ -102,13 +120,14 @@ def _model_rows(model: nn.Module, seen: set[int], streams: list[bytes]) -> list[
             row.update(method=code.describe()["method"], K=c.k if c.k is not None else pd.NA,
                        d=c.d if c.d is not None else pd.NA, index_bits=c.index_bits if c.index_bits is not None else pd.NA,
                        index_bytes=c.index_bytes, codebook_bytes=c.codebook_bytes, other_bytes=c.other_bytes,
-                       huffman_index_bytes=c.entropy_index_bytes, dense_bytes=4 * mod.weight_numel)
+                       huffman_index_bytes=c.entropy_index_bytes, ans_index_bytes=c.ans_index_bytes,
+                       dense_bytes=4 * mod.weight_numel)
             streams.extend(c.streams)
         for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
             if id(t) in seen or id(t) in skip:
                 continue
             seen.add(id(t))
-            row["other_bytes"] += tensor_bytes(t)
+            row["other_bytes"] += stored_bytes(t)
             row["dense_bytes"] += _dense32_bytes(t)
         if row["dense_bytes"] or row["index_bytes"] or row["codebook_bytes"] or row["other_bytes"]:
             rows.append(row)
@@ -116,30 +135,38 @@ def _model_rows(model: nn.Module, seen: set[int], streams: list[bytes]) -> list[
 
 
 _COLUMNS = ["model", "layer", "type", "method", "K", "d", "index_bits", "dense_bytes", "index_bytes",
-            "codebook_bytes", "other_bytes", "compressed_bytes", "huffman_index_bytes", "ratio"]
+            "codebook_bytes", "other_bytes", "compressed_bytes", "huffman_index_bytes", "ans_index_bytes", "ratio"]
 
 
 @torch.no_grad()
-def compressed_size(model: nn.Module | Sequence[nn.Module], codebook_in_rom: bool = False) -> SizeReport:
+def compressed_size(model: nn.Module | Sequence[nn.Module], codebook_in_rom: bool = False,
+                    store_dtype: torch.dtype | str | None = None) -> SizeReport:
     """Count the bytes of a model, or of several models stored together, as `vqlab.save` writes them
-    (packed indices) and as float32 models.
+    (packed indices; `ans_bytes`: ANS-coded indices, index_coding="ans") and as float32 models.
 
     model: one nn.Module, or a list of them: then every shared object (a codebook used by several models)
         is counted once, at the first model that reaches it, and `per_model` has one row per model.
     codebook_in_rom: leave out every frozen `vqlab.Codebook` (a universal codebook held in ROM, as VQ4ALL
         reports it): its bytes are counted nowhere.
-    Example: `r = compressed_size(model); r.ratio, r.layers`;  `compressed_size([m1, m2, m3]).per_model`.
+    store_dtype: None (every tensor at its dtype), torch.float16 / torch.bfloat16 / torch.float32 or the name:
+        floating-point tensors wider than it are counted at its itemsize, as `save(..., store_dtype=...)`
+        writes them (codebooks, biases, float layers, BatchNorm, side tensors; indices unchanged).
+        ValueError for another value.
+    Example: `r = compressed_size(model); r.ratio, r.layers`;  `compressed_size([m1, m2, m3]).per_model`;
+        `compressed_size(model, store_dtype="float16").summary()`.
     raises ValueError, naming the model's type, when it holds no parameters or buffers at all (an
     activation, an empty Sequential): there is nothing to count and no ratio to report.
     """
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     if not models or not all(isinstance(m, nn.Module) for m in models):
         raise TypeError(f"compressed_size takes an nn.Module or a non-empty list of them, got {model!r:.80}")
+    store = check_store_dtype(store_dtype)
     rows, seen, streams = [], set(), []
     if codebook_in_rom:
         seen.update(id(b.weight) for m in models for b in m.modules() if isinstance(b, Codebook) and b.frozen)
-    for i, m in enumerate(models):
-        rows += [{"model": i, **r} for r in _model_rows(m, seen, streams)]
+    with storing_as(store):
+        for i, m in enumerate(models):
+            rows += [{"model": i, **r} for r in _model_rows(m, seen, streams)]
     df = pd.DataFrame(rows, columns=[c for c in _COLUMNS if c not in ("compressed_bytes", "ratio")])
     df["compressed_bytes"] = df["index_bytes"] + df["codebook_bytes"] + df["other_bytes"]
     df["ratio"] = df["dense_bytes"] / df["compressed_bytes"].where(df["compressed_bytes"] > 0)
@@ -152,6 +179,7 @@ def compressed_size(model: nn.Module | Sequence[nn.Module], codebook_in_rom: boo
                          f"(0 bytes), so it has no size to count and no compression ratio; pass the model "
                          f"that holds the layers")
     huff = compressed - index + int(df["huffman_index_bytes"].sum())
+    ans = compressed - index + int(df["ans_index_bytes"].sum())
     lz = compressed - index + len(lzma.compress(b"".join(streams), format=lzma.FORMAT_RAW,
                                                 filters=LZMA_FILTERS)) if streams else compressed
     per = df.groupby("model", sort=True)[["dense_bytes", "index_bytes", "codebook_bytes", "other_bytes",
@@ -161,4 +189,54 @@ def compressed_size(model: nn.Module | Sequence[nn.Module], codebook_in_rom: boo
     layers = df if len(models) > 1 else df.drop(columns="model")
     return SizeReport(dense_bytes=int(df["dense_bytes"].sum()), compressed_bytes=compressed, index_bytes=index,
                       codebook_bytes=book, other_bytes=other, huffman_bytes=huff, lzma_bytes=lz, layers=layers,
-                      per_model=per)
+                      per_model=per, ans_bytes=ans, store_dtype=store)
+
+
+# ---------------------------------------------------------------- rounding to the storage dtype
+
+def _stored_floats(model: nn.Module, store: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every unique parameter/buffer that `save(..., store_dtype=store)` writes at `store`:
+    floats wider than it, training-only tensors (`training_only`, a VQ layer's latent) left out."""
+    skip = {id(t) for m in model.modules() for n in getattr(m, "training_only", ())
+            if isinstance(t := getattr(m, n, None), torch.Tensor)}
+    out, seen = [], set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or id(t) in skip:
+            continue
+        seen.add(id(t))
+        if stored_dtype(t, store) != t.dtype:
+            out.append((name, t))
+    return out
+
+
+def check_store_range(name: str, t: torch.Tensor, store: torch.dtype) -> torch.Tensor:
+    """`t` rounded to `store` (round to nearest even, torch's cast); ValueError naming the tensor when a finite
+    value does not fit (beyond float16's +-65504): the stored file would hold inf."""
+    r = t.detach().to(store)
+    bad = torch.isfinite(t.detach()) & ~torch.isfinite(r)
+    if bool(bad.any()):
+        big = float(t.detach()[bad].abs().max())
+        raise ValueError(f"{name!r} holds {big:.6g}, beyond the range of {str(store).removeprefix('torch.')} "
+                         f"(largest finite {torch.finfo(store).max:.6g}); store it as bfloat16 or at its own dtype "
+                         f"(store_dtype=None)")
+    return r
+
+
+@torch.no_grad()
+def round_to_store_dtype_(model: nn.Module, store_dtype: torch.dtype | str) -> nn.Module:
+    """Round, in place, every tensor that `save(model, path, store_dtype=...)` would store at `store_dtype` to the
+    nearest value of that dtype, keeping each tensor's own dtype (float32 values that are exactly float16 ones):
+    evaluating the model then gives exactly what the saved and re-loaded model gives.  Training-only tensors
+    (a VQ layer's `latent`) are left as they are.  returns `model`.
+
+    store_dtype: torch.float16 / torch.bfloat16 / torch.float32 or the name (None: nothing to round).
+    raises ValueError for another store_dtype, or naming a tensor with a finite value beyond the dtype's range.
+    Example: `round_to_store_dtype_(model, "float16"); save(model, "m.vqz", store_dtype="float16")`.
+    """
+    store = check_store_dtype(store_dtype)
+    if store is None:
+        return model
+    rounded = [(t, check_store_range(name, t, store)) for name, t in _stored_floats(model, store)]
+    for t, r in rounded:                      # all checked first: an error leaves the model unchanged
+        t.copy_(r.to(t.dtype))
+    return model

@@ -47,7 +47,7 @@ from ..kernels.ops import lut_flops, vq_matmul
 from ..kernels.reference import check_indices
 from ..kernels.registry import pinned_backend
 from ..quantize import register_handler
-from ..quantized import CodeSize, WeightCode, check_layer, register_code, tensor_bytes, wrap
+from ..quantized import CodeSize, WeightCode, check_layer, packed_ans_bytes, register_code, stored_bytes, wrap
 
 __all__ = ["BinaryConfig", "BinaryCode", "ScalarConfig", "ScalarCode", "PQConfig", "PQCode", "RVQConfig", "RVQCode"]
 
@@ -138,8 +138,8 @@ class BinaryCode(WeightCode):
 
     def size(self, seen: set[int]) -> CodeSize:
         _mark(seen, self)
-        return CodeSize(index_bytes=packed_bytes(self.signs.numel(), 1), other_bytes=tensor_bytes(self.alpha),
-                        streams=[pack_indices(self.signs, 1)], k=2, d=1, index_bits=1)
+        return CodeSize(index_bytes=packed_bytes(self.signs.numel(), 1), other_bytes=stored_bytes(self.alpha),
+                        ans_index_bytes=packed_ans_bytes(self), streams=[pack_indices(self.signs, 1)], k=2, d=1, index_bits=1)
 
     def config(self) -> dict:
         return {"rows": self.shape[0], "n": self.shape[1]}
@@ -226,8 +226,8 @@ class ScalarCode(WeightCode):
     def size(self, seen: set[int]) -> CodeSize:
         bits = bits_for(self.k)
         _mark(seen, self)
-        return CodeSize(index_bytes=packed_bytes(self.indices.numel(), bits), codebook_bytes=tensor_bytes(self.codebook),
-                        entropy_index_bytes=huffman_bytes(self.indices, self.k),
+        return CodeSize(index_bytes=packed_bytes(self.indices.numel(), bits), codebook_bytes=stored_bytes(self.codebook),
+                        entropy_index_bytes=huffman_bytes(self.indices, self.k), ans_index_bytes=packed_ans_bytes(self),
                         streams=[pack_indices(self.indices, bits)], k=self.k, d=1, index_bits=bits)
 
     def config(self) -> dict:
@@ -411,8 +411,8 @@ class PQCode(WeightCode):
         bits = bits_for(self.k)
         _mark(seen, self)
         entropy = sum(huffman_bytes(self.codes[i], self.k) for i in range(self.subspaces))
-        return CodeSize(index_bytes=packed_bytes(self.codes.numel(), bits), codebook_bytes=tensor_bytes(self.codebooks),
-                        entropy_index_bytes=entropy, streams=[pack_indices(self.codes, bits)], k=self.k,
+        return CodeSize(index_bytes=packed_bytes(self.codes.numel(), bits), codebook_bytes=stored_bytes(self.codebooks),
+                        entropy_index_bytes=entropy, ans_index_bytes=packed_ans_bytes(self), streams=[pack_indices(self.codes, bits)], k=self.k,
                         d=self.sub_d, index_bits=bits)
 
     def config(self) -> dict:
@@ -551,8 +551,8 @@ class RVQCode(WeightCode):
         bits = bits_for(self.k)
         _mark(seen, self)
         entropy = sum(huffman_bytes(self.codes[s], self.k) for s in range(self.stages))
-        return CodeSize(index_bytes=packed_bytes(self.codes.numel(), bits), codebook_bytes=tensor_bytes(self.codebooks),
-                        entropy_index_bytes=entropy, streams=[pack_indices(self.codes, bits)], k=self.k, d=self.d,
+        return CodeSize(index_bytes=packed_bytes(self.codes.numel(), bits), codebook_bytes=stored_bytes(self.codebooks),
+                        entropy_index_bytes=entropy, ans_index_bytes=packed_ans_bytes(self), streams=[pack_indices(self.codes, bits)], k=self.k, d=self.d,
                         index_bits=bits)
 
     def config(self) -> dict:

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..bits import LZMA_FILTERS, huffman_bytes, huffman_decode, huffman_encode
+from ..bits import LZMA_FILTERS, ans_bytes, huffman_bytes, huffman_decode, huffman_encode
 from ..quantize import register_handler
-from ..quantized import CodeSize, WeightCode, check_layer, register_code, wrap
+from ..quantized import CodeSize, WeightCode, check_layer, register_code, stored_bytes, wrap
 
 __all__ = ["LATTICES", "CODERS", "nearest_point", "generator_matrix", "voronoi_dither", "encode_ints",
            "decode_ints", "layer_seed", "LatticeCode", "LatticeConfig"]
@@ -416,13 +416,26 @@ class LatticeCode(WeightCode):
             return None
         return huffman_bytes(sym - lo, hi - lo + 1) + 8
 
+    def ans_bytes(self) -> int | None:
+        """For comparison: the symbols ANS-coded from their own histogram (`vqlab.bits.ans_encode` over the range
+        [min, max], header included, plus 8 bytes for min), or None when the range exceeds 2**20 symbols."""
+        sym = self.symbols().reshape(-1)
+        if sym.numel() == 0:
+            return 0
+        lo, hi = int(sym.min()), int(sym.max())
+        if hi - lo >= 1 << 20:
+            return None
+        return ans_bytes(sym - lo, hi - lo + 1) + 8
+
     def size(self, seen: set[int]) -> CodeSize:
-        """index_bytes: the coded stream as stored; entropy_index_bytes: `huffman_bytes` (for comparison);
-        other_bytes: step and seed (12 bytes); codebook_bytes: the fine-tuned codewords (float32), if any."""
+        """index_bytes: the coded stream as stored; entropy_index_bytes / ans_index_bytes: `huffman_bytes` /
+        `ans_bytes` (for comparison); other_bytes: step and seed (12 bytes); codebook_bytes: the fine-tuned
+        codewords (float32, or the storage dtype under `compressed_size(store_dtype=...)`), if any."""
         data = self.stream.detach().cpu().numpy().tobytes()
-        book = self.codewords.numel() * 4 if self.finetune else 0
+        book = stored_bytes(self.codewords) if self.finetune else 0
         return CodeSize(index_bytes=len(data), other_bytes=_SIDE_BYTES, codebook_bytes=book,
-                        entropy_index_bytes=self.huffman_bytes(), streams=[data], d=self.dim,
+                        entropy_index_bytes=self.huffman_bytes(), ans_index_bytes=self.ans_bytes(), streams=[data],
+                        d=self.dim,
                         k=len(self.codewords) if self.finetune else None)
 
     def config(self) -> dict:

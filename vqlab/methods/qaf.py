@@ -49,7 +49,8 @@ import torch.nn.functional as F
 
 from ..bits import packed_bytes
 from ..quantize import register_handler
-from ..quantized import CodeSize, QuantizedConv2d, QuantizedLinear, WeightCode, check_layer, register_code, tensor_bytes
+from ..quantized import (CodeSize, QuantizedConv2d, QuantizedLinear, WeightCode, check_layer, packed_ans_bytes,
+                         register_code, stored_bytes)
 
 __all__ = ["CPResult", "cp_decompose", "quantize_factors", "cp_reconstruct", "QAFCode", "QAFConv2d", "QAFLinear",
            "QAFConfig", "layer_rank"]
@@ -272,7 +273,8 @@ class QAFCode(WeightCode):
     def size(self, seen: set[int]) -> CodeSize:
         seen.update(id(t) for t in self.buffers())
         index = sum(packed_bytes(getattr(self, f"q{i}").numel(), self.bits) for i in range(len(self.dims)))
-        return CodeSize(index_bytes=index, other_bytes=tensor_bytes(self.scale), index_bits=self.bits)
+        return CodeSize(index_bytes=index, other_bytes=stored_bytes(self.scale), ans_index_bytes=packed_ans_bytes(self),
+                        index_bits=self.bits)
 
     def config(self) -> dict:
         return {"dims": list(self.dims), "rank": self.rank, "bits": self.bits, "algorithm": self.algorithm,

@@ -43,7 +43,8 @@ from ..bits import packed_bytes
 from ..codebook import Codebook
 from ..layers import VQConv2d, VQLinear
 from ..quantize import register_handler
-from ..quantized import CodeSize, QuantizedLayer, WeightCode, check_layer, register_code, tensor_bytes, wrap
+from ..quantized import (CodeSize, QuantizedLayer, WeightCode, check_layer, packed_ans_bytes, register_code,
+                         stored_bytes, wrap)
 
 __all__ = ["pooled_subvectors", "kde_bandwidth", "universal_codebook", "nearest_candidates", "VQ4ALLCode",
            "VQ4ALLConfig", "vq4all_codes", "fix_assignments", "fixed_fraction", "progressive_fit", "finalize"]
@@ -233,8 +234,9 @@ class VQ4ALLCode(WeightCode):
         seen.update(id(t) for t in (book, self.cands, self.choice, self.fixed, self.logits))
         index = (packed_bytes(self.cands.numel(), bits) + packed_bytes(self.choice.numel(), bits_for(max(self.candidates, 2)))
                  + packed_bytes(self.fixed.numel(), 1))
-        return CodeSize(index_bytes=index, codebook_bytes=0 if shared else tensor_bytes(book),
-                        other_bytes=tensor_bytes(self.logits), k=self.k, d=self.d, index_bits=bits)
+        return CodeSize(index_bytes=index, codebook_bytes=0 if shared else stored_bytes(book),
+                        other_bytes=stored_bytes(self.logits), ans_index_bytes=packed_ans_bytes(self), k=self.k,
+                        d=self.d, index_bits=bits)
 
     def config(self) -> dict:
         return {"rows": self.rows_, "n": self.n, "k": self.k, "d": self.d, "candidates": self.candidates,
