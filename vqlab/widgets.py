@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ._utils import index_bits_per_weight
 
-__all__ = ["Panel", "codebook_panel", "compression_panel", "method_panel", "speed_panel"]
+__all__ = ["Panel", "codebook_panel", "compression_panel", "method_panel", "speed_panel", "budget_panel"]
 
 
 def _png(fig) -> bytes:
@@ -258,3 +258,49 @@ def speed_panel(m: int = 1024, n: int = 1024, ks: Sequence[int] = (16, 64, 256, 
 
     return Panel([_slider("K", ks, k), _slider("d", ds, d), _slider("batch", batches, batch)], render,
                  f"wall time of one {m}×{n} layer")
+
+
+# ---------------------------------------------------------------- notebook 09: compress to a size budget
+
+def budget_panel(candidates, dense_bytes: int, fixed_bytes: int = 0, targets: Sequence[float] = (8, 16, 24, 32, 40),
+                 target: float = 32, measured=None, byte_unit: int = 1) -> Panel:
+    """A target-ratio slider over `vqlab.recipes.allocate`: the per-layer allocation for that budget (index
+    bits per weight and bytes per layer, as bars), its predicted loss, and — where `compress` was run for
+    that target — the measured accuracy.
+
+    candidates: the `CompressReport.candidates` table (layer, setting, bytes, predicted_loss, ...);
+    dense_bytes: the float32 model's bytes; fixed_bytes: bytes outside the Linear/Conv2d layers;
+    measured: optional DataFrame with columns target_ratio, ratio, accuracy, float_accuracy.
+    """
+    from .recipes import allocate
+
+    by_target = {} if measured is None else {float(r.target_ratio): r for r in measured.itertuples()}
+
+    def render(target: float):
+        import matplotlib.pyplot as plt
+
+        budget = int(dense_bytes // target)
+        chosen = allocate(candidates, budget, fixed_bytes, byte_unit)
+        total = int(chosen["bytes"].sum()) + fixed_bytes
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+        names = list(chosen["layer"])
+        bits = [8 * b / max(1, w) for b, w in zip(chosen["bytes"], chosen["float_bytes"] / 4)]
+        a1.barh(names, bits, color=["0.6" if s == "float" else "tab:blue" for s in chosen["setting"]])
+        a1.set_xlabel("stored bits per weight (code + bias)")
+        a1.invert_yaxis()
+        for y, s in enumerate(chosen["setting"]):
+            a1.text(0.05, y, s, va="center", fontsize=7, color="white" if s != "float" else "black")
+        a2.barh(names, chosen["bytes"], color="tab:orange")
+        a2.set_xlabel("bytes")
+        a2.set_yticks([])
+        a2.invert_yaxis()
+        fig.suptitle(f"allocation for target={target:g}x: {total} of {budget} bytes", fontsize=9)
+        text = (f"target={target:g}: budget {budget} bytes, allocated <b>{total}</b> bytes "
+                f"(<b>{dense_bytes / total:.1f}×</b>), predicted loss increase {chosen['predicted_loss'].sum():.3f}")
+        row = by_target.get(float(target))
+        if row is not None:
+            text += (f"; compress() measured <b>{row.ratio:.1f}×</b> at accuracy {row.accuracy:.4f} "
+                     f"({100 * (row.accuracy - row.float_accuracy):+.2f} points)")
+        return text, fig
+
+    return Panel([_slider("target", list(targets), target)], render, "allocation for a size budget")
