@@ -190,6 +190,7 @@ def _assert_emulated(y, x, book, idx):
 DIRECT_SHAPES = [  # m off 16 / 32, S odd, S off 32 / G, S < 32; batches 0..17; codebook groups
     (1, 1, 16, 2, 1, 1), (15, 31, 16, 2, 2, 1), (17, 33, 9, 2, 3, 1), (33, 65, 16, 1, 17, 1), (48, 2, 16, 4, 0, 1),
     (40, 100, 16, 2, 3, 2), (96, 130, 5, 3, 1, 3), (64, 257, 16, 2, 2, 4),
+    (40, 2050, 16, 2, 17, 2),           # tables of 17 rows x 33 groups > the kernel's 128 KB pass: groups in chunks
 ]
 
 

@@ -373,6 +373,42 @@ void load_block(const uint8_t *const *rows, int64_t s, __m256i *q, __m256i *vmax
     *vmax = mx;
 }
 
+/* Batch 1, 16 rows: `halves` blocks of 32 real segments at s, each row's bytes loaded once, then looked up. */
+static inline __attribute__((always_inline, target("avx2")))
+void block16_b1(const uint8_t *const *rows, int64_t s, int halves, const __m256i *t, __m256i *pa, __m256i *pc,
+                __m256i *vmax)
+{
+    const __m256i odd = _mm256_set1_epi16(0x0100);
+    __m256i q[2][16], mx = *vmax;
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        for (int h = 0; h < halves; h++) {
+            const __m256i p0 = _mm256_loadu_si256((const __m256i *)(rows[4 * i] + s + 32 * h));
+            const __m256i p1 = _mm256_loadu_si256((const __m256i *)(rows[4 * i + 1] + s + 32 * h));
+            const __m256i p2 = _mm256_loadu_si256((const __m256i *)(rows[4 * i + 2] + s + 32 * h));
+            const __m256i p3 = _mm256_loadu_si256((const __m256i *)(rows[4 * i + 3] + s + 32 * h));
+            mx = _mm256_max_epu8(mx, _mm256_max_epu8(_mm256_max_epu8(p0, p1), _mm256_max_epu8(p2, p3)));
+            VQ_PIN(mx);
+            quad(p0, p1, p2, p3, q[h] + 4 * i);
+        }
+    }
+    *vmax = mx;
+    __m256i a = *pa, c = *pc;
+    for (int h = 0; h < halves; h++) {
+#pragma GCC unroll 4
+        for (int kk = 0; kk < 4; kk++) {
+            __m256i v[4];
+            cols(q[h], kk, v);
+            VQ_LOOK(v[0], _mm256_loadu_si256(t + 16 * h + 4 * kk));
+            VQ_LOOK(v[1], _mm256_loadu_si256(t + 16 * h + 4 * kk + 1));
+            VQ_LOOK(v[2], _mm256_loadu_si256(t + 16 * h + 4 * kk + 2));
+            VQ_LOOK(v[3], _mm256_loadu_si256(t + 16 * h + 4 * kk + 3));
+        }
+    }
+    *pa = a;
+    *pc = c;
+}
+
 __attribute__((target("avx2")))
 static void rows_avx2(const uint8_t *idx, int64_t S, int64_t row0, int64_t row1, const uint8_t *tab,
                       const float *steps, const float *offset, float *y, int64_t ldy, int64_t B,
@@ -399,8 +435,8 @@ static void rows_avx2(const uint8_t *idx, int64_t S, int64_t row0, int64_t row1,
             const int64_t s0 = g * group, cnt = (S - s0 < group) ? (S - s0) : group, nb = (cnt + 31) / 32;
             const uint8_t *tg = tab + g * B * tstride;
             __m256i a = _mm256_setzero_si256(), c = _mm256_setzero_si256();        /* batch 1 */
-            for (int64_t k = 0; k < nb; k++) {
-                const int64_t w = (cnt - 32 * k < 32) ? cnt - 32 * k : 32;
+            for (int64_t k = 0; k < nb;) {
+                const int64_t w = cnt - 32 * k;                  /* real segments from block k on */
                 const uint8_t *const *src = rows;
                 int64_t at = s0 + 32 * k;
                 if (w < 32) {                                    /* zero-padded copies: padded tables are 0 */
@@ -411,22 +447,16 @@ static void rows_avx2(const uint8_t *idx, int64_t S, int64_t row0, int64_t row1,
                     src = padrows;
                     at = 0;
                 }
-                __m256i q[16];
-                load_block(src, at, q, &vmax);
                 if (B == 1) {                                    /* look up as the vectors come out */
-                    const __m256i *t = (const __m256i *)(tg + k * 32 * VQ_ROW);
-#pragma GCC unroll 4
-                    for (int kk = 0; kk < 4; kk++) {
-                        __m256i v[4];
-                        cols(q, kk, v);
-                        VQ_LOOK(v[0], _mm256_loadu_si256(t + 4 * kk));
-                        VQ_LOOK(v[1], _mm256_loadu_si256(t + 4 * kk + 1));
-                        VQ_LOOK(v[2], _mm256_loadu_si256(t + 4 * kk + 2));
-                        VQ_LOOK(v[3], _mm256_loadu_si256(t + 4 * kk + 3));
-                    }
-                } else {
+                    const int halves = w >= 64 ? 2 : 1;
+                    block16_b1(src, at, halves, (const __m256i *)(tg + k * 32 * VQ_ROW), &a, &c, &vmax);
+                    k += halves;
+                } else {                                         /* kept for every row of the batch */
+                    __m256i q[16];
+                    load_block(src, at, q, &vmax);
 #pragma GCC unroll 4
                     for (int kk = 0; kk < 4; kk++) cols(q, kk, tv + 16 * k + 4 * kk);
+                    k += 1;
                 }
             }
             if (B == 1) {
