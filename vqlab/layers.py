@@ -32,8 +32,21 @@ its gradient = the dense weight gradient).  Every training forward with autograd
 `steps` (one per optimizer step under `vqlab.train.fit`); before forward number N+1, 2N+1, ... every
 segment of `latent` is re-assigned to its nearest codeword (`reassign()`).  `latent` is training-only
 state: `compressed_size` and `vqlab.save` leave it out and `vqlab.load` rebuilds it from the codebook.
+
+Magnitude pruning (`from_float(..., prune=p)`, `VQConfig(prune=p)`, p in [0, 1)): in every codebook group
+the floor(p * N_g + 1/2) segments of smallest L2 norm (N_g segments per group, ties to the lower index) are
+assigned to codeword 0, which is pinned to the zero vector; k-means fits codewords 1..K-1 on the other
+segments only (so K >= 3).  The rule is "index 0 == pruned": no mask is stored, the code carries the flag
+`pinned_zero` (saved and loaded by `vqlab.save` / `vqlab.load`).  Training keeps codeword 0 exactly zero:
+the rows are rebuilt from the codebook with row 0 replaced by zeros, so its gradient is exactly zero and
+no optimizer step (nor `fit`'s float32 masters of a float16 codebook) moves it.  `reassign()` keeps every
+pruned segment on codeword 0 and assigns the others among codewords 1..K-1 only: the sparsity pattern
+is fixed, as in magnitude pruning with a mask (Han et al. 2016, Deep Compression, prune then share).
 """
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -48,7 +61,8 @@ from .kernels.reference import check_codebook_groups, check_indices, dequantize 
 from .quantized import CodeSize, QuantizedLayer, WeightCode, packed_ans_bytes, register_code, stored_bytes
 
 __all__ = ["VQLinear", "VQConv2d", "VQLayer", "VQCode", "vq_layer_class", "check_quantizable", "fit_codebook",
-           "weight_segments", "segment_geometry", "FLOAT_DTYPES"]
+           "weight_segments", "segment_geometry", "FLOAT_DTYPES", "check_prune", "prune_count",
+           "fit_pruned_codebook"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -104,13 +118,28 @@ def _resolve_conv_padding(padding, kernel_size, dilation) -> tuple[int, int, int
     return (pw, pw, ph, ph)
 
 
+def check_prune(prune, label: str = "layer") -> float:
+    """`prune` as a float; ValueError naming `label`, `prune` and the value unless it is a number in [0, 1)."""
+    if isinstance(prune, bool) or not isinstance(prune, numbers.Real) or not 0.0 <= float(prune) < 1.0:
+        raise ValueError(f"{label}: prune must be a number in [0, 1) (the fraction of segments pinned to the zero "
+                         f"codeword; 0 = no pruning), got prune={prune!r}")
+    return float(prune)
+
+
+def prune_count(segments: int, prune: float) -> int:
+    """How many of a codebook group's `segments` are pruned: floor(prune * segments + 1/2) (round half up)."""
+    return math.floor(prune * segments + 0.5)
+
+
 def check_quantizable(module: nn.Module, k: int, d: int, *, groups: int = 1, segment: str = "input",
-                      pad: bool = False, name: str | None = None, check_k: bool = True) -> int:
+                      pad: bool = False, name: str | None = None, check_k: bool = True, prune: float = 0.0) -> int:
     """Check that `module` (nn.Linear / nn.Conv2d) can take a (K, d) codebook; return its segment count.
 
     Raises ValueError/TypeError naming the layer and the bad value: unsupported layer type or weight
     dtype, non-finite weights, K < 2, d not dividing the segmented dimension (unless pad), G not
-    dividing the output channels, K larger than the segments one codebook serves (when check_k).
+    dividing the output channels, K larger than the segments one codebook serves (when check_k);
+    with prune > 0: prune outside [0, 1), K < 3, or fewer unpruned segments per group than the K - 1
+    learned codewords.
     returns: number of segments of the whole layer, out * n_pad / d.
     """
     label = _label(name, module)
@@ -138,6 +167,16 @@ def check_quantizable(module: nn.Module, k: int, d: int, *, groups: int = 1, seg
     if check_k and k > segments // groups:
         raise ValueError(f"{label}: K={k} is larger than the {segments // groups} segments each of the "
                          f"{groups} codebook(s) would serve (d={d}); use K <= {segments // groups}")
+    prune = check_prune(prune, label)
+    if prune:
+        if k < 3:
+            raise ValueError(f"{label}: prune={prune} pins codeword 0 to zero and needs K >= 3 (the zero codeword "
+                             f"and at least 2 learned ones), got K={k}")
+        per = segments // groups
+        kept = per - prune_count(per, prune)
+        if check_k and kept < k - 1:
+            raise ValueError(f"{label}: prune={prune} leaves {kept} of the {per} segments each codebook serves, "
+                             f"fewer than the K-1={k - 1} learned codewords; use a smaller prune or K <= {kept + 1}")
     return segments
 
 
@@ -179,6 +218,28 @@ def fit_codebook(segments: torch.Tensor, k: int, *, iters: int = 25, init: str =
     return torch.stack(books).to(dtype), torch.stack(codes)
 
 
+@torch.no_grad()
+def fit_pruned_codebook(segments: torch.Tensor, k: int, prune: float, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fit_codebook` with magnitude pruning: codeword 0 is the zero vector and holds the pruned segments.
+
+    segments: (G, N, d) float.  In each group the prune_count(N, prune) segments of smallest L2 norm (ties:
+    the lower index) are assigned to codeword 0 = 0; codewords 1..k-1 are k-means (`fit_codebook(..., k - 1,
+    **kw)`) on the other segments, taken in their original order, each assigned to its nearest of them.
+    returns codebook (G, k, d) with codebook[:, 0] == 0 and assignments (G, N) int64 (0 exactly where pruned).
+    """
+    g, n, d = segments.shape
+    cut = prune_count(n, prune)
+    norms = segments.double().pow(2).sum(-1)                           # (G, N) squared L2 norms
+    order = norms.argsort(dim=1, stable=True)                          # (G, N) smallest first
+    keep = order[:, cut:].sort(dim=1).values                           # (G, N - cut) unpruned positions
+    kept = torch.gather(segments, 1, keep[..., None].expand(-1, -1, d))  # (G, N - cut, d)
+    book, codes = fit_codebook(kept, k - 1, **kw)                      # (G, k-1, d), (G, N - cut)
+    book = torch.cat([book.new_zeros(g, 1, d), book], dim=1)           # (G, k, d), row 0 pinned to zero
+    full = torch.zeros(g, n, dtype=torch.int64, device=segments.device)
+    full.scatter_(1, keep, codes + 1)
+    return book, full
+
+
 def _shards(work: torch.Tensor, batch_size: int | None) -> tuple[int, int]:
     """(rank, world size) for `fit_codebook(distributed=True)`; (0, 1) in one process or with fewer segments
     than ranks.  Checks that every rank holds the same segments, else the ranks would part ways."""
@@ -208,19 +269,50 @@ class VQCode(WeightCode):
     rows() = dequantize(codebook, indices): (rows, n_pad), differentiable w.r.t. the codebook.
     Stored: indices packed at ceil(log2 K) bits each (Huffman and ANS figures from their histogram); the
     codebook at its storage dtype (`stored_bytes`), once per object across everything counted with one `seen` set.
+
+    pinned_zero=True (magnitude pruning, module docstring): codeword 0 of every group is the zero vector and
+    index 0 means "pruned"; rows() rebuilds with row 0 replaced by zeros, so no gradient reaches it.  The flag is
+    stored as the plain attribute `_pinned_zero`, set only on pinned codes (so `vqlab.save` writes it and files of
+    unpruned models are unchanged).  It needs its own codebook (not a shared one) with K >= 3.
     """
 
     kind = "vq"
     method = "vq"
 
     def __init__(self, rows: int, n_pad: int, k: int, d: int, groups: int = 1, codebook: Codebook | None = None,
-                 *, device=None, dtype=None):
+                 *, pinned_zero: bool = False, device=None, dtype=None):
         super().__init__()
+        if pinned_zero and codebook is not None:
+            raise ValueError("VQCode: pinned_zero=True (pruning) needs the layer's own codebook, not a shared one")
         if codebook is None:
             codebook = Codebook(k, d, groups, device=device, dtype=dtype)
         self.codebook = codebook
         self.register_buffer("indices", torch.zeros(rows, n_pad // codebook.d, dtype=index_dtype(codebook.k),
                                                     device=device))
+        if pinned_zero:
+            if codebook.k < 3:
+                raise ValueError(f"VQCode: pinned_zero=True needs K >= 3 (the zero codeword and at least 2 learned "
+                                 f"ones), got K={codebook.k}")
+            self._pinned_zero = True           # a plain attribute: vqlab.save stores it in the module's state
+
+    @property
+    def pinned_zero(self) -> bool:
+        """Whether codeword 0 is pinned to zero and index 0 marks a pruned segment."""
+        return self.__dict__.get("_pinned_zero", False) is True
+
+    def book(self) -> torch.Tensor:
+        """The codebook (G, K, d) the rows are rebuilt from: `codebook.weight`, or with pinned_zero that weight
+        with row 0 replaced by zeros (the same values, but no gradient flows into row 0)."""
+        w = self.codebook.weight
+        if not self.pinned_zero:
+            return w
+        return torch.cat([torch.zeros_like(w[:, :1]), w[:, 1:]], dim=1)
+
+    def sparsity(self) -> float:
+        """Fraction of segments pruned (on the pinned zero codeword); 0.0 without pinned_zero."""
+        if not self.pinned_zero:
+            return 0.0
+        return float((self.indices == 0).sum()) / max(self.indices.numel(), 1)
 
     def __setattr__(self, name: str, value) -> None:
         # `code.indices = t` is checked like the kernels check indices: same shape, integer, values in [0, K)
@@ -236,7 +328,7 @@ class VQCode(WeightCode):
         return self.indices.shape[0], self.indices.shape[1] * self.codebook.d
 
     def rows(self) -> torch.Tensor:
-        return _dequantize(self.codebook.weight, self.indices)
+        return _dequantize(self.book(), self.indices)
 
     def size(self, seen: set[int]) -> CodeSize:
         bits = bits_for(self.codebook.k)
@@ -252,29 +344,47 @@ class VQCode(WeightCode):
 
     def config(self) -> dict:
         book = self.codebook
-        return {"rows": self.shape[0], "n_pad": self.shape[1], "k": book.k, "d": book.d, "groups": book.groups,
-                "dtype": str(book.weight.dtype).removeprefix("torch.")}
+        out = {"rows": self.shape[0], "n_pad": self.shape[1], "k": book.k, "d": book.d, "groups": book.groups,
+               "dtype": str(book.weight.dtype).removeprefix("torch.")}
+        if self.pinned_zero:
+            out["pinned_zero"] = True
+        return out
 
     @classmethod
-    def from_config(cls, rows: int, n_pad: int, k: int, d: int, groups: int = 1, dtype: str = "float32") -> "VQCode":
+    def from_config(cls, rows: int, n_pad: int, k: int, d: int, groups: int = 1, dtype: str = "float32",
+                    pinned_zero: bool = False) -> "VQCode":
         if dtype not in FLOAT_DTYPE_NAMES:
             raise ValueError(f"VQCode: dtype must be one of {sorted(FLOAT_DTYPE_NAMES)}, got {dtype!r}")
-        return cls(rows, n_pad, k, d, groups, dtype=FLOAT_DTYPE_NAMES[dtype])
+        if not isinstance(pinned_zero, bool):
+            raise ValueError(f"VQCode: pinned_zero must be True or False, got {pinned_zero!r}")
+        return cls(rows, n_pad, k, d, groups, pinned_zero=pinned_zero, dtype=FLOAT_DTYPE_NAMES[dtype])
 
     def packing(self) -> dict[str, int]:
         return {"indices": bits_for(self.codebook.k)}
 
     def validate(self) -> None:
-        """A (G, K, d) float codebook, integer indices in [0, K), G dividing the rows."""
+        """A (G, K, d) float codebook, integer indices in [0, K), G dividing the rows; with pinned_zero a
+        flag that is True, K >= 3 and codeword 0 exactly zero in every group."""
         book = self.codebook.weight
         if book.dim() != 3 or not book.is_floating_point():
             raise ValueError(f"codebook must be a (G, K, d) float tensor, got {list(book.shape)} {book.dtype}")
         check_indices(self.indices, self.codebook.k)
         check_codebook_groups(book, self.indices.shape[0])
+        if "_pinned_zero" in self.__dict__:
+            if self.__dict__["_pinned_zero"] is not True:
+                raise ValueError(f"_pinned_zero must be True when present, got {self.__dict__['_pinned_zero']!r}")
+            if book.shape[1] < 3:
+                raise ValueError(f"pinned_zero needs K >= 3, got K={book.shape[1]}")
+            if bool((book[:, 0] != 0).any()):
+                raise ValueError("pinned_zero: codeword 0 must be exactly zero in every codebook group")
 
     def describe(self) -> dict:
-        return {"method": self.method, "K": self.codebook.k, "d": self.codebook.d,
-                "bits_per_weight": index_bits_per_weight(self.codebook.k, self.codebook.d)}
+        """method, K, d, bits_per_weight; with pinned_zero also `sparsity` (fraction of pruned segments)."""
+        out = {"method": self.method, "K": self.codebook.k, "d": self.codebook.d,
+               "bits_per_weight": index_bits_per_weight(self.codebook.k, self.codebook.d)}
+        if self.pinned_zero:
+            out["sparsity"] = self.sparsity()
+        return out
 
     def flops(self, rows: int, groups: int = 1) -> tuple[int, int]:
         """The LUT product's count (the kernels' own formula): tables for every (conv group, codebook group)
@@ -284,7 +394,8 @@ class VQCode(WeightCode):
         return lut_flops(rows, m, s, book.d, book.k, table_count(groups, book.groups))
 
     def extra_repr(self) -> str:
-        return f"rows={self.shape[0]}, n_pad={self.shape[1]}"
+        pinned = ", pinned_zero=True" if self.pinned_zero else ""
+        return f"rows={self.shape[0]}, n_pad={self.shape[1]}{pinned}"
 
 
 class VQLayer(QuantizedLayer):
@@ -299,8 +410,9 @@ class VQLayer(QuantizedLayer):
     training_only = ("latent",)     # not counted by compressed_size, not saved
 
     def _init_vq(self, out_dim: int, n_pad: int, k: int, d: int, codebook_groups: int,
-                 codebook: Codebook | None, reassign_every: int, device, dtype) -> None:
-        self.code = VQCode(out_dim, n_pad, k, d, codebook_groups, codebook, device=device, dtype=dtype)
+                 codebook: Codebook | None, reassign_every: int, device, dtype, pinned_zero: bool = False) -> None:
+        self.code = VQCode(out_dim, n_pad, k, d, codebook_groups, codebook, pinned_zero=pinned_zero, device=device,
+                           dtype=dtype)
         self.n_pad = n_pad
         if isinstance(reassign_every, bool) or not isinstance(reassign_every, int) or reassign_every < 0:
             raise ValueError(f"reassign_every must be an integer >= 0 (0 = never), got {reassign_every!r}")
@@ -347,14 +459,20 @@ class VQLayer(QuantizedLayer):
         return self.codebook.groups
 
     @property
+    def pinned_zero(self) -> bool:
+        """Codeword 0 is pinned to zero and index 0 marks a pruned segment (built with prune > 0)."""
+        return self.code.pinned_zero
+
+    @property
     def bits_per_weight(self) -> float:
         """Index bits per (unpadded) weight: ceil(log2 K) * segments / weights."""
         return bits_for(self.k) * self.indices.numel() / (self.out_dim * self.n)
 
     # -- weights
     def flat_weight(self) -> torch.Tensor:
-        """(out, n_pad) dequantized rows in the codebook's dtype, differentiable w.r.t. the codebook."""
-        return _dequantize(self.codebook.weight, self.indices)
+        """(out, n_pad) dequantized rows in the codebook's dtype, differentiable w.r.t. the codebook
+        (with pinned_zero, not w.r.t. its codeword 0: `VQCode.book`)."""
+        return self.code.rows()
 
     def _train_flat(self, dtype: torch.dtype) -> torch.Tensor:
         """Rows used in training: codebook values; with `latent`, a straight-through path to it."""
@@ -383,6 +501,8 @@ class VQLayer(QuantizedLayer):
 
         weight: dense weight (nn shape) to assign; default: the `latent` parameter (needs
         reassign_every > 0 or `init_latent()`).
+        With pinned_zero (pruning) the pruned segments (index 0) stay on codeword 0 and every other segment
+        goes to its nearest of codewords 1..K-1, so the set of pruned segments never changes.
         """
         if weight is not None:
             flat = self._weight_to_flat(weight.to(self.codebook.weight.device))
@@ -395,7 +515,12 @@ class VQLayer(QuantizedLayer):
         segs = flat.reshape(g, -1, d)                                  # (G, N_g, d)
         book = self.codebook.weight
         work = torch.float64 if book.dtype == torch.float64 else torch.float32
-        new = torch.stack([assign(segs[j].to(work), book[j].to(work)) for j in range(g)])
+        if self.pinned_zero:
+            pruned = self.indices.reshape(g, -1) == 0                  # (G, N_g) the fixed mask
+            new = torch.stack([assign(segs[j].to(work), book[j, 1:].to(work)) + 1 for j in range(g)])
+            new = new.masked_fill(pruned, 0)
+        else:
+            new = torch.stack([assign(segs[j].to(work), book[j].to(work)) for j in range(g)])
         new = new.reshape(self.indices.shape).to(self.indices.dtype)
         changed = int((new != self.indices).sum())
         self.indices.copy_(new)
@@ -404,12 +529,15 @@ class VQLayer(QuantizedLayer):
     # -- construction from a float layer
     def _fill_from(self, weight: torch.Tensor, *, k: int, d: int, groups: int, iters: int, init: str,
                    batch_size: int | None, seed: int, codebook: Codebook | None,
-                   codebook_dtype: torch.dtype | None, distributed: bool = False) -> None:
+                   codebook_dtype: torch.dtype | None, distributed: bool = False, prune: float = 0.0) -> None:
         if codebook is None:
             flat = self._weight_to_flat(weight.detach())               # (out, n_pad)
-            book, codes = fit_codebook(flat.reshape(groups, -1, d), k, iters=iters, init=init,
-                                       batch_size=batch_size, seed=seed,
-                                       dtype=codebook_dtype or weight.dtype, distributed=distributed)
+            kw = dict(iters=iters, init=init, batch_size=batch_size, seed=seed,
+                      dtype=codebook_dtype or weight.dtype, distributed=distributed)
+            if prune:
+                book, codes = fit_pruned_codebook(flat.reshape(groups, -1, d), k, prune, **kw)
+            else:
+                book, codes = fit_codebook(flat.reshape(groups, -1, d), k, **kw)
             with torch.no_grad():
                 self.codebook.weight.copy_(book)
                 self.indices.copy_(codes.reshape(self.indices.shape).to(self.indices.dtype))
@@ -420,29 +548,36 @@ class VQLayer(QuantizedLayer):
 
     @classmethod
     def _from_float(cls, module: nn.Module, k, d, *, codebook, groups, pad, iters, init, batch_size, seed,
-                    reassign_every, codebook_dtype, name, distributed=False, **layout):
+                    reassign_every, codebook_dtype, name, distributed=False, prune=0.0, **layout):
         """The body of VQLinear/VQConv2d.from_float; `layout` holds the conv's `segment`."""
         label = _label(name, module)
+        prune = check_prune(prune, label)
         if codebook is not None:
             k, d, groups = _check_codebook_arg(codebook, k, d, label)
+            if prune:
+                raise ValueError(f"{label}: prune={prune} pins codeword 0 of the layer's own codebook to zero; it "
+                                 f"cannot be combined with a shared codebook (pass prune=0 or codebook=None)")
         if k is None or d is None:
             raise ValueError(f"{label}: give k and d (or a shared codebook)")
-        check_quantizable(module, k, d, groups=groups, pad=pad, name=name, check_k=codebook is None, **layout)
+        check_quantizable(module, k, d, groups=groups, pad=pad, name=name, check_k=codebook is None, prune=prune,
+                          **layout)
         w = module.weight
+        extra = {"pinned_zero": True} if prune else {}
         layer = cls.from_shape_of(module, k=k, d=d, codebook_groups=groups, pad=pad, codebook=codebook,
                                   reassign_every=reassign_every, device=w.device, dtype=codebook_dtype or w.dtype,
-                                  **layout)
+                                  **extra, **layout)
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
         layer._fill_from(w, k=k, d=d, groups=groups, iters=iters, init=init, batch_size=batch_size, seed=seed,
-                         codebook=codebook, codebook_dtype=codebook_dtype, distributed=distributed)
+                         codebook=codebook, codebook_dtype=codebook_dtype, distributed=distributed, prune=prune)
         return layer
 
     def extra_repr(self) -> str:
         shared = "" if self.codebook_groups == 1 else f", codebook_groups={self.codebook_groups}"
         pad = f", n_pad={self.n_pad}" if self.n_pad != self.n else ""
         every = f", reassign_every={self.reassign_every}" if self.reassign_every else ""
-        return f"K={self.k}, d={self.d}{shared}{pad}{every}"
+        pinned = f", pinned_zero=True (sparsity={self.code.sparsity():.3f})" if self.pinned_zero else ""
+        return f"K={self.k}, d={self.d}{shared}{pad}{every}{pinned}"
 
 
 def _check_codebook_arg(codebook: Codebook, k: int | None, d: int | None, label: str) -> tuple[int, int, int]:
@@ -463,14 +598,14 @@ class VQLinear(VQLayer):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: int, d: int,
                  codebook_groups: int = 1, pad: bool = False, codebook: Codebook | None = None,
-                 reassign_every: int = 0, device=None, dtype=None):
+                 reassign_every: int = 0, pinned_zero: bool = False, device=None, dtype=None):
         super().__init__()
         if codebook is not None:
             k, d, codebook_groups = codebook.k, codebook.d, codebook.groups
         n_pad = segment_geometry(in_features, d, pad=pad, label="VQLinear")
         self.in_features, self.out_features = in_features, out_features
         self.out_dim, self.n = out_features, in_features
-        self._init_vq(out_features, n_pad, k, d, codebook_groups, codebook, reassign_every, device, dtype)
+        self._init_vq(out_features, n_pad, k, d, codebook_groups, codebook, reassign_every, device, dtype, pinned_zero)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     def _weight_to_flat(self, weight: torch.Tensor) -> torch.Tensor:
@@ -489,16 +624,18 @@ class VQLinear(VQLayer):
                    codebook: Codebook | None = None, groups: int = 1, pad: bool = False, iters: int = 25,
                    init: str = "kmeans++", batch_size: int | None = None, seed: int = 0,
                    reassign_every: int = 0, codebook_dtype: torch.dtype | None = None,
-                   name: str | None = None, distributed: bool = False) -> "VQLinear":
+                   name: str | None = None, distributed: bool = False, prune: float = 0.0) -> "VQLinear":
         """Quantize an nn.Linear: k-means (K codewords of length d, G codebooks) on its weight rows.
 
         codebook: an existing Codebook to share (then K, d, G come from it and the weights are only
             assigned to it).  name: the layer's name, used in error messages.
         distributed: under torchrun, k-means over the ranks (see `fit_codebook`); the same layer on every rank.
+        prune: fraction in [0, 1) of each codebook group's segments, smallest L2 norm first, pinned to the zero
+            codeword 0 for good (`fit_pruned_codebook`, module docstring); needs K >= 3 and no shared codebook.
         """
         return cls._from_float(module, k, d, codebook=codebook, groups=groups, pad=pad, iters=iters, init=init,
                                batch_size=batch_size, seed=seed, reassign_every=reassign_every,
-                               codebook_dtype=codebook_dtype, name=name, distributed=distributed)
+                               codebook_dtype=codebook_dtype, name=name, distributed=distributed, prune=prune)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -527,7 +664,8 @@ class VQConv2d(VQLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, k: int, d: int,
                  segment: str = "input", codebook_groups: int = 1, pad: bool = False,
-                 codebook: Codebook | None = None, reassign_every: int = 0, device=None, dtype=None):
+                 codebook: Codebook | None = None, reassign_every: int = 0, pinned_zero: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         if codebook is not None:
             k, d, codebook_groups = codebook.k, codebook.d, codebook.groups
@@ -546,7 +684,8 @@ class VQConv2d(VQLayer):
         n_pad = segment_geometry(cin_g, d, kernel=(kh, kw), segment=segment, pad=pad, label="VQConv2d")
         self.cin_pad = _ceil_to(cin_g, d) if segment == "input" else cin_g   # channels per conv group seen by the kernel
         self.out_dim, self.n = out_channels, cin_g * kh * kw
-        self._init_vq(out_channels, n_pad, k, d, codebook_groups, codebook, reassign_every, device, dtype)
+        self._init_vq(out_channels, n_pad, k, d, codebook_groups, codebook, reassign_every, device, dtype,
+                      pinned_zero)
         self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype)) if bias else None
         # explicit padding: symmetric zero padding goes to the conv itself, anything else is done by F.pad
         lr_tb = _resolve_conv_padding(self.padding, self.kernel_size, self.dilation)
@@ -579,16 +718,19 @@ class VQConv2d(VQLayer):
                    codebook: Codebook | None = None, groups: int = 1, segment: str = "input", pad: bool = False,
                    iters: int = 25, init: str = "kmeans++", batch_size: int | None = None, seed: int = 0,
                    reassign_every: int = 0, codebook_dtype: torch.dtype | None = None,
-                   name: str | None = None, distributed: bool = False) -> "VQConv2d":
+                   name: str | None = None, distributed: bool = False, prune: float = 0.0) -> "VQConv2d":
         """Quantize an nn.Conv2d: k-means on its weight segments (layout per `segment`).
 
         groups: number of codebooks G (blocks of output channels), not the conv's groups.
         codebook: an existing Codebook to share.  name: the layer's name, used in error messages.
         distributed: under torchrun, k-means over the ranks (see `fit_codebook`); the same layer on every rank.
+        prune: fraction in [0, 1) of each codebook group's segments, smallest L2 norm first, pinned to the zero
+            codeword 0 for good (`fit_pruned_codebook`, module docstring); needs K >= 3 and no shared codebook.
         """
         return cls._from_float(module, k, d, codebook=codebook, groups=groups, pad=pad, iters=iters, init=init,
                                batch_size=batch_size, seed=seed, reassign_every=reassign_every,
-                               codebook_dtype=codebook_dtype, name=name, distributed=distributed, segment=segment)
+                               codebook_dtype=codebook_dtype, name=name, distributed=distributed, segment=segment,
+                               prune=prune)
 
     def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
         if self._pre_pad is not None:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ._utils import FLOAT_DTYPE_NAMES, index_bits_per_weight
 from .codebook import Codebook
-from .layers import FLOAT_DTYPES, check_quantizable, fit_codebook, vq_layer_class, weight_segments
+from .layers import FLOAT_DTYPES, check_prune, check_quantizable, fit_codebook, vq_layer_class, weight_segments
 from .quantized import QuantizedLayer
 
 __all__ = ["VQConfig", "quantize_", "register_handler", "HANDLERS", "UNSUPPORTED_LAYERS"]
@@ -58,9 +58,17 @@ class VQConfig:
             k-means is spread over the ranks (each fits its rows [rank::world] of the segments,
             `kmeans(..., distributed=True)`); every rank ends with the same codebooks and indices.  Lloyd
             only (batch_size must be None).  In one process the same as False.
+        prune: magnitude pruning, a fraction p in [0, 1) (0.0 = none, the default).  Before k-means, in every
+            codebook group the floor(p * N_g + 1/2) segments of smallest L2 norm (N_g segments per group) are
+            assigned to codeword 0, pinned to the zero vector; k-means fits codewords 1..K-1 on the other
+            segments.  Codeword 0 stays exactly zero through `vqlab.fit` (float16 codebooks included) and
+            re-assignment keeps the pruned segments on it and every other segment off it, so the sparsity
+            pattern is fixed (vqlab.layers, "Magnitude pruning").  Needs K >= 3 and codebook "layer" or
+            "group"; indices stay K-ary, so only their entropy (Huffman / ANS sizes) drops.
 
     Example:
         >>> report = quantize_(model, VQConfig(k=256, d=4), overrides={"classifier.1": VQConfig(k=16, d=2)})
+        >>> quantize_(model, VQConfig(k=16, d=2, prune=0.5, reassign_every=20))   # half the segments zero
     """
 
     report_status: ClassVar[str] = "vq"
@@ -79,6 +87,7 @@ class VQConfig:
     quantize_first_last: bool = False
     codebook_dtype: torch.dtype | str | None = None
     distributed: bool = False
+    prune: float = 0.0
 
     def __post_init__(self):
         _int("k", self.k, 2)
@@ -119,6 +128,15 @@ class VQConfig:
             object.__setattr__(self, "codebook_dtype", FLOAT_DTYPE_NAMES[dt.removeprefix("torch.")])
         elif dt is not None and dt not in FLOAT_DTYPES:
             raise ValueError(f"VQConfig.codebook_dtype must be a float dtype {[str(t) for t in FLOAT_DTYPES]}, got {dt!r}")
+        object.__setattr__(self, "prune", check_prune(self.prune, "VQConfig"))
+        if self.prune:
+            if self.k < 3:
+                raise ValueError(f"VQConfig: prune={self.prune} pins codeword 0 to zero and needs K >= 3 (the zero "
+                                 f"codeword and at least 2 learned ones), got k={self.k}")
+            if not (self.codebook == "layer" or self.codebook == "group"):
+                what = "a given Codebook object" if isinstance(self.codebook, Codebook) else "codebook='shared'"
+                raise ValueError(f"VQConfig: prune={self.prune} pins codeword 0 of each layer's own codebook to zero "
+                                 f"and cannot be combined with {what}; use codebook='layer' or 'group'")
 
     @property
     def bits_per_weight(self) -> float:
@@ -130,7 +148,7 @@ class VQConfig:
         given = isinstance(self.codebook, Codebook)
         check_quantizable(module, self.k, self.d, groups=self.codebook.groups if given else self.groups,
                           segment=self.segment, pad=self.pad, name=name, check_k=self.codebook == "layer" or
-                          self.codebook == "group")
+                          self.codebook == "group", prune=self.prune)
 
 
 # ---------------------------------------------------------------- handler registry
@@ -182,7 +200,8 @@ def _vq_handler(modules: list[tuple[str, nn.Module]], config: VQConfig) -> Itera
             yield name, cls.from_float(m, config.k, config.d, groups=config.groups, iters=config.iters,
                                        init=config.init, batch_size=config.batch_size, seed=config.seed,
                                        codebook_dtype=config.codebook_dtype, name=name,
-                                       distributed=config.distributed, **_vq_kwargs(m, config))
+                                       distributed=config.distributed, prune=config.prune,
+                                       **_vq_kwargs(m, config))
 
 
 # ---------------------------------------------------------------- quantize_
