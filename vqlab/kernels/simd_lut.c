@@ -373,40 +373,106 @@ void load_block(const uint8_t *const *rows, int64_t s, __m256i *q, __m256i *vmax
     *vmax = mx;
 }
 
-/* Batch 1, 16 rows: `halves` blocks of 32 real segments at s, each row's bytes loaded once, then looked up. */
+/* ---- batch 1 with 32-row tiles: rows r and r + 16 share a byte (r | (r + 16) << 4), halving the transpose */
+
+/* Lookups of the transposed packed vectors of one block (q from quad()) with its 16 table registers t. */
 static inline __attribute__((always_inline, target("avx2")))
-void block16_b1(const uint8_t *const *rows, int64_t s, int halves, const __m256i *t, __m256i *pa, __m256i *pc,
-                __m256i *vmax)
+void look32(const __m256i *q, const __m256i *t, __m256i *acc)
 {
-    const __m256i odd = _mm256_set1_epi16(0x0100);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), odd = _mm256_set1_epi16(0x0100);
+    __m256i alo = acc[0], clo = acc[1], ahi = acc[2], chi = acc[3];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) {
+        __m256i v[4];
+        cols(q, k, v);
+#pragma GCC unroll 4
+        for (int e = 0; e < 4; e++) {
+            const __m256i tt = _mm256_loadu_si256(t + 4 * k + e);
+            const __m256i l = _mm256_and_si256(v[e], m4);
+            const __m256i h = _mm256_and_si256(_mm256_srli_epi16(v[e], 4), m4);
+            const __m256i u = _mm256_shuffle_epi8(tt, l), w = _mm256_shuffle_epi8(tt, h);
+            alo = _mm256_add_epi16(alo, u);
+            clo = _mm256_add_epi16(clo, _mm256_maddubs_epi16(u, odd));
+            ahi = _mm256_add_epi16(ahi, w);
+            chi = _mm256_add_epi16(chi, _mm256_maddubs_epi16(w, odd));
+            VQ_PIN(alo); VQ_PIN(clo); VQ_PIN(ahi); VQ_PIN(chi);
+        }
+    }
+    acc[0] = alo; acc[1] = clo; acc[2] = ahi; acc[3] = chi;
+}
+
+/* rows[0..31] at s, `halves` (1 or 2) blocks of 32 real segments: each row's bytes are loaded once (its cache
+ * line may be evicted before a second visit: rows S bytes apart share few L1 sets). */
+static inline __attribute__((always_inline, target("avx2")))
+void block32_b1(const uint8_t *const *rows, int64_t s, int halves, const __m256i *t, __m256i *acc, __m256i *vmax)
+{
     __m256i q[2][16], mx = *vmax;
 #pragma GCC unroll 4
     for (int i = 0; i < 4; i++) {
         for (int h = 0; h < halves; h++) {
-            const __m256i p0 = _mm256_loadu_si256((const __m256i *)(rows[4 * i] + s + 32 * h));
-            const __m256i p1 = _mm256_loadu_si256((const __m256i *)(rows[4 * i + 1] + s + 32 * h));
-            const __m256i p2 = _mm256_loadu_si256((const __m256i *)(rows[4 * i + 2] + s + 32 * h));
-            const __m256i p3 = _mm256_loadu_si256((const __m256i *)(rows[4 * i + 3] + s + 32 * h));
-            mx = _mm256_max_epu8(mx, _mm256_max_epu8(_mm256_max_epu8(p0, p1), _mm256_max_epu8(p2, p3)));
+            __m256i p[4];
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                const __m256i lo = _mm256_loadu_si256((const __m256i *)(rows[4 * i + j] + s + 32 * h));
+                const __m256i hi = _mm256_loadu_si256((const __m256i *)(rows[16 + 4 * i + j] + s + 32 * h));
+                mx = _mm256_max_epu8(mx, _mm256_max_epu8(lo, hi));
+                p[j] = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));          /* exact for bytes < 16 */
+            }
             VQ_PIN(mx);
-            quad(p0, p1, p2, p3, q[h] + 4 * i);
+            quad(p[0], p[1], p[2], p[3], q[h] + 4 * i);
         }
     }
     *vmax = mx;
-    __m256i a = *pa, c = *pc;
-    for (int h = 0; h < halves; h++) {
-#pragma GCC unroll 4
-        for (int kk = 0; kk < 4; kk++) {
-            __m256i v[4];
-            cols(q[h], kk, v);
-            VQ_LOOK(v[0], _mm256_loadu_si256(t + 16 * h + 4 * kk));
-            VQ_LOOK(v[1], _mm256_loadu_si256(t + 16 * h + 4 * kk + 1));
-            VQ_LOOK(v[2], _mm256_loadu_si256(t + 16 * h + 4 * kk + 2));
-            VQ_LOOK(v[3], _mm256_loadu_si256(t + 16 * h + 4 * kk + 3));
+    look32(q[0], t, acc);
+    if (halves == 2) look32(q[1], t + 16, acc);
+}
+
+__attribute__((target("avx2")))
+static void rows_b1_avx2(const uint8_t *idx, int64_t S, int64_t row0, int64_t row1, const uint8_t *tab,
+                           const float *steps, const float *offset, float *y, int64_t ngroups, int64_t group,
+                           int *maxval)
+{
+    const int64_t gs = vq_gstride(group), tstride = gs * VQ_ROW;
+    const uint8_t *rows[32];
+    uint8_t pad[32][32];
+    const uint8_t *padrows[32];
+    __m256i vmax = _mm256_setzero_si256();
+    for (int i = 0; i < 32; i++) padrows[i] = pad[i];
+    for (int64_t r0 = row0; r0 < row1; r0 += 32) {
+        const int64_t nr = (row1 - r0 < 32) ? row1 - r0 : 32;
+        for (int i = 0; i < 32; i++) rows[i] = idx + (r0 + (i < nr ? i : nr - 1)) * S;
+        for (int64_t j = 0; j < nr; j++) y[r0 + j] = offset[0];
+        for (int64_t g = 0; g < ngroups; g++) {
+            const int64_t s0 = g * group, cnt = (S - s0 < group) ? (S - s0) : group, nb = (cnt + 31) / 32;
+            const uint8_t *tg = tab + g * tstride;
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                              _mm256_setzero_si256()};
+            for (int64_t k = 0; k < nb;) {
+                const int64_t w = cnt - 32 * k;
+                if (w >= 64) {
+                    block32_b1(rows, s0 + 32 * k, 2, (const __m256i *)(tg + k * 32 * VQ_ROW), acc, &vmax);
+                    k += 2;
+                } else if (w >= 32) {
+                    block32_b1(rows, s0 + 32 * k, 1, (const __m256i *)(tg + k * 32 * VQ_ROW), acc, &vmax);
+                    k += 1;
+                } else {
+                    for (int i = 0; i < 32; i++) {
+                        memset(pad[i], 0, 32);
+                        memcpy(pad[i], rows[i] + s0 + 32 * k, (size_t)w);
+                    }
+                    block32_b1(padrows, 0, 1, (const __m256i *)(tg + k * 32 * VQ_ROW), acc, &vmax);
+                    k += 1;
+                }
+            }
+            flush_tile(acc[0], acc[1], steps[g], y + r0, nr < 16 ? nr : 16);
+            if (nr > 16) flush_tile(acc[2], acc[3], steps[g], y + r0 + 16, nr - 16);
         }
     }
-    *pa = a;
-    *pc = c;
+    uint8_t m[32];
+    _mm256_storeu_si256((__m256i *)m, vmax);
+    int mx = 0;
+    for (int i = 0; i < 32; i++) mx = m[i] > mx ? m[i] : mx;
+    *maxval = mx;
 }
 
 __attribute__((target("avx2")))
@@ -434,9 +500,8 @@ static void rows_avx2(const uint8_t *idx, int64_t S, int64_t row0, int64_t row1,
         for (int64_t g = g0; g < g1; g++) {
             const int64_t s0 = g * group, cnt = (S - s0 < group) ? (S - s0) : group, nb = (cnt + 31) / 32;
             const uint8_t *tg = tab + g * B * tstride;
-            __m256i a = _mm256_setzero_si256(), c = _mm256_setzero_si256();        /* batch 1 */
-            for (int64_t k = 0; k < nb;) {
-                const int64_t w = cnt - 32 * k;                  /* real segments from block k on */
+            for (int64_t k = 0; k < nb; k++) {                   /* transposed once, kept for every row */
+                const int64_t w = (cnt - 32 * k < 32) ? cnt - 32 * k : 32;
                 const uint8_t *const *src = rows;
                 int64_t at = s0 + 32 * k;
                 if (w < 32) {                                    /* zero-padded copies: padded tables are 0 */
@@ -447,21 +512,10 @@ static void rows_avx2(const uint8_t *idx, int64_t S, int64_t row0, int64_t row1,
                     src = padrows;
                     at = 0;
                 }
-                if (B == 1) {                                    /* look up as the vectors come out */
-                    const int halves = w >= 64 ? 2 : 1;
-                    block16_b1(src, at, halves, (const __m256i *)(tg + k * 32 * VQ_ROW), &a, &c, &vmax);
-                    k += halves;
-                } else {                                         /* kept for every row of the batch */
-                    __m256i q[16];
-                    load_block(src, at, q, &vmax);
+                __m256i q[16];
+                load_block(src, at, q, &vmax);
 #pragma GCC unroll 4
-                    for (int kk = 0; kk < 4; kk++) cols(q, kk, tv + 16 * k + 4 * kk);
-                    k += 1;
-                }
-            }
-            if (B == 1) {
-                flush_tile(a, c, steps[g], y + r0, nr);
-                continue;
+                for (int kk = 0; kk < 4; kk++) cols(q, kk, tv + 16 * k + 4 * kk);
             }
             int64_t b = 0;
             for (; b + 2 <= B; b += 2) {                             /* two rows per pass over the vectors */
@@ -481,8 +535,7 @@ static void rows_avx2(const uint8_t *idx, int64_t S, int64_t row0, int64_t row1,
             }
             if (b < B) {
                 const __m256i *t = (const __m256i *)(tg + b * tstride);
-                a = _mm256_setzero_si256();
-                c = _mm256_setzero_si256();
+                __m256i a = _mm256_setzero_si256(), c = _mm256_setzero_si256();
                 for (int64_t v = 0; v < 16 * nb; v++) VQ_LOOK(tv[v], _mm256_loadu_si256(t + v));
                 flush_tile(a, c, steps[b * ngroups + g], y + b * ldy + r0, nr);
             }
@@ -517,7 +570,8 @@ int vq_lut_rows(const uint8_t *idx, int64_t m, int64_t S, int64_t row0, int64_t 
     }
 #ifdef VQ_X86
     if (isa == VQ_AVX2) {
-        rows_avx2(idx, S, row0, row1, tab, steps, offset, y, ldy, B, ngroups, group, maxval);
+        if (B == 1) rows_b1_avx2(idx, S, row0, row1, tab, steps, offset, y, ngroups, group, maxval);
+        else rows_avx2(idx, S, row0, row1, tab, steps, offset, y, ldy, B, ngroups, group, maxval);
         return 0;
     }
 #endif
