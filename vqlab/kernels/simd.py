@@ -295,6 +295,27 @@ def simd_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, 
     return _run(x, codebook, indices, group, ISAS[isa], threads)
 
 
+@functools.lru_cache(maxsize=256)
+def _plan(s: int, b: int, group: int) -> tuple[int, int, int, int, int]:
+    """(G, ngroups, rows per table chunk, table bytes (64-aligned), scratch bytes) for S segments, batch b."""
+    g = group_size(s, group)
+    ngroups = -(-s // g)
+    chunk = CHUNK if b > CHUNK else max(b, 1)
+    size = (chunk * ngroups * _stored(g) * ROW + 63) // 64 * 64                      # tables, then steps, offsets
+    return g, ngroups, chunk, size, 64 + size + 4 * (chunk * ngroups + chunk)
+
+
+def _scratch(need: int, threads: int) -> tuple[int, ctypes.Array]:
+    """This thread's reused table scratch (64-aligned address; fresh memory would page-fault on every call)
+    and its array of per-worker maximum index bytes."""
+    buf, top = getattr(_TLS, "buf", None), getattr(_TLS, "top", None)
+    if buf is None or buf.numel() < need:
+        buf = _TLS.buf = torch.empty(need, dtype=torch.uint8)
+    if top is None or len(top) < threads:
+        top = _TLS.top = (ctypes.c_int * max(threads, 2))()
+    return (buf.data_ptr() + 63) & ~63, top
+
+
 def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, group: int, code: int,
          threads: int | None) -> torch.Tensor:
     """simd_matmul after its checks: per chunk of input rows and codebook group the tables, then the lookups
@@ -304,23 +325,15 @@ def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, group: 
     k, d = codebook.shape[-2], codebook.shape[-1]
     books = codebook.shape[0] if codebook.dim() == 3 else 1
     per = m // books
-    g = group_size(s, group)
-    ngroups = -(-s // g)
     b = x.shape[0]
+    g, ngroups, chunk, size, need = _plan(s, b, group)
     out = torch.empty((b, m), dtype=torch.float32)
     threads = threads or torch.get_num_threads()
     if threads > 1:
         threads = max(1, min(threads, per // (4 * TILE_ROWS)))
-    chunk = CHUNK if b > CHUNK else max(b, 1)
-    size = (chunk * ngroups * _stored(g) * ROW + 63) // 64 * 64                      # tables, then steps, offsets
-    need = 64 + size + 4 * (chunk * ngroups + chunk)
-    buf = getattr(_TLS, "buf", None)                     # this thread's reused scratch: fresh memory page-faults
-    if buf is None or buf.numel() < need:
-        buf = _TLS.buf = torch.empty(need, dtype=torch.uint8)
-    tab = (buf.data_ptr() + 63) & ~63
+    tab, top = _scratch(need, threads)
     steps = tab + size
     off = steps + 4 * chunk * ngroups
-    top = (ctypes.c_int * threads)()
     top_p = ctypes.addressof(top)
     book = _books(codebook)
     xp, bp, ip, yp, row_bytes = x.data_ptr(), book.data_ptr(), indices.data_ptr(), out.data_ptr(), x.shape[1] * 4
@@ -345,7 +358,7 @@ def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, group: 
                 rc |= f.result()
             if rc != 0:
                 raise RuntimeError(f"simd: the kernel refused its arguments ({rc})")
-            big = max(big, *top)
+            big = max(big, *top[:threads])
         if big >= k:
             raise _out_of_range(big, k)
     return out
