@@ -405,27 +405,26 @@ class LatticeCode(WeightCode):
         ints, _ = self._decode()
         return _to_symbols(ints.reshape(-1, self.dim), self.lattice)
 
-    def huffman_bytes(self) -> int | None:
-        """For comparison: the symbols Huffman-coded from their own histogram (one code-length byte per symbol
-        of the range [min, max], plus 8 bytes for min), or None when the range exceeds 2**20 symbols."""
+    def _coded_bytes(self, coder) -> int | None:
+        """coder(symbols - min, range) over the symbols' own histogram, plus 8 bytes for min; None when the
+        range [min, max] exceeds 2**20 symbols."""
         sym = self.symbols().reshape(-1)
         if sym.numel() == 0:
             return 0
         lo, hi = int(sym.min()), int(sym.max())
         if hi - lo >= 1 << 20:
             return None
-        return huffman_bytes(sym - lo, hi - lo + 1) + 8
+        return coder(sym - lo, hi - lo + 1) + 8
+
+    def huffman_bytes(self) -> int | None:
+        """For comparison: the symbols Huffman-coded from their own histogram (one code-length byte per symbol
+        of the range [min, max], plus 8 bytes for min), or None when the range exceeds 2**20 symbols."""
+        return self._coded_bytes(huffman_bytes)
 
     def ans_bytes(self) -> int | None:
         """For comparison: the symbols ANS-coded from their own histogram (`vqlab.bits.ans_encode` over the range
         [min, max], header included, plus 8 bytes for min), or None when the range exceeds 2**20 symbols."""
-        sym = self.symbols().reshape(-1)
-        if sym.numel() == 0:
-            return 0
-        lo, hi = int(sym.min()), int(sym.max())
-        if hi - lo >= 1 << 20:
-            return None
-        return ans_bytes(sym - lo, hi - lo + 1) + 8
+        return self._coded_bytes(ans_bytes)
 
     def size(self, seen: set[int]) -> CodeSize:
         """index_bytes: the coded stream as stored; entropy_index_bytes / ans_index_bytes: `huffman_bytes` /
