@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .quantize import VQConfig, quantize_
+from .quantize import VQConfig, _set_module as _set, quantize_
 from .quantized import QuantizedLayer
 from .size import SizeReport, compressed_size, round_to_store_dtype_
 from .train import evaluate, fit
@@ -167,11 +167,6 @@ def layer_candidates(model: nn.Module, methods: Sequence | Callable | None = Non
 
 def _get(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
-
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _quantized_copy(layer: nn.Module, cfg) -> nn.Module:
