@@ -68,12 +68,12 @@ def layer_timings(m: int, n: int, k: int, d: int, batch: int, backends=BACKENDS,
     if n % d:
         raise ValueError(f"d={d} must divide n={n}")
     if threads is not None:
-        torch.set_num_threads(threads)
-        try:
+        try:            # numba first: starting its OpenMP layer resets the thread count torch reads
             import numba
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         except ImportError:
             pass
+        torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
     codebook = torch.randn(k, d, generator=g)
     indices = torch.randint(0, k, (m, n // d), generator=g).to(index_dtype(k))

@@ -22,6 +22,7 @@ Compiled code is cached on disk (numba cache=True).
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -34,6 +35,21 @@ __all__ = ["lut_matmul", "lut_layout", "dequantize_rows", "same_bytes"]
 BLOCK = 512             # outputs per parallel work item (a block's accumulators stay in L1)
 PACK = 8                # byte indices per uint64 word
 TABLE_BUDGET = 1 << 22  # floats of table built at once (16 MB); larger batches are processed in chunks
+def _keeps_torch_threads(fn):
+    """numba's OpenMP layer sets the OpenMP thread count it shares with torch at its first parallel launch, so
+    torch.get_num_threads() would read NUMBA_NUM_THREADS afterwards (a 1-thread benchmark silently became 2):
+    restore torch's setting after every call into a parallel kernel."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+    return call
+
+
 _SCRATCH = threading.local()  # per-thread float32 buffers, reused: fresh memory costs page faults on every call
 
 
@@ -186,6 +202,7 @@ def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(x[words * 8:], y[words * 8:]))
 
 
+@_keeps_torch_threads
 def lut_layout(indices: torch.Tensor, k: int) -> np.ndarray:
     """(m, S) indices -> the kernel's layout: uint64 words (ceil(S'/8), m) of byte indices when k <= 256 (for
     k <= 16 the S' = ceil(S/2) pair indices i + 16 j of segments 2p, 2p+1), else (S, m) int16/int32."""
@@ -204,6 +221,7 @@ def lut_layout(indices: torch.Tensor, k: int) -> np.ndarray:
     return np.ascontiguousarray(idx.to(torch.int32 if k > 2**15 else torch.int16).numpy().T)
 
 
+@_keeps_torch_threads
 def lut_matmul(x: torch.Tensor, codebook: torch.Tensor, layout: np.ndarray) -> torch.Tensor:
     """y = x @ W.T via the lookup table.  x: (B, n) float32 CPU, codebook: (K, d), layout from `lut_layout`
     -> (B, m) float32."""
@@ -230,6 +248,7 @@ def lut_matmul(x: torch.Tensor, codebook: torch.Tensor, layout: np.ndarray) -> t
     return torch.from_numpy(out)
 
 
+@_keeps_torch_threads
 def dequantize_rows(codebook: torch.Tensor, indices: torch.Tensor, out: np.ndarray | None = None) -> torch.Tensor:
     """Dense (m, S*d) float32 weight from codebook (K, d) and indices (m, S), in parallel; no autograd.
     out: a C-contiguous (m, S*d) float32 array to write into (e.g. a `scratch` buffer), else a new one."""
@@ -258,6 +277,7 @@ def _codeword_grad(flat, grad, out):  # flat (N,) int rows of the codebook, grad
                 acc[r, j] += grad[i, j]
 
 
+@_keeps_torch_threads
 def codeword_grad(flat: torch.Tensor, grad: torch.Tensor, rows: int) -> torch.Tensor:
     """Scatter-add for the codebook gradient: out[r] = sum of grad[i] over i with flat[i] == r.
     flat: (N,) integer CPU tensor with values in [0, rows) (checked by the caller); grad: (N, d) float32
