@@ -11,7 +11,8 @@ Cases: "cache" (one layer, called again and again: its 8 MB of uint8 indices sta
 end to end: the kernel reads the caller's uint8 index tensor in place on every call (no private copy, no
 freshness compare) and range-checks every byte as it goes, so that check is inside every "simd" time;
 "simd kernel" is `simd.simd_matmul` on the same tensor (the same kernel without vq_matmul's argument checks
-and dispatch).
+and dispatch).  "simd packed" is a whole layer, `QuantizedLinear(code=SimdCode)` as `vqlab.pack_simd_` builds
+it, called like the int8 module: the indices stored in the kernel's own 4-bit layout (4 MB), no transpose.
 Then the error of simd and of int8 dynamic against the float64 reference on the same VQ weights, relative to
 rms(y), for Gaussian inputs and for inputs with 8 outlier channels (30x); and the training / "torch" path
 (K=256, d=4): `dequantize` forward, dequantize + GEMM, and a training step (forward + backward to the
@@ -73,6 +74,17 @@ def make_layers(count: int, m: int, n: int, k: int, d: int, seed: int = 0):
     return out
 
 
+def packed_layer(book: torch.Tensor, idx: torch.Tensor) -> nn.Module:
+    """The layer `vqlab.pack_simd_` makes of a VQLinear with this codebook and these indices (eval, no bias)."""
+    from vqlab import Codebook, QuantizedLinear
+    from vqlab.packed import SimdCode
+
+    code = SimdCode(idx.shape[0], idx.shape[1] * book.shape[1], book.shape[0], book.shape[1],
+                    codebook=Codebook.from_tensor(book))
+    code.set_indices(idx)
+    return QuantizedLinear(code.shape[1], code.shape[0], bias=False, code=code).eval()
+
+
 def timings(fns: dict, rounds: int, block_s: float) -> dict[str, list[float]]:
     """Per-call seconds per round for each function: alternating blocks of calls, shuffled each round."""
     per_call = {}
@@ -120,8 +132,8 @@ def main(argv=None) -> int:
     m, n = args.size
     k, d = 16, 2
     if args.train_only:
+        numba.set_num_threads(min(args.threads[0], numba.config.NUMBA_NUM_THREADS))   # first: it resets torch's count
         torch.set_num_threads(args.threads[0])
-        numba.set_num_threads(min(args.threads[0], numba.config.NUMBA_NUM_THREADS))
         print(f"CPU: {cpu_line()}")
         train_path(m, n, args.rounds, args.block)
         return 0
@@ -132,24 +144,26 @@ def main(argv=None) -> int:
     layers = make_layers(1 if args.no_dram else args.layers, m, n, k, d)
     k256 = make_layers(1, m, n, 256, 4, seed=1)[0]
     int8 = [int8_dynamic(w) for _, _, w in layers]
+    packed = [packed_layer(book, idx) for book, idx, _ in layers]
 
     def kernel_fn(book, idx, x):
         return lambda: simd.simd_matmul(x, book, idx)
 
     with torch.no_grad():
         for threads in args.threads:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))   # first: it resets torch's count
             torch.set_num_threads(threads)
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
             for batch in args.batches:
                 x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch))
-                cases = [("cache", layers[:1], int8[:1])]
+                cases = [("cache", layers[:1], int8[:1], packed[:1])]
                 if not args.no_dram and batch == 1:
-                    cases.append(("dram", layers, int8))
-                for case, lays, qs in cases:
+                    cases.append(("dram", layers, int8, packed))
+                for case, lays, qs, ps in cases:
                     if case == "cache":
                         book, idx, w = lays[0]
                         fns = {"simd": lambda: vq_matmul(x, book, idx, backend="simd"),
                                "simd kernel": kernel_fn(book, idx, x),
+                               "simd packed": lambda: ps[0](x),
                                "numba": lambda: vq_matmul(x, book, idx, backend="numba"),
                                "numba K256 d4": lambda: vq_matmul(x, k256[0], k256[1], backend="numba"),
                                "fp32": lambda: F.linear(x, w),
@@ -167,13 +181,14 @@ def main(argv=None) -> int:
                             return call
                         fns = {"simd": rot("simd", lambda i: (lambda: vq_matmul(x, lays[i][0], lays[i][1], backend="simd"))),
                                "simd kernel": rot("simd kernel", lambda i: kernel_fn(lays[i][0], lays[i][1], x)),
+                               "simd packed": rot("simd packed", lambda i: (lambda: ps[i](x))),
                                "int8 dynamic": rot("int8", lambda i: (lambda: qs[i](x)))}
                     res = timings(fns, args.rounds, args.block)
                     print(f"\n{m}x{n}, K={k}, d={d} (2 bits/weight), batch {batch}, {threads} thread(s), {case}: "
                           f"ms per call, median [min, max] over {args.rounds} rounds")
                     for name, xs in res.items():
                         print(f"  {name:14s} {fmt(xs)}")
-                    for name in ("simd", "simd kernel"):
+                    for name in ("simd", "simd kernel", "simd packed"):
                         ratio = [a / b for a, b in zip(res["int8 dynamic"], res[name])]
                         print(f"  int8 dynamic / {name:12s} = {statistics.median(ratio):.2f}x "
                               f"[{min(ratio):.2f}, {max(ratio):.2f}]  (> 1: {name} faster)")
@@ -197,6 +212,8 @@ def main(argv=None) -> int:
             ys = vq_matmul(x, book, idx, backend="simd").double()
             yq = int8[0](x).double()
             sigma = simd.error_sigma(simd.simd_tables(x, book)[1], n // d)
+            print(f"  {label:24s} simd packed gives the same outputs as simd, bit for bit: "
+                  f"{torch.equal(packed[0](x), ys.float())}")
             for name, y in (("simd", ys), ("int8 dynamic", yq)):
                 e = (y - ref) / scale
                 extra = f", sigma {np.sqrt((sigma ** 2).mean()) / scale:.2e}, max/sigma " \

@@ -11,7 +11,8 @@ and a handler (`@register_handler(Config)`) that returns `QuantizedLinear.from_c
 layers; `quantize_`, `compressed_size`, `save`/`load` and `count_flops` then work on it unchanged.
 
 Submodules one level deep: codebook, quantized, layers, kernels, flops, bits, size, io, quantize, baselines,
-experiments, widgets, bench, data, models, train, recipes (`vqlab.compress`: a size budget in one call).
+experiments, widgets, bench, data, models, train, recipes (`vqlab.compress`: a size budget in one call), packed (`vqlab.pack_simd_`: K <= 16 layers
+in the simd kernel's 4-bit layout for fast CPU inference).
 """
 from ._utils import bits_for, default_device, index_dtype, seed_everything
 from .codebook import (Codebook, KMeansResult, PQResult, RVQResult, assign, decode, kmeans, pq_decode,
@@ -27,5 +28,6 @@ from .flops import count_flops
 from .size import SizeReport, compressed_size
 from .train import NonFiniteLossError, evaluate, fit, predict, train_or_load
 from .recipes import CompressReport, compress
+from .packed import SimdCode, pack_simd_
 
 __version__ = "0.1.0"

@@ -52,7 +52,7 @@ from .checked import CheckedIndices
 from .registry import KernelBackend, register_backend
 
 __all__ = ["GROUP", "ISAS", "simd_tables", "simd_matmul", "error_sigma", "native_isa", "native_status",
-           "group_size"]
+           "group_size", "simd_pack", "simd_unpack", "packed_shape", "simd_matmul_packed"]
 
 GROUP = 64          # segments per quantization group (even, <= 256 so that G * 255 fits uint16)
 TILE_ROWS = 16      # output rows the kernel transposes together
@@ -129,7 +129,7 @@ def _build() -> ctypes.CDLL:
             dll = ctypes.CDLL(str(lib))
         except OSError as e:
             raise _Unavailable(f"loading the compiled kernel failed ({e})") from None
-        if dll.vq_abi_version() != 2:
+        if dll.vq_abi_version() != 3:
             raise _Unavailable("compiled kernel has another ABI version")
         i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         dll.vq_isa_supported.argtypes, dll.vq_isa_supported.restype = [i32], i32
@@ -140,6 +140,11 @@ def _build() -> ctypes.CDLL:
         dll.vq_matmul_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr,
                                        ptr, ptr, i32]
         dll.vq_matmul_rows.restype = i32
+        dll.vq_lut_packed.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32, ptr, i32]
+        dll.vq_lut_packed.restype = i32
+        dll.vq_matmul_packed.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr,
+                                         i32, ptr, i32]
+        dll.vq_matmul_packed.restype = i32
         return dll
     raise _Unavailable("no writable cache folder for the compiled kernel")
 
@@ -354,6 +359,133 @@ def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, group: 
             futures = [_pool(threads).submit(lib.vq_lut_rows, ip, m, s, a, e, tab, steps, off, yp + lo * m * 4, m, nb,
                                              ngroups, g, top_p + 4 * i, code)
                        for i, (a, e) in enumerate(zip(cuts, cuts[1:]))]
+            for f in futures:
+                rc |= f.result()
+            if rc != 0:
+                raise RuntimeError(f"simd: the kernel refused its arguments ({rc})")
+            big = max(big, *top[:threads])
+        if big >= k:
+            raise _out_of_range(big, k)
+    return out
+
+
+# ---------------------------------------------------------------- the packed layout (codes stored in it)
+
+def packed_shape(m: int, s: int, books: int = 1, group: int = GROUP) -> tuple[int, int, int, int, int]:
+    """Shape of the packed layout of (m, S) indices in `books` equal blocks of rows:
+    (books, ngroups, nblk, Gs/2, 32) uint8, nblk = ceil(m / books / 32), Gs = G rounded up to 32."""
+    if m < 1 or s < 1 or books < 1 or m % books:
+        raise ValueError(f"simd: cannot pack {m} x {s} indices in {books} codebook groups")
+    g = group_size(s, group)
+    return books, -(-s // g), -(-(m // books) // TILE_SEGMENTS), _stored(g) // 2, 32
+
+
+def simd_pack(indices: torch.Tensor, k: int, books: int = 1, group: int = GROUP) -> torch.Tensor:
+    """(m, S) integer indices in [0, K <= 16) -> the kernel's packed layout (`packed_shape`), 4 bits per index,
+    on the indices' device (torch ops only).  raises ValueError (as `check_indices`) for a value outside [0, K).
+
+    Per codebook group, group of G segments and block of 32 output rows: vector p = 16 b + t holds, in byte c,
+    rows c (low nibble) and 16 + c (high nibble) at segment 32 b + t, and in byte 16 + c the same rows at segment
+    32 b + 16 + t; padded rows and segments are 0 (their tables are 0)."""
+    from .reference import check_indices
+    if not 1 <= k <= ROW:
+        raise ValueError(f"simd: the packed layout holds K <= {ROW} codewords, got K={k}")
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2:
+        raise ValueError(f"simd_pack: indices must be a 2-D (m, S) tensor, got {type(indices).__name__}")
+    check_indices(indices, k)
+    m, s = indices.shape
+    nb, ng, nblk, half, _ = packed_shape(m, s, books, group)
+    g, gs = group_size(s, group), 2 * half
+    per = m // books
+    full = torch.zeros(nb, nblk * 32, ng * g, dtype=torch.uint8, device=indices.device)
+    full[:, :per, :s] = indices.to(torch.uint8).reshape(nb, per, s)
+    full = full.reshape(nb, nblk * 32, ng, g)
+    if gs != g:
+        full = torch.nn.functional.pad(full, (0, gs - g))
+    # (books, blk, h, c, group, b32, L, t): row 32 blk + 16 h + c, segment slot 32 b32 + 16 L + t
+    full = full.reshape(nb, nblk, 2, 16, ng, gs // 32, 2, 16)
+    nib = full[:, :, 0] | (full[:, :, 1] << 4)                         # (books, blk, c, group, b32, L, t)
+    return nib.permute(0, 3, 1, 4, 6, 5, 2).contiguous().reshape(nb, ng, nblk, half, 32)
+
+
+def simd_unpack(packed: torch.Tensor, m: int, s: int, group: int = GROUP) -> torch.Tensor:
+    """The inverse of `simd_pack`: packed (books, ngroups, nblk, Gs/2, 32) uint8 -> (m, S) uint8 indices."""
+    books = packed.shape[0] if packed.dim() == 5 else 0
+    shape = packed_shape(m, s, max(books, 1), group)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != shape:
+        raise ValueError(f"simd_unpack: packed must be uint8 {shape} for {m} x {s} indices, got "
+                         f"{tuple(packed.shape)} {packed.dtype}")
+    nb, ng, nblk, half, _ = shape
+    g, gs = group_size(s, group), 2 * half
+    v = packed.reshape(nb, ng, nblk, gs // 32, 16, 2, 16)             # (books, group, blk, b32, t, L, c)
+    rows = torch.stack([v & 15, v >> 4], dim=3)                        # (books, group, blk, h, b32, t, L, c)
+    full = rows.permute(0, 2, 3, 7, 1, 4, 6, 5).reshape(nb, nblk * 32, ng, gs)[..., :g]
+    return full.reshape(nb, nblk * 32, ng * g)[:, : m // nb, :s].reshape(m, s).contiguous()
+
+
+def simd_matmul_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int,
+                       group: int = GROUP, isa: str | None = None, threads: int | None = None) -> torch.Tensor:
+    """y ~= x @ W.T from a packed code: x (B, S*d) contiguous float32 CPU, codebook (K <= 16, d) or (G, K, d),
+    packed: `simd_pack`'s (G, ngroups, nblk, Gs/2, 32) uint8 CPU tensor for m rows -> (B, m) float32.
+    Gives bit-identical outputs to `simd_matmul` on the unpacked indices.  For K < 16 every call reads every
+    nibble and raises ValueError when one is >= K (with K = 16 every nibble is a codeword)."""
+    books = codebook.shape[0] if codebook.dim() == 3 else 1
+    k, d = codebook.shape[-2], codebook.shape[-1]
+    s = x.shape[1] // d if x.dim() == 2 else 0
+    _check_x_book(x, codebook, s)
+    shape = packed_shape(m, s, books, group)
+    if (not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or tuple(packed.shape) != shape
+            or packed.device.type != "cpu" or not packed.is_contiguous()):
+        raise ValueError(f"simd: packed must be a contiguous uint8 CPU {shape} tensor for m={m}, S={s}, "
+                         f"G={books}, got {tuple(getattr(packed, 'shape', ()))} {getattr(packed, 'dtype', None)}")
+    isa = native_isa(isa)
+    if isa is None:
+        raise RuntimeError(f"simd: no native kernel here ({native_status()})")
+    return _run_packed(x, codebook, packed, m, group, ISAS[isa], threads)
+
+
+def _run_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int, group: int, code: int,
+                threads: int | None) -> torch.Tensor:
+    """simd_matmul_packed after its checks (per chunk of input rows and codebook group: tables, then lookups)."""
+    lib = _loaded()[0]
+    books, ngroups, nblk, half, _ = packed.shape
+    k, d = codebook.shape[-2], codebook.shape[-1]
+    s = x.shape[1] // d
+    per = m // books
+    b = x.shape[0]
+    g, ngroups, chunk, size, need = _plan(s, b, group)
+    out = torch.empty((b, m), dtype=torch.float32)
+    threads = threads or torch.get_num_threads()
+    if threads > 1:
+        threads = max(1, min(threads, nblk // 4))
+    tab, top = _scratch(need, threads)
+    steps = tab + size
+    off = steps + 4 * chunk * ngroups
+    top_p = ctypes.addressof(top)
+    book = _books(codebook)
+    check = int(k < ROW)
+    xp, bp, yp, row_bytes = x.data_ptr(), book.data_ptr(), out.data_ptr(), x.shape[1] * 4
+    pstride = packed[0].numel()
+    big = 0
+    for lo in range(0, max(b, 1), chunk):
+        nb = min(chunk, b - lo)
+        for j in range(books):
+            pp, yj = packed.data_ptr() + j * pstride, yp + (lo * m + j * per) * 4
+            if threads == 1:
+                rc = lib.vq_matmul_packed(xp + lo * row_bytes, nb, s, d, bp + j * k * d * 4, k, pp, per, yj, m, g,
+                                          ngroups, tab, steps, off, check, top_p, code)
+                if rc != 0:
+                    raise RuntimeError(f"simd: the kernel refused its arguments ({rc})")
+                big = max(big, top[0])
+                continue
+            rc = lib.vq_tables(xp + lo * row_bytes, nb, s, d, bp + j * k * d * 4, k, g, ngroups, tab, steps, off,
+                               code) if nb else 0
+            cuts = [nblk * i // threads for i in range(threads)] + [nblk]
+            spans = list(enumerate(zip(cuts, cuts[1:])))
+            futures = [_pool(threads).submit(lib.vq_lut_packed, pp, per, a, e, tab, steps, off, yj, m, nb, ngroups,
+                                             g, check, top_p + 4 * i, code) for i, (a, e) in spans[1:]]
+            rc |= lib.vq_lut_packed(pp, per, cuts[0], cuts[1], tab, steps, off, yj, m, nb, ngroups, g, check, top_p,
+                                    code)                           # the first share on this thread
             for f in futures:
                 rc |= f.result()
             if rc != 0:

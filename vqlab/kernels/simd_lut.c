@@ -52,7 +52,7 @@
 
 enum { VQ_SCALAR = 0, VQ_AVX2 = 1 };
 
-int vq_abi_version(void) { return 2; }
+int vq_abi_version(void) { return 3; }
 
 int vq_isa_supported(int isa)
 {
@@ -586,6 +586,188 @@ int vq_lut_rows(const uint8_t *idx, int64_t m, int64_t S, int64_t row0, int64_t 
 #endif
     rows_scalar(idx, S, row0, row1, tab, steps, offset, y, ldy, B, ngroups, group, maxval);
     return 0;
+}
+
+/* ------------------------------------------------------------------ the packed layout
+ *
+ * For codes stored in the kernel's own format (vqlab.packed.SimdCode): P (ngroups, nblk, Gs/2, 32) uint8 for
+ * one block of `rows` output rows, nblk = ceil(rows / 32), Gs = vq_gstride(G).  Vector p = 16 b + t of a group
+ * and block of 32 outputs: byte c (c < 16) = I[o_c, 32 b + t] | I[o_{16+c}, 32 b + t] << 4 and byte 16 + c =
+ * I[o_c, 32 b + 16 + t] | I[o_{16+c}, 32 b + 16 + t] << 4 (o_j = 32 blk + j; zero for padded rows and
+ * segments) -- the two lanes match the table register of rows 2p, 2p + 1 (vq_pos), so one 32-byte load feeds
+ * two shuffles with no transpose, and the code takes 4 bits per index.
+ * Range check: with check != 0 (K < 16) the largest nibble read is returned in *maxval (>= K: discard the
+ * output); with K = 16 every nibble is a codeword.  A nibble indexes a 16-byte register or table row, so no
+ * value can address memory.  The float operations are those of the row-major path, in the same order, so both
+ * give bit-identical outputs for the same indices. */
+
+static void packed_scalar(const uint8_t *P, int64_t rows, int64_t nblk, int64_t blk0, int64_t blk1,
+                          const uint8_t *tab, const float *steps, float *y, int64_t ldy, int64_t B,
+                          int64_t ngroups, int64_t group, int *maxval)
+{
+    const int64_t gs = vq_gstride(group), half = gs / 2;
+    int mx = 0;
+    for (int64_t g = 0; g < ngroups; g++) {
+        for (int64_t blk = blk0; blk < blk1; blk++) {
+            const uint8_t *ib = P + (g * nblk + blk) * half * 32;
+            for (int64_t i = 0; i < half * 32; i++) {
+                const int lo = ib[i] & 15, hi = ib[i] >> 4;
+                mx = lo > mx ? lo : mx;
+                mx = hi > mx ? hi : mx;
+            }
+            const int64_t nr = (rows - blk * 32 < 32) ? rows - blk * 32 : 32;
+            for (int64_t b = 0; b < B; b++) {
+                const uint8_t *tg = tab + (g * B + b) * gs * VQ_ROW;
+                uint32_t acc[32];
+                for (int j = 0; j < 32; j++) acc[j] = 0;
+                for (int64_t p = 0; p < half; p++) {
+                    const uint8_t *v = ib + p * 32, *t0 = tg + p * 32, *t1 = t0 + VQ_ROW;
+                    for (int j = 0; j < 16; j++) {
+                        acc[j] += t0[v[j] & 15] + t1[v[16 + j] & 15];
+                        acc[16 + j] += t0[v[j] >> 4] + t1[v[16 + j] >> 4];
+                    }
+                }
+                const float step = steps[b * ngroups + g];
+                float *yb = y + b * ldy + blk * 32;
+                for (int64_t j = 0; j < nr; j++) yb[j] = yb[j] + (float)acc[j] * step;
+            }
+        }
+    }
+    *maxval = mx;
+}
+
+#ifdef VQ_X86
+/* One index vector v against table register t: outputs 0..15 (low nibbles) into alo/clo, 16..31 into ahi/chi. */
+#define VQ_PSTEP(t, ALO, CLO, AHI, CHI) do {                                    \
+        const __m256i u_ = _mm256_shuffle_epi8(t, lo);                          \
+        const __m256i w_ = _mm256_shuffle_epi8(t, hi);                          \
+        ALO = _mm256_add_epi16(ALO, u_);                                        \
+        CLO = _mm256_add_epi16(CLO, _mm256_maddubs_epi16(u_, odd));             \
+        AHI = _mm256_add_epi16(AHI, w_);                                        \
+        CHI = _mm256_add_epi16(CHI, _mm256_maddubs_epi16(w_, odd));             \
+    } while (0)
+
+/* One group x one block of 32 outputs for one input row (CHECK: keep the running nibble maximum). */
+static inline __attribute__((always_inline, target("avx2")))
+void pblock1(const uint8_t *ib, int64_t half, const uint8_t *tg, float step, float *yb, int64_t nr,
+             __m256i *vmax, const int check)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0f), odd = _mm256_set1_epi16(0x0100);
+    __m256i alo = _mm256_setzero_si256(), clo = alo, ahi = alo, chi = alo, mx = *vmax;
+    for (int64_t p = 0; p < half; p++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(ib + p * 32));
+        const __m256i lo = _mm256_and_si256(v, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        if (check) mx = _mm256_max_epu8(mx, _mm256_max_epu8(lo, hi));
+        const __m256i t = _mm256_loadu_si256((const __m256i *)(tg + p * 32));
+        VQ_PSTEP(t, alo, clo, ahi, chi);
+    }
+    *vmax = mx;
+    flush_tile(alo, clo, step, yb, nr < 16 ? nr : 16);
+    if (nr > 16) flush_tile(ahi, chi, step, yb + 16, nr - 16);
+}
+
+/* The same for two input rows (tables tg, tg + tstride; outputs yb, yb + ldy): one index load, four shuffles. */
+static inline __attribute__((always_inline, target("avx2")))
+void pblock2(const uint8_t *ib, int64_t half, const uint8_t *tg, int64_t tstride, float step0, float step1,
+             float *yb, int64_t ldy, int64_t nr, __m256i *vmax, const int check)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0f), odd = _mm256_set1_epi16(0x0100);
+    __m256i alo0 = _mm256_setzero_si256(), clo0 = alo0, ahi0 = alo0, chi0 = alo0;
+    __m256i alo1 = alo0, clo1 = alo0, ahi1 = alo0, chi1 = alo0, mx = *vmax;
+    const uint8_t *tg1 = tg + tstride;
+    for (int64_t p = 0; p < half; p++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(ib + p * 32));
+        const __m256i lo = _mm256_and_si256(v, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        if (check) mx = _mm256_max_epu8(mx, _mm256_max_epu8(lo, hi));
+        const __m256i t0 = _mm256_loadu_si256((const __m256i *)(tg + p * 32));
+        VQ_PSTEP(t0, alo0, clo0, ahi0, chi0);
+        const __m256i t1 = _mm256_loadu_si256((const __m256i *)(tg1 + p * 32));
+        VQ_PSTEP(t1, alo1, clo1, ahi1, chi1);
+    }
+    *vmax = mx;
+    flush_tile(alo0, clo0, step0, yb, nr < 16 ? nr : 16);
+    if (nr > 16) flush_tile(ahi0, chi0, step0, yb + 16, nr - 16);
+    flush_tile(alo1, clo1, step1, yb + ldy, nr < 16 ? nr : 16);
+    if (nr > 16) flush_tile(ahi1, chi1, step1, yb + ldy + 16, nr - 16);
+}
+
+static inline __attribute__((always_inline, target("avx2")))
+void packed_body(const uint8_t *P, int64_t rows, int64_t nblk, int64_t blk0, int64_t blk1, const uint8_t *tab,
+                 const float *steps, float *y, int64_t ldy, int64_t B, int64_t ngroups, int64_t group,
+                 int *maxval, const int check)
+{
+    const int64_t gs = vq_gstride(group), half = gs / 2, tstride = gs * VQ_ROW;
+    __m256i vmax = _mm256_setzero_si256();
+    for (int64_t g = 0; g < ngroups; g++) {
+        const uint8_t *tg = tab + g * B * tstride;
+        for (int64_t blk = blk0; blk < blk1; blk++) {
+            const uint8_t *ib = P + (g * nblk + blk) * half * 32;
+            const int64_t nr = (rows - blk * 32 < 32) ? rows - blk * 32 : 32;
+            int64_t b = 0;
+            for (; b + 2 <= B; b += 2)
+                pblock2(ib, half, tg + b * tstride, tstride, steps[b * ngroups + g], steps[(b + 1) * ngroups + g],
+                        y + b * ldy + blk * 32, ldy, nr, &vmax, check);
+            if (b < B)
+                pblock1(ib, half, tg + b * tstride, steps[b * ngroups + g], y + b * ldy + blk * 32, nr, &vmax,
+                        check);
+        }
+    }
+    uint8_t m[32];
+    _mm256_storeu_si256((__m256i *)m, vmax);
+    int mx = 0;
+    for (int i = 0; i < 32; i++) mx = m[i] > mx ? m[i] : mx;
+    *maxval = mx;
+}
+
+__attribute__((target("avx2")))
+static void packed_avx2(const uint8_t *P, int64_t rows, int64_t nblk, int64_t blk0, int64_t blk1,
+                        const uint8_t *tab, const float *steps, float *y, int64_t ldy, int64_t B, int64_t ngroups,
+                        int64_t group, int *maxval, int check)
+{
+    if (check) packed_body(P, rows, nblk, blk0, blk1, tab, steps, y, ldy, B, ngroups, group, maxval, 1);
+    else packed_body(P, rows, nblk, blk0, blk1, tab, steps, y, ldy, B, ngroups, group, maxval, 0);
+}
+#endif
+
+/* y[b, o] (o in [32 blk0, min(32 blk1, rows))) = offset[b] + the lookups of P's blocks [blk0, blk1); y points at
+ * the block of rows' first output, row stride ldy.  Returns 0 (*maxval: the largest nibble read when check,
+ * else 0) or -1 for arguments outside what the kernel handles (nothing is written then). */
+int vq_lut_packed(const uint8_t *P, int64_t rows, int64_t blk0, int64_t blk1, const uint8_t *tab,
+                  const float *steps, const float *offset, float *y, int64_t ldy, int64_t B, int64_t ngroups,
+                  int64_t group, int check, int *maxval, int isa)
+{
+    const int64_t nblk = (rows + 31) / 32;
+    if (rows < 1 || blk0 < 0 || blk1 > nblk || blk0 > blk1 || B < 0 || ldy < rows || group < 2
+        || group > VQ_MAXG || group % 2 || ngroups < 1 || !vq_isa_supported(isa))
+        return -1;
+    *maxval = 0;
+    const int64_t o1 = (blk1 * 32 < rows) ? blk1 * 32 : rows;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t o = blk0 * 32; o < o1; o++) y[b * ldy + o] = offset[b];
+    if (B == 0 || blk0 == blk1) return 0;
+#ifdef VQ_X86
+    if (isa == VQ_AVX2) {
+        packed_avx2(P, rows, nblk, blk0, blk1, tab, steps, y, ldy, B, ngroups, group, maxval, check);
+        return 0;
+    }
+#endif
+    packed_scalar(P, rows, nblk, blk0, blk1, tab, steps, y, ldy, B, ngroups, group, maxval);
+    if (!check) *maxval = 0;
+    return 0;
+}
+
+/* vq_tables then vq_lut_packed for all blocks (the single-threaded call). */
+int vq_matmul_packed(const float *x, int64_t B, int64_t S, int64_t d, const float *cb, int64_t K, const uint8_t *P,
+                     int64_t rows, float *y, int64_t ldy, int64_t group, int64_t ngroups, uint8_t *tab,
+                     float *steps, float *offset, int check, int *maxval, int isa)
+{
+    if (!tables_args_ok(B, S, d, K, group, ngroups, isa)) return -1;
+    const int rc = B ? tables_run(x, B, S, d, cb, K, group, ngroups, tab, steps, offset, isa) : 0;
+    if (rc != 0) return rc;
+    return vq_lut_packed(P, rows, 0, (rows + 31) / 32, tab, steps, offset, y, ldy, B, ngroups, group, check,
+                         maxval, isa);
 }
 
 /* vq_tables then vq_lut_rows in one call (one ctypes call for the common single-threaded case). */
