@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     out["min_runs"] = df.groupby(["threads", "m", "n", "K", "d", "batch"], sort=False)["runs"].min().values
     for col in ("int8 dynamic", "vq numba", "vq auto"):
         out[f"dense/{col.split()[-1]}" if col != "int8 dynamic" else "dense/int8"] = wide["dense fp32"].values / wide[col].values
+    if "vq simd packed" in wide:        # K <= 16 rows: the register-table kernel against int8 dynamic
+        out["int8/simd packed"] = wide["int8 dynamic"].values / wide["vq simd packed"].values
     best = wide[["vq dense", "vq numba"]].min(axis=1).values
     out["auto/best"] = wide["vq auto"].values / best
     pd.set_option("display.width", 250)

@@ -61,6 +61,9 @@ def int8_dynamic(w: torch.Tensor) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
 
 
+from vqlab.bench import packed_layer  # noqa: E402  the layer vqlab.pack_simd_ builds
+
+
 def make_layers(count: int, m: int, n: int, k: int, d: int, seed: int = 0):
     """count VQ layers: (codebook (K, d), uint8 indices (m, n/d), dense fp32 weight)."""
     from vqlab.kernels import dequantize
@@ -72,17 +75,6 @@ def make_layers(count: int, m: int, n: int, k: int, d: int, seed: int = 0):
         idx = torch.randint(0, k, (m, n // d), generator=g, dtype=torch.uint8)
         out.append((book, idx, dequantize(book, idx).contiguous()))
     return out
-
-
-def packed_layer(book: torch.Tensor, idx: torch.Tensor) -> nn.Module:
-    """The layer `vqlab.pack_simd_` makes of a VQLinear with this codebook and these indices (eval, no bias)."""
-    from vqlab import Codebook, QuantizedLinear
-    from vqlab.packed import SimdCode
-
-    code = SimdCode(idx.shape[0], idx.shape[1] * book.shape[1], book.shape[0], book.shape[1],
-                    codebook=Codebook.from_tensor(book))
-    code.set_indices(idx)
-    return QuantizedLinear(code.shape[1], code.shape[0], bias=False, code=code).eval()
 
 
 def timings(fns: dict, rounds: int, block_s: float) -> dict[str, list[float]]:

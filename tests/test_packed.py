@@ -225,3 +225,17 @@ def test_numba_leaves_torchs_thread_count_alone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "1"
+
+
+@needs_native
+def test_bench_rows_for_the_simd_kernels_and_their_errors():
+    from vqlab.bench import layer_errors, layer_timings
+    df = layer_timings(256, 256, 16, 2, 1, repeats=3, warmup=1)
+    assert {"vq simd", "vq simd packed", "int8 dynamic"} <= set(df["backend"])
+    assert "vq simd packed" not in set(layer_timings(256, 256, 256, 4, 1, repeats=3, warmup=1)["backend"])
+    err = layer_errors(512, 512, 16, 2, batch=8).set_index("backend")
+    assert err.loc["vq simd", "rms"] == err.loc["vq simd packed", "rms"]          # the same outputs
+    assert err.loc["vq numba", "max"] < 1e-5 and err.loc["dense fp32", "max"] < 1e-5
+    assert 1e-3 < err.loc["vq simd packed", "rms"] < 0.05                         # table quantization, ~1 %
+    out = layer_errors(512, 512, 16, 2, batch=8, outliers=8).set_index("backend")
+    assert out.loc["int8 dynamic", "rms"] > out.loc["vq simd packed", "rms"]      # outliers hurt int8 more

@@ -14,12 +14,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["median_time", "layer_timings", "BACKENDS"]
+__all__ = ["median_time", "layer_timings", "layer_errors", "packed_layer", "BACKENDS", "SIMD_BACKENDS"]
 
-BACKENDS = ("dense fp32", "int8 dynamic", "vq torch", "vq dense", "vq numba", "vq auto")
+BACKENDS = ("dense fp32", "int8 dynamic", "vq torch", "vq dense", "vq numba", "vq auto", "vq simd", "vq simd packed")
 """dense fp32: F.linear on the float weight; int8 dynamic: torch's quantize_dynamic Linear; vq torch: the
 reference (torch indexing + GEMM); vq dense: parallel dequantize + GEMM; vq numba: the LUT kernel;
-vq auto: whichever of vq dense and vq numba was faster when first timed."""
+vq auto: whichever of vq dense and vq numba was faster when first timed; vq simd: the approximate register-table
+kernel (`vq_matmul(backend="simd")`, reading the row-major uint8 indices); vq simd packed: the same kernel on a
+layer stored in its own 4-bit layout (`vqlab.pack_simd_`, a QuantizedLinear holding a SimdCode).  The two simd
+rows exist only for K <= 16 where the native kernel runs (`SIMD_BACKENDS`)."""
+SIMD_BACKENDS = ("vq simd", "vq simd packed")
+
+
+def _simd_runs(k: int) -> bool:
+    from .kernels import simd
+    return k <= simd.ROW and simd.native_isa() is not None
 
 
 def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, budget: float | None = None) -> tuple[float, int]:
@@ -51,6 +60,56 @@ def _int8_linear(w: torch.Tensor) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
 
 
+def _layer(m: int, n: int, k: int, d: int, batch: int, seed: int):
+    """A random VQ layer and input: codebook (K, d), indices (m, n/d), x (batch, n), dense weight (m, n)."""
+    from .kernels.reference import dequantize
+    from ._utils import index_dtype
+
+    if n % d:
+        raise ValueError(f"d={d} must divide n={n}")
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(k, d, generator=g)
+    indices = torch.randint(0, k, (m, n // d), generator=g).to(index_dtype(k))
+    x = torch.randn(batch, n, generator=g)
+    return codebook, indices, x, dequantize(codebook, indices).contiguous()
+
+
+def packed_layer(codebook: torch.Tensor, indices: torch.Tensor) -> nn.Module:
+    """The layer `vqlab.pack_simd_` makes of a VQLinear with this codebook and these indices (eval, no bias)."""
+    from .codebook import Codebook
+    from .packed import SimdCode
+    from .quantized import QuantizedLinear
+
+    k, d = codebook.shape
+    code = SimdCode(indices.shape[0], indices.shape[1] * d, k, d, codebook=Codebook.from_tensor(codebook))
+    code.set_indices(indices)
+    return QuantizedLinear(code.shape[1], code.shape[0], bias=False, code=code).eval()
+
+
+def _calls(backends, codebook, indices, x, w) -> dict[str, Callable[[], torch.Tensor]]:
+    """name -> a call computing the layer's output under that backend (simd rows only where `_simd_runs`)."""
+    from .kernels import vq_matmul
+
+    k = codebook.shape[0]
+    fns = {}
+    for name in backends:
+        if name in SIMD_BACKENDS and not _simd_runs(k):
+            continue
+        if name == "dense fp32":
+            fns[name] = lambda: F.linear(x, w)
+        elif name == "int8 dynamic":
+            q = _int8_linear(w)
+            fns[name] = lambda q=q: q(x)
+        elif name == "vq simd packed":
+            layer = packed_layer(codebook, indices)
+            fns[name] = lambda layer=layer: layer(x)
+        elif name.startswith("vq ") and name[3:] in ("torch", "dense", "numba", "auto", "simd"):
+            fns[name] = lambda b=name[3:]: vq_matmul(x, codebook, indices, backend=b)
+        else:
+            raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS}")
+    return fns
+
+
 @torch.no_grad()
 def layer_timings(m: int, n: int, k: int, d: int, batch: int, backends=BACKENDS, repeats: int = 20,
                   warmup: int = 3, threads: int | None = None, seed: int = 0,
@@ -59,14 +118,9 @@ def layer_timings(m: int, n: int, k: int, d: int, batch: int, backends=BACKENDS,
 
     The VQ layer has a random K x d codebook and uniform random indices (speed does not depend on
     the values).  budget: seconds per backend before slow calls are repeated fewer times (see median_time).
+    The simd rows are left out where K > 16 or no native kernel runs.
     returns: backend, m, n, K, d, batch, threads, seconds, runs, speedup_vs_dense.
     """
-    from .kernels import vq_matmul
-    from .kernels.reference import dequantize
-    from ._utils import index_dtype
-
-    if n % d:
-        raise ValueError(f"d={d} must divide n={n}")
     if threads is not None:
         try:            # numba first: starting its OpenMP layer resets the thread count torch reads
             import numba
@@ -74,23 +128,9 @@ def layer_timings(m: int, n: int, k: int, d: int, batch: int, backends=BACKENDS,
         except ImportError:
             pass
         torch.set_num_threads(threads)
-    g = torch.Generator().manual_seed(seed)
-    codebook = torch.randn(k, d, generator=g)
-    indices = torch.randint(0, k, (m, n // d), generator=g).to(index_dtype(k))
-    x = torch.randn(batch, n, generator=g)
-    w = dequantize(codebook, indices).contiguous()
-    fns = {
-        "dense fp32": lambda: F.linear(x, w),
-        "vq torch": lambda: vq_matmul(x, codebook, indices, backend="torch"),
-        "vq dense": lambda: vq_matmul(x, codebook, indices, backend="dense"),
-        "vq numba": lambda: vq_matmul(x, codebook, indices, backend="numba"),
-        "vq auto": lambda: vq_matmul(x, codebook, indices, backend="auto"),
-    }
-    if "int8 dynamic" in backends:
-        q = _int8_linear(w)
-        fns["int8 dynamic"] = lambda: q(x)
+    fns = _calls(backends, *_layer(m, n, k, d, batch, seed))
     rows = []
-    for name in backends:
+    for name in fns:
         seconds, runs = median_time(fns[name], repeats, warmup, budget)
         rows.append({"backend": name, "m": m, "n": n, "K": k, "d": d, "batch": batch,
                      "threads": torch.get_num_threads(), "seconds": seconds, "runs": runs})
@@ -98,3 +138,23 @@ def layer_timings(m: int, n: int, k: int, d: int, batch: int, backends=BACKENDS,
     dense = df.loc[df["backend"] == "dense fp32", "seconds"]
     df["speedup_vs_dense"] = float(dense.iloc[0]) / df["seconds"] if len(dense) else float("nan")
     return df
+
+
+@torch.no_grad()
+def layer_errors(m: int, n: int, k: int, d: int, batch: int = 16, backends=BACKENDS, outliers: int = 0,
+                 seed: int = 0) -> pd.DataFrame:
+    """Error of each backend's output against the float64 product with the same VQ weight, relative to rms(y):
+    backend, rms, max (fractions; exact backends give float32 rounding, int8 dynamic and the simd rows their
+    quantization).  x: (batch, n) Gaussian, with `outliers` input channels 30x larger.
+    returns: backend, K, d, outliers, rms, max."""
+    codebook, indices, x, w = _layer(m, n, k, d, batch, seed)
+    if outliers:
+        x[:, torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:outliers]] *= 30
+    ref = x.double() @ w.double().T
+    scale = ref.pow(2).mean().sqrt().item()
+    rows = []
+    for name, fn in _calls(backends, codebook, indices, x, w).items():
+        e = (fn().double() - ref) / scale
+        rows.append({"backend": name, "K": k, "d": d, "outliers": outliers, "rms": e.pow(2).mean().sqrt().item(),
+                     "max": e.abs().max().item()})
+    return pd.DataFrame(rows)

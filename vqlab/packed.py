@@ -154,16 +154,19 @@ class SimdCode(WeightCode):
         if (x.device.type != "cpu" or book.device.type != "cpu" or x.dtype == torch.float64
                 or not x.is_floating_point() or x.shape[-1] != self.shape[1]):
             return None
-        if _simd.native_isa() is None:
+        isa = _simd.native_isa()
+        if isa is None:
             _simd._notice(_simd.native_status().split(": ", 1)[-1])
             return None
         x2 = x.reshape(-1, x.shape[-1])
         if torch.is_grad_enabled() and (x2.requires_grad or book.requires_grad):
             y = _PackedMatmul.apply(x2, book, self)
         else:
-            books = book.detach()
-            y = _simd.simd_matmul_packed(_float32(x2), books[0] if books.shape[0] == 1 else books, self.packed,
-                                         self.m, self.group)
+            p = self.packed
+            if (p.dtype != torch.uint8 or p.device.type != "cpu" or not p.is_contiguous()
+                    or tuple(p.shape) != _simd.packed_shape(self.m, self.s, book.shape[0], self.group)):
+                self.validate()                                        # raises, naming what is wrong
+            y = _simd._run_packed(_float32(x2), book.detach(), p, self.m, self.group, _simd.ISAS[isa], None)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.m)
 
     def size(self, seen: set[int]) -> CodeSize:

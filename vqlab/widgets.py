@@ -231,13 +231,14 @@ def method_panel(model: nn.Module, test_ds, grid, knobs: dict[str, tuple[Sequenc
 # ---------------------------------------------------------------- notebook 03: FLOPs and wall time
 
 _BACKEND_COLORS = {"dense fp32": "0.5", "int8 dynamic": "tab:green", "vq torch": "tab:orange", "vq dense": "tab:purple",
-                   "vq numba": "tab:red", "vq auto": "tab:blue"}
+                   "vq numba": "tab:red", "vq auto": "tab:blue", "vq simd": "tab:brown", "vq simd packed": "tab:olive"}
 
 
 def speed_panel(m: int = 1024, n: int = 1024, ks: Sequence[int] = (16, 64, 256, 1024), ds: Sequence[int] = (2, 4, 8),
                 batches: Sequence[int] = (1, 16, 128), k: int = 256, d: int = 4, batch: int = 1,
                 repeats: int = 10) -> Panel:
-    """Measured wall time of one m x n layer: dense fp32, int8 dynamic, VQ (torch, dense, numba, auto), and the FLOP ratio."""
+    """Measured wall time of one m x n layer: dense fp32, int8 dynamic, VQ (torch, dense, numba, auto; for K <= 16
+    also the approximate simd kernel on row-major and on packed indices), and the FLOP ratio."""
     from .bench import layer_timings
 
     def render(K: int, d: int, batch: int):
@@ -254,6 +255,9 @@ def speed_panel(m: int = 1024, n: int = 1024, ks: Sequence[int] = (16, 64, 256, 
         text = (f"K={K}, d={d}, batch={batch}: FLOP ratio VQ/dense = K/m + 1/d = <b>{flop_ratio:.3f}</b>; "
                 f"measured: VQ auto {1e3 * t['vq auto']:.3f} ms vs dense {1e3 * t['dense fp32']:.3f} ms "
                 f"(<b>{t['dense fp32'] / t['vq auto']:.2f}×</b>), int8 {1e3 * t['int8 dynamic']:.3f} ms")
+        if "vq simd packed" in t:
+            text += (f"; simd packed (approximate) {1e3 * t['vq simd packed']:.3f} ms "
+                     f"(<b>{t['int8 dynamic'] / t['vq simd packed']:.2f}×</b> int8)")
         return text, fig
 
     return Panel([_slider("K", ks, k), _slider("d", ds, d), _slider("batch", batches, batch)], render,

@@ -371,6 +371,7 @@ def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, group: 
 
 # ---------------------------------------------------------------- the packed layout (codes stored in it)
 
+@functools.lru_cache(maxsize=256)
 def packed_shape(m: int, s: int, books: int = 1, group: int = GROUP) -> tuple[int, int, int, int, int]:
     """Shape of the packed layout of (m, S) indices in `books` equal blocks of rows:
     (books, ngroups, nblk, Gs/2, 32) uint8, nblk = ceil(m / books / 32), Gs = G rounded up to 32."""
