@@ -18,7 +18,12 @@ AVX2 where the CPU has it; $VQLAB_SIMD_ISA=scalar (or isa="scalar") forces the p
 bit-identical results.  Without a compiler or without AVX2 the backend runs the numba kernel (exact) after one
 warnings.warn notice.  AVX-512 and NEON paths are not written (no such machine to test them on).
 
-Indices: the kernel reads the caller's contiguous uint8 (m, S) index tensor itself, row-major, on every call --
+Two index forms.  (1) A packed code (`vqlab.packed.SimdCode`, made by `vqlab.pack_simd_`): the indices are
+stored only in the kernel's own layout (`simd_pack`: 4 bits per index, interleaved so one 32-byte load feeds
+two shuffles) and `simd_matmul_packed` reads it with no transpose -- the fast form (about 2x the row-major
+one at batch 1), with bit-identical outputs.  (2) Any VQ layer or call with backend "simd", described next.
+
+Row-major indices: the kernel reads the caller's contiguous uint8 (m, S) index tensor itself, on every call --
 no private copy, no cache, no layout built in advance (it transposes 16 rows x 32 segments at a time in
 registers).  It also returns the largest index byte it read, and `simd_matmul` raises the ValueError of
 `check_indices` when that is >= K, so a value written behind torch's back (`indices.numpy()[...] = v`) is

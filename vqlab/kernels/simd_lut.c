@@ -9,7 +9,9 @@
  *   y[b, o]   ~= sum_s lo_s + sum_g step_g * (sum_{s in g} q[b, s, I[o, s]]).
  * The integer sum over one group is exact in uint16 because G * 255 <= 65535 (G <= 256, checked here).
  *
- * Indices: the caller's (m, S) uint8 tensor itself, row-major, read in place -- there is no private copy and
+ * Two index forms: the packed layout of vq_lut_packed (below; codes stored in it, 4 bits per index, no transpose:
+ * the fast form) and the caller's row-major uint8 tensor (vq_lut_rows), described here.
+ * Row-major indices: the caller's (m, S) uint8 tensor itself, read in place -- there is no private copy and
  * no layout built in advance, so the bytes must be transposed on the fly: a vpshufb lane needs 16 outputs of
  * ONE segment.  Rows are loaded as 32-byte vectors (lane L = segments s + 16 L .. s + 16 L + 15) and transposed
  * inside the 128-bit lanes (4 rounds of unpacks), giving vectors t whose lane L holds the tile's rows at segment
