@@ -326,52 +326,71 @@ def _scratch(need: int, threads: int) -> tuple[int, ctypes.Array]:
     return (buf.data_ptr() + 63) & ~63, top
 
 
-def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, group: int, code: int,
-         threads: int | None) -> torch.Tensor:
-    """simd_matmul after its checks: per chunk of input rows and codebook group the tables, then the lookups
-    (one C call when single-threaded).  raises ValueError when an index byte read is >= K."""
+def _drive(x: torch.Tensor, codebook: torch.Tensor, m: int, group: int, code: int, threads: int | None,
+           units: int, fused, part) -> torch.Tensor:
+    """The loop both index forms share: per chunk of input rows and codebook group j, the tables and the lookups.
+    Single-threaded one C call, fused(x_ptr, nb, book_ptr, j, y_ptr, tab, steps, off, top_ptr) -> rc; else the
+    tables here and the group's `units` work units (tiles or blocks of its output rows) split over the pool,
+    this thread taking the first share: part(a, e, j, nb, y_ptr, tab, steps, off, top_ptr) -> rc for units
+    [a, e).  y_ptr: row lo of the (B, m) output.  raises ValueError when an index read is >= K."""
     lib = _loaded()[0]
-    m, s = indices.shape
     k, d = codebook.shape[-2], codebook.shape[-1]
     books = codebook.shape[0] if codebook.dim() == 3 else 1
-    per = m // books
-    b = x.shape[0]
+    s, b = x.shape[1] // d, x.shape[0]
     g, ngroups, chunk, size, need = _plan(s, b, group)
     out = torch.empty((b, m), dtype=torch.float32)
     threads = threads or torch.get_num_threads()
     if threads > 1:
-        threads = max(1, min(threads, per // (4 * TILE_ROWS)))
+        threads = max(1, min(threads, units // 4))
     tab, top = _scratch(need, threads)
     steps = tab + size
     off = steps + 4 * chunk * ngroups
     top_p = ctypes.addressof(top)
     book = _books(codebook)
-    xp, bp, ip, yp, row_bytes = x.data_ptr(), book.data_ptr(), indices.data_ptr(), out.data_ptr(), x.shape[1] * 4
+    xp, bp, yp, row_bytes = x.data_ptr(), book.data_ptr(), out.data_ptr(), x.shape[1] * 4
     big = 0
     for lo in range(0, max(b, 1), chunk):
         nb = min(chunk, b - lo)
         for j in range(books):
+            xj, bj, yl = xp + lo * row_bytes, bp + j * k * d * 4, yp + lo * m * 4
             if threads == 1:
-                rc = lib.vq_matmul_rows(xp + lo * row_bytes, nb, d, bp + j * k * d * 4, k, ip, m, s, j * per,
-                                        (j + 1) * per, yp + lo * m * 4, m, g, ngroups, tab, steps, off, top_p, code)
-                if rc != 0:
-                    raise RuntimeError(f"simd: the kernel refused its arguments ({rc})")
-                big = max(big, top[0])
-                continue
-            rc = lib.vq_tables(xp + lo * row_bytes, nb, s, d, bp + j * k * d * 4, k, g, ngroups, tab, steps, off,
-                               code) if nb else 0
-            cuts = [j * per + (per * i // threads) // TILE_ROWS * TILE_ROWS for i in range(threads)] + [(j + 1) * per]
-            futures = [_pool(threads).submit(lib.vq_lut_rows, ip, m, s, a, e, tab, steps, off, yp + lo * m * 4, m, nb,
-                                             ngroups, g, top_p + 4 * i, code)
-                       for i, (a, e) in enumerate(zip(cuts, cuts[1:]))]
-            for f in futures:
-                rc |= f.result()
+                rc, used = fused(xj, nb, bj, j, yl, tab, steps, off, top_p), 1
+            else:
+                rc = lib.vq_tables(xj, nb, s, d, bj, k, g, ngroups, tab, steps, off, code) if nb else 0
+                cuts = [units * i // threads for i in range(threads)] + [units]
+                futures = [_pool(threads).submit(part, cuts[i], cuts[i + 1], j, nb, yl, tab, steps, off, top_p + 4 * i)
+                           for i in range(1, threads)]
+                rc |= part(cuts[0], cuts[1], j, nb, yl, tab, steps, off, top_p)
+                for f in futures:
+                    rc |= f.result()
+                used = threads
             if rc != 0:
                 raise RuntimeError(f"simd: the kernel refused its arguments ({rc})")
-            big = max(big, *top[:threads])
+            big = max(big, *top[:used])
         if big >= k:
             raise _out_of_range(big, k)
     return out
+
+
+def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, group: int, code: int,
+         threads: int | None) -> torch.Tensor:
+    """simd_matmul after its checks: the row-major kernel over tiles of 16 output rows (`_drive`)."""
+    lib = _loaded()[0]
+    m, s = indices.shape
+    k, d = codebook.shape[-2], codebook.shape[-1]
+    per = m // (codebook.shape[0] if codebook.dim() == 3 else 1)
+    g, ngroups = _plan(s, x.shape[0], group)[:2]
+    ip, units = indices.data_ptr(), per // TILE_ROWS
+
+    def fused(xj, nb, bj, j, yl, tab, steps, off, top):
+        return lib.vq_matmul_rows(xj, nb, d, bj, k, ip, m, s, j * per, (j + 1) * per, yl, m, g, ngroups, tab, steps,
+                                  off, top, code)
+
+    def part(a, e, j, nb, yl, tab, steps, off, top):
+        r1 = j * per + (TILE_ROWS * e if e < units else per)
+        return lib.vq_lut_rows(ip, m, s, j * per + TILE_ROWS * a, r1, tab, steps, off, yl, m, nb, ngroups, g, top, code)
+
+    return _drive(x, codebook, m, group, code, threads, units, fused, part)
 
 
 # ---------------------------------------------------------------- the packed layout (codes stored in it)
@@ -452,54 +471,23 @@ def simd_matmul_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Te
 
 def _run_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int, group: int, code: int,
                 threads: int | None) -> torch.Tensor:
-    """simd_matmul_packed after its checks (per chunk of input rows and codebook group: tables, then lookups)."""
+    """simd_matmul_packed after its checks: the packed kernel over blocks of 32 output rows (`_drive`)."""
     lib = _loaded()[0]
-    books, ngroups, nblk, half, _ = packed.shape
+    books, _, nblk = packed.shape[:3]
     k, d = codebook.shape[-2], codebook.shape[-1]
-    s = x.shape[1] // d
-    per = m // books
-    b = x.shape[0]
-    g, ngroups, chunk, size, need = _plan(s, b, group)
-    out = torch.empty((b, m), dtype=torch.float32)
-    threads = threads or torch.get_num_threads()
-    if threads > 1:
-        threads = max(1, min(threads, nblk // 4))
-    tab, top = _scratch(need, threads)
-    steps = tab + size
-    off = steps + 4 * chunk * ngroups
-    top_p = ctypes.addressof(top)
-    book = _books(codebook)
-    check = int(k < ROW)
-    xp, bp, yp, row_bytes = x.data_ptr(), book.data_ptr(), out.data_ptr(), x.shape[1] * 4
-    pstride = packed[0].numel()
-    big = 0
-    for lo in range(0, max(b, 1), chunk):
-        nb = min(chunk, b - lo)
-        for j in range(books):
-            pp, yj = packed.data_ptr() + j * pstride, yp + (lo * m + j * per) * 4
-            if threads == 1:
-                rc = lib.vq_matmul_packed(xp + lo * row_bytes, nb, s, d, bp + j * k * d * 4, k, pp, per, yj, m, g,
-                                          ngroups, tab, steps, off, check, top_p, code)
-                if rc != 0:
-                    raise RuntimeError(f"simd: the kernel refused its arguments ({rc})")
-                big = max(big, top[0])
-                continue
-            rc = lib.vq_tables(xp + lo * row_bytes, nb, s, d, bp + j * k * d * 4, k, g, ngroups, tab, steps, off,
-                               code) if nb else 0
-            cuts = [nblk * i // threads for i in range(threads)] + [nblk]
-            spans = list(enumerate(zip(cuts, cuts[1:])))
-            futures = [_pool(threads).submit(lib.vq_lut_packed, pp, per, a, e, tab, steps, off, yj, m, nb, ngroups,
-                                             g, check, top_p + 4 * i, code) for i, (a, e) in spans[1:]]
-            rc |= lib.vq_lut_packed(pp, per, cuts[0], cuts[1], tab, steps, off, yj, m, nb, ngroups, g, check, top_p,
-                                    code)                           # the first share on this thread
-            for f in futures:
-                rc |= f.result()
-            if rc != 0:
-                raise RuntimeError(f"simd: the kernel refused its arguments ({rc})")
-            big = max(big, *top[:threads])
-        if big >= k:
-            raise _out_of_range(big, k)
-    return out
+    s, per = x.shape[1] // d, m // books
+    g, ngroups = _plan(s, x.shape[0], group)[:2]
+    check, pstride, pp = int(k < ROW), packed[0].numel(), packed.data_ptr()
+
+    def fused(xj, nb, bj, j, yl, tab, steps, off, top):
+        return lib.vq_matmul_packed(xj, nb, s, d, bj, k, pp + j * pstride, per, yl + j * per * 4, m, g, ngroups, tab,
+                                    steps, off, check, top, code)
+
+    def part(a, e, j, nb, yl, tab, steps, off, top):
+        return lib.vq_lut_packed(pp + j * pstride, per, a, e, tab, steps, off, yl + j * per * 4, m, nb, ngroups, g,
+                                 check, top, code)
+
+    return _drive(x, codebook, m, group, code, threads, nblk, fused, part)
 
 
 # ---------------------------------------------------------------- the registered backend
