@@ -368,3 +368,18 @@ def test_distributed_helpers_are_identity_in_one_process():
 
 if __name__ == "__main__":          # one rank of a test's torchrun
     globals()[f"_worker_{sys.argv[1]}"](*sys.argv[2:])
+
+
+def test_quantize_shows_one_progress_bar_under_torchrun(monkeypatch, capsys):
+    """torchrun's environment on rank 1: quantize_ draws no bar there (it drew one on every rank); rank 0 does."""
+    import torch.nn as nn
+
+    from vqlab import VQConfig, quantize_
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for rank, shown in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        quantize_(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), VQConfig(k=4, d=2, quantize_first_last=True),
+                  progress=True)
+        assert ("quantize_" in capsys.readouterr().err) is shown

@@ -437,9 +437,11 @@ def quantize_(model: nn.Module, config, filter_fn: Callable[[nn.Module, str], bo
                 check(m, name)
             todo.setdefault(cfg, []).append((name, m))
 
+    from . import distributed as _dist
+
     new: dict[str, nn.Module] = {}
     with tqdm(total=sum(len(v) for v in todo.values()), desc="quantize_", unit="layer",
-              disable=not progress, leave=False) as bar:
+              disable=not progress or not _dist.is_main(), leave=False) as bar:   # one bar under torchrun
         for cfg, mods in todo.items():
             for name, q in HANDLERS[type(cfg)](mods, cfg):
                 new[name] = q
