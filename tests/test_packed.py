@@ -239,3 +239,22 @@ def test_bench_rows_for_the_simd_kernels_and_their_errors():
     assert 1e-3 < err.loc["vq simd packed", "rms"] < 0.05                         # table quantization, ~1 %
     out = layer_errors(512, 512, 16, 2, batch=8, outliers=8).set_index("backend")
     assert out.loc["int8 dynamic", "rms"] > out.loc["vq simd packed", "rms"]      # outliers hurt int8 more
+
+
+@needs_native
+def test_gradients_through_the_kernel_are_the_exact_products():
+    """Eval with gradients: the kernel's output forward, the exact product's gradients backward (x and codebook)."""
+    m = _model()
+    pack_simd_(m)
+    layer = m[0]
+    x = torch.randn(6, 256, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    book = layer.code.codebook.weight
+    x2 = x.detach().clone().requires_grad_()
+    b2 = book.detach().clone().requires_grad_()
+    ref = torch.nn.functional.linear(x2, dequantize(b2, layer.code.unpack()), layer.bias.detach())
+    ref.backward(g)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(book.grad, b2.grad, atol=1e-4)
+    assert (y.detach() - ref.detach()).abs().max() > 0                   # forward: the approximate kernel
