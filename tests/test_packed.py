@@ -258,3 +258,31 @@ def test_gradients_through_the_kernel_are_the_exact_products():
     ref.backward(g)
     assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(book.grad, b2.grad, atol=1e-4)
     assert (y.detach() - ref.detach()).abs().max() > 0                   # forward: the approximate kernel
+
+
+@needs_native
+def test_default_thread_count_splits_only_calls_large_enough(monkeypatch):
+    """threads=None: batch 1 of a 4096 x 4096 layer stays on this thread (a pool wake-up cost more than it
+    saved); a large batch splits; an explicit threads=2 always may."""
+    used = []
+    real = simd._pool
+
+    def pool(n):
+        used.append(n)
+        return real(n)
+
+    monkeypatch.setattr(simd, "_pool", pool)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, book, idx = _case(4096, 2048, 16, 2, 1, seed=2)
+        packed = simd.simd_pack(idx, 16)
+        y1 = simd.simd_matmul_packed(x, book, packed, 4096)
+        assert used == []
+        x8 = torch.randn(8, 4096)
+        y8 = simd.simd_matmul_packed(x8, book, packed, 4096)
+        assert used == [2]
+        assert torch.equal(simd.simd_matmul_packed(x, book, packed, 4096, threads=2), y1) and used[-1] == 2
+        assert torch.equal(simd.simd_matmul_packed(x8, book, packed, 4096, threads=1), y8)
+    finally:
+        torch.set_num_threads(before)

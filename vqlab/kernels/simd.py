@@ -289,7 +289,7 @@ def simd_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, 
     indices: the (m, n/d) uint8 contiguous CPU tensor itself (no copy is made or kept).  -> (B, m) float32.
     Every call reads all m * n/d index bytes and raises ValueError (as `check_indices` does) when one is >= K,
     so a change made behind torch's back is always seen.  threads: worker threads splitting the output rows
-    (default torch.get_num_threads())."""
+    (default: torch.get_num_threads(), used only when the call is large enough to gain from it, see `_drive`)."""
     if (not isinstance(indices, torch.Tensor) or indices.dtype != torch.uint8 or indices.dim() != 2
             or indices.device.type != "cpu" or not indices.is_contiguous() or 0 in indices.shape):
         raise ValueError(f"simd: indices must be a non-empty contiguous uint8 CPU (m, S) tensor, got "
@@ -327,21 +327,26 @@ def _scratch(need: int, threads: int) -> tuple[int, ctypes.Array]:
 
 
 def _drive(x: torch.Tensor, codebook: torch.Tensor, m: int, group: int, code: int, threads: int | None,
-           units: int, fused, part) -> torch.Tensor:
+           units: int, fused, part, lookups_per_thread: int) -> torch.Tensor:
     """The loop both index forms share: per chunk of input rows and codebook group j, the tables and the lookups.
     Single-threaded one C call, fused(x_ptr, nb, book_ptr, j, y_ptr, tab, steps, off, top_ptr) -> rc; else the
     tables here and the group's `units` work units (tiles or blocks of its output rows) split over the pool,
     this thread taking the first share: part(a, e, j, nb, y_ptr, tab, steps, off, top_ptr) -> rc for units
-    [a, e).  y_ptr: row lo of the (B, m) output.  raises ValueError when an index read is >= K."""
+    [a, e).  y_ptr: row lo of the (B, m) output.  threads=None (torch's count) splits a call only when each
+    thread gets at least `lookups_per_thread` of the B * m * S lookups: waking a pool thread costs tens of
+    microseconds (more on a VM), which made batch 1 on 4096 x 4096 slower on two threads than on one (0.39 vs
+    0.25 ms packed); an explicit `threads` is only capped by the work units.
+    raises ValueError when an index read is >= K."""
     lib = _loaded()[0]
     k, d = codebook.shape[-2], codebook.shape[-1]
     books = codebook.shape[0] if codebook.dim() == 3 else 1
     s, b = x.shape[1] // d, x.shape[0]
     g, ngroups, chunk, size, need = _plan(s, b, group)
     out = torch.empty((b, m), dtype=torch.float32)
+    work_cap = b * m * s // lookups_per_thread if threads is None else threads
     threads = threads or torch.get_num_threads()
     if threads > 1:
-        threads = max(1, min(threads, units // 4))
+        threads = max(1, min(threads, units // 4, work_cap))
     tab, top = _scratch(need, threads)
     steps = tab + size
     off = steps + 4 * chunk * ngroups
@@ -390,7 +395,7 @@ def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, group: 
         r1 = j * per + (TILE_ROWS * e if e < units else per)
         return lib.vq_lut_rows(ip, m, s, j * per + TILE_ROWS * a, r1, tab, steps, off, yl, m, nb, ngroups, g, top, code)
 
-    return _drive(x, codebook, m, group, code, threads, units, fused, part)
+    return _drive(x, codebook, m, group, code, threads, units, fused, part, 1 << 22)
 
 
 # ---------------------------------------------------------------- the packed layout (codes stored in it)
@@ -453,7 +458,8 @@ def simd_matmul_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Te
     """y ~= x @ W.T from a packed code: x (B, S*d) contiguous float32 CPU, codebook (K <= 16, d) or (G, K, d),
     packed: `simd_pack`'s (G, ngroups, nblk, Gs/2, 32) uint8 CPU tensor for m rows -> (B, m) float32.
     Gives bit-identical outputs to `simd_matmul` on the unpacked indices.  For K < 16 every call reads every
-    nibble and raises ValueError when one is >= K (with K = 16 every nibble is a codeword)."""
+    nibble and raises ValueError when one is >= K (with K = 16 every nibble is a codeword).  threads: as in
+    `simd_matmul`."""
     books = codebook.shape[0] if codebook.dim() == 3 else 1
     k, d = codebook.shape[-2], codebook.shape[-1]
     s = x.shape[1] // d if x.dim() == 2 else 0
@@ -487,7 +493,7 @@ def _run_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m
         return lib.vq_lut_packed(pp + j * pstride, per, a, e, tab, steps, off, yl + j * per * 4, m, nb, ngroups, g,
                                  check, top, code)
 
-    return _drive(x, codebook, m, group, code, threads, nblk, fused, part)
+    return _drive(x, codebook, m, group, code, threads, nblk, fused, part, 1 << 23)
 
 
 # ---------------------------------------------------------------- the registered backend
