@@ -354,6 +354,34 @@ def test_out_of_range_indices_are_refused(tmp_path):
             load(tmp_path / "bad.vqz", **kw)
 
 
+
+def test_crafted_simd_packed_buffers_are_refused(tmp_path):
+    """A packed simd code (vqlab.pack_simd_) with K=5: a nibble >= K at a real position, or a non-zero padding
+    nibble, in an otherwise valid file (checksum recomputed) is refused by load, with and without model=."""
+    from vqlab.packed import pack_simd_
+
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 4))
+        quantize_(m, VQConfig(k=5, d=2, quantize_first_last=True), progress=False)
+        pack_simd_(m)
+        return m
+
+    path = tmp_path / "packed.vqz"
+    save(model(), path)
+    _, meta, payload = _split(path.read_bytes())
+    _, _, off, n, bits = next(e for e in meta["tensors"] if e[0] == "0.code.packed")[:5]
+    assert bits == 8
+    assert n == 2 * 16 * 32      # layout (1, 1, 2, 16, 32): 32 segments, blocks of rows 0-31 and 32-63
+    # byte 0: rows 0 / 16 at segment 0; byte 512 (block 1): row 32 (real) / row 48 (padding: 40 rows)
+    for where, value, match in [(0, 0x07, r"K=5"), (512, 0x10, r"padding")]:
+        patched = bytearray(payload)
+        patched[off + where] = value
+        (tmp_path / "bad.vqz").write_bytes(_build(meta, bytes(patched)))
+        for kw in ({}, {"model": model()}):
+            with pytest.raises(ValueError, match=match):
+                load(tmp_path / "bad.vqz", **kw)
+
 # ---------------------------------------------------------------- atomic save
 
 class _FullDisk:
