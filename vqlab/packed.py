@@ -37,8 +37,9 @@ from ._utils import FLOAT_DTYPE_NAMES, index_bits_per_weight
 from .bits import huffman_bytes, pack_indices
 from .codebook import Codebook
 from .kernels import simd as _simd
-from .kernels.ops import lut_flops, table_count
+from .kernels.ops import _float32, lut_flops, table_count
 from .kernels.reference import check_codebook_groups, check_indices, dequantize as _dequantize
+from .layers import VQCode, VQConv2d, VQLinear
 from .quantized import CodeSize, QuantizedLinear, WeightCode, packed_ans_bytes, register_code, stored_bytes
 
 __all__ = ["SimdCode", "pack_simd_"]
@@ -66,11 +67,6 @@ class _PackedMatmul(torch.autograd.Function):
             wanted = [t for t in (xr, br) if t.requires_grad]
             grads = iter(torch.autograd.grad(y, wanted, g.to(y.dtype)))
         return (next(grads).to(x2.dtype) if need_x else None), (next(grads).to(book.dtype) if need_b else None), None
-
-
-def _float32(x2: torch.Tensor) -> torch.Tensor:
-    x2 = x2.detach()
-    return x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.to(torch.float32).contiguous()
 
 
 @register_code
@@ -115,16 +111,8 @@ class SimdCode(WeightCode):
         out.set_indices(code.indices)
         return out
 
-    @property
-    def pinned_zero(self) -> bool:
-        return self.__dict__.get("_pinned_zero", False) is True
-
-    def book(self) -> torch.Tensor:
-        """(G, K, d): `codebook.weight`, with pinned_zero row 0 replaced by zeros (no gradient into it)."""
-        w = self.codebook.weight
-        if not self.pinned_zero:
-            return w
-        return torch.cat([torch.zeros_like(w[:, :1]), w[:, 1:]], dim=1)
+    pinned_zero = VQCode.pinned_zero      # the same flag and rebuild as VQCode's (codeword 0 pinned to zero)
+    book = VQCode.book
 
     def unpack(self) -> torch.Tensor:
         """A copy of the indices: (rows, n_pad / d) uint8.  Writing to it changes nothing; use set_indices."""
@@ -236,7 +224,6 @@ def pack_simd_(model: nn.Module) -> pd.DataFrame:
     `SimdCode` (in place; bias and training mode kept; shared codebooks stay shared).  Returns one row per VQ
     layer: layer, K, d, packed (bool), reason (why not, else "").  Modules used in several places are converted
     once and stay shared."""
-    from .layers import VQConv2d, VQLinear
     from .quantize import _set_module
 
     rows, done = [], {}

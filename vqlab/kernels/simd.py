@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from .checked import CheckedIndices
+from .reference import check_indices
 from .registry import KernelBackend, register_backend
 
 __all__ = ["GROUP", "ISAS", "simd_tables", "simd_matmul", "error_sigma", "native_isa", "native_status",
@@ -417,7 +418,6 @@ def simd_pack(indices: torch.Tensor, k: int, books: int = 1, group: int = GROUP)
     Per codebook group, group of G segments and block of 32 output rows: vector p = 16 b + t holds, in byte c,
     rows c (low nibble) and 16 + c (high nibble) at segment 32 b + t, and in byte 16 + c the same rows at segment
     32 b + 16 + t; padded rows and segments are 0 (their tables are 0)."""
-    from .reference import check_indices
     if not 1 <= k <= ROW:
         raise ValueError(f"simd: the packed layout holds K <= {ROW} codewords, got K={k}")
     if not isinstance(indices, torch.Tensor) or indices.dim() != 2:
