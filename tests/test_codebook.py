@@ -150,7 +150,7 @@ def test_assign_ties_go_to_lowest_index():
 
 def test_pq_shapes_and_decode():
     x = torch.randn(1500, 8, generator=torch.Generator().manual_seed(9))
-    res = product_quantize(x, 4, 16, iters=10, seed=0)
+    res = product_quantize(x, 16, 4, iters=10, seed=0)
     assert res.codebooks.shape == (4, 16, 2) and res.codes.shape == (1500, 4) and res.codes.dtype == torch.int64
     x_hat = pq_decode(res.codebooks, res.codes)
     assert x_hat.shape == x.shape
@@ -160,7 +160,7 @@ def test_pq_shapes_and_decode():
 
 def test_pq_with_one_subspace_is_kmeans():
     x = blobs(1000, 4, 6, spread=0.3, seed=10)
-    pq = product_quantize(x, 1, 8, iters=10, seed=5)
+    pq = product_quantize(x, 8, 1, iters=10, seed=5)
     km = kmeans(x, 8, iters=10, seed=5)
     assert torch.equal(pq.codebooks[0], km.codebook) and torch.equal(pq.codes[:, 0], km.assignments)
     assert pq.distortion == km.distortion
@@ -184,18 +184,18 @@ def test_codebook_module():
     t = torch.randn(16, 4)
     book = Codebook.from_tensor(t)
     assert isinstance(book.weight, torch.nn.Parameter) and book.weight.shape == (1, 16, 4)
-    assert (book.k, book.d, book.groups) == (16, 4, 1)
+    assert (book.k, book.d, book.codebook_groups) == (16, 4, 1)
     assert torch.equal(book.weight[0], t) and book.weight.data_ptr() != t.data_ptr()
     g = Codebook.from_tensor(torch.randn(3, 8, 2, dtype=torch.float64))
-    assert (g.k, g.d, g.groups, g.weight.dtype) == (8, 2, 3, torch.float64)
-    assert repr(g) == "Codebook(groups=3, K=8, d=2, dtype=torch.float64)"
+    assert (g.k, g.d, g.codebook_groups, g.weight.dtype) == (8, 2, 3, torch.float64)
+    assert repr(g) == "Codebook(codebook_groups=3, K=8, d=2, dtype=torch.float64)"
     assert Codebook(256, 4).weight.shape == (1, 256, 4)
 
 
 # ---------------------------------------------------------------- errors name the bad value
 
 @pytest.mark.parametrize("call,exc,match", [
-    (lambda x: kmeans(x, 1), ValueError, r"K must be >= 2, got K=1"),
+    (lambda x: kmeans(x, 1), ValueError, r"K must be an integer >= 2, got 1"),
     (lambda x: kmeans(x, 101), ValueError, r"K=101 .* N=100"),
     (lambda x: kmeans(x[:, 0], 4), ValueError, r"2-D .* got shape \(100,\)"),
     (lambda x: kmeans(x[None], 4), ValueError, r"2-D .* got shape \(1, 100, 3\)"),
@@ -204,13 +204,13 @@ def test_codebook_module():
      r"2 non-finite values"),
     (lambda x: kmeans(x, 4, init="kmeans||"), ValueError, r"init must be .* got init='kmeans\|\|'"),
     (lambda x: kmeans(x, 4, init=torch.zeros(3, 3)), ValueError, r"shape \(K, d\) = \(4, 3\), got \(3, 3\)"),
-    (lambda x: kmeans(x, 4, iters=0), ValueError, r"iters must be >= 1, got iters=0"),
-    (lambda x: kmeans(x, 4, batch_size=0), ValueError, r"batch_size must be >= 1, got batch_size=0"),
+    (lambda x: kmeans(x, 4, iters=0), ValueError, r"iters must be an integer >= 1, got 0"),
+    (lambda x: kmeans(x, 4, batch_size=0), ValueError, r"batch_size must be an integer >= 1, got 0"),
     (lambda x: assign(x, torch.zeros(4, 2)), ValueError, r"codebook has d=2 but x has d=3"),
-    (lambda x: product_quantize(x, 2, 4), ValueError, r"M=2 must divide .* D=3"),
-    (lambda x: residual_quantize(x, 4, 0), ValueError, r"n_stages must be >= 1, got n_stages=0"),
+    (lambda x: product_quantize(x, 4, 2), ValueError, r"M=2 must divide .* D=3"),
+    (lambda x: residual_quantize(x, 4, 0), ValueError, r"stages must be an integer >= 1, got 0"),
     (lambda x: Codebook.from_tensor(torch.zeros(4)), ValueError, r"\(K, d\) or \(G, K, d\) tensor, got \(4,\)"),
-    (lambda x: Codebook.from_tensor(torch.zeros(1, 3)), ValueError, r"K must be >= 2, got K=1"),
+    (lambda x: Codebook.from_tensor(torch.zeros(1, 3)), ValueError, r"K must be an integer >= 2, got 1"),
 ])
 def test_errors(call, exc, match):
     x = torch.randn(100, 3, generator=torch.Generator().manual_seed(0))

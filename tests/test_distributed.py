@@ -74,7 +74,8 @@ def reference_kernels():
 def _fit_setup():
     from vqlab.data import load_dataset
     from vqlab.models import get_model
-    from vqlab.quantize import VQConfig, quantize_
+    from vqlab.methods.vq import VQConfig
+    from vqlab.quantize import quantize_
 
     torch.manual_seed(0)
     model = get_model("lenet5", input_size=8)
@@ -159,7 +160,8 @@ QUANT_CONFIGS = {"layer": dict(k=16, d=4), "shared": dict(k=16, d=4, codebook="s
 def _quantized(kind: str, distributed: bool, seed: int = 0):
     """LeNet-5 (8x8 digits) quantized with one of QUANT_CONFIGS; (model, report)."""
     from vqlab.models import get_model
-    from vqlab.quantize import VQConfig, quantize_
+    from vqlab.methods.vq import VQConfig
+    from vqlab.quantize import quantize_
 
     torch.manual_seed(seed)
     model = get_model("lenet5", input_size=8)
@@ -370,13 +372,13 @@ def test_quantize_shows_one_progress_bar_under_torchrun(monkeypatch, capsys):
     """torchrun's environment on rank 1: quantize_ draws no bar there (it drew one on every rank); rank 0 does."""
     import torch.nn as nn
 
-    from vqlab import VQConfig, quantize_
+    from vqlab import VQConfig, all_layers, quantize_
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     for rank, shown in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
-        quantize_(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), VQConfig(k=4, d=2, quantize_first_last=True),
+        quantize_(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), VQConfig(k=4, d=2), filter_fn=all_layers,
                   progress=True)
         assert ("quantize_" in capsys.readouterr().err) is shown
 

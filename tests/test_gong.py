@@ -9,13 +9,13 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import vqlab
-from vqlab import QuantizedConv2d, QuantizedLinear, compressed_size, count_flops, quantize_
+from vqlab import QuantizedConv2d, QuantizedLinear, all_layers, compressed_size, count_flops, quantize_
 from vqlab.methods.gong import (BinaryCode, BinaryConfig, PQCode, PQConfig, RVQCode, RVQConfig, ScalarCode,
                                 ScalarConfig)
 
 CONFIGS = [BinaryConfig(), ScalarConfig(k=16), PQConfig(k=8, subspaces=4), PQConfig(k=16, subspaces=4, axis="output"),
            RVQConfig(k=16, stages=2, d=4)]
-METHODS = ["gong binary", "gong scalar k-means", "gong pq", "gong pq", "gong rvq"]
+METHODS = ["gong_binary", "gong_scalar", "gong_pq", "gong_pq", "gong_rvq"]
 BITS = [(1.0, 1.0), (4.0, 4.0), (3 / 18, 3 / 64), (4 / 4, 4 / 8), (2.0, 2.0)]     # (conv "2", linear "4")
 
 
@@ -38,7 +38,7 @@ def test_each_method_end_to_end(i, tmp_path):
     report = quantize_(model, config, progress=False).set_index("layer")
 
     # report: first conv / last linear stay float, the middle two carry the code's numbers
-    assert report["status"].tolist() == ["float (first conv)", config.report_status, config.report_status,
+    assert report["status"].tolist() == ["float (first conv)", config.name, config.name,
                                          "float (last linear)"]
     assert isinstance(model[2], QuantizedConv2d) and isinstance(model[4], QuantizedLinear)
     for name, b in zip(("2", "4"), bits):
@@ -110,7 +110,7 @@ def test_binary_rows_are_alpha_times_sign():
     assert torch.equal(code.rows(), alpha * torch.where(flat >= 0, 1.0, -1.0))
     assert torch.equal(code.rows()[:, 1:], (alpha * torch.sign(flat))[:, 1:])
     model = _model()
-    quantize_(model, BinaryConfig(quantize_first_last=True), progress=False)
+    quantize_(model, BinaryConfig(), filter_fn=all_layers, progress=False)
     for i in (0, 2, 4, 6):
         f = _model()[i].weight.detach()
         fl = f.reshape(len(f), -1)
@@ -166,7 +166,6 @@ def test_scalar_kmeans_with_enough_codewords_is_exact():
 @pytest.mark.parametrize("make, field", [
     (lambda: ScalarConfig(k=1), "k"), (lambda: ScalarConfig(k=True), "k"), (lambda: ScalarConfig(k=2.0), "k"),
     (lambda: ScalarConfig(k=16, iters=0), "iters"), (lambda: ScalarConfig(k=16, seed=-1), "seed"),
-    (lambda: BinaryConfig(quantize_first_last="yes"), "quantize_first_last"),
     (lambda: PQConfig(k=16, subspaces=0), "subspaces"), (lambda: PQConfig(k=16, axis="rows"), "axis"),
     (lambda: PQConfig(k=1 << 17), "k"), (lambda: RVQConfig(k=16, stages=0), "stages"),
     (lambda: RVQConfig(k=16, d=0), "d"), (lambda: RVQConfig(k=16, d="4"), "d"),
@@ -274,7 +273,7 @@ def test_lut_paths_refuse_codes_outside_the_codebook():
     torch.manual_seed(6)
     for config in (PQConfig(k=8, subspaces=4), PQConfig(k=8, subspaces=2, axis="output"), RVQConfig(k=16, stages=2)):
         model = nn.Sequential(nn.Linear(64, 16), nn.Linear(16, 16)).eval()
-        quantize_(model, dataclasses_replace(config, quantize_first_last=True), progress=False)
+        quantize_(model, config, filter_fn=all_layers, progress=False)
         model[0].code.codes[0, 0] = config.k                          # one past the last codeword
         with pytest.raises(ValueError, match=rf"K={config.k}"):
             model(torch.randn(2, 64))
@@ -287,13 +286,13 @@ def dataclasses_replace(config, **kw):
 
 def test_pq_and_rvq_flops_formulas_by_hand():
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)).eval()
-    quantize_(model, PQConfig(k=8, subspaces=4, quantize_first_last=True), progress=False)
+    quantize_(model, PQConfig(k=8, subspaces=4), filter_fn=all_layers, progress=False)
     # 4 tables of 8 dot products of length 16 per row, then 4 reads per output
     assert model[0].flops(3) == (3 * 2 * 64 * 8, 3 * 32 * 4)
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)).eval()
-    quantize_(model, PQConfig(k=8, subspaces=2, axis="output", quantize_first_last=True), progress=False)
+    quantize_(model, PQConfig(k=8, subspaces=2, axis="output"), filter_fn=all_layers, progress=False)
     # bucket sums: one add per input per sub-space; then (8,) x (8, 16) per sub-space
     assert model[0].flops(3) == (3 * 2 * 2 * 8 * 16, 3 * 2 * 64)
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)).eval()
-    quantize_(model, RVQConfig(k=16, stages=3, d=4, quantize_first_last=True), progress=False)
+    quantize_(model, RVQConfig(k=16, stages=3, d=4), filter_fn=all_layers, progress=False)
     assert model[0].flops(3) == (3 * 3 * 2 * 64 * 16, 3 * 3 * 32 * 16)

@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vqlab.baselines import UniformConfig
+from vqlab.methods.uniform import UniformConfig
 from vqlab.io import FORMAT_VERSION, VQFileError, load, save
-from vqlab.layers import VQConv2d, VQLinear
+from vqlab.methods.vq import VQConv2d, VQLinear
 from vqlab.methods.gong import BinaryConfig, ScalarConfig
 from vqlab.models import get_model
-from vqlab.quantize import VQConfig, quantize_
+from vqlab.methods.vq import VQConfig
+from vqlab.quantize import quantize_
 from vqlab.size import LZMA_FILTERS, compressed_size, round_to_store_dtype_
 
 
@@ -72,7 +73,7 @@ def test_shared_codebook_buffers_and_latent(tmp_path):
     assert back.features[3].codebook is back.classifier[1].codebook is back.classifier[3].codebook
     assert torch.equal(back.scratch, torch.arange(3.0))
     lat = back.classifier[1].latent            # training-only weights rebuilt from the codebook
-    assert lat is not None and torch.equal(lat.detach(), back.classifier[1]._weight_to_flat(back.classifier[1].dequantize()))
+    assert lat is not None and torch.equal(lat.detach(), back.classifier[1].weight_to_rows(back.classifier[1].dequantize()))
     assert sum(1 for p in back.parameters() if p is back.features[3].codebook.weight) == 1
 
 
@@ -242,7 +243,7 @@ def test_format_2_files_still_load(tmp_path):
                                           r"shape, requires_grad\], got"):
         load(tmp_path / "h2.vqz")
     (tmp_path / "v9.vqz").write_bytes(as_version((tmp_path / "m.vqz").read_bytes(), 9))
-    with pytest.raises(VQFileError, match=rf"format version 9; this vqlab reads version {FORMAT_VERSION} \(and 2\)"):
+    with pytest.raises(VQFileError, match=rf"format version 9; this vqlab reads version {FORMAT_VERSION} \(and 2, 3\)"):
         load(tmp_path / "v9.vqz")
 
 

@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 
 from vqlab.io import FORMAT_VERSION, VQFileError, load, save
-from vqlab.layers import VQLinear
+from vqlab.methods.vq import VQLinear
 from vqlab.models import get_model
-from vqlab.quantize import VQConfig, quantize_
+from vqlab.methods.vq import VQConfig
+from vqlab.quantize import all_layers, quantize_
 from vqlab.size import LZMA_FILTERS, compressed_size, round_to_store_dtype_
 
 # The file envelope, written independently of vqlab.io so that these tests craft files the way an
@@ -51,7 +52,7 @@ def _build(meta, payload: bytes, version: int = FORMAT_VERSION) -> bytes:
 def _tiny_vq() -> nn.Module:
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 8))
-    quantize_(m, VQConfig(k=16, d=4, iters=3, quantize_first_last=True), progress=False)
+    quantize_(m, VQConfig(k=16, d=4, iters=3), filter_fn=all_layers, progress=False)
     return m.eval()
 
 
@@ -173,7 +174,11 @@ def _entry(meta: dict, bits: bool) -> list:
 
 
 def _vq_node(meta: dict) -> dict:
-    return next(n for n in meta["modules"] if n["type"].endswith("VQLinear"))
+    return next(n for n in meta["modules"] if n["type"] == "vqlab:linear")
+
+
+def _vq_code(meta: dict) -> dict:
+    return next(n for n in meta["modules"] if n["type"] == "code:vq")
 
 
 _MALFORMED = {
@@ -205,9 +210,10 @@ _MALFORMED = {
                          "may not set attribute 'forward'"),
     "unknown value tag": (lambda m, p: (m["modules"][-1].__setitem__("state", {"x": {"eval": "1"}}) or m, p),
                           "unsupported value"),
-    "VQ n_pad": (lambda m, p: (_vq_node(m)["state"].__setitem__("n_pad", 20) or m, p), r"layer '0'.*do not fit"),
-    "VQ out_dim": (lambda m, p: (_vq_node(m)["state"].__setitem__("out_dim", 64) or m, p), "do not fit its geometry"),
-    "VQ attribute missing": (lambda m, p: (_vq_node(m)["state"].pop("n_pad") and m, p), "n_pad"),
+    "VQ n_pad": (lambda m, p: (_vq_code(m)["config"].__setitem__("n_pad", 20) or m, p), r"module '0.code'.*config gives"),
+    "VQ out_dim": (lambda m, p: (_vq_node(m)["config"].__setitem__("out_features", 64) or m, p),
+                   "do not fit its geometry"),
+    "VQ attribute missing": (lambda m, p: (_vq_code(m)["config"].pop("n_pad") and m, p), "n_pad"),
 }
 
 
@@ -358,12 +364,12 @@ def test_out_of_range_indices_are_refused(tmp_path):
 def test_crafted_simd_packed_buffers_are_refused(tmp_path):
     """A packed simd code (vqlab.pack_simd_) with K=5: a nibble >= K at a real position, or a non-zero padding
     nibble, in an otherwise valid file (checksum recomputed) is refused by load, with and without model=."""
-    from vqlab.packed import pack_simd_
+    from vqlab.methods.vq_simd import pack_simd_
 
     def model():
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 4))
-        quantize_(m, VQConfig(k=5, d=2, quantize_first_last=True), progress=False)
+        quantize_(m, VQConfig(k=5, d=2), filter_fn=all_layers, progress=False)
         pack_simd_(m)
         return m
 

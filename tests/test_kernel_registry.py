@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import vqlab.kernels as K
 import vqlab.kernels.checked as checked
 from vqlab.kernels import KernelBackend, dequantize, register_backend, set_backend, vq_conv2d, vq_matmul
-from vqlab.kernels.registry import _REGISTRY
+from vqlab.kernels import unregister_backend
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +19,7 @@ def _clean():
     set_backend(None)
     yield
     set_backend(None)
-    _REGISTRY.pop("rowloop", None)
+    unregister_backend("rowloop")
     K.clear_caches()
 
 

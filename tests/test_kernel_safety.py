@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import vqlab.kernels.ops as ops
+import vqlab.kernels as ops
 from vqlab import VQConv2d, VQLinear
 from vqlab.flops import count_flops
 from vqlab.kernels import available_backends, dequantize, vq_conv2d, vq_matmul
@@ -198,10 +198,10 @@ def _flop_counter(model, shape):
 @pytest.mark.parametrize("layer, kw, shape", [
     (nn.Conv2d(8, 12, 3, padding=1, groups=2), dict(k=16, d=2), (2, 8, 6, 6)),                   # grouped
     (nn.Conv2d(8, 8, 3, padding=1, groups=8), dict(k=4, d=1), (1, 8, 5, 5)),                     # depthwise
-    (nn.Conv2d(8, 12, 3, padding=1), dict(k=16, d=4, groups=4), (1, 8, 6, 6)),                   # codebook groups
-    (nn.Conv2d(8, 12, 3, padding=1, groups=2), dict(k=8, d=2, groups=3), (1, 8, 6, 6)),          # both, misaligned
+    (nn.Conv2d(8, 12, 3, padding=1), dict(k=16, d=4, codebook_groups=4), (1, 8, 6, 6)),          # codebook groups
+    (nn.Conv2d(8, 12, 3, padding=1, groups=2), dict(k=8, d=2, codebook_groups=3), (1, 8, 6, 6)), # both, misaligned
     (nn.Conv2d(6, 4, 3, padding=(1, 2), stride=2), dict(k=8, d=4, pad=True), (1, 6, 7, 7)),      # padded segments
-    (nn.Linear(30, 16), dict(k=8, d=4, groups=4, pad=True), (3, 30)),                             # padded linear
+    (nn.Linear(30, 16), dict(k=8, d=4, codebook_groups=4, pad=True), (3, 30)),                # padded linear
 ])
 def test_count_flops_equals_flop_counter_mode(layer, kw, shape):
     torch.manual_seed(0)

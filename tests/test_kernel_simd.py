@@ -1,6 +1,5 @@
 """Backend "simd": exact against an integer emulation of the kernel, within 6 sigma of the float reference,
 odd shapes, the scalar path, refused indices, opt-in only, and the numba fallback when no compiler exists."""
-import os
 import warnings
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 import vqlab.kernels as K
 from vqlab.kernels import dequantize, set_backend, vq_conv2d, vq_matmul
 from vqlab.kernels import simd
-from vqlab.kernels.ops import _candidates
+from vqlab.kernels.route import _candidates
 
 NATIVE = simd.native_isa() is not None
 needs_native = pytest.mark.skipif(not NATIVE, reason=f"simd: {simd.native_status()}")
@@ -308,7 +307,7 @@ def test_auto_never_picks_simd_unless_asked():
     assert torch.equal(vq_matmul(x, book, idx), vq_matmul(x, book, idx, backend="simd"))
     set_backend(None)
     # a layer opts in with layer.backend
-    from vqlab.layers import VQLinear
+    from vqlab.methods.vq import VQLinear
     layer = VQLinear(64, 32, bias=False, k=16, d=2).eval()
     with torch.no_grad():
         layer.codebook.weight.normal_()

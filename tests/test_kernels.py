@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from vqlab._utils import index_dtype
+from vqlab.dtypes import index_dtype
 from vqlab.kernels import available_backends, dequantize, vq_conv2d, vq_matmul
 
 BACKENDS = available_backends()
@@ -114,7 +114,11 @@ def test_bad_arguments_are_named():
 @pytest.mark.parametrize("k, groups", [(16, 1), (256, 3), (4096, 1), (40000, 2)])
 def test_fast_dequantize_equals_reference_exactly(k, groups):
     # the dense path of `auto` rebuilds the weight with numba's gather; it must copy codewords bit for bit
-    from vqlab.kernels.ops import _dequantize_fast
+    from vqlab.kernels.backends import dequantize_checked
+    from vqlab.kernels.checked import checked_indices
+
+    def _dequantize_fast(book, idx, temporary=False):
+        return dequantize_checked(book, checked_indices(idx, book.shape[-2]), temporary).to(book.dtype)
     book, idx, _ = _case(30, 7, k, 3, 6, groups=groups)
     ref = dequantize(book, idx)
     kept = _dequantize_fast(book, idx)

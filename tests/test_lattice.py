@@ -242,15 +242,14 @@ def test_quantize_size_save_load_flops_end_to_end(tmp_path, coder):
     model = _model()
     x = torch.randn(3, 1, 8, 8)
     dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")}
-    report = vqlab.quantize_(model, LatticeConfig(lattice="E8", step=0.02, seed=7, coder=coder, pad=True,
-                                                   quantize_first_last=True),
-                             progress=False).set_index("layer")
+    report = vqlab.quantize_(model, LatticeConfig(lattice="E8", step=0.02, seed=7, coder=coder, pad=True),
+                             filter_fn=vqlab.all_layers, progress=False).set_index("layer")
     assert all(isinstance(model[i].code, LatticeCode) for i in (0, 2, 4, 6))
     codes = {str(i): model[i].code for i in (0, 2, 4, 6)}
     assert len({c.seed for c in codes.values()}) == 4                   # per-layer dither seeds
     assert codes["4"].seed == lat.layer_seed(7, "4")
     for name, c in codes.items():
-        assert report.loc[name, "method"] == "lattice E8"
+        assert report.loc[name, "method"] == "lattice" and report.loc[name, "setting"].startswith("E8 ")
         err = (model[int(name)].weight - dense[name]).pow(2).mean().item()
         assert err == pytest.approx(0.071682 * 0.02 ** 2, rel=0.3)
 

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vqlab.codebook import Codebook, assign
-from vqlab.layers import VQConv2d, VQLinear, check_quantizable, weight_segments
+from vqlab.methods.vq import VQConv2d, VQLinear, check_quantizable, weight_segments
 
 
 def _linear(i=32, o=12, bias=True, seed=0):
@@ -94,7 +94,7 @@ def test_mse_falls_as_k_grows_and_d_shrinks():
 @pytest.mark.parametrize("groups", [1, 3])
 def test_linear_eval_and_train_equal_dense(bias, groups):
     lin = _linear(24, 12, bias=bias)
-    q = VQLinear.from_float(lin, k=8, d=4, groups=groups)
+    q = VQLinear.from_float(lin, k=8, d=4, codebook_groups=groups)
     assert q.codebook.weight.shape == (groups, 8, 4)
     x = torch.randn(5, 7, 24)
     ref = F.linear(x, q.dequantize(), q.bias)
@@ -117,7 +117,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("kw", CONV_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_conv_eval_and_train_equal_dense(kw, segment):
     conv = _conv(8, 8, 3, **kw)
-    q = VQConv2d.from_float(conv, k=16, d=2, segment=segment, groups=2)
+    q = VQConv2d.from_float(conv, k=16, d=2, segment=segment, codebook_groups=2)
     dense = _conv(8, 8, 3, **kw)
     with torch.no_grad():
         dense.weight.copy_(q.dequantize())
@@ -178,7 +178,7 @@ def _scatter_grad(grad_flat, indices, g, k, d):
 
 def test_linear_codebook_grad_is_sum_of_cluster_weight_grads():
     lin = _linear(16, 8)
-    q = VQLinear.from_float(lin, k=6, d=4, groups=2).train()
+    q = VQLinear.from_float(lin, k=6, d=4, codebook_groups=2).train()
     x = torch.randn(10, 16)
     target = torch.randn(10, 8)
     ((q(x) - target) ** 2).sum().backward()
@@ -273,7 +273,7 @@ def test_bad_inputs_name_layer_and_value():
     with pytest.raises(ValueError, match=r"layer 'fc1' \(Linear\): K=64 is larger than the 32 segments"):
         VQLinear.from_float(lin, k=64, d=4, name="fc1")
     with pytest.raises(ValueError, match=r"codebook groups G=3 must be a positive divisor of the 8 output"):
-        VQLinear.from_float(lin, k=4, d=4, groups=3, name="fc1")
+        VQLinear.from_float(lin, k=4, d=4, codebook_groups=3, name="fc1")
     bad = _linear(16, 8)
     with torch.no_grad():
         bad.weight[2, 3] = float("nan")

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 import vqlab
-from vqlab.kernels import dequantize, simd, vq_matmul
-from vqlab.packed import SimdCode, pack_simd_
+from vqlab.kernels import dequantize, simd
+from vqlab.methods.vq_simd import SimdCode, pack_simd_
 
 from test_kernel_simd import _case, emulate
 
@@ -102,7 +102,7 @@ def test_a_nibble_at_or_above_k_is_refused_on_every_call(isa):
 def _model(seed=0, k=16, d=2):
     torch.manual_seed(seed)
     m = nn.Sequential(nn.Linear(256, 130), nn.ReLU(), nn.Linear(130, 40), nn.ReLU(), nn.Linear(40, 7))
-    vqlab.quantize_(m, vqlab.VQConfig(k=k, d=d, quantize_first_last=True), progress=False)
+    vqlab.quantize_(m, vqlab.VQConfig(k=k, d=d), filter_fn=vqlab.all_layers, progress=False)
     return m.eval()
 
 
@@ -131,16 +131,16 @@ def test_pack_simd_skips_what_it_cannot_hold_and_keeps_sharing():
     torch.manual_seed(0)
     lin = nn.Linear(12, 12)
     m = nn.Sequential(nn.Linear(8, 12), lin, nn.ReLU(), lin, nn.Linear(12, 256), nn.Linear(256, 4))
-    vqlab.quantize_(m, vqlab.VQConfig(k=16, d=4, quantize_first_last=True),
-                    overrides={"4": vqlab.VQConfig(k=64, d=4, quantize_first_last=True)}, progress=False)
+    vqlab.quantize_(m, vqlab.VQConfig(k=16, d=4), filter_fn=vqlab.all_layers,
+                    overrides={"4": vqlab.VQConfig(k=64, d=4)}, progress=False)
     report = pack_simd_(m)
     assert report["packed"].tolist() == [True, True, True, False, True]
     assert "K=64 > 16" in report["reason"][3]
     assert m[1] is m[3] and isinstance(m[1].code, SimdCode)             # a module used twice: one object
     m[5] = vqlab.VQLinear(10, 4, k=16, d=4, pad=True)
     assert "padded rows" in pack_simd_(m)["reason"].iloc[-1]
-    solo = vqlab.VQLinear(8, 4, k=16, d=2)
-    assert "the model itself" in pack_simd_(solo)["reason"][0]
+    solo = vqlab.VQLinear(8, 4, k=16, d=2)             # packing changes the code in place: the model itself too
+    assert pack_simd_(solo)["packed"][0] and isinstance(solo.code, SimdCode)
 
 
 def test_set_indices_and_validate_check_their_values():

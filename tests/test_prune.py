@@ -12,18 +12,20 @@ import torch.nn.functional as F
 from vqlab import Codebook
 from vqlab.data import load_dataset
 from vqlab.io import load, save
-from vqlab.layers import VQConv2d, VQLayer, VQLinear, fit_codebook, fit_pruned_codebook, prune_count, weight_segments
+from vqlab.codebook import fit_codebook, fit_pruned_codebook, prune_count
+from vqlab.methods.vq import VQConv2d, VQLinear, weight_segments
 from vqlab.models import get_model
-from vqlab.quantize import VQConfig, quantize_
+from vqlab.methods.vq import VQConfig
+from vqlab.quantize import all_layers, quantize_
 from vqlab.size import compressed_size
 from vqlab.train import fit
 
 
-def _vq_layers(model: nn.Module) -> dict[str, VQLayer]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, VQLayer)}
+def _vq_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (VQLinear, VQConv2d))}
 
 
-def _check_pruned_layer(float_layer: nn.Module, q: VQLayer, prune: float, groups: int, **seg) -> None:
+def _check_pruned_layer(float_layer: nn.Module, q: nn.Module, prune: float, groups: int, **seg) -> None:
     """The pruned segments are exactly the prune_count smallest-norm segments of each group of the float weight;
     codeword 0 and the rebuilt weight there are exactly zero; every other segment sits on its nearest of 1..K-1."""
     segs = weight_segments(float_layer, q.d, **seg).reshape(groups, -1, q.d)       # (G, N_g, d)
@@ -39,7 +41,7 @@ def _check_pruned_layer(float_layer: nn.Module, q: VQLayer, prune: float, groups
         kept = idx[j] != 0
         nearest = torch.cdist(segs[j][kept].double(), book[1:].double()).argmin(1) + 1
         assert torch.equal(idx[j][kept], nearest)
-    flat = q.flat_weight().detach().reshape(groups, -1, q.d)
+    flat = q.code.rows().detach().reshape(groups, -1, q.d)
     assert torch.equal(flat[idx == 0], torch.zeros(int((idx == 0).sum()), q.d))
 
 
@@ -61,7 +63,7 @@ def test_linear_prune_half_the_smallest_segments():
 def test_conv2d_prune_per_codebook_group_rounds_half_up(segment):
     torch.manual_seed(1)
     conv = nn.Conv2d(6, 6, 3, padding=1)                      # d=2, G=2: 3 rows x 27 = 81 segments per group
-    q = VQConv2d.from_float(conv, 16, 2, groups=2, segment=segment, prune=0.5)
+    q = VQConv2d.from_float(conv, 16, 2, codebook_groups=2, segment=segment, prune=0.5)
     per_group = (q.indices.reshape(2, -1) == 0).sum(1).tolist()
     assert per_group == [41, 41] and prune_count(81, 0.5) == math.floor(40.5 + 0.5) == 41  # 40.5 rounds up
     _check_pruned_layer(conv, q, 0.5, 2, segment=segment)
@@ -171,9 +173,9 @@ def test_pruning_lowers_the_index_entropy():
     torch.manual_seed(4)
     plain, pruned = nn.Sequential(nn.Linear(64, 64)), nn.Sequential(nn.Linear(64, 64))
     pruned.load_state_dict(plain.state_dict())
-    cfg = dict(k=16, d=2, quantize_first_last=True)
-    quantize_(plain, VQConfig(**cfg), progress=False)
-    quantize_(pruned, VQConfig(**cfg, prune=0.5), progress=False)
+    cfg = dict(k=16, d=2)
+    quantize_(plain, VQConfig(**cfg), filter_fn=all_layers, progress=False)
+    quantize_(pruned, VQConfig(**cfg, prune=0.5), filter_fn=all_layers, progress=False)
     a, b = compressed_size(plain), compressed_size(pruned)
     assert a.index_bytes == b.index_bytes                     # still K-ary packed indices
     assert b.huffman_bytes < a.huffman_bytes and b.ans_bytes < a.ans_bytes
@@ -202,5 +204,5 @@ def test_prune_needs_k3_and_an_own_codebook():
     # too few unpruned segments for the K-1 learned codewords: quantize_ refuses before changing anything
     model = nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 2))  # 4 segments, 3 pruned at 0.75, 1 < K-1 = 2
     with pytest.raises(ValueError, match=r"layer '0'.*prune=0.75 leaves 1 of the 4 segments"):
-        quantize_(model, VQConfig(k=3, d=2, prune=0.75, quantize_first_last=True), progress=False)
+        quantize_(model, VQConfig(k=3, d=2, prune=0.75), filter_fn=all_layers, progress=False)
     assert isinstance(model[0], nn.Linear)

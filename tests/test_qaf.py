@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import vqlab
-from vqlab import compressed_size, quantize_
+from vqlab import all_layers, compressed_size, quantize_
 from vqlab.methods import qaf
-from vqlab.methods.qaf import QAFCode, QAFConfig, QAFConv2d, QAFLinear
+from vqlab.layers import QuantizedConv2d, QuantizedLinear
+from vqlab.methods.qaf import QAFCode, QAFConfig
 from vqlab.train import checkpoint_path
 
 
@@ -40,14 +41,14 @@ def _lenet_conv2() -> torch.Tensor:
 def test_cp_als_recovers_an_exact_low_rank_tensor_in_both_layouts():
     for shape in ((12, 6, 3, 3), (20, 9)):
         x = _low_rank(shape, rank=3, noise=0.0)
-        res = qaf.cp_decompose(x, 3, method="als")
+        res = qaf.cp_decompose(x, 3, algorithm="als")
         assert res.rel_error < 1e-5 and res.q is None and [f.shape for f in res.factors] == [(n, 3) for n in shape]
         assert torch.allclose(qaf.cp_reconstruct(res.factors).float(), x, atol=1e-4)
 
 
 def test_admm_residuals_fall_and_the_factors_lie_on_the_grid():
     x = _low_rank()
-    res = qaf.cp_decompose(x, 6, bits=3, method="admm", iters=30)
+    res = qaf.cp_decompose(x, 6, bits=3, algorithm="admm", iters=30)
     h = res.history
     assert list(h.columns) == ["iter", "primal", "dual", "rel_error"] and len(h) == 31
     assert h["primal"].iloc[-1] < 0.25 * h["primal"].iloc[1]
@@ -64,9 +65,9 @@ def test_qaf_beats_cp_als_plus_ptq_at_equal_rank_and_bits(which):
     # the trained layer: about 0.92 -> 0.73; a rank-12 tensor fit at rank 8: about 0.327 -> 0.311
     w = _lenet_conv2() if which == "lenet5 conv2" else _low_rank(rank=12, noise=0.0)
     rank, bits, gain = (16, 3, 0.85) if which == "lenet5 conv2" else (8, 3, 0.98)
-    ptq = qaf.cp_decompose(w, rank, bits, method="als")
-    admm = qaf.cp_decompose(w, rank, bits, method="admm", iters=30)
-    float_als = qaf.cp_decompose(w, rank, method="als")
+    ptq = qaf.cp_decompose(w, rank, bits, algorithm="als")
+    admm = qaf.cp_decompose(w, rank, bits, algorithm="admm", iters=30)
+    float_als = qaf.cp_decompose(w, rank, algorithm="als")
     assert float_als.rel_error < admm.rel_error < gain * ptq.rel_error
     assert len(admm.q) == len(ptq.q) == w.dim() and admm.scales.shape == ptq.scales.shape == (rank,)
 
@@ -75,15 +76,17 @@ def test_quantize_runs_the_cp_sequence_and_saves_counts_and_flops_it(tmp_path):
     model, ptq_model = _model(), _model()
     x = torch.randn(2, 3, 8, 8)
     dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")}
-    cfg = dict(rank=4, bits=4, iters=5, als_iters=30, quantize_first_last=True)
-    report = quantize_(model, QAFConfig(**cfg), progress=False).set_index("layer")
-    ptq_report = quantize_(ptq_model, QAFConfig(**cfg, method="ptq"), progress=False).set_index("layer")
-    assert set(report["method"]) == {"qaf admm"} and set(ptq_report["method"]) == {"qaf ptq"}
+    cfg = dict(rank=4, bits=4, iters=5, als_iters=30)
+    report = quantize_(model, QAFConfig(**cfg), filter_fn=all_layers, progress=False).set_index("layer")
+    ptq_report = quantize_(ptq_model, QAFConfig(**cfg, algorithm="ptq"), filter_fn=all_layers,
+                           progress=False).set_index("layer")
+    assert set(report["method"]) == {"qaf"} and set(ptq_report["method"]) == {"qaf"}
+    assert all(s.startswith("admm ") for s in report["setting"]) and all(s.startswith("ptq ") for s in ptq_report["setting"])
     assert (report["weight_mse"] <= ptq_report["weight_mse"] + 1e-12).all()
     assert report.loc["2", "bits_per_weight"] == pytest.approx(4 * 4 * (16 + 8 + 3 + 3) / (16 * 72))
     layers = {i: model[i] for i in (0, 2, 4, 6, 8)}
-    assert all(isinstance(layers[i], QAFConv2d) for i in (0, 2, 4))
-    assert all(isinstance(layers[i], QAFLinear) for i in (6, 8))
+    assert all(isinstance(layers[i], QuantizedConv2d) and isinstance(layers[i].code, QAFCode) for i in (0, 2, 4))
+    assert all(isinstance(layers[i], QuantizedLinear) and isinstance(layers[i].code, QAFCode) for i in (6, 8))
     code = model[2].code
     assert isinstance(code, QAFCode) and code.rel_error == pytest.approx(
         ((model[2].weight - dense["2"]).norm() / dense["2"].norm()).item(), rel=1e-4)
@@ -103,7 +106,7 @@ def test_quantize_runs_the_cp_sequence_and_saves_counts_and_flops_it(tmp_path):
     nbytes = vqlab.save(model, path)
     assert nbytes == os.path.getsize(path) and 0 <= nbytes - size.compressed_bytes <= 0.01 * nbytes + 4096
     back = vqlab.load(path)
-    assert isinstance(back[2], QAFConv2d) and torch.equal(back[2].code.q1, code.q1)
+    assert isinstance(back[2], QuantizedConv2d) and isinstance(back[2].code, QAFCode) and torch.equal(back[2].code.q1, code.q1)
     assert torch.equal(back(x), model(x))
 
     # FLOPs: the sequence's own count, as FlopCounterMode counts the ops it runs
@@ -118,11 +121,11 @@ def test_rank_ratio_and_config_errors():
     assert qaf.layer_rank(conv, rank_ratio=0.25) == round(0.25 * 16 * 8 * 25 / (16 + 8 + 5 + 5))
     assert qaf.layer_rank(conv, rank=7) == 7
     for bad in (dict(), dict(rank=4, rank_ratio=0.5), dict(rank=4, bits=1), dict(rank=4, bits=9),
-                dict(rank=4, method="svd"), dict(rank_ratio=-1.0)):
+                dict(rank=4, algorithm="svd"), dict(rank_ratio=-1.0)):
         with pytest.raises(ValueError):
             QAFConfig(**bad)
     with pytest.raises(ValueError, match="needs bits"):
-        qaf.cp_decompose(torch.randn(4, 4), 2, method="admm")
+        qaf.cp_decompose(torch.randn(4, 4), 2, algorithm="admm")
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.Linear(8, 2))
     with pytest.raises(ValueError, match="groups=1"):
         quantize_(model, QAFConfig(rank=2), progress=False)

@@ -6,14 +6,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vqlab.layers import VQConv2d, VQLinear
+from vqlab.methods.vq import VQConv2d, VQLinear
 from vqlab.models import get_model
-from vqlab.quantize import VQConfig, quantize_
+from vqlab.methods.vq import VQConfig
+from vqlab.quantize import all_layers, quantize_
 
 from conftest import needs_fashion
 
-REPORT_COLUMNS = ["layer", "type", "shape", "method", "K", "d", "bits_per_weight", "weight_mse", "params_before",
-                  "params_after", "status"]
+REPORT_COLUMNS = ["layer", "type", "shape", "method", "setting", "K", "d", "bits_per_weight", "weight_mse",
+                  "params_before", "params_after", "status"]
 
 
 def _lenet(seed=0):
@@ -30,12 +31,12 @@ def _lenet(seed=0):
     (dict(init="pca"), r"VQConfig.init must be 'kmeans\+\+' or 'random', got 'pca'"),
     (dict(segment="row"), r"VQConfig.segment must be 'input' or 'kernel', got 'row'"),
     (dict(codebook="global"), r"VQConfig.codebook must be 'layer', 'group', 'shared' or a vqlab.Codebook, got 'global'"),
-    (dict(codebook="group"), r"VQConfig.groups must be >= 2 with codebook='group', got groups=1"),
-    (dict(groups=4), r"VQConfig.groups=4 needs codebook='group'"),
+    (dict(codebook="group"), r"VQConfig.codebook_groups must be >= 2 with codebook='group', got codebook_groups=1"),
+    (dict(codebook_groups=4), r"VQConfig.codebook_groups=4 needs codebook='group'"),
     (dict(batch_size=0), r"VQConfig.batch_size must be an integer >= 1, got 0"),
     (dict(reassign_every=-1), r"VQConfig.reassign_every must be an integer >= 0, got -1"),
     (dict(codebook_dtype=torch.int8), r"VQConfig.codebook_dtype must be a float dtype .* got torch.int8"),
-    (dict(codebook_dtype="int4"), r"VQConfig.codebook_dtype 'int4' is not a float dtype"),
+    (dict(codebook_dtype="int4"), r"VQConfig.codebook_dtype must be a float dtype .* got 'int4'"),
     (dict(distributed=1), r"VQConfig.distributed must be True or False, got 1"),
     (dict(distributed="yes"), r"VQConfig.distributed must be True or False, got 'yes'"),
     (dict(distributed=True, batch_size=256), r"VQConfig.distributed=True runs Lloyd k-means .* set batch_size=None "
@@ -101,13 +102,13 @@ def test_overrides_filter_and_first_last():
     assert model.classifier[5].k == 4 and model.classifier[1].k == 16
     assert type(model.classifier[3]) is nn.Linear
     model2 = _lenet()
-    quantize_(model2, VQConfig(k=8, d=1, iters=5, quantize_first_last=True), progress=False)
+    quantize_(model2, VQConfig(k=8, d=1, iters=5), filter_fn=all_layers, progress=False)
     assert isinstance(model2.features[0], VQConv2d) and isinstance(model2.classifier[5], VQLinear)
 
 
 def test_group_and_shared_codebooks():
     model = _lenet()
-    quantize_(model, VQConfig(k=8, d=4, iters=5, codebook="group", groups=4), progress=False)
+    quantize_(model, VQConfig(k=8, d=4, iters=5, codebook="group", codebook_groups=4), progress=False)
     assert model.classifier[1].codebook.weight.shape == (4, 8, 4)
     model = _lenet()
     report = quantize_(model, VQConfig(k=32, d=4, iters=5, codebook="shared"), progress=False)
@@ -206,7 +207,7 @@ def test_module_under_two_names_is_replaced_once_everywhere():
     torch.manual_seed(0)
     lin = nn.Linear(8, 8)
     model = nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(8, 4))
-    report = quantize_(model, VQConfig(k=4, d=4, iters=3, quantize_first_last=True), progress=False)
+    report = quantize_(model, VQConfig(k=4, d=4, iters=3), filter_fn=all_layers, progress=False)
     assert isinstance(model[0], VQLinear) and model[0] is model[2] and isinstance(model[3], VQLinear)
     assert report["layer"].tolist() == ["0", "2", "3"]
     assert report["status"].tolist() == ["vq", "same module as '0'", "vq"]
@@ -234,9 +235,9 @@ def test_tied_weights_are_refused_naming_both_places():
     model = _TiedLM()
     with pytest.raises(ValueError, match=r"layer 'out' \(Linear\): its weight 'out.weight' is the same Parameter "
                                          r"as 'emb.weight' \(tied weights\).*overrides=\{'out': None\}"):
-        quantize_(model, VQConfig(k=4, d=4, iters=3, quantize_first_last=True), progress=False)
+        quantize_(model, VQConfig(k=4, d=4, iters=3), filter_fn=all_layers, progress=False)
     assert type(model.mid) is nn.Linear and model.out.weight is model.emb.weight   # nothing changed
-    report = quantize_(model, VQConfig(k=4, d=4, iters=3, quantize_first_last=True), overrides={"out": None},
+    report = quantize_(model, VQConfig(k=4, d=4, iters=3), filter_fn=all_layers, overrides={"out": None},
                        progress=False)
     assert report.set_index("layer")["status"].to_dict() == {
         "emb": "skipped (Embedding not supported)", "mid": "vq", "out": "skipped (override)"}
@@ -268,14 +269,14 @@ def test_unsupported_weight_layers_are_reported_as_skipped():
 def test_lazy_layer_gives_a_clear_error_or_an_unsized_row():
     model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"layer '0' \(LazyLinear\) has uninitialized parameters .* run one forward pass"):
-        quantize_(model, VQConfig(k=4, d=4, iters=3, quantize_first_last=True), progress=False)
+        quantize_(model, VQConfig(k=4, d=4, iters=3), filter_fn=all_layers, progress=False)
     assert type(model[2]) is nn.Linear
     report = quantize_(model, VQConfig(k=4, d=4, iters=3), overrides={"0": None}, progress=False).set_index("layer")
     assert report.loc["0", "status"] == "skipped (override)" and report.loc["0", "shape"] is None
     assert pd.isna(report.loc["0", "params_before"]) and report.loc["2", "status"] == "vq"
     model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
     model(torch.randn(1, 12))                                            # materialised: now a plain Linear
-    quantize_(model, VQConfig(k=4, d=4, iters=3, quantize_first_last=True), progress=False)
+    quantize_(model, VQConfig(k=4, d=4, iters=3), filter_fn=all_layers, progress=False)
     assert isinstance(model[0], VQLinear)
 
 
@@ -286,7 +287,7 @@ def test_forward_hooks_move_to_the_new_layer():
     pre = model.features[3].register_forward_pre_hook(lambda m, inp: calls.append("pre"))
     quantize_(model, VQConfig(k=16, d=4, iters=3), progress=False)
     model(torch.randn(2, 1, 8, 8))
-    assert calls == ["pre", "VQLinear"]
+    assert calls == ["pre", "QuantizedLinear"]
     handle.remove(), pre.remove()
     model(torch.randn(2, 1, 8, 8))
-    assert calls == ["pre", "VQLinear"]                                   # the user's handles still work
+    assert calls == ["pre", "QuantizedLinear"]                                   # the user's handles still work

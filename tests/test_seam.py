@@ -64,8 +64,7 @@ class SignCode(WeightCode):
 
 @dataclass(frozen=True)
 class SignConfig:
-    quantize_first_last: bool = False
-    report_status = "binarized"
+    name = "binarized"
 
 
 @register_handler(SignConfig)

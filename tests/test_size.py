@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 
 from vqlab.bits import ans_bytes, huffman_bytes
-from vqlab.layers import VQLinear
+from vqlab.methods.vq import VQLinear
 from vqlab.models import get_model
-from vqlab.quantize import VQConfig, quantize_
+from vqlab.methods.vq import VQConfig
+from vqlab.quantize import all_layers, quantize_
 from vqlab.size import (LZMA_FILTERS, compressed_size, huffman_code_lengths, pack_indices, round_to_store_dtype_,
                         unpack_indices)
 
@@ -78,7 +79,7 @@ def test_shared_codebook_counted_once():
 
 def test_group_codebooks_and_dtype_are_counted():
     model = _small_model()
-    quantize_(model, VQConfig(k=4, d=2, codebook="group", groups=2, codebook_dtype="float16"), progress=False)
+    quantize_(model, VQConfig(k=4, d=2, codebook="group", codebook_groups=2, codebook_dtype="float16"), progress=False)
     r = compressed_size(model)
     # conv 3: (2, 4, 2) fp16 = 32 B, 144 indices * 2 bits = 36 B;  fc 5: 32 B, 384 * 2 bits = 96 B
     assert r.codebook_bytes == 2 * 32 and r.index_bytes == 36 + 96
@@ -203,7 +204,7 @@ def test_bad_store_dtype_names_the_value_and_the_allowed_names(bad):
 def test_round_to_store_dtype_rounds_stored_floats_only():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 8))
-    quantize_(model, VQConfig(k=16, d=4, reassign_every=5, quantize_first_last=True), progress=False)
+    quantize_(model, VQConfig(k=16, d=4, reassign_every=5), filter_fn=all_layers, progress=False)
     with torch.no_grad():
         model[1].running_mean.normal_()
     latents = {n: t.detach().clone() for n, t in model.named_parameters() if n.endswith("latent")}

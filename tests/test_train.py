@@ -4,7 +4,8 @@ import torch.nn as nn
 
 from vqlab.data import load_dataset
 from vqlab.models import get_model
-from vqlab.quantize import VQConfig, quantize_
+from vqlab.methods.vq import VQConfig
+from vqlab.quantize import quantize_
 from vqlab.train import NonFiniteLossError, evaluate, fit
 
 from conftest import needs_fashion

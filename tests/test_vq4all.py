@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import vqlab
-from vqlab import QuantizedConv2d, QuantizedLinear, VQConfig, compressed_size, quantize_
-from vqlab.layers import VQConv2d, VQLinear
+from vqlab import QuantizedConv2d, QuantizedLinear, VQConfig, all_layers, compressed_size, quantize_
+from vqlab.methods.vq import VQConv2d, VQLinear
 from vqlab.methods import vq4all
 from vqlab.methods.vq4all import VQ4ALLCode, VQ4ALLConfig
 
@@ -80,7 +80,8 @@ def test_candidates_are_the_n_nearest_with_equal_ratios_and_the_mean_forward():
     assert torch.allclose(code.rows(), mean, atol=1e-6)
     x = torch.randn(5, 256)
     assert torch.allclose(model[4](x), F.linear(x, mean, model[4].bias), atol=1e-5)
-    assert code.describe() == {"method": "vq4all", "K": 32, "d": 4, "bits_per_weight": 5 / 4}
+    assert code.describe() == {"method": "vq4all", "setting": "K=32 d=4 candidates=3", "K": 32, "d": 4,
+                               "bits_per_weight": 5 / 4}
 
 
 def test_alpha_zero_fixes_everything_at_the_nearest_codeword_which_is_plain_vq():
@@ -113,7 +114,7 @@ def test_progressive_fit_fixes_more_each_round_and_ends_as_the_plain_vq_network(
     for c in vq4all.vq4all_codes(model):
         r = c.ratios()
         assert torch.allclose(r.sum(-1), torch.ones(r.shape[:-1])) and set(r.unique().tolist()) <= {0.0, 1.0}
-    ids = {i: model[i].code.indices() for i in (2, 4)}
+    ids = {i: model[i].code.chosen_indices() for i in (2, 4)}
     x = torch.randn(6, 1, 8, 8)
     before = model(x)
     vq4all.finalize(model)
@@ -128,9 +129,10 @@ def test_progressive_fit_fixes_more_each_round_and_ends_as_the_plain_vq_network(
 def test_three_architectures_share_one_codebook_counted_once_or_in_rom(tmp_path):
     nets = [_cnn(), _mlp(), _bn_net()]
     book = vq4all.universal_codebook(nets, k=64, d=4)
-    cfg = VQ4ALLConfig(codebook=book, candidates=2, quantize_first_last=True)
+    cfg = VQ4ALLConfig(codebook=book, candidates=2)
     for net in nets:
-        quantize_(net, cfg, overrides={"0": None} if net is not nets[1] else None, progress=False)  # rows of 9
+        quantize_(net, cfg, filter_fn=all_layers, overrides={"0": None} if net is not nets[1] else None,
+                  progress=False)  # rows of 9
         vq4all.fix_assignments(net, force=True)
         vq4all.finalize(net)
     layers = [m for net in nets for m in net.modules() if isinstance(m, (VQLinear, VQConv2d))]
@@ -195,7 +197,7 @@ def test_config_errors_leave_the_model_untouched():
     with pytest.raises(ValueError, match="alpha"):
         VQ4ALLConfig(codebook=book, alpha=1.0)
     with pytest.raises(ValueError, match=r"layer '0'.*row length 9"):
-        quantize_(model, VQ4ALLConfig(codebook=book, quantize_first_last=True), progress=False)
+        quantize_(model, VQ4ALLConfig(codebook=book), filter_fn=all_layers, progress=False)
     assert isinstance(model[2], nn.Conv2d)
     quantize_(model, VQ4ALLConfig(codebook=book), progress=False)
     with pytest.raises(ValueError, match="free sub-vectors"):

@@ -74,7 +74,8 @@ def _finetune(args: argparse.Namespace) -> int:
     from . import distributed as vdist
     from .data import load_dataset
     from .io import save
-    from .quantize import VQConfig, quantize_
+    from .methods.vq import VQConfig
+    from .quantize import quantize_
     from .size import compressed_size
     from .train import evaluate, fit, train_or_load
 

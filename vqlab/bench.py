@@ -63,7 +63,7 @@ def _int8_linear(w: torch.Tensor) -> nn.Module:
 def _layer(m: int, n: int, k: int, d: int, batch: int, seed: int):
     """A random VQ layer and input: codebook (K, d), indices (m, n/d), x (batch, n), dense weight (m, n)."""
     from .kernels.reference import dequantize
-    from ._utils import index_dtype
+    from .dtypes import index_dtype
 
     if n % d:
         raise ValueError(f"d={d} must divide n={n}")
@@ -77,8 +77,8 @@ def _layer(m: int, n: int, k: int, d: int, batch: int, seed: int):
 def packed_layer(codebook: torch.Tensor, indices: torch.Tensor) -> nn.Module:
     """The layer `vqlab.pack_simd_` makes of a VQLinear with this codebook and these indices (eval, no bias)."""
     from .codebook import Codebook
-    from .packed import SimdCode
-    from .quantized import QuantizedLinear
+    from .layers import QuantizedLinear
+    from .methods.vq_simd import SimdCode
 
     k, d = codebook.shape
     code = SimdCode(indices.shape[0], indices.shape[1] * d, k, d, codebook=Codebook.from_tensor(codebook))

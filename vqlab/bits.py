@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import heapq
 import lzma
+import math
 
 import numpy as np
 import torch
 
-__all__ = ["pack_indices", "unpack_indices", "packed_bytes", "huffman_code_lengths", "huffman_bytes", "LZMA_FILTERS",
+__all__ = ["bits_for", "index_bits_per_weight", "pack_indices", "unpack_indices", "packed_bytes", "huffman_code_lengths", "huffman_bytes", "LZMA_FILTERS",
            "ans_encode", "ans_decode", "ans_bytes"]
 
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 _CHUNK = 1 << 20  # indices per packing chunk (a multiple of 8, so chunks end on byte boundaries)
+
+
+# ---------------------------------------------------------------- bits per index
+
+def bits_for(k: int) -> int:
+    """Bits one index into a K-entry codebook takes: ceil(log2 K), at least 1."""
+    if k < 2:
+        raise ValueError(f"codebook size K must be >= 2, got K={k}")
+    return max(1, math.ceil(math.log2(k)))
+
+
+def index_bits_per_weight(k: int, d: int) -> float:
+    """Index bits per weight of a K-word codebook over segments of d weights, as stored: ceil(log2 K) / d
+    (codebooks not included).  The one definition every report, sweep and widget uses."""
+    return bits_for(k) / d
 
 
 # ---------------------------------------------------------------- bit packing

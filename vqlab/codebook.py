@@ -1,11 +1,14 @@
-"""Codebooks and how to fit them: k-means(++), mini-batch k-means, product and residual VQ.
+"""Codebooks and how to fit them: k-means(++), mini-batch k-means, product and residual VQ, and the per-layer
+fitting a VQ layer uses (codebook groups, magnitude pruning, k-means spread over torchrun ranks).
 
     res = kmeans(x, k=256)                  # x: (N, d) -> res.codebook (256, d), res.assignments (N,)
     codes = assign(x, res.codebook)         # nearest codeword of every row, (N,) int64
     x_hat = decode(res.codebook, codes)     # (N, d)
+    pq = product_quantize(x, k=16, subspaces=4)       # one vocabulary for the three quantizers (after faiss's
+    rvq = residual_quantize(x, k=16, stages=2)        # ProductQuantizer(d, M, nbits) / ResidualQuantizer(d, M, nbits))
 
 Conventions: a codebook is (K, d) float; `Codebook` (an nn.Module) holds G of them as one (G, K, d)
-parameter.  distortion := mean over the N vectors of ||x - c||^2 / d, i.e. the per-weight mean squared
+parameter (G = `codebook_groups`, consecutive blocks of a layer's output rows; never a convolution's groups).  distortion := mean over the N vectors of ||x - c||^2 / d, i.e. the per-weight mean squared
 error.  Everything is deterministic under `seed` (a private torch.Generator; the global RNG is never
 touched); the device follows `x`; fitting runs in float32 (float64 stays float64) and codebooks come
 back in x's dtype.
@@ -19,9 +22,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as _dist
+from .checks import check_fraction, check_int, check_number
+
 __all__ = [
     "KMeansResult", "PQResult", "RVQResult", "Codebook",
     "kmeans", "assign", "decode", "product_quantize", "pq_decode", "residual_quantize", "rvq_decode",
+    "fit_codebook", "fit_pruned_codebook", "prune_count", "check_prune", "HoldsCodebook",
 ]
 
 # A distance chunk holds at most this many (row, codeword) entries (8 MiB in float32): small enough
@@ -95,18 +102,8 @@ def _check_x(x, name: str = "x") -> None:
         raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf); clean or clip them first")
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {name}={value}")
-
-
 def _check_k(k, n: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"K must be an int, got K={k!r}")
-    if k < 2:
-        raise ValueError(f"K must be >= 2, got K={k}")
+    check_int("K", k, 2)
     if k > n:
         raise ValueError(f"K={k} is larger than the number of vectors N={n}; use K <= N")
 
@@ -374,20 +371,17 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, init: str | torch.Tensor
         (torch.Size([16, 4]), torch.Size([10000]))
     """
     if distributed:
-        from . import distributed as _dist
-
         if _dist.init():
             return _kmeans_distributed(x, k, iters=iters, init=init, batch_size=batch_size, seed=seed, tol=tol,
                                        progress=progress, chunk=chunk)
     _check_x(x)
     n = x.shape[0]
     _check_k(k, n)
-    _check_int("iters", iters, 1)
+    check_int("iters", iters, 1)
     if batch_size is not None:
-        _check_int("batch_size", batch_size, 1)
-    _check_int("chunk", chunk, 1)
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
-        raise ValueError(f"tol must be a number >= 0, got tol={tol!r}")
+        check_int("batch_size", batch_size, 1)
+    check_int("chunk", chunk, 1)
+    check_number("tol", tol, 0)
     if not (isinstance(init, torch.Tensor) or init in ("kmeans++", "random")):
         raise ValueError(f"init must be 'kmeans++', 'random' or a (K, d) tensor, got init={init!r}")
 
@@ -410,14 +404,12 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, init: str | torch.Tensor
 def _kmeans_distributed(x: torch.Tensor, k: int, *, iters: int, init, batch_size, seed: int, tol: float,
                         progress: bool, chunk: int) -> KMeansResult:
     """`kmeans(..., distributed=True)` with more than one process: x (N_r, d) is this rank's shard."""
-    from . import distributed as _dist
-
     rank = _dist.rank()
     problem = None
     try:                                   # every rank checks; all raise together (no rank left waiting)
         _check_x(x)
-        _check_int("iters", iters, 1)
-        _check_int("chunk", chunk, 1)
+        check_int("iters", iters, 1)
+        check_int("chunk", chunk, 1)
         if batch_size is not None:
             raise ValueError("distributed k-means runs Lloyd iterations on all points: batch_size must be None")
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
@@ -487,8 +479,6 @@ def _dist_init_centers(xw: torch.Tensor, k: int, init, gen: torch.Generator, siz
     """Starting centers (k, d) on every rank: rank 0's `init` tensor, or k-means++ / random rows that rank 0
     draws from a sample gathered over the ranks (each rank sends its share of min(N, max(4096, 20 K))
     random rows, in proportion to its shard), broadcast from rank 0."""
-    from . import distributed as _dist
-
     rank, n, d = _dist.rank(), sum(sizes), xw.shape[1]
     c = torch.empty(k, d, dtype=xw.dtype, device=xw.device)
     if isinstance(init, torch.Tensor):
@@ -509,8 +499,6 @@ def _dist_init_centers(xw: torch.Tensor, k: int, init, gen: torch.Generator, siz
 def _dist_reseed(xw: torch.Tensor, c: torch.Tensor, dead: torch.Tensor, dist: torch.Tensor, n: int) -> int:
     """`_reseed` over all ranks: each rank offers its worst-served rows, every rank picks from the union
     (the global worst rows, as one process would), in place on c.  Returns how many centers moved."""
-    from . import distributed as _dist
-
     p = min(n, max(1024, 32 * len(dead)))
     top = torch.topk(dist, min(len(dist), p))
     offers = _dist.all_gather_objects((top.values.cpu(), xw[top.indices].cpu()))
@@ -532,7 +520,7 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 65536) -> torch
         raise ValueError(f"codebook must be a (K, d) tensor, got {shape}")
     if codebook.shape[1] != x.shape[1]:
         raise ValueError(f"codebook has d={codebook.shape[1]} but x has d={x.shape[1]} columns")
-    _check_int("chunk", chunk, 1)
+    check_int("chunk", chunk, 1)
     work = torch.promote_types(_work_dtype(x.dtype), _work_dtype(codebook.dtype))
     c = codebook.detach().to(device=x.device, dtype=work)
     return _nearest(x.detach().to(work).contiguous(), c, chunk)[0]
@@ -543,30 +531,30 @@ def decode(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return codebook[codes.long()]
 
 
-def product_quantize(x: torch.Tensor, n_subspaces: int, k: int, *, iters: int = 25, init: str = "kmeans++",
+def product_quantize(x: torch.Tensor, k: int, subspaces: int, *, iters: int = 25, init: str = "kmeans++",
                      batch_size: int | None = None, seed: int = 0, tol: float = 1e-4,
                      progress: bool = False) -> PQResult:
-    """Product quantization (Jegou et al. 2011): split the D columns into M equal subspaces and run
-    k-means in each (subspace m uses seed + m).
+    """Product quantization (Jegou et al. 2011): split the D columns into M = `subspaces` equal subspaces and
+    run k-means with k codewords in each (subspace m uses seed + m).
 
-    x: (N, D); n_subspaces M must divide D.  Returns PQResult with codebooks (M, k, D/M) in x's dtype,
+    x: (N, D); subspaces M must divide D.  Returns PQResult with codebooks (M, k, D/M) in x's dtype,
     codes (N, M) int64 and distortion = mean ||x - pq_decode(...)||^2 / D.
     With M = 1 this is exactly `kmeans(x, k, ...)`.
     """
     _check_x(x)
-    _check_int("n_subspaces", n_subspaces, 1)
+    check_int("subspaces", subspaces, 1)
     dim = x.shape[1]
-    if dim % n_subspaces:
-        raise ValueError(f"n_subspaces M={n_subspaces} must divide the vector length D={dim}")
-    ds = dim // n_subspaces
+    if dim % subspaces:
+        raise ValueError(f"subspaces M={subspaces} must divide the vector length D={dim}")
+    ds = dim // subspaces
     books, codes, err = [], [], 0.0
-    for m in tqdm(range(n_subspaces), desc="PQ subspaces", disable=not progress, leave=False):
+    for m in tqdm(range(subspaces), desc="PQ subspaces", disable=not progress, leave=False):
         res = kmeans(x[:, m * ds:(m + 1) * ds], k, iters=iters, init=init, batch_size=batch_size,
                      seed=seed + m, tol=tol)
         books.append(res.codebook)
         codes.append(res.assignments)
         err += res.distortion
-    return PQResult(codebooks=torch.stack(books), codes=torch.stack(codes, 1), distortion=err / n_subspaces)
+    return PQResult(codebooks=torch.stack(books), codes=torch.stack(codes, 1), distortion=err / subspaces)
 
 
 def pq_decode(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -578,20 +566,21 @@ def pq_decode(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return codebooks[sub, codes.long()].reshape(codes.shape[0], -1)      # (N, M, D/M) -> (N, D)
 
 
-def residual_quantize(x: torch.Tensor, k: int, n_stages: int, *, iters: int = 25, init: str = "kmeans++",
+def residual_quantize(x: torch.Tensor, k: int, stages: int, *, iters: int = 25, init: str = "kmeans++",
                       batch_size: int | None = None, seed: int = 0, tol: float = 1e-4,
                       progress: bool = False) -> RVQResult:
-    """Residual VQ: stage s runs k-means (seed + s) on what stages 0..s-1 left over, x - sum of codewords.
+    """Residual VQ over `stages` stages of k codewords: stage s runs k-means (seed + s) on what stages 0..s-1
+    left over, x - sum of codewords.
 
     x: (N, d).  Returns RVQResult with codebooks (S, k, d) in x's dtype, codes (N, S) int64,
     distortion = mean ||x - rvq_decode(...)||^2 / d and the distortion after each stage (non-increasing:
     each stage's centers are cluster means, which never serve a cluster worse than the zero vector).
     """
     _check_x(x)
-    _check_int("n_stages", n_stages, 1)
+    check_int("stages", stages, 1)
     resid = x.detach().to(_work_dtype(x.dtype))                          # (N, d)
     books, codes, per_stage = [], [], []
-    for s in tqdm(range(n_stages), desc="RVQ stages", disable=not progress, leave=False):
+    for s in tqdm(range(stages), desc="RVQ stages", disable=not progress, leave=False):
         res = kmeans(resid, k, iters=iters, init=init, batch_size=batch_size, seed=seed + s, tol=tol)
         book = res.codebook.to(x.dtype)
         resid = resid - book.to(resid.dtype)[res.assignments]
@@ -613,7 +602,7 @@ def rvq_decode(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the module a VQ layer holds
 
 class Codebook(nn.Module):
-    """G codebooks of K codewords of length d, as one parameter `weight`: (G, K, d).
+    """G codebooks of K codewords of length d, as one parameter `weight`: (G, K, d), G = `codebook_groups`.
 
     A VQ layer holds one; several layers — also of different models — may hold the same object (a shared
     codebook, stored once).  Gradients reaching `weight` are the sums over the segments that use each codeword.
@@ -621,12 +610,13 @@ class Codebook(nn.Module):
     universal codebook shared by several networks).
     """
 
-    def __init__(self, k: int, d: int, groups: int = 1, *, frozen: bool = False, device=None, dtype=None) -> None:
+    def __init__(self, k: int, d: int, codebook_groups: int = 1, *, frozen: bool = False, device=None,
+                 dtype=None) -> None:
         super().__init__()
-        _check_int("K", k, 2)
-        _check_int("d", d, 1)
-        _check_int("groups", groups, 1)
-        self.weight = nn.Parameter(torch.zeros(groups, k, d, device=device, dtype=dtype or torch.float32),
+        check_int("K", k, 2)
+        check_int("d", d, 1)
+        check_int("codebook_groups", codebook_groups, 1)
+        self.weight = nn.Parameter(torch.zeros(codebook_groups, k, d, device=device, dtype=dtype or torch.float32),
                                    requires_grad=not frozen)
 
     @property
@@ -653,6 +643,11 @@ class Codebook(nn.Module):
             book.weight.copy_(t)
         return book
 
+    def config(self) -> dict:
+        """The constructor arguments as JSON data (what a vqlab file records)."""
+        return {"k": self.k, "d": self.d, "codebook_groups": self.codebook_groups, "frozen": self.frozen,
+                "dtype": str(self.weight.dtype).removeprefix("torch.")}
+
     @property
     def k(self) -> int:
         return self.weight.shape[1]
@@ -662,8 +657,120 @@ class Codebook(nn.Module):
         return self.weight.shape[2]
 
     @property
-    def groups(self) -> int:
+    def codebook_groups(self) -> int:
         return self.weight.shape[0]
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}, K={self.k}, d={self.d}, dtype={self.weight.dtype}" + (", frozen" if self.frozen else "")
+        return (f"codebook_groups={self.codebook_groups}, K={self.k}, d={self.d}, dtype={self.weight.dtype}"
+                + (", frozen" if self.frozen else ""))
+
+
+class HoldsCodebook:
+    """Mixin: K, d and the codebook groups of the `Codebook` an object holds as `self.codebook`."""
+
+    codebook: Codebook
+
+    @property
+    def k(self) -> int:
+        return self.codebook.k
+
+    @property
+    def d(self) -> int:
+        return self.codebook.d
+
+    @property
+    def codebook_groups(self) -> int:
+        return self.codebook.codebook_groups
+
+
+# ---------------------------------------------------------------- fitting one layer's codebooks
+
+def check_prune(prune, label: str = "layer") -> float:
+    """`prune` as a float; ValueError naming `label`, `prune` and the value unless it is a number in [0, 1)."""
+    try:
+        return check_fraction("prune", prune)
+    except ValueError:
+        raise ValueError(f"{label}: prune must be a number in [0, 1) (the fraction of segments pinned to the zero "
+                         f"codeword; 0 = no pruning), got prune={prune!r}") from None
+
+
+def prune_count(segments: int, prune: float) -> int:
+    """How many of a codebook group's `segments` are pruned: floor(prune * segments + 1/2) (round half up)."""
+    return math.floor(prune * segments + 0.5)
+
+
+@torch.no_grad()
+def fit_codebook(segments: torch.Tensor, k: int, *, iters: int = 25, init: str = "kmeans++",
+                 batch_size: int | None = None, seed: int = 0, dtype: torch.dtype | None = None,
+                 distributed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means codebooks for G groups of segments.
+
+    segments: (G, N, d) float.  returns codebook (G, k, d) in `dtype` (default: segments' dtype) and
+    assignments (G, N) int64, each segment's nearest codeword in the returned codebook.
+    When a group has at most k distinct segments the codebook holds them exactly (the rest of the
+    rows repeat them), so K >= #distinct segments reproduces the weights bit for bit.
+    distributed: under torchrun, call on every rank with the same segments; each rank runs k-means on
+        its rows [rank::world] (`kmeans(..., distributed=True)`: Lloyd, batch_size must be None), every
+        rank gets rank 0's codebook bit for bit and assigns all N segments to it.  In one process the
+        same as False.
+    """
+    g, n, d = segments.shape
+    dtype = dtype or segments.dtype
+    work = segments.float() if segments.dtype != torch.float64 else segments
+    rank, world = _shards(work, batch_size) if distributed else (0, 1)
+    books, codes = [], []
+    for j in range(g):
+        x = work[j]                                                    # (N, d)
+        uniq, inv = torch.unique(x, dim=0, return_inverse=True)
+        if len(uniq) <= k:
+            fill = torch.arange(k - len(uniq), device=x.device) % len(uniq)
+            books.append(torch.cat([uniq, uniq[fill]]))
+            codes.append(inv)
+            continue
+        if world > 1:
+            res = kmeans(x[rank::world], k, iters=iters, init=init, seed=seed + j, distributed=True)
+        else:
+            res = kmeans(x, k, iters=iters, init=init, batch_size=batch_size, seed=seed + j)
+        book = res.codebook.to(dtype).to(x.dtype)                      # assign against the stored values
+        books.append(book)
+        codes.append(assign(x, book))
+    return torch.stack(books).to(dtype), torch.stack(codes)
+
+
+@torch.no_grad()
+def fit_pruned_codebook(segments: torch.Tensor, k: int, prune: float, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fit_codebook` with magnitude pruning: codeword 0 is the zero vector and holds the pruned segments.
+
+    segments: (G, N, d) float.  In each group the prune_count(N, prune) segments of smallest L2 norm (ties:
+    the lower index) are assigned to codeword 0 = 0; codewords 1..k-1 are k-means (`fit_codebook(..., k - 1,
+    **kw)`) on the other segments, taken in their original order, each assigned to its nearest of them.
+    returns codebook (G, k, d) with codebook[:, 0] == 0 and assignments (G, N) int64 (0 exactly where pruned).
+    """
+    g, n, d = segments.shape
+    cut = prune_count(n, prune)
+    norms = segments.double().pow(2).sum(-1)                           # (G, N) squared L2 norms
+    order = norms.argsort(dim=1, stable=True)                          # (G, N) smallest first
+    keep = order[:, cut:].sort(dim=1).values                           # (G, N - cut) unpruned positions
+    kept = torch.gather(segments, 1, keep[..., None].expand(-1, -1, d))  # (G, N - cut, d)
+    book, codes = fit_codebook(kept, k - 1, **kw)                      # (G, k-1, d), (G, N - cut)
+    book = torch.cat([book.new_zeros(g, 1, d), book], dim=1)           # (G, k, d), row 0 pinned to zero
+    full = torch.zeros(g, n, dtype=torch.int64, device=segments.device)
+    full.scatter_(1, keep, codes + 1)
+    return book, full
+
+
+def _shards(work: torch.Tensor, batch_size: int | None) -> tuple[int, int]:
+    """(rank, world size) for `fit_codebook(distributed=True)`; (0, 1) in one process or with fewer segments
+    than ranks.  Checks that every rank holds the same segments, else the ranks would part ways."""
+    if batch_size is not None:
+        raise ValueError(f"distributed k-means runs Lloyd iterations on all segments: batch_size must be None, "
+                         f"got batch_size={batch_size}")
+    if not _dist.init():
+        return 0, 1
+    bits = work.detach().contiguous().view(torch.int64 if work.dtype == torch.float64 else torch.int32)
+    seen = _dist.all_gather_objects((tuple(work.shape), int(bits.sum(dtype=torch.int64))))  # exact, any order
+    if any(s != seen[0] for s in seen):
+        raise ValueError(f"distributed k-means needs the same weights on every rank; (shape, checksum) per rank: "
+                         f"{seen}.  Load or seed the float model identically on every rank first")
+    rank, world = _dist.rank(), _dist.world_size()
+    return (rank, world) if work.shape[1] >= world else (0, 1)

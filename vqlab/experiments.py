@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from ._utils import index_bits_per_weight
-from .baselines import uniform_quantize_
-from .quantize import VQConfig, quantize_
+from .bits import index_bits_per_weight
+from .layers import QuantizedLayer
+from .methods.uniform import uniform_quantize_
+from .methods.vq import VQConfig
+from .quantize import quantize_
 from .size import compressed_size
 from .train import evaluate, fit
 
@@ -169,7 +170,6 @@ def compare_configs(model: nn.Module, test_ds: TensorDataset, configs: dict, *, 
     columns flops (the quantized model's total) and flop_ratio (over the dense model's).
     """
     from .flops import count_flops
-    from .quantized import QuantizedLayer
 
     base = evaluate(model, test_ds) if baseline_acc is None else baseline_acc
     rows = []
@@ -287,7 +287,7 @@ def layer_sensitivity(model: nn.Module, test_ds: TensorDataset, k: int = 16, d: 
     rows = []
     for name in names:
         q = copy_model(model)
-        cfg = VQConfig(k=k, d=d, quantize_first_last=True, **config)
+        cfg = VQConfig(k=k, d=d, **config)
         try:
             rep = quantize_(q, cfg, filter_fn=lambda m, n, name=name: n == name, progress=False)
         except ValueError as err:

@@ -6,9 +6,10 @@ For a layer with m outputs and n inputs, applied to `rows` input vectors (batch 
     VQ table         2 * rows * T * n * K        (each input segment against all K codewords; T tables per row:
                                                   G codebook groups and c conv groups give T = c + G - gcd(c, G))
     VQ accumulate        rows * m * n / d        (one add per table entry read)
-Quantized layers are counted by their code object (`WeightCode.flops`): for VQ that is
-`vqlab.kernels.ops.lut_flops`, the formula the custom ops register with FlopCounterMode, so the two counts
-agree by construction; a code without a kernel of its own counts the dense product it runs.
+Quantized layers are counted by their layer and code (`QuantizedLinear.flops` / `QuantizedConv2d.flops`, which
+ask `WeightCode.flops` / `conv_flops`): for VQ that is `vqlab.kernels.flops.lut_flops`, the formula the custom
+ops register with FlopCounterMode, so the two counts agree by construction; a code without a product of its own
+counts the dense product it runs.
 Convolutions count rows = batch * output positions (im2col, which is what vqlab's kernel runs; a
 kernel that shares each input pixel's table across the kh*kw positions would need less).
 The ratio in operations, counting a multiply-add and an add as one op each, is `flop_ratio` = K/m + 1/d;
@@ -20,7 +21,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .quantized import QuantizedLayer
+from .layers import QuantizedLayer
 
 __all__ = ["count_flops", "flop_ratio"]
 
@@ -54,7 +55,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> pd.DataFrame:
             r, m, n = _geometry(mod, inputs[0], output)
             dense = 2 * r * m * n
             if isinstance(mod, QuantizedLayer):          # the layer's code counts (VQ: the kernels' own formula)
-                table, accum = mod.flops(r)
+                table, accum = mod.flops(r, tuple(inputs[0].shape))
                 info = mod.code.describe()
                 k, d = info["K"] if info["K"] is not None else pd.NA, info["d"] if info["d"] is not None else pd.NA
             else:

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MODELS", "get_model", "default_input_shape", "LeNet5", "SmallCNN", "CifarResNet", "TinyViT"]
+__all__ = ["MODELS", "MODULE_TYPES", "get_model", "default_input_shape", "LeNet5", "SmallCNN", "CifarResNet",
+           "TinyViT"]
 
 
 def _flat_features(features: nn.Module, in_channels: int, input_size: int) -> int:
@@ -198,6 +199,9 @@ MODELS = {
     "vgg16": lambda c, ch, s: _torchvision("vgg16", c, ch),
     "vit_b_16": lambda c, ch, s: _torchvision("vit_b_16", c, ch),
 }
+# the zoo's module classes by the names a vqlab file records for them ("model:<name>"): stable across renames
+MODULE_TYPES = {"LeNet5": LeNet5, "SmallCNN": SmallCNN, "BasicBlock": _BasicBlock, "CifarResNet": CifarResNet,
+                "Attention": _Attention, "TransformerBlock": _TransformerBlock, "TinyViT": TinyViT}
 _DEFAULT_SIZE = {"lenet5": 28, "cnn": 28, "resnet20": 32, "resnet32": 32, "vit_tiny": 28,
                  "resnet18": 224, "resnet50": 224, "vgg16": 224, "vit_b_16": 224}
 

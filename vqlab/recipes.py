@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -40,8 +39,9 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .quantize import VQConfig, _set_module as _set, quantize_
-from .quantized import QuantizedLayer
+from .layers import QuantizedLayer
+from .methods.vq import VQCode, VQConfig
+from .quantize import quantize_layer, set_submodule
 from .size import SizeReport, compressed_size, round_to_store_dtype_
 from .train import evaluate, fit
 
@@ -119,7 +119,7 @@ def default_methods(module: nn.Module, ks: Sequence[int] = DEFAULT_K, ds: Sequen
             cin = module.in_channels // module.groups if conv else 0
             segments = ["input"] if not conv else ["kernel"] if cin == 1 else ["input", "kernel"]
             for seg in segments:                              # the first layout that fits (input before kernel)
-                cfg = VQConfig(k=k, d=d, segment=seg, quantize_first_last=True)
+                cfg = VQConfig(k=k, d=d, segment=seg)
                 try:
                     cfg.check(module, "layer")
                 except (ValueError, TypeError):
@@ -135,7 +135,7 @@ def _label(cfg) -> str:
     if isinstance(cfg, VQConfig):
         return f"vq K={cfg.k} d={cfg.d}" + (" kernel" if cfg.segment == "kernel" else "")
     fields = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-              if f.name not in ("seed", "quantize_first_last") and getattr(cfg, f.name) != f.default][:3]
+              if f.name != "seed" and getattr(cfg, f.name) != f.default][:3]
     return f"{type(cfg).__name__.removesuffix('Config').lower()} " + " ".join(fields)
 
 
@@ -150,8 +150,6 @@ def layer_candidates(model: nn.Module, methods: Sequence | Callable | None = Non
         else:
             cands = []
             for cfg in methods:
-                if dataclasses.is_dataclass(cfg) and hasattr(cfg, "quantize_first_last"):
-                    cfg = dataclasses.replace(cfg, quantize_first_last=True)
                 check = getattr(cfg, "check", None)
                 try:
                     if check is not None:
@@ -171,9 +169,7 @@ def _get(model: nn.Module, name: str) -> nn.Module:
 
 def _quantized_copy(layer: nn.Module, cfg) -> nn.Module:
     """A quantized copy of one float layer (the layer itself is untouched)."""
-    holder = nn.Sequential(copy.deepcopy(layer))
-    quantize_(holder, cfg, filter_fn=lambda m, n: False, overrides={re.compile("0"): cfg}, progress=False)
-    return holder[0]
+    return quantize_layer(copy.deepcopy(layer), cfg)
 
 
 def _stored_bytes(module: nn.Module, store_dtype) -> int:
@@ -217,11 +213,11 @@ def measure_sensitivity(model: nn.Module, calib: TensorDataset, candidates: dict
                     kl, loss, acc = _scores(ref, y, ref)
                 else:
                     q = _quantized_copy(layer, cfg)
-                    _set(model, name, q)
+                    set_submodule(model, name, q)
                     try:
                         kl, loss, acc = _scores(_outputs(model, x), y, ref)
                     finally:
-                        _set(model, name, layer)
+                        set_submodule(model, name, layer)
                 k = getattr(cfg, "k", None)
                 d = getattr(cfg, "d", None)
                 code = getattr(q, "code", None)
@@ -306,7 +302,7 @@ def _with_reassign(cfg, reassign_every: int):
 
 def _drop_latents(model: nn.Module) -> None:
     for m in model.modules():
-        if getattr(m, "latent", None) is not None and hasattr(m, "reassign_every"):
+        if isinstance(m, VQCode) and m.latent is not None:
             m.reassign()
             m.reassign_every = 0
             m.latent = None
@@ -384,8 +380,7 @@ def compress(model: nn.Module, train_ds: TensorDataset, target_ratio: float = 32
     stages = []
     for i, (_, r) in enumerate(todo.iterrows(), start=1):
         cfg = _with_reassign(r["config"], reassign_every)
-        quantize_(work, cfg, filter_fn=lambda m, n: False, overrides={re.compile(re.escape(r["layer"])): cfg},
-                  progress=False)
+        set_submodule(work, r["layer"], quantize_layer(work.get_submodule(r["layer"]), cfg, r["layer"]))
         if stage_steps > 0:
             fit(work, train_ds, epochs=1, lr=lr, batch_size=batch_size, seed=seed + i, max_steps=stage_steps,
                 teacher=teacher, temperature=temperature, distill_weight=distill_weight, progress=progress,

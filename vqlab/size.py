@@ -6,7 +6,7 @@ What is counted (bytes):
                  across the models of one call) and side tensors — exactly what `vqlab.save` writes
     other        every other parameter and buffer at its dtype: biases, float layers, BatchNorm
                  weight/bias/running_mean/running_var and num_batches_tracked (int64, 8 bytes)
-    not counted  training-only state a layer names in `training_only` (a VQ layer's `latent`; not saved either)
+    not counted  training-only state a code names in `training_only` (a VQ code's `latent`; not saved either)
     store_dtype  float16 / bfloat16 (or float32): every floating-point tensor stored raw — biases, float layers,
                  BatchNorm tensors, codebooks, codes' float side tensors — that is wider than it (float32,
                  float64) is counted at its itemsize, as `vqlab.save(..., store_dtype=...)` writes it; packed
@@ -40,9 +40,10 @@ import torch.nn as nn
 from .bits import (LZMA_FILTERS, ans_bytes, huffman_bytes, huffman_code_lengths, pack_indices, packed_bytes,
                    unpack_indices)
 from .codebook import Codebook
-from .quantized import WeightCode, check_store_dtype, stored_bytes, stored_dtype, storing_as, tensor_bytes
+from .codes import WeightCode, stored_bytes, stored_dtype, storing_as, tensor_bytes
+from .dtypes import check_store_dtype
 
-__all__ = ["SizeReport", "compressed_size", "round_to_store_dtype_", "pack_indices", "unpack_indices",
+__all__ = ["SizeReport", "compressed_size", "round_to_store_dtype_", "training_only_ids", "pack_indices", "unpack_indices",
            "huffman_code_lengths", "huffman_bytes", "ans_bytes", "packed_bytes", "LZMA_FILTERS"]
 
 
@@ -96,6 +97,12 @@ class SizeReport:
                              "ratio": [1.0, self.ratio, self.huffman_ratio, self.ans_ratio, self.lzma_ratio]})
 
 
+def training_only_ids(model: nn.Module) -> set[int]:
+    """ids of the tensors codes name in `training_only` (a VQ code's latent): neither counted, saved nor loaded."""
+    return {id(t) for m in model.modules() if isinstance(m, WeightCode) for n in m.training_only
+            if isinstance(t := getattr(m, n, None), torch.Tensor)}
+
+
 def _dense32_bytes(t: torch.Tensor) -> int:
     return t.numel() * 4 if t.is_floating_point() else tensor_bytes(t)
 
@@ -107,12 +114,11 @@ def _code_of(mod: nn.Module) -> WeightCode | None:
 
 def _model_rows(model: nn.Module, seen: set[int], streams: list[bytes]) -> list[dict]:
     """One row per module holding tensors not counted yet; `seen` and `streams` are updated."""
-    rows = []
+    rows, skip = [], training_only_ids(model)
     for name, mod in model.named_modules():
         row = {"layer": name or "(root)", "type": type(mod).__name__, "method": pd.NA, "K": pd.NA, "d": pd.NA,
                "index_bits": pd.NA, "dense_bytes": 0, "index_bytes": 0, "codebook_bytes": 0,
                "other_bytes": 0, "huffman_index_bytes": 0, "ans_index_bytes": 0}
-        skip = {id(getattr(mod, n)) for n in getattr(mod, "training_only", ()) if getattr(mod, n, None) is not None}
         code = _code_of(mod)
         if code is not None:
             c = code.size(seen)
@@ -196,9 +202,8 @@ def compressed_size(model: nn.Module | Sequence[nn.Module], codebook_in_rom: boo
 
 def _stored_floats(model: nn.Module, store: torch.dtype) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of every unique parameter/buffer that `save(..., store_dtype=store)` writes at `store`:
-    floats wider than it, training-only tensors (`training_only`, a VQ layer's latent) left out."""
-    skip = {id(t) for m in model.modules() for n in getattr(m, "training_only", ())
-            if isinstance(t := getattr(m, n, None), torch.Tensor)}
+    floats wider than it, training-only tensors (`training_only`, a VQ code's latent) left out."""
+    skip = training_only_ids(model)
     out, seen = [], set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if id(t) in seen or id(t) in skip:

@@ -28,7 +28,7 @@ from torch.utils.data import DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from . import distributed as _dist
-from ._utils import default_device, seed_everything
+from .utils import default_device, seed_everything
 from .data import loader
 
 __all__ = ["fit", "evaluate", "predict", "train_or_load", "checkpoint_path", "NonFiniteLossError",

@@ -16,13 +16,12 @@ import math
 from typing import Callable, Sequence
 
 import ipywidgets as W
-import numpy as np
 import torch
 import torch.nn as nn
 
-from ._utils import index_bits_per_weight
+from .bits import index_bits_per_weight
 
-__all__ = ["Panel", "codebook_panel", "compression_panel", "method_panel", "speed_panel", "budget_panel"]
+__all__ = ["Panel", "slider", "codebook_panel", "compression_panel", "method_panel", "speed_panel", "budget_panel"]
 
 
 def _png(fig) -> bytes:
@@ -34,7 +33,9 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _slider(description: str, options: Sequence, value) -> W.SelectionSlider:
+def slider(description: str, options: Sequence, value) -> W.SelectionSlider:
+    """A selection slider over `options` starting at `value` (ValueError when it is not one of them); what every
+    panel's knobs are."""
     if value not in options:
         raise ValueError(f"start value {description}={value} is not one of the slider options {list(options)}")
     return W.SelectionSlider(options=list(options), value=value, description=description,
@@ -111,7 +112,7 @@ def codebook_panel(weight: torch.Tensor | nn.Module, ks: Sequence[int] = (4, 8, 
     weight: a layer (Linear/Conv2d, segmented along input channels) or a 2-D tensor (m, n).
     """
     from .codebook import kmeans
-    from .layers import weight_segments
+    from .methods.vq import weight_segments
 
     def segments(d_: int) -> torch.Tensor:
         if isinstance(weight, nn.Module):
@@ -152,7 +153,7 @@ def codebook_panel(weight: torch.Tensor | nn.Module, ks: Sequence[int] = (4, 8, 
                 f"SNR {snr:.1f} dB, {res.n_iter} k-means iterations")
         return text, fig
 
-    return Panel([_slider("K", ks, k), _slider("d", ds, d)], render, "k-means codebook of one layer")
+    return Panel([slider("K", ks, k), slider("d", ds, d)], render, "k-means codebook of one layer")
 
 
 # ---------------------------------------------------------------- notebook 02: compression vs accuracy
@@ -186,7 +187,7 @@ def compression_panel(model: nn.Module, train_ds, test_ds, grid, ks: Sequence[in
                 f"({100 * (acc - base):+.1f} points vs float {base:.3f})")
         return text, fig
 
-    return Panel([_slider("K", ks, k), _slider("d", ds, d)], render, "compress, evaluate, place on the plot")
+    return Panel([slider("K", ks, k), slider("d", ds, d)], render, "compress, evaluate, place on the plot")
 
 
 # ---------------------------------------------------------------- notebooks 04, 05: any method's knobs
@@ -205,7 +206,7 @@ def method_panel(model: nn.Module, test_ds, grid, knobs: dict[str, tuple[Sequenc
 
     base = evaluate(model, test_ds)
     cache: dict = {}
-    sliders = [_slider(name, options, start) for name, (options, start) in knobs.items()]
+    sliders = [slider(name, options, start) for name, (options, start) in knobs.items()]
 
     def render(**values):
         import matplotlib.pyplot as plt
@@ -260,7 +261,7 @@ def speed_panel(m: int = 1024, n: int = 1024, ks: Sequence[int] = (16, 64, 256, 
                      f"(<b>{t['int8 dynamic'] / t['vq simd packed']:.2f}×</b> int8)")
         return text, fig
 
-    return Panel([_slider("K", ks, k), _slider("d", ds, d), _slider("batch", batches, batch)], render,
+    return Panel([slider("K", ks, k), slider("d", ds, d), slider("batch", batches, batch)], render,
                  f"wall time of one {m}×{n} layer")
 
 
@@ -307,4 +308,4 @@ def budget_panel(candidates, dense_bytes: int, fixed_bytes: int = 0, targets: Se
                      f"({100 * (row.accuracy - row.float_accuracy):+.2f} points)")
         return text, fig
 
-    return Panel([_slider("target", list(targets), target)], render, "allocation for a size budget")
+    return Panel([slider("target", list(targets), target)], render, "allocation for a size budget")

@@ -21,9 +21,9 @@ import sys
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["dequantize", "vq_matmul_reference", "check_indices", "check_codebook_groups", "INDEX_DTYPES"]
+from ..dtypes import INDEX_DTYPES
 
-INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+__all__ = ["dequantize", "vq_matmul_reference", "check_indices", "check_codebook_groups"]
 
 
 def check_indices(indices: torch.Tensor, k: int, what: str = "indices") -> None:

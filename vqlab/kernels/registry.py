@@ -1,11 +1,11 @@
 """Kernel backends in one place: name -> `KernelBackend` (availability, matmul, optional conv, what it supports).
 
 A backend computes y = x @ W.T for one (K, d) codebook over a block of checked indices (`CheckedIndices`);
-`vqlab.kernels.ops` splits codebook groups and convolution groups into such blocks, checks every argument and
-falls back to the torch reference on CUDA, for float64 inputs and for backend "torch".  `auto` times the
-registered backends that are available, take part in auto and support the layer's (K, d), and keeps the fastest
-per shape and batch bucket; `set_backend(name)` or the environment variable VQLAB_BACKEND pins one instead, so
-that outputs are reproducible run to run.
+`vqlab.kernels.ops` checks every argument and splits codebook groups and convolution groups into such blocks, and
+`vqlab.kernels.route` decides which path a call takes.  `auto` times the registered backends that are available,
+take part in auto and support the layer's (K, d), and keeps the fastest per shape and batch bucket;
+`set_backend(name)` or the environment variable VQLAB_BACKEND pins one instead, so that outputs are reproducible
+run to run.  The built-in adapters live in `backends.py` ("dense", "numba") and `simd.py` ("simd").
 
 Registering a new kernel (e.g. a SIMD one) is one call in its own module:
 
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 __all__ = ["KernelBackend", "register_backend", "get_backend", "backend_names", "available_backends",
-           "set_backend", "pinned_backend", "RESERVED"]
+           "set_backend", "pinned_backend", "unregister_backend", "RESERVED"]
+
 
 RESERVED = ("torch", "auto")          # the reference and the timing choice: not registry entries
 
@@ -29,10 +30,12 @@ class KernelBackend:
 
     matmul(x (B, n) float32 contiguous CPU, codebook (K, d), checked: CheckedIndices (m, S)) -> (B, m) float32.
     direct: optional direct(x (B, n) float32 contiguous CPU, codebook (K, d) | (G, K, d), indices) -> (B, m)
-        float32, or None to decline.  Called instead of matmul when the caller's indices are a contiguous uint8
-        CPU (m, S) tensor, with that tensor itself: no checked copy is made, so the backend must itself read
-        every index on every call, raise ValueError (as `check_indices`) for a value >= K, and stay memory-safe
-        whatever the values (e.g. a concurrent write).  Only for backends that are asked for by name or pinned.
+        float32.  Called instead of matmul when the caller's indices are a contiguous uint8 CPU (m, S) tensor and
+        `direct_ready()` is true, with that tensor itself: no checked copy is made, so the backend must itself
+        read every index on every call, raise ValueError (as `check_indices`) for a value >= K, and stay
+        memory-safe whatever the values (e.g. a concurrent write).  Only for backends that are asked for by name
+        or pinned (`vqlab.kernels.route`).
+    direct_ready() -> bool: whether `direct` runs natively here (else the checked path runs `matmul`).
     conv: optional conv(x, codebook (K, d) | (G, K, d), checked, weight_shape, stride, padding, dilation, groups,
         segment) -> y; None = im2col + matmul per (conv group, codebook group) block.
     available() -> bool: usable on this machine (imports lazily inside, so unused kernels are never loaded).
@@ -47,6 +50,7 @@ class KernelBackend:
     matmul: Callable
     conv: Callable | None = None
     direct: Callable | None = None
+    direct_ready: Callable[[], bool] = lambda: True
     available: Callable[[], bool] = lambda: True
     supports: Callable[[int, int], bool] = lambda k, d: True
     auto: bool = True
@@ -64,6 +68,13 @@ def register_backend(backend: KernelBackend) -> KernelBackend:
         raise ValueError(f"backend name {backend.name!r} is reserved ({RESERVED})")
     _REGISTRY[backend.name] = backend
     return backend
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (a no-op for an unknown name); a pin on it is dropped."""
+    _REGISTRY.pop(name, None)
+    if _PINNED[0] == name:
+        _PINNED[0] = None
 
 
 def backend_names() -> tuple[str, ...]:

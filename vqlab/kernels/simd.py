@@ -2,8 +2,8 @@
 
     y[b, o] = sum_s T[b, s, I[o, s]],   T[b, s, k] = x[b, s*d:(s+1)*d] . codebook[k]
 
-The tables are quantized to uint8 (per segment s a minimum lo_s, per group g of G segments one step_g) and
-summed exactly in uint16 per group (G * 255 <= 65535), then flushed to float32:
+The tables are quantized to uint8 (per segment s a minimum lo_s, per table group g of G segments one step_g) and
+summed exactly in uint16 per table group (G * 255 <= 65535), then flushed to float32:
     y ~= sum_s lo_s + sum_g step_g * sum_{s in g} q[s, I[o, s]]
 so the result approximates x @ W.T: each table entry is off by at most step_g / 2, and the error of one
 output has standard deviation sigma = sqrt(sum_g G_g * step_g**2 / 12) (`error_sigma`); the largest error
@@ -18,7 +18,7 @@ AVX2 where the CPU has it; $VQLAB_SIMD_ISA=scalar (or isa="scalar") forces the p
 bit-identical results.  Without a compiler or without AVX2 the backend runs the numba kernel (exact) after one
 warnings.warn notice.  AVX-512 and NEON paths are not written (no such machine to test them on).
 
-Two index forms.  (1) A packed code (`vqlab.packed.SimdCode`, made by `vqlab.pack_simd_`): the indices are
+Two index forms.  (1) A packed code (`vqlab.methods.vq.SimdCode`, made by `vqlab.pack_simd_`): the indices are
 stored only in the kernel's own layout (`simd_pack`: 4 bits per index, interleaved so one 32-byte load feeds
 two shuffles) and `simd_matmul_packed` reads it with no transpose -- the fast form (about 2x the row-major
 one at batch 1), with bit-identical outputs.  (2) Any VQ layer or call with backend "simd", described next.
@@ -43,7 +43,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import warnings
@@ -53,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backends import numba_available, numba_matmul
 from .checked import CheckedIndices
 from .reference import check_indices
 from .registry import KernelBackend, register_backend
@@ -60,7 +60,7 @@ from .registry import KernelBackend, register_backend
 __all__ = ["GROUP", "ISAS", "simd_tables", "simd_matmul", "error_sigma", "native_isa", "native_status",
            "group_size", "simd_pack", "simd_unpack", "packed_shape", "simd_matmul_packed"]
 
-GROUP = 64          # segments per quantization group (even, <= 256 so that G * 255 fits uint16)
+GROUP = 64          # segments per table group: one quantization step each (even, <= 256 so that G * 255 fits uint16)
 TILE_ROWS = 16      # output rows the kernel transposes together
 TILE_SEGMENTS = 32  # segments per transposed block (two 128-bit lanes of 16)
 ROW = 16            # table entries per segment
@@ -198,24 +198,24 @@ def native_status() -> str:
 
 # ---------------------------------------------------------------- tables, kernel
 
-def group_size(segments: int, group: int = GROUP) -> int:
-    """The group size used for `segments` segments: `group` (even, 2..256), lowered to fit small layers."""
-    if group < 2 or group > 256 or group % 2:
-        raise ValueError(f"group must be even and in [2, 256] (G * 255 must fit uint16), got {group}")
-    return min(group, segments + segments % 2)
+def group_size(segments: int, table_group: int = GROUP) -> int:
+    """The table group size used for `segments` segments: `table_group` (even, 2..256), lowered to fit small layers."""
+    if table_group < 2 or table_group > 256 or table_group % 2:
+        raise ValueError(f"table_group must be even and in [2, 256] (G * 255 must fit uint16), got {table_group}")
+    return min(table_group, segments + segments % 2)
 
 
-def _stored(group: int) -> int:
-    """Table rows stored per group: whole blocks of 32 segments."""
-    return -(-group // TILE_SEGMENTS) * TILE_SEGMENTS
+def _stored(table_group: int) -> int:
+    """Table rows stored per table group: whole blocks of 32 segments."""
+    return -(-table_group // TILE_SEGMENTS) * TILE_SEGMENTS
 
 
 @functools.cache
-def _segment_rows(group: int) -> np.ndarray:
-    """Row of each of a group's segments in the kernel's interleaved table: segment 16 L + t of a block of 32
+def _segment_rows(table_group: int) -> np.ndarray:
+    """Row of each of a table group's segments in the kernel's interleaved table: segment 16 L + t of a block of 32
     at 2 t + L (one table register = segments t and 16 + t, the two lanes of a transposed index vector)."""
-    i = np.arange(_stored(group))
-    return ((i & ~31) | ((i & 15) << 1) | ((i >> 4) & 1))[:group]
+    i = np.arange(_stored(table_group))
+    return ((i & ~31) | ((i & 15) << 1) | ((i >> 4) & 1))[:table_group]
 
 
 def _books(codebook: torch.Tensor) -> torch.Tensor:
@@ -235,7 +235,7 @@ def _check_x_book(x: torch.Tensor, codebook: torch.Tensor, segments: int) -> Non
                          f"got {tuple(x.shape)} {x.dtype} on {x.device}")
 
 
-def simd_tables(x: torch.Tensor, codebook: torch.Tensor, group: int = GROUP, isa: str | None = None
+def simd_tables(x: torch.Tensor, codebook: torch.Tensor, table_group: int = GROUP, isa: str | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The kernel's quantized tables (for tests and the error model): x (B, S*d) float32, codebook (K, d)
     -> (q (B, ngroups*G, 16) uint8 in segment order, step (B, ngroups) float32, offset (B,) float32 = sum_s lo_s)."""
@@ -247,10 +247,10 @@ def simd_tables(x: torch.Tensor, codebook: torch.Tensor, group: int = GROUP, isa
     isa = native_isa(isa)
     if isa is None:
         raise RuntimeError(f"simd: no native kernel here ({native_status()})")
-    g = group_size(s, group)
+    g = group_size(s, table_group)
     ngroups, gs = -(-s // g), _stored(g)
     b = x.shape[0]
-    tab = np.empty((ngroups, b, gs, ROW), dtype=np.uint8)                   # the kernel's group-major order
+    tab = np.empty((ngroups, b, gs, ROW), dtype=np.uint8)                   # the kernel's table-group-major order
     steps = np.empty((b, ngroups), dtype=np.float32)
     off = np.empty(b, dtype=np.float32)
     book = _books(codebook)
@@ -262,10 +262,10 @@ def simd_tables(x: torch.Tensor, codebook: torch.Tensor, group: int = GROUP, isa
     return np.ascontiguousarray(q.transpose(1, 0, 2, 3)).reshape(b, ngroups * g, ROW), steps, off
 
 
-def error_sigma(steps: np.ndarray, segments: int, group: int = GROUP) -> np.ndarray:
+def error_sigma(steps: np.ndarray, segments: int, table_group: int = GROUP) -> np.ndarray:
     """Standard deviation of one output's error from the table rounding, per input row:
     steps (B, ngroups) from `simd_tables` -> (B,) sqrt(sum_g G_g * step_g**2 / 12), G_g = real segments of g."""
-    g = group_size(segments, group)
+    g = group_size(segments, table_group)
     counts = np.minimum(g, segments - g * np.arange(steps.shape[1]))
     return np.sqrt((counts * steps.astype(np.float64) ** 2).sum(axis=1) / 12.0)
 
@@ -282,7 +282,7 @@ def _out_of_range(top: int, k: int) -> ValueError:
                       f"must lie in [0, {k - 1}]")
 
 
-def simd_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, group: int = GROUP,
+def simd_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, table_group: int = GROUP,
                 isa: str | None = None, threads: int | None = None) -> torch.Tensor:
     """y ~= x @ W.T by the quantized-table kernel, reading the caller's index tensor in place.
 
@@ -297,19 +297,19 @@ def simd_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, 
                          f"{tuple(getattr(indices, 'shape', ()))} {getattr(indices, 'dtype', type(indices).__name__)}")
     m, s = indices.shape
     _check_x_book(x, codebook, s)
-    books = codebook.shape[0] if codebook.dim() == 3 else 1
-    if m % books:
-        raise ValueError(f"simd: {m} output rows cannot be split into {books} codebook groups")
+    codebook_groups = codebook.shape[0] if codebook.dim() == 3 else 1
+    if m % codebook_groups:
+        raise ValueError(f"simd: {m} output rows cannot be split into {codebook_groups} codebook groups")
     isa = native_isa(isa)
     if isa is None:
         raise RuntimeError(f"simd: no native kernel here ({native_status()})")
-    return _run(x, codebook, indices, group, ISAS[isa], threads)
+    return _run(x, codebook, indices, table_group, ISAS[isa], threads)
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(s: int, b: int, group: int) -> tuple[int, int, int, int, int]:
+def _plan(s: int, b: int, table_group: int) -> tuple[int, int, int, int, int]:
     """(G, ngroups, rows per table chunk, table bytes (64-aligned), scratch bytes) for S segments, batch b."""
-    g = group_size(s, group)
+    g = group_size(s, table_group)
     ngroups = -(-s // g)
     chunk = CHUNK if b > CHUNK else max(b, 1)
     size = (chunk * ngroups * _stored(g) * ROW + 63) // 64 * 64                      # tables, then steps, offsets
@@ -327,11 +327,11 @@ def _scratch(need: int, threads: int) -> tuple[int, ctypes.Array]:
     return (buf.data_ptr() + 63) & ~63, top
 
 
-def _drive(x: torch.Tensor, codebook: torch.Tensor, m: int, group: int, code: int, threads: int | None,
+def _drive(x: torch.Tensor, codebook: torch.Tensor, m: int, table_group: int, code: int, threads: int | None,
            units: int, fused, part, lookups_per_thread: int) -> torch.Tensor:
     """The loop both index forms share: per chunk of input rows and codebook group j, the tables and the lookups.
     Single-threaded one C call, fused(x_ptr, nb, book_ptr, j, y_ptr, tab, steps, off, top_ptr) -> rc; else the
-    tables here and the group's `units` work units (tiles or blocks of its output rows) split over the pool,
+    tables here and the codebook group's `units` work units (tiles or blocks of its output rows) split over the pool,
     this thread taking the first share: part(a, e, j, nb, y_ptr, tab, steps, off, top_ptr) -> rc for units
     [a, e).  y_ptr: row lo of the (B, m) output.  threads=None (torch's count) splits a call only when each
     thread gets at least `lookups_per_thread` of the B * m * S lookups: waking a pool thread costs tens of
@@ -340,9 +340,9 @@ def _drive(x: torch.Tensor, codebook: torch.Tensor, m: int, group: int, code: in
     raises ValueError when an index read is >= K."""
     lib = _loaded()[0]
     k, d = codebook.shape[-2], codebook.shape[-1]
-    books = codebook.shape[0] if codebook.dim() == 3 else 1
+    codebook_groups = codebook.shape[0] if codebook.dim() == 3 else 1
     s, b = x.shape[1] // d, x.shape[0]
-    g, ngroups, chunk, size, need = _plan(s, b, group)
+    g, ngroups, chunk, size, need = _plan(s, b, table_group)
     out = torch.empty((b, m), dtype=torch.float32)
     work_cap = b * m * s // lookups_per_thread if threads is None else threads
     threads = threads or torch.get_num_threads()
@@ -357,7 +357,7 @@ def _drive(x: torch.Tensor, codebook: torch.Tensor, m: int, group: int, code: in
     big = 0
     for lo in range(0, max(b, 1), chunk):
         nb = min(chunk, b - lo)
-        for j in range(books):
+        for j in range(codebook_groups):
             xj, bj, yl = xp + lo * row_bytes, bp + j * k * d * 4, yp + lo * m * 4
             if threads == 1:
                 rc, used = fused(xj, nb, bj, j, yl, tab, steps, off, top_p), 1
@@ -378,14 +378,14 @@ def _drive(x: torch.Tensor, codebook: torch.Tensor, m: int, group: int, code: in
     return out
 
 
-def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, group: int, code: int,
+def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, table_group: int, code: int,
          threads: int | None) -> torch.Tensor:
     """simd_matmul after its checks: the row-major kernel over tiles of 16 output rows (`_drive`)."""
     lib = _loaded()[0]
     m, s = indices.shape
     k, d = codebook.shape[-2], codebook.shape[-1]
     per = m // (codebook.shape[0] if codebook.dim() == 3 else 1)
-    g, ngroups = _plan(s, x.shape[0], group)[:2]
+    g, ngroups = _plan(s, x.shape[0], table_group)[:2]
     ip, units = indices.data_ptr(), per // TILE_ROWS
 
     def fused(xj, nb, bj, j, yl, tab, steps, off, top):
@@ -396,26 +396,26 @@ def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, group: 
         r1 = j * per + (TILE_ROWS * e if e < units else per)
         return lib.vq_lut_rows(ip, m, s, j * per + TILE_ROWS * a, r1, tab, steps, off, yl, m, nb, ngroups, g, top, code)
 
-    return _drive(x, codebook, m, group, code, threads, units, fused, part, 1 << 22)
+    return _drive(x, codebook, m, table_group, code, threads, units, fused, part, 1 << 22)
 
 
 # ---------------------------------------------------------------- the packed layout (codes stored in it)
 
 @functools.lru_cache(maxsize=256)
-def packed_shape(m: int, s: int, books: int = 1, group: int = GROUP) -> tuple[int, int, int, int, int]:
-    """Shape of the packed layout of (m, S) indices in `books` equal blocks of rows:
-    (books, ngroups, nblk, Gs/2, 32) uint8, nblk = ceil(m / books / 32), Gs = G rounded up to 32."""
-    if m < 1 or s < 1 or books < 1 or m % books:
-        raise ValueError(f"simd: cannot pack {m} x {s} indices in {books} codebook groups")
-    g = group_size(s, group)
-    return books, -(-s // g), -(-(m // books) // TILE_SEGMENTS), _stored(g) // 2, 32
+def packed_shape(m: int, s: int, codebook_groups: int = 1, table_group: int = GROUP) -> tuple[int, int, int, int, int]:
+    """Shape of the packed layout of (m, S) indices in `codebook_groups` equal blocks of rows:
+    (codebook_groups, ngroups, nblk, Gs/2, 32) uint8, nblk = ceil(m / codebook_groups / 32), Gs = G rounded up to 32."""
+    if m < 1 or s < 1 or codebook_groups < 1 or m % codebook_groups:
+        raise ValueError(f"simd: cannot pack {m} x {s} indices in {codebook_groups} codebook groups")
+    g = group_size(s, table_group)
+    return codebook_groups, -(-s // g), -(-(m // codebook_groups) // TILE_SEGMENTS), _stored(g) // 2, 32
 
 
-def simd_pack(indices: torch.Tensor, k: int, books: int = 1, group: int = GROUP) -> torch.Tensor:
+def simd_pack(indices: torch.Tensor, k: int, codebook_groups: int = 1, table_group: int = GROUP) -> torch.Tensor:
     """(m, S) integer indices in [0, K <= 16) -> the kernel's packed layout (`packed_shape`), 4 bits per index,
     on the indices' device (torch ops only).  raises ValueError (as `check_indices`) for a value outside [0, K).
 
-    Per codebook group, group of G segments and block of 32 output rows: vector p = 16 b + t holds, in byte c,
+    Per codebook group, table group of G segments and block of 32 output rows: vector p = 16 b + t holds, in byte c,
     rows c (low nibble) and 16 + c (high nibble) at segment 32 b + t, and in byte 16 + c the same rows at segment
     32 b + 16 + t; padded rows and segments are 0 (their tables are 0)."""
     if not 1 <= k <= ROW:
@@ -424,65 +424,65 @@ def simd_pack(indices: torch.Tensor, k: int, books: int = 1, group: int = GROUP)
         raise ValueError(f"simd_pack: indices must be a 2-D (m, S) tensor, got {type(indices).__name__}")
     check_indices(indices, k)
     m, s = indices.shape
-    nb, ng, nblk, half, _ = packed_shape(m, s, books, group)
-    g, gs = group_size(s, group), 2 * half
-    per = m // books
+    nb, ng, nblk, half, _ = packed_shape(m, s, codebook_groups, table_group)
+    g, gs = group_size(s, table_group), 2 * half
+    per = m // codebook_groups
     full = torch.zeros(nb, nblk * 32, ng * g, dtype=torch.uint8, device=indices.device)
     full[:, :per, :s] = indices.to(torch.uint8).reshape(nb, per, s)
     full = full.reshape(nb, nblk * 32, ng, g)
     if gs != g:
         full = torch.nn.functional.pad(full, (0, gs - g))
-    # (books, blk, h, c, group, b32, L, t): row 32 blk + 16 h + c, segment slot 32 b32 + 16 L + t
+    # (codebook_groups, blk, h, c, tgroup, b32, L, t): row 32 blk + 16 h + c, segment slot 32 b32 + 16 L + t
     full = full.reshape(nb, nblk, 2, 16, ng, gs // 32, 2, 16)
-    nib = full[:, :, 0] | (full[:, :, 1] << 4)                         # (books, blk, c, group, b32, L, t)
+    nib = full[:, :, 0] | (full[:, :, 1] << 4)                         # (codebook_groups, blk, c, tgroup, b32, L, t)
     return nib.permute(0, 3, 1, 4, 6, 5, 2).contiguous().reshape(nb, ng, nblk, half, 32)
 
 
-def simd_unpack(packed: torch.Tensor, m: int, s: int, group: int = GROUP) -> torch.Tensor:
-    """The inverse of `simd_pack`: packed (books, ngroups, nblk, Gs/2, 32) uint8 -> (m, S) uint8 indices."""
-    books = packed.shape[0] if packed.dim() == 5 else 0
-    shape = packed_shape(m, s, max(books, 1), group)
+def simd_unpack(packed: torch.Tensor, m: int, s: int, table_group: int = GROUP) -> torch.Tensor:
+    """The inverse of `simd_pack`: packed (codebook_groups, ngroups, nblk, Gs/2, 32) uint8 -> (m, S) uint8 indices."""
+    codebook_groups = packed.shape[0] if packed.dim() == 5 else 0
+    shape = packed_shape(m, s, max(codebook_groups, 1), table_group)
     if packed.dtype != torch.uint8 or tuple(packed.shape) != shape:
         raise ValueError(f"simd_unpack: packed must be uint8 {shape} for {m} x {s} indices, got "
                          f"{tuple(packed.shape)} {packed.dtype}")
     nb, ng, nblk, half, _ = shape
-    g, gs = group_size(s, group), 2 * half
-    v = packed.reshape(nb, ng, nblk, gs // 32, 16, 2, 16)             # (books, group, blk, b32, t, L, c)
-    rows = torch.stack([v & 15, v >> 4], dim=3)                        # (books, group, blk, h, b32, t, L, c)
+    g, gs = group_size(s, table_group), 2 * half
+    v = packed.reshape(nb, ng, nblk, gs // 32, 16, 2, 16)             # (codebook_groups, tgroup, blk, b32, t, L, c)
+    rows = torch.stack([v & 15, v >> 4], dim=3)                        # (codebook_groups, tgroup, blk, h, b32, t, L, c)
     full = rows.permute(0, 2, 3, 7, 1, 4, 6, 5).reshape(nb, nblk * 32, ng, gs)[..., :g]
     return full.reshape(nb, nblk * 32, ng * g)[:, : m // nb, :s].reshape(m, s).contiguous()
 
 
 def simd_matmul_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int,
-                       group: int = GROUP, isa: str | None = None, threads: int | None = None) -> torch.Tensor:
+                       table_group: int = GROUP, isa: str | None = None, threads: int | None = None) -> torch.Tensor:
     """y ~= x @ W.T from a packed code: x (B, S*d) contiguous float32 CPU, codebook (K <= 16, d) or (G, K, d),
     packed: `simd_pack`'s (G, ngroups, nblk, Gs/2, 32) uint8 CPU tensor for m rows -> (B, m) float32.
     Gives bit-identical outputs to `simd_matmul` on the unpacked indices.  For K < 16 every call reads every
     nibble and raises ValueError when one is >= K (with K = 16 every nibble is a codeword).  threads: as in
     `simd_matmul`."""
-    books = codebook.shape[0] if codebook.dim() == 3 else 1
+    codebook_groups = codebook.shape[0] if codebook.dim() == 3 else 1
     k, d = codebook.shape[-2], codebook.shape[-1]
     s = x.shape[1] // d if x.dim() == 2 else 0
     _check_x_book(x, codebook, s)
-    shape = packed_shape(m, s, books, group)
+    shape = packed_shape(m, s, codebook_groups, table_group)
     if (not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or tuple(packed.shape) != shape
             or packed.device.type != "cpu" or not packed.is_contiguous()):
         raise ValueError(f"simd: packed must be a contiguous uint8 CPU {shape} tensor for m={m}, S={s}, "
-                         f"G={books}, got {tuple(getattr(packed, 'shape', ()))} {getattr(packed, 'dtype', None)}")
+                         f"G={codebook_groups}, got {tuple(getattr(packed, 'shape', ()))} {getattr(packed, 'dtype', None)}")
     isa = native_isa(isa)
     if isa is None:
         raise RuntimeError(f"simd: no native kernel here ({native_status()})")
-    return _run_packed(x, codebook, packed, m, group, ISAS[isa], threads)
+    return _run_packed(x, codebook, packed, m, table_group, ISAS[isa], threads)
 
 
-def _run_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int, group: int, code: int,
+def _run_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int, table_group: int, code: int,
                 threads: int | None) -> torch.Tensor:
     """simd_matmul_packed after its checks: the packed kernel over blocks of 32 output rows (`_drive`)."""
     lib = _loaded()[0]
-    books, _, nblk = packed.shape[:3]
+    codebook_groups, _, nblk = packed.shape[:3]
     k, d = codebook.shape[-2], codebook.shape[-1]
-    s, per = x.shape[1] // d, m // books
-    g, ngroups = _plan(s, x.shape[0], group)[:2]
+    s, per = x.shape[1] // d, m // codebook_groups
+    g, ngroups = _plan(s, x.shape[0], table_group)[:2]
     check, pstride, pp = int(k < ROW), packed[0].numel(), packed.data_ptr()
 
     def fused(xj, nb, bj, j, yl, tab, steps, off, top):
@@ -493,12 +493,13 @@ def _run_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m
         return lib.vq_lut_packed(pp + j * pstride, per, a, e, tab, steps, off, yl + j * per * 4, m, nb, ngroups, g,
                                  check, top, code)
 
-    return _drive(x, codebook, m, group, code, threads, nblk, fused, part, 1 << 23)
+    return _drive(x, codebook, m, table_group, code, threads, nblk, fused, part, 1 << 23)
 
 
 # ---------------------------------------------------------------- the registered backend
 
-def _notice(reason: str) -> None:
+def notice(reason: str) -> None:
+    """Warn once per process that backend "simd" runs its exact fallback (`reason`: why no native kernel)."""
     if not _WARNED[0]:
         _WARNED[0] = True
         warnings.warn(f"vqlab: backend 'simd' runs the numba kernel instead ({reason})", RuntimeWarning,
@@ -507,10 +508,9 @@ def _notice(reason: str) -> None:
 
 def _fallback(xf: torch.Tensor, book: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
     """No native kernel here: the exact numba kernel (or dequantize + GEMM) after a one-line notice."""
-    _notice(native_status().split(": ", 1)[-1])
-    from .ops import _numba_available, _numba_matmul
-    if _numba_available():
-        return _numba_matmul(xf, book, checked)
+    notice(native_status().split(": ", 1)[-1])
+    if numba_available():
+        return numba_matmul(xf, book, checked)
     w = book.to(torch.float32)[checked.copy.long()].reshape(checked.copy.shape[0], -1)
     return xf @ w.T
 
@@ -526,14 +526,15 @@ def _matmul(xf: torch.Tensor, book: torch.Tensor, checked: CheckedIndices) -> to
     return _run(xf, book, u8, GROUP, ISAS[isa], None)
 
 
-def _direct(xf: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+def _direct(xf: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Backend entry for the caller's own contiguous uint8 CPU indices (no copy, no cache): xf (B, n) float32
     contiguous, codebook (K <= 16, d) or (G, K, d) -> (B, m) float32; ValueError for an index >= K (the kernel
-    reads every index byte on every call).  None when no native kernel is here (ops then takes the checked path).
-    The checks that keep native code inside its buffers are repeated here (ops made them already)."""
+    reads every index byte on every call).  Runs only where `native_isa()` finds a kernel (`direct_ready`; else
+    the route takes the checked path).  The checks that keep native code inside its buffers are repeated here
+    (ops made them already)."""
     isa = native_isa()
     if isa is None:
-        return None
+        raise RuntimeError("vqlab: the simd direct entry was called without a native kernel (direct_ready is false)")
     m, s = indices.shape
     k = codebook.shape[-2]
     if (indices.dtype != torch.uint8 or not indices.is_contiguous() or indices.device.type != "cpu" or m * s == 0
@@ -557,6 +558,6 @@ def _available() -> bool:
 
 
 register_backend(KernelBackend(
-    "simd", matmul=_matmul, direct=_direct, available=_available, supports=lambda k, d: k <= ROW, auto=False, exact=False,
+    "simd", matmul=_matmul, direct=_direct, direct_ready=lambda: native_isa() is not None, available=_available, supports=lambda k, d: k <= ROW, auto=False, exact=False,
     description="C lookup-table kernel, uint8 tables in registers (AVX2 vpshufb), K <= 16; approximate "
                 "(table quantization, see vqlab.kernels.simd), opt-in only"))

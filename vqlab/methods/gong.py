@@ -23,9 +23,9 @@ PQ and RVQ run through the lookup-table kernels in eval mode (`WeightCode.matmul
 stage, summed; PQ along the input axis one per sub-space, each a table of the sub-space's K dot products; PQ along
 the output axis sums each input over the columns sharing a code ("bucket sums", one add per weight column) and
 multiplies the (K,) sums by the sub-space codebook.  Their FLOPs (`flops`) are those ops' own formulas, as
-FlopCounterMode counts them.  Convolutions take the same path on im2col rows when a lookup-table backend is
-pinned (`vqlab.kernels.set_backend("numba")`); otherwise they convolve with the rebuilt weight (on narrow
-convolutions the im2col product costs more FLOPs and memory than the dense convolution, see `count_flops`).
+FlopCounterMode counts them.  Convolutions take the same path on im2col rows (`conv2d`) when a lookup-table
+backend is pinned (`vqlab.kernels.set_backend("numba")`); otherwise they convolve with the rebuilt weight (on
+narrow convolutions the im2col product costs more FLOPs and memory than the dense convolution, see `count_flops`).
 
 Nothing here trains: codebooks and indices are buffers (the paper's methods are post-training).  Stored bytes
 (`size`) are exactly what `vqlab.save` writes for the code's buffers: index buffers bit-packed at the bits
@@ -33,6 +33,7 @@ Nothing here trains: codebooks and indices are buffers (the paper's methods are 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
@@ -40,14 +41,16 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import register_flop_formula
 
-from .._utils import bits_for
-from ..bits import huffman_bytes, pack_indices, packed_bytes
+from ..bits import bits_for, huffman_bytes, pack_indices, packed_bytes
+from ..checks import check_choice, check_int
 from ..codebook import kmeans, pq_decode, product_quantize, residual_quantize, rvq_decode
-from ..kernels.ops import lut_flops, vq_matmul
+from ..codes import CodeSize, WeightCode, add_bias, packed_ans_bytes, register_code, stored_bytes
+from ..config import QuantConfig, register_handler
+from ..kernels.flops import bucket_flops, lut_flops
+from ..kernels.ops import vq_matmul
 from ..kernels.reference import check_indices
 from ..kernels.registry import pinned_backend
-from ..quantize import register_handler
-from ..quantized import CodeSize, WeightCode, check_layer, packed_ans_bytes, register_code, stored_bytes, wrap
+from ..layers import QuantizedConv2d, quantized_layer
 
 __all__ = ["BinaryConfig", "BinaryCode", "ScalarConfig", "ScalarCode", "PQConfig", "PQCode", "RVQConfig", "RVQCode"]
 
@@ -63,18 +66,6 @@ def _flat(w: torch.Tensor) -> torch.Tensor:
 
 def _idx_dtype(k: int) -> torch.dtype:
     return torch.uint8 if k <= 256 else torch.int32
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
-        rng = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{name} must be an int {rng}, got {name}={value!r}")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {name}={value!r}")
 
 
 def _check_indices(name: str, idx: torch.Tensor, k: int) -> None:
@@ -101,6 +92,17 @@ def _lut_pinned() -> bool:
     return pinned_backend() not in (None, "dense", "torch")
 
 
+class _LUTConv:
+    """Convolutions of a code with a lookup-table `matmul`: on im2col rows when a lookup-table backend is
+    pinned and the layer allows it, else (None) the dense convolution of the rebuilt weight."""
+
+    def conv2d(self, x: torch.Tensor, layer: QuantizedConv2d) -> torch.Tensor | None:
+        return layer.im2col_matmul(x, self.matmul) if _lut_pinned() else None
+
+    def conv_flops(self, layer: QuantizedConv2d, x_shape: tuple[int, ...], rows: int) -> tuple[int, int] | None:
+        return self.flops(rows) if _lut_pinned() and layer.im2col_applies() else None
+
+
 def _mark(seen: set[int], code: nn.Module) -> None:
     seen.update(id(t) for t in code.buffers())
 
@@ -114,7 +116,6 @@ class BinaryCode(WeightCode):
     for fixed signs)."""
 
     kind = "gong_binary"
-    method = "gong binary"
 
     def __init__(self, rows: int, n: int):
         super().__init__()
@@ -146,8 +147,8 @@ class BinaryCode(WeightCode):
 
     @classmethod
     def from_config(cls, rows: int, n: int) -> "BinaryCode":
-        _check_int("rows", rows, 1)
-        _check_int("n", n, 1)
+        check_int("rows", rows, 1)
+        check_int("n", n, 1)
         return cls(rows, n)
 
     def packing(self) -> dict[str, int]:
@@ -158,36 +159,27 @@ class BinaryCode(WeightCode):
         _check_float("alpha", self.alpha, (self.shape[0],))
 
     def describe(self) -> dict:
-        return {"method": self.method, "K": 2, "d": 1, "bits_per_weight": 1.0}
+        return {"method": self.kind, "setting": "sign", "K": 2, "d": 1, "bits_per_weight": 1.0}
 
     def extra_repr(self) -> str:
         return f"rows={self.shape[0]}, n={self.shape[1]}"
 
 
 @dataclass(frozen=True)
-class BinaryConfig:
+class BinaryConfig(QuantConfig):
     """Gong et al.'s binarization: W ~ alpha * sign(W), one float32 alpha (mean |w|) per output row.
 
-    Args:
-        quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
     Example:
         >>> quantize_(model, BinaryConfig())
     """
 
-    quantize_first_last: bool = False
-    report_status: ClassVar[str] = "gong binary"
-
-    def __post_init__(self):
-        _check_bool("quantize_first_last", self.quantize_first_last)
-
-    def check(self, module: nn.Module, name: str) -> None:
-        check_layer(module, name, "gong binarization")
+    name: ClassVar[str] = "gong_binary"
 
 
 @register_handler(BinaryConfig)
 def _binary_handler(modules: list[tuple[str, nn.Module]], config: BinaryConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
-        yield name, wrap(m, BinaryCode.from_weight(m.weight))
+        yield name, quantized_layer(m, BinaryCode.from_weight(m.weight))
 
 
 # ---------------------------------------------------------------- scalar k-means
@@ -198,11 +190,10 @@ class ScalarCode(WeightCode):
     (rows, n) packed at ceil(log2 k) bits; rows() = codebook[indices]."""
 
     kind = "gong_scalar"
-    method = "gong scalar k-means"
 
     def __init__(self, rows: int, n: int, k: int):
         super().__init__()
-        _check_int("k", k, 2, MAX_K)
+        check_int("k", k, 2, MAX_K)
         self.k = k
         self.register_buffer("indices", torch.zeros(rows, n, dtype=_idx_dtype(k)))
         self.register_buffer("codebook", torch.zeros(k))
@@ -235,8 +226,8 @@ class ScalarCode(WeightCode):
 
     @classmethod
     def from_config(cls, rows: int, n: int, k: int) -> "ScalarCode":
-        _check_int("rows", rows, 1)
-        _check_int("n", n, 1)
+        check_int("rows", rows, 1)
+        check_int("n", n, 1)
         return cls(rows, n, k)
 
     def packing(self) -> dict[str, int]:
@@ -247,38 +238,36 @@ class ScalarCode(WeightCode):
         _check_float("codebook", self.codebook, (self.k,))
 
     def describe(self) -> dict:
-        return {"method": self.method, "K": self.k, "d": 1, "bits_per_weight": float(bits_for(self.k))}
+        return {"method": self.kind, "setting": f"K={self.k}", "K": self.k, "d": 1,
+                "bits_per_weight": float(bits_for(self.k))}
 
     def extra_repr(self) -> str:
         return f"rows={self.shape[0]}, n={self.shape[1]}, k={self.k}"
 
 
 @dataclass(frozen=True)
-class ScalarConfig:
+class ScalarConfig(QuantConfig):
     """Gong et al.'s scalar k-means: one k-entry codebook per layer, one ceil(log2 k)-bit index per weight.
 
     Args:
         k: codewords, 2..65536 (at most the layer's number of weights).
         iters: Lloyd iterations (>= 1).  seed: k-means seed (int >= 0).
-        quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
     Example:
         >>> quantize_(model, ScalarConfig(k=16))
     """
 
+    name: ClassVar[str] = "gong_scalar"
     k: int = 16
     iters: int = 25
     seed: int = 0
-    quantize_first_last: bool = False
-    report_status: ClassVar[str] = "gong scalar"
 
-    def __post_init__(self):
-        _check_int("k", self.k, 2, MAX_K)
-        _check_int("iters", self.iters, 1)
-        _check_int("seed", self.seed, 0)
-        _check_bool("quantize_first_last", self.quantize_first_last)
+    def validate(self) -> None:
+        check_int("k", self.k, 2, MAX_K)
+        check_int("iters", self.iters, 1)
+        check_int("seed", self.seed, 0)
 
     def check(self, module: nn.Module, name: str) -> None:
-        check_layer(module, name, "gong scalar k-means")
+        super().check(module, name)
         rows, n = _rows_n(module)
         if self.k > rows * n:
             raise ValueError(f"layer {name!r}: k={self.k} is larger than its {rows * n} weights")
@@ -287,16 +276,10 @@ class ScalarConfig:
 @register_handler(ScalarConfig)
 def _scalar_handler(modules: list[tuple[str, nn.Module]], config: ScalarConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
-        yield name, wrap(m, ScalarCode.from_weight(m.weight, config.k, config.iters, config.seed))
+        yield name, quantized_layer(m, ScalarCode.from_weight(m.weight, config.k, config.iters, config.seed))
 
 
 # ---------------------------------------------------------------- product quantization
-
-def _bucket_flops(rows: int, subspaces: int, n: int, k: int, length: int) -> tuple[int, int]:
-    """(product, accumulate) FLOPs of `pq_bucket_matmul`: rows * s * n adds into the buckets, then per
-    sub-space a (K,) x (K, length) product (2 FLOPs per multiply-add)."""
-    return rows * subspaces * 2 * k * length, rows * subspaces * n
-
 
 @torch.library.custom_op("vqlab::pq_bucket_matmul", mutates_args=())
 def _pq_bucket_matmul(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -324,10 +307,7 @@ def _(x, codebooks, codes):
 @register_flop_formula(torch.ops.vqlab.pq_bucket_matmul)
 def _(x_shape, codebooks_shape, codes_shape, *args, out_shape=None, **kwargs) -> int:
     s, k, length = codebooks_shape
-    rows = 1
-    for v in x_shape[:-1]:
-        rows *= v
-    return sum(_bucket_flops(rows, s, codes_shape[1], k, length))
+    return sum(bucket_flops(math.prod(x_shape[:-1]), s, codes_shape[1], k, length))
 
 
 def _pq_vectors(flat: torch.Tensor, axis: str) -> torch.Tensor:
@@ -336,7 +316,7 @@ def _pq_vectors(flat: torch.Tensor, axis: str) -> torch.Tensor:
 
 
 @register_code
-class PQCode(WeightCode):
+class PQCode(_LUTConv, WeightCode):
     """Product quantization of a layer's rows W (out, n), as in Gong et al. Sec. 3.3: W is split into s blocks
     and k-means runs on the vectors of each block, one k-entry codebook per block.
 
@@ -351,16 +331,12 @@ class PQCode(WeightCode):
     """
 
     kind = "gong_pq"
-    method = "gong pq"
-    has_matmul = True
-    conv_via_matmul = staticmethod(lambda: _lut_pinned())
 
     def __init__(self, rows: int, n: int, k: int, subspaces: int, axis: str = "input"):
         super().__init__()
-        _check_int("k", k, 2, MAX_K)
-        _check_int("subspaces", subspaces, 1)
-        if axis not in ("input", "output"):
-            raise ValueError(f"axis must be 'input' or 'output', got axis={axis!r}")
+        check_int("k", k, 2, MAX_K)
+        check_int("subspaces", subspaces, 1)
+        check_choice("axis", axis, ("input", "output"))
         split, count = (n, rows) if axis == "input" else (rows, n)
         if split % subspaces:
             raise ValueError(f"subspaces={subspaces} must divide the {axis} axis length {split}")
@@ -374,7 +350,7 @@ class PQCode(WeightCode):
                     seed: int = 0) -> "PQCode":
         flat = _flat(weight)
         code = cls(flat.shape[0], flat.shape[1], k, subspaces, axis)
-        res = product_quantize(_pq_vectors(flat, axis), subspaces, k, iters=iters, seed=seed)
+        res = product_quantize(_pq_vectors(flat, axis), k, subspaces, iters=iters, seed=seed)
         code.codebooks.copy_(res.codebooks)
         code.codes.copy_(res.codes.T)
         return code
@@ -387,23 +363,23 @@ class PQCode(WeightCode):
         v = pq_decode(self.codebooks, self.codes.T)
         return v if self.axis == "input" else v.T
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """y = x @ rows().T, x: (..., n) -> (..., out).  axis="input": one LUT product per sub-space (its
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """y = x @ rows().T + bias, x: (..., n) -> (..., out).  axis="input": one LUT product per sub-space (its
         slice of x against its K codewords, then one table read per output); axis="output": bucket sums."""
         if self.axis == "output":
-            return torch.ops.vqlab.pq_bucket_matmul(x, self.codebooks, self.codes)
+            return add_bias(torch.ops.vqlab.pq_bucket_matmul(x, self.codebooks, self.codes), bias)
         y = None
         for i in range(self.subspaces):
             part = vq_matmul(x[..., i * self.sub_d:(i + 1) * self.sub_d], self.codebooks[i],
                              self.codes[i].view(-1, 1))
             y = part if y is None else y + part
-        return y
+        return add_bias(y, bias)
 
     def flops(self, rows: int, groups: int = 1) -> tuple[int, int]:
         """axis="input": s tables of K dot products of length n/s, out * s table reads; axis="output": one add
         per input and sub-space (bucket sums), then a (K,) x (K, out/s) product per sub-space."""
         if self.axis == "output":
-            return _bucket_flops(rows, self.subspaces, self.n, self.k, self.sub_d)
+            return bucket_flops(rows, self.subspaces, self.n, self.k, self.sub_d)
         table, accum = lut_flops(rows, self.rows_, 1, self.sub_d, self.k, 1)
         return table * self.subspaces, accum * self.subspaces
 
@@ -420,8 +396,8 @@ class PQCode(WeightCode):
 
     @classmethod
     def from_config(cls, rows: int, n: int, k: int, subspaces: int, axis: str = "input") -> "PQCode":
-        _check_int("rows", rows, 1)
-        _check_int("n", n, 1)
+        check_int("rows", rows, 1)
+        check_int("n", n, 1)
         return cls(rows, n, k, subspaces, axis)
 
     def packing(self) -> dict[str, int]:
@@ -432,15 +408,15 @@ class PQCode(WeightCode):
         _check_float("codebooks", self.codebooks, (self.subspaces, self.k, self.sub_d))
 
     def describe(self) -> dict:
-        return {"method": self.method, "K": self.k, "d": self.sub_d,
-                "bits_per_weight": bits_for(self.k) / self.sub_d}
+        return {"method": self.kind, "setting": f"K={self.k} subspaces={self.subspaces} axis={self.axis}",
+                "K": self.k, "d": self.sub_d, "bits_per_weight": bits_for(self.k) / self.sub_d}
 
     def extra_repr(self) -> str:
         return (f"rows={self.rows_}, n={self.n}, k={self.k}, subspaces={self.subspaces}, axis={self.axis!r}")
 
 
 @dataclass(frozen=True)
-class PQConfig:
+class PQConfig(QuantConfig):
     """Gong et al.'s product quantization (see `PQCode` for the two split axes).
 
     Args:
@@ -450,30 +426,26 @@ class PQConfig:
         axis: "input" (split the in-features, cluster row segments; the paper's column split) or "output"
             (split the rows, cluster column segments).
         iters, seed: k-means iterations and seed (sub-space i uses seed + i).
-        quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
     Example:
         >>> quantize_(model, PQConfig(k=16, subspaces=4))
     """
 
+    name: ClassVar[str] = "gong_pq"
     k: int = 16
     subspaces: int = 1
     axis: str = "input"
     iters: int = 25
     seed: int = 0
-    quantize_first_last: bool = False
-    report_status: ClassVar[str] = "gong pq"
 
-    def __post_init__(self):
-        _check_int("k", self.k, 2, MAX_K)
-        _check_int("subspaces", self.subspaces, 1)
-        if self.axis not in ("input", "output"):
-            raise ValueError(f"axis must be 'input' or 'output', got axis={self.axis!r}")
-        _check_int("iters", self.iters, 1)
-        _check_int("seed", self.seed, 0)
-        _check_bool("quantize_first_last", self.quantize_first_last)
+    def validate(self) -> None:
+        check_int("k", self.k, 2, MAX_K)
+        check_int("subspaces", self.subspaces, 1)
+        check_choice("axis", self.axis, ("input", "output"))
+        check_int("iters", self.iters, 1)
+        check_int("seed", self.seed, 0)
 
     def check(self, module: nn.Module, name: str) -> None:
-        check_layer(module, name, "gong PQ")
+        super().check(module, name)
         rows, n = _rows_n(module)
         split, count = (n, rows) if self.axis == "input" else (rows, n)
         if split % self.subspaces:
@@ -487,29 +459,26 @@ class PQConfig:
 @register_handler(PQConfig)
 def _pq_handler(modules: list[tuple[str, nn.Module]], config: PQConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
-        yield name, wrap(m, PQCode.from_weight(m.weight, config.k, config.subspaces, config.axis, config.iters,
-                                                config.seed))
+        yield name, quantized_layer(m, PQCode.from_weight(m.weight, config.k, config.subspaces, config.axis,
+                                                          config.iters, config.seed))
 
 
 # ---------------------------------------------------------------- residual quantization
 
 @register_code
-class RVQCode(WeightCode):
+class RVQCode(_LUTConv, WeightCode):
     """Residual VQ of length-d row segments: W (out, n) is cut into out * n / d segments (row-major, d | n);
     stage s runs k-means on what stages 0..s-1 left.  Stored: `codes` (t, segments) packed at ceil(log2 k)
     bits (t contiguous index streams) and `codebooks` (t, k, d) float32; rows() = sum over stages of the chosen
     codewords, and the product is one LUT product per stage, summed."""
 
     kind = "gong_rvq"
-    method = "gong rvq"
-    has_matmul = True
-    conv_via_matmul = staticmethod(lambda: _lut_pinned())
 
     def __init__(self, rows: int, n: int, k: int, stages: int, d: int):
         super().__init__()
-        _check_int("k", k, 2, MAX_K)
-        _check_int("stages", stages, 1)
-        _check_int("d", d, 1)
+        check_int("k", k, 2, MAX_K)
+        check_int("stages", stages, 1)
+        check_int("d", d, 1)
         if n % d:
             raise ValueError(f"d={d} must divide the row length {n}")
         self.rows_, self.n, self.k, self.stages, self.d = rows, n, k, stages, d
@@ -534,13 +503,13 @@ class RVQCode(WeightCode):
     def rows(self) -> torch.Tensor:
         return rvq_decode(self.codebooks, self.codes.T).reshape(self.rows_, self.n)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """y = x @ rows().T, x: (..., n) -> (..., out): one LUT product per stage over the same segments."""
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """y = x @ rows().T + bias, x: (..., n) -> (..., out): one LUT product per stage over the same segments."""
         y = None
         for s in range(self.stages):
             part = vq_matmul(x, self.codebooks[s], self.codes[s].view(self.rows_, -1))
             y = part if y is None else y + part
-        return y
+        return add_bias(y, bias)
 
     def flops(self, rows: int, groups: int = 1) -> tuple[int, int]:
         """t LUT products: per stage a table of K dot products per segment and one read per output and segment."""
@@ -560,8 +529,8 @@ class RVQCode(WeightCode):
 
     @classmethod
     def from_config(cls, rows: int, n: int, k: int, stages: int, d: int) -> "RVQCode":
-        _check_int("rows", rows, 1)
-        _check_int("n", n, 1)
+        check_int("rows", rows, 1)
+        check_int("n", n, 1)
         return cls(rows, n, k, stages, d)
 
     def packing(self) -> dict[str, int]:
@@ -572,44 +541,41 @@ class RVQCode(WeightCode):
         _check_float("codebooks", self.codebooks, (self.stages, self.k, self.d))
 
     def describe(self) -> dict:
-        return {"method": self.method, "K": self.k, "d": self.d,
-                "bits_per_weight": self.stages * bits_for(self.k) / self.d}
+        return {"method": self.kind, "setting": f"K={self.k} stages={self.stages} d={self.d}", "K": self.k,
+                "d": self.d, "bits_per_weight": self.stages * bits_for(self.k) / self.d}
 
     def extra_repr(self) -> str:
         return f"rows={self.rows_}, n={self.n}, k={self.k}, stages={self.stages}, d={self.d}"
 
 
 @dataclass(frozen=True)
-class RVQConfig:
+class RVQConfig(QuantConfig):
     """Gong et al.'s residual quantization of length-d row segments over `stages` k-entry codebooks.
 
     Args:
         k: codewords per stage, 2..65536 (at most the layer's out * n / d segments).
         stages: t >= 1 stages.  d: segment length >= 1; must divide every quantized layer's row length.
         iters, seed: k-means iterations and seed (stage s uses seed + s).
-        quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
     Example:
         >>> quantize_(model, RVQConfig(k=16, stages=2, d=4))
     """
 
+    name: ClassVar[str] = "gong_rvq"
     k: int = 16
     stages: int = 2
     d: int = 4
     iters: int = 25
     seed: int = 0
-    quantize_first_last: bool = False
-    report_status: ClassVar[str] = "gong rvq"
 
-    def __post_init__(self):
-        _check_int("k", self.k, 2, MAX_K)
-        _check_int("stages", self.stages, 1)
-        _check_int("d", self.d, 1)
-        _check_int("iters", self.iters, 1)
-        _check_int("seed", self.seed, 0)
-        _check_bool("quantize_first_last", self.quantize_first_last)
+    def validate(self) -> None:
+        check_int("k", self.k, 2, MAX_K)
+        check_int("stages", self.stages, 1)
+        check_int("d", self.d, 1)
+        check_int("iters", self.iters, 1)
+        check_int("seed", self.seed, 0)
 
     def check(self, module: nn.Module, name: str) -> None:
-        check_layer(module, name, "gong RVQ")
+        super().check(module, name)
         rows, n = _rows_n(module)
         if n % self.d:
             raise ValueError(f"layer {name!r}: d={self.d} does not divide its row length {n}")
@@ -620,5 +586,5 @@ class RVQConfig:
 @register_handler(RVQConfig)
 def _rvq_handler(modules: list[tuple[str, nn.Module]], config: RVQConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
-        yield name, wrap(m, RVQCode.from_weight(m.weight, config.k, config.stages, config.d, config.iters,
-                                                 config.seed))
+        yield name, quantized_layer(m, RVQCode.from_weight(m.weight, config.k, config.stages, config.d,
+                                                           config.iters, config.seed))

@@ -33,19 +33,20 @@ from __future__ import annotations
 
 import bz2
 import lzma
-import math
 import weakref
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..bits import LZMA_FILTERS, ans_bytes, huffman_bytes, huffman_decode, huffman_encode
-from ..quantize import register_handler
-from ..quantized import CodeSize, WeightCode, check_layer, register_code, stored_bytes, wrap
+from ..checks import check_bool, check_choice, check_int, check_number
+from ..codes import CodeSize, WeightCode, register_code, stored_bytes
+from ..config import QuantConfig, register_handler
+from ..layers import quantized_layer
 
 __all__ = ["LATTICES", "CODERS", "nearest_point", "generator_matrix", "voronoi_dither", "encode_ints",
            "decode_ints", "layer_seed", "LatticeCode", "LatticeConfig"]
@@ -56,8 +57,7 @@ _SIDE_BYTES = 4 + 8                           # step (float32) + seed (int64) pe
 
 
 def _check_lattice(lattice) -> int:
-    if lattice not in LATTICES:
-        raise ValueError(f"lattice must be one of {sorted(LATTICES)}, got {lattice!r}")
+    check_choice("lattice", lattice, sorted(LATTICES))
     return LATTICES[lattice]
 
 
@@ -247,13 +247,11 @@ _CACHE: "weakref.WeakKeyDictionary[LatticeCode, tuple]" = weakref.WeakKeyDiction
 
 
 def _check_step(step) -> None:
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0:
-        raise ValueError(f"step must be a positive finite number, got {step!r}")
+    check_number("step", step, 0, low_open=True)
 
 
 def _check_coder(coder) -> None:
-    if coder not in CODERS:
-        raise ValueError(f"coder must be one of {list(CODERS)}, got {coder!r}")
+    check_choice("coder", coder, CODERS)
 
 
 @register_code
@@ -278,10 +276,6 @@ class LatticeCode(WeightCode):
             # the step); every segment keeps its point's index (the sorted order of the distinct points, so it is
             # recomputed from the stream) and its dither
             self.codewords = nn.Parameter(torch.zeros(int(n_codewords), dim))
-
-    @property
-    def method(self) -> str:
-        return f"lattice {self.lattice}"
 
     @property
     def dim(self) -> int:
@@ -445,6 +439,10 @@ class LatticeCode(WeightCode):
     @classmethod
     def from_config(cls, rows: int, n: int, lattice: str, step: float, seed: int, coder: str,
                     nbytes: int, finetune: bool = False, n_codewords: int = 0) -> "LatticeCode":
+        for name, v, low in (("rows", rows, 1), ("n", n, 1), ("seed", seed, 0), ("nbytes", nbytes, 0),
+                             ("n_codewords", n_codewords, 0)):
+            check_int(f"LatticeCode {name}", v, low)
+        check_bool("LatticeCode finetune", finetune)
         return cls(rows, n, lattice, step, seed, coder, nbytes, finetune, n_codewords)
 
     def packing(self) -> dict[str, int]:
@@ -452,8 +450,9 @@ class LatticeCode(WeightCode):
 
     def describe(self) -> dict:
         count = self.n_rows * self.n_cols
-        return {"method": self.method, "K": len(self.codewords) if self.finetune else None, "d": self.dim,
-                "bits_per_weight": 8.0 * self.stream.numel() / count if count else None}
+        setting = f"{self.lattice} step={self.step:g} {self.coder}" + (" fine-tuned" if self.finetune else "")
+        return {"method": self.kind, "setting": setting, "K": len(self.codewords) if self.finetune else None,
+                "d": self.dim, "bits_per_weight": 8.0 * self.stream.numel() / count if count else None}
 
     def extra_repr(self) -> str:
         return (f"rows={self.n_rows}, n={self.n_cols}, lattice={self.lattice}, step={self.step}, seed={self.seed}, "
@@ -469,7 +468,7 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 @dataclass(frozen=True)
-class LatticeConfig:
+class LatticeConfig(QuantConfig):
     """Universal randomized lattice quantization (Choi et al.) of nn.Linear / nn.Conv2d weights.
 
     Args:
@@ -483,32 +482,28 @@ class LatticeConfig:
             rows() drop them); else such a layer is refused by `check` before the model is touched.
         finetune: make each layer's distinct lattice points trainable codewords (Choi et al.'s fine-tuning of
             the quantized network, e.g. with `vqlab.fit`); they are stored and counted as float32 codebook bytes.
-        quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
     Example:
         >>> quantize_(model, LatticeConfig(lattice="E8", step=0.02))
     """
 
+    name: ClassVar[str] = "lattice"
     lattice: str = "E8"
     step: float = 0.05
     seed: int = 0
     coder: str = "lzma"
     pad: bool = False
     finetune: bool = False
-    quantize_first_last: bool = False
-    report_status = "lattice"
 
-    def __post_init__(self):
+    def validate(self) -> None:
         _check_lattice(self.lattice)
         _check_step(self.step)
         _check_coder(self.coder)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        for f in ("pad", "finetune", "quantize_first_last"):
-            if not isinstance(getattr(self, f), bool):
-                raise ValueError(f"{f} must be a bool, got {getattr(self, f)!r}")
+        check_int("seed", self.seed, 0)
+        for f in ("pad", "finetune"):
+            check_bool(f, getattr(self, f))
 
     def check(self, module: nn.Module, name: str) -> None:
-        check_layer(module, name, "lattice quantization")
+        super().check(module, name)
         dim = LATTICES[self.lattice]
         out, n = module.weight.shape[0], module.weight[0].numel()
         if n % dim and not self.pad:
@@ -522,4 +517,4 @@ def _lattice_handler(modules: list[tuple[str, nn.Module]], config: LatticeConfig
     for name, m in modules:
         code = LatticeCode.from_weight(m.weight, config.lattice, config.step, layer_seed(config.seed, name),
                                        config.coder, config.pad, config.finetune)
-        yield name, wrap(m, code)
+        yield name, quantized_layer(m, code)

@@ -6,13 +6,13 @@ A conv kernel W (O, I, kh, kw) or a linear weight W (O, I) is approximated by R 
     W[o, i, y, x] ~ sum_r  lambda_r * A_O[o, r] * A_I[i, r] * A_h[y, r] * A_w[x, r]
 
 with integer factors A_n in {-(2^(b-1)-1), ..., 2^(b-1)-1} (symmetric b-bit grid, per-column scales merged into
-one float32 lambda_r).  The layer then runs the CP sequence:
+one float32 lambda_r).  In eval mode the layer then runs the CP sequence (`QAFCode.conv2d` / `QAFCode.matmul`):
 
     Conv2d   1x1 conv I -> R,  depthwise kh x 1 (stride, padding, dilation along h),
              depthwise 1 x kw (along w),  1x1 conv R -> O (+ bias)
     Linear   x -> A_I^T x (R) -> (A_O * lambda) (.) (O) (+ bias): two thin linears
 
-`cp_decompose(weight, rank, bits, method)`:
+`cp_decompose(weight, rank, bits, algorithm)`:
     "als"   CP-ALS (`tensorly.decomposition.parafac`, numpy backend, SVD init); with `bits` the factors are then
             quantized (PTQ): column norms balanced across modes, per-column scale by a small clipping search.
     "admm"  starts from that ALS solution and alternates over the modes (AO-ADMM, Huang et al. 2016): for mode n,
@@ -26,13 +26,13 @@ one float32 lambda_r).  The layer then runs the CP sequence:
             the modes).  The returned
             factors are the best quantized iterate (so never worse than PTQ of the ALS start).
 
-`QAFConfig(rank | rank_ratio, bits, method="admm" | "ptq")` for `quantize_`: kind "qaf" codes in `QAFConv2d` /
-`QAFLinear` layers (QuantizedConv2d / QuantizedLinear subclasses whose forward runs the sequence).  Stored: each
+`QAFConfig(rank | rank_ratio, bits, algorithm="admm" | "ptq")` for `quantize_`: kind "qaf" codes held by the
+usual QuantizedConv2d / QuantizedLinear layers; the code's `conv2d` / `matmul` run the sequence.  Stored: each
 integer factor packed at b bits (`packing`), lambda (R,) float32, the bias; `compressed_size` counts exactly that.
-FLOPs: the sequence's own multiply-adds (`QAFConv2d.flops`).
+FLOPs: the sequence's own multiply-adds (`QAFCode.flops`, `QAFCode.conv_flops`).
 
     >>> import vqlab.methods.qaf as qaf
-    >>> vqlab.quantize_(model, qaf.QAFConfig(rank_ratio=0.25, bits=4, method="admm"))
+    >>> vqlab.quantize_(model, qaf.QAFConfig(rank_ratio=0.25, bits=4, algorithm="admm"))
 """
 from __future__ import annotations
 
@@ -48,24 +48,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..bits import packed_bytes
-from ..quantize import register_handler
-from ..quantized import (CodeSize, QuantizedConv2d, QuantizedLinear, WeightCode, check_layer, packed_ans_bytes,
-                         register_code, stored_bytes)
+from ..checks import check_choice, check_int, check_number
+from ..codes import CodeSize, WeightCode, packed_ans_bytes, register_code, stored_bytes
+from ..config import QuantConfig, register_handler
+from ..kernels.flops import conv_out_hw
+from ..layers import QuantizedConv2d, quantized_layer
 
-__all__ = ["CPResult", "cp_decompose", "quantize_factors", "cp_reconstruct", "QAFCode", "QAFConv2d", "QAFLinear",
-           "QAFConfig", "layer_rank"]
+__all__ = ["CPResult", "cp_decompose", "quantize_factors", "cp_reconstruct", "QAFCode", "QAFConfig", "layer_rank"]
 
 _CLIPS = torch.linspace(0.5, 1.0, 11, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------- helpers
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
-        rng = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{name} must be an int {rng}, got {name}={value!r}")
-
 
 def _qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
@@ -157,30 +151,30 @@ def _quantized_result(x: torch.Tensor, factors: list[torch.Tensor], bits: int, h
     return CPResult(deq, _rel(x, deq), list(qs), lam, history)
 
 
-def cp_decompose(weight: torch.Tensor, rank: int, bits: int | None = None, method: str = "admm", iters: int = 50,
+def cp_decompose(weight: torch.Tensor, rank: int, bits: int | None = None, algorithm: str = "admm", iters: int = 50,
                  inner: int = 5, als_iters: int = 200, seed: int = 0, rho_growth: float = 1.05) -> CPResult:
     """CP decomposition of a 4-D conv kernel (O, I, kh, kw) or a 2-D linear weight (O, I) with `rank` terms.
 
-    method="als": tensorly's CP-ALS; with bits, its factors quantized afterwards (PTQ).  method="admm" (needs
+    algorithm="als": tensorly's CP-ALS; with bits, its factors quantized afterwards (PTQ).  algorithm="admm" (needs
     bits, 2..8): AO-ADMM from the ALS solution keeping every factor on its b-bit grid (module docstring),
     `iters` outer sweeps of `inner` ADMM steps per mode; rho grows by `rho_growth` per sweep (>= 1; > 1 makes the
     residuals vanish, as the grid constraint is not convex).  returns a CPResult."""
     if isinstance(rho_growth, bool) or not isinstance(rho_growth, (int, float)) or not rho_growth >= 1.0:
         raise ValueError(f"rho_growth must be a float >= 1, got {rho_growth!r}")
-    if method not in ("admm", "als"):
-        raise ValueError(f"method must be 'admm' or 'als', got {method!r}")
+    check_choice("algorithm", algorithm, ("admm", "als"))
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4) or not weight.is_floating_point():
         raise ValueError(f"weight must be a 2-D or 4-D float tensor, got {getattr(weight, 'shape', type(weight))}")
-    _check_int("rank", rank, 1)
-    _check_int("iters", iters, 1)
-    _check_int("inner", inner, 1)
+    check_int("rank", rank, 1)
+    check_int("iters", iters, 1)
+    check_int("inner", inner, 1)
     if bits is not None:
-        _check_int("bits", bits, 2, 8)
-    elif method == "admm":
-        raise ValueError("method='admm' needs bits (the grid its factors are kept on); use method='als' without")
+        check_int("bits", bits, 2, 8)
+    elif algorithm == "admm":
+        raise ValueError("algorithm='admm' needs bits (the grid its factors are kept on); use algorithm='als' "
+                         "without")
     x = weight.detach().double().cpu()
     factors = _als(x, rank, als_iters, seed)
-    if method == "als":
+    if algorithm == "als":
         hist = pd.DataFrame([{"iter": 0, "primal": float("nan"), "dual": float("nan"), "rel_error": _rel(x, factors)}])
         if bits is None:
             return CPResult(factors, _rel(x, factors), history=hist)
@@ -228,17 +222,15 @@ class QAFCode(WeightCode):
     rows() = the reconstructed weight as rows (O, I * kh * kw)."""
 
     kind = "qaf"
-    method = "qaf"
 
     def __init__(self, dims: list[int], rank: int, bits: int, algorithm: str = "admm", rel_error: float = float("nan")):
         super().__init__()
         dims = [int(v) for v in dims]
         if len(dims) not in (2, 4) or min(dims) < 1:
             raise ValueError(f"dims must be 2 or 4 positive sizes, got {dims}")
-        _check_int("rank", rank, 1)
-        _check_int("bits", bits, 2, 8)
-        if algorithm not in ("admm", "ptq"):
-            raise ValueError(f"algorithm must be 'admm' or 'ptq', got {algorithm!r}")
+        check_int("rank", rank, 1)
+        check_int("bits", bits, 2, 8)
+        check_choice("algorithm", algorithm, ("admm", "ptq"))
         self.dims, self.rank, self.bits, self.algorithm = dims, rank, bits, algorithm
         self.rel_error = float(rel_error)
         for i, d in enumerate(dims):
@@ -302,71 +294,47 @@ class QAFCode(WeightCode):
     def describe(self) -> dict:
         """bits_per_weight: stored factor bits per weight of the dense layer."""
         stored = self.bits * sum(d * self.rank for d in self.dims)
-        return {"method": f"qaf {self.algorithm}", "K": None, "d": None,
-                "bits_per_weight": stored / (self.shape[0] * self.shape[1])}
+        return {"method": self.kind, "setting": f"{self.algorithm} rank={self.rank} bits={self.bits}", "K": None,
+                "d": None, "bits_per_weight": stored / (self.shape[0] * self.shape[1])}
+
+    # -- the CP sequence
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A linear layer as two thin products: x (..., I) -> (..., R) -> (..., O) + bias."""
+        out_f, in_f = self.factors()
+        return F.linear(F.linear(x, in_f.T.to(x.dtype)), out_f.to(x.dtype), bias)
 
     def flops(self, rows: int, groups: int = 1) -> tuple[int, int]:
         """Linear: the two thin products, 2 * rows * R * (I + O)."""
         return 0, 2 * rows * self.rank * (self.dims[1] + self.dims[0])
 
-    def extra_repr(self) -> str:
-        return f"dims={self.dims}, rank={self.rank}, bits={self.bits}, algorithm={self.algorithm!r}"
-
-
-class QAFLinear(QuantizedLinear):
-    """nn.Linear as two thin linears of quantized CP factors: x (..., I) -> (..., R) -> (..., O)."""
-
-    code: QAFCode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_f, in_f = self.code.factors()
-        return F.linear(F.linear(x, in_f.T.to(x.dtype)), out_f.to(x.dtype), self.bias)
-
-
-class QAFConv2d(QuantizedConv2d):
-    """nn.Conv2d (groups 1) as the CP sequence 1x1 (I -> R), depthwise kh x 1, depthwise 1 x kw, 1x1 (R -> O).
-    x: (B, I, H, W) -> (B, O, Ho, Wo).  Records the last input's (H, W) in `input_hw` for `flops`."""
-
-    code: QAFCode
-
-    def _pads(self) -> tuple[int, int]:
-        if isinstance(self.padding, str):                            # "valid" or "same" (checked symmetric)
-            if self.padding == "valid":
-                return 0, 0
-            return tuple(dl * (k - 1) // 2 for k, dl in zip(self.kernel_size, self.dilation))
-        return self.padding
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.input_hw = (int(x.shape[-2]), int(x.shape[-1]))
-        out_f, in_f, h_f, w_f = (f.to(x.dtype) for f in self.code.factors())
-        r = self.code.rank
-        (sh, sw), (dh, dw), (ph, pw) = self.stride, self.dilation, self._pads()
+    def conv2d(self, x: torch.Tensor, layer: QuantizedConv2d) -> torch.Tensor:
+        """A convolution (groups 1) as the sequence 1x1 (I -> R), depthwise kh x 1, depthwise 1 x kw, 1x1 (R -> O);
+        x: (B, I, H, W) already padded by the layer (`pad_input`) -> (B, O, Ho, Wo), plus the layer's bias."""
+        out_f, in_f, h_f, w_f = (f.to(x.dtype) for f in self.factors())
+        r = self.rank
+        (sh, sw), (dh, dw), (ph, pw) = layer.stride, layer.dilation, layer.conv_padding
         y = F.conv2d(x, in_f.T[:, :, None, None])
         y = F.conv2d(y, h_f.T[:, None, :, None], stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), groups=r)
         y = F.conv2d(y, w_f.T[:, None, None, :], stride=(1, sw), padding=(0, pw), dilation=(1, dw), groups=r)
-        return F.conv2d(y, out_f[:, :, None, None], self.bias)
+        return F.conv2d(y, out_f[:, :, None, None], layer.bias)
 
-    def flops(self, rows: int) -> tuple[int, int]:
-        """The sequence's FLOPs for `rows` = batch * output positions: 2 * (B H W I R + B Ho W R kh +
-        B Ho Wo R kw + B Ho Wo R O), with H, W of the last input seen (else taken as Ho, Wo)."""
-        o, i, kh, kw = self.code.dims
-        r = self.code.rank
-        hw = getattr(self, "input_hw", None)
-        if hw is None:
+    def conv_flops(self, layer: QuantizedConv2d, x_shape: tuple[int, ...] | None, rows: int) -> tuple[int, int]:
+        """The sequence's FLOPs on an input x_shape (B, I, H, W): 2 * (B H W I R + B Ho W R kh + B Ho Wo R kw +
+        B Ho Wo R O), H, W after the layer's `pre_pad`; without x_shape H, W are taken as Ho, Wo."""
+        o, i, kh, kw = self.dims
+        r = self.rank
+        if x_shape is None:
             return 0, 2 * rows * r * (i + kh + kw + o)
-        (sh, sw), (dh, dw), (ph, pw) = self.stride, self.dilation, self._pads()
-        ho = (hw[0] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (hw[1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        b = rows // max(ho * wo, 1)
-        return 0, 2 * b * r * (hw[0] * hw[1] * i + ho * hw[1] * kh + ho * wo * kw + ho * wo * o)
+        b, h, w = x_shape[0], x_shape[-2], x_shape[-1]
+        if layer.pre_pad is not None:
+            left, right, top, bottom = layer.pre_pad
+            h, w = h + top + bottom, w + left + right
+        (sh, sw), (dh, dw), (ph, pw) = layer.stride, layer.dilation, layer.conv_padding
+        ho, wo = conv_out_hw((h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+        return 0, 2 * b * r * (h * w * i + ho * w * kh + ho * wo * kw + ho * wo * o)
 
-
-def _conv_ok(module: nn.Conv2d, name: str) -> None:
-    if module.groups != 1:
-        raise ValueError(f"layer {name!r}: QAF factorizes convolutions with groups=1, got groups={module.groups}")
-    if module.padding == "same" and any(dl * (k - 1) % 2 for k, dl in zip(module.kernel_size, module.dilation)):
-        raise ValueError(f"layer {name!r}: padding='same' with an even kernel is asymmetric; QAF needs symmetric "
-                         f"padding")
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, rank={self.rank}, bits={self.bits}, algorithm={self.algorithm!r}"
 
 
 # ---------------------------------------------------------------- config and handler
@@ -381,52 +349,47 @@ def layer_rank(module: nn.Module, rank: int | None = None, rank_ratio: float | N
 
 
 @dataclass(frozen=True)
-class QAFConfig:
+class QAFConfig(QuantConfig):
     """Quantization-aware CP factorization of every chosen layer (see the module docstring).
 
     Args:
         rank: CP rank R of every layer; or rank_ratio: R per layer from the fraction of the dense weight count the
             factors hold (`layer_rank`).  Give exactly one.
         bits: factor bits b, 2..8 (symmetric grid, 2^b - 1 levels).
-        method: "admm" (QAF) or "ptq" (the baseline: CP-ALS, then the factors quantized).
+        algorithm: "admm" (QAF) or "ptq" (the baseline: CP-ALS, then the factors quantized).
         iters, inner: ADMM outer sweeps and inner steps per mode.  als_iters: CP-ALS iterations.  seed: ALS seed.
-        quantize_first_last: also factorize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
     Example:
-        >>> quantize_(model, QAFConfig(rank_ratio=0.25, bits=4, method="admm"))
+        >>> quantize_(model, QAFConfig(rank_ratio=0.25, bits=4, algorithm="admm"))
     """
 
+    name: ClassVar[str] = "qaf"
     rank: int | None = None
     rank_ratio: float | None = None
     bits: int = 4
-    method: str = "admm"
+    algorithm: str = "admm"
     iters: int = 30
     inner: int = 5
     als_iters: int = 200
     seed: int = 0
-    quantize_first_last: bool = False
-    report_status: ClassVar[str] = "qaf"
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if (self.rank is None) == (self.rank_ratio is None):
             raise ValueError(f"give exactly one of rank and rank_ratio, got rank={self.rank!r}, rank_ratio={self.rank_ratio!r}")
         if self.rank is not None:
-            _check_int("rank", self.rank, 1)
-        elif isinstance(self.rank_ratio, bool) or not isinstance(self.rank_ratio, (int, float)) or not self.rank_ratio > 0:
-            raise ValueError(f"rank_ratio must be a positive float, got {self.rank_ratio!r}")
-        _check_int("bits", self.bits, 2, 8)
-        if self.method not in ("admm", "ptq"):
-            raise ValueError(f"method must be 'admm' or 'ptq', got {self.method!r}")
-        _check_int("iters", self.iters, 1)
-        _check_int("inner", self.inner, 1)
-        _check_int("als_iters", self.als_iters, 1)
-        _check_int("seed", self.seed, 0)
-        if not isinstance(self.quantize_first_last, bool):
-            raise ValueError(f"quantize_first_last must be a bool, got {self.quantize_first_last!r}")
+            check_int("rank", self.rank, 1)
+        else:
+            check_number("rank_ratio", self.rank_ratio, 0, low_open=True)
+        check_int("bits", self.bits, 2, 8)
+        check_choice("algorithm", self.algorithm, ("admm", "ptq"))
+        check_int("iters", self.iters, 1)
+        check_int("inner", self.inner, 1)
+        check_int("als_iters", self.als_iters, 1)
+        check_int("seed", self.seed, 0)
 
     def check(self, module: nn.Module, name: str) -> None:
-        check_layer(module, name, "QAF")
-        if isinstance(module, nn.Conv2d):
-            _conv_ok(module, name)
+        super().check(module, name)
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise ValueError(f"layer {name!r}: QAF factorizes convolutions with groups=1, got groups={module.groups}")
         if not bool(torch.isfinite(module.weight).all()):
             raise ValueError(f"layer {name!r}: weight has non-finite values")
 
@@ -435,11 +398,7 @@ class QAFConfig:
 def _qaf_handler(modules: list[tuple[str, nn.Module]], config: QAFConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
         rank = layer_rank(m, config.rank, config.rank_ratio)
-        res = cp_decompose(m.weight, rank, config.bits, "admm" if config.method == "admm" else "als",
+        res = cp_decompose(m.weight, rank, config.bits, "admm" if config.algorithm == "admm" else "als",
                            iters=config.iters, inner=config.inner, als_iters=config.als_iters, seed=config.seed)
-        code = QAFCode.from_result(list(m.weight.shape), res, config.bits, config.method).to(m.weight.device)
-        cls = QAFConv2d if isinstance(m, nn.Conv2d) else QAFLinear
-        layer = cls.from_code(m, code)
-        if cls is QAFConv2d:
-            layer.input_hw = None
-        yield name, layer
+        code = QAFCode.from_result(list(m.weight.shape), res, config.bits, config.algorithm)
+        yield name, quantized_layer(m, code)

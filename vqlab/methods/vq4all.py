@@ -12,8 +12,8 @@ weight sub-vectors, and progressive network construction by differentiable assig
 3. `progressive_fit(model, train_ds, ...)`: trains the logits (by default nothing else) in rounds; after every
    round each sub-vector whose largest ratio exceeds alpha is fixed to that candidate (one-hot from then on);
    the last round fixes what is left at its largest ratio.  The fixed fraction never falls.
-4. `finalize(model)`: every VQ4ALL layer becomes a plain `VQLinear` / `VQConv2d(segment="kernel")` holding
-   the shared codebook object and the chosen indices, so it runs on the LUT kernels and
+4. `finalize(model)`: every VQ4ALL layer's code becomes a plain `VQCode` holding the shared codebook object and
+   the chosen indices (the layer stays where it is), so it runs on the LUT kernels and
    `compressed_size([m1, m2, m3])` counts the codebook once (`codebook_in_rom=True`: not at all).
 
 Row layout: a layer's rows W (out, n) (Linear: weight; Conv2d: the kernel flattened per output channel,
@@ -38,13 +38,14 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .._utils import bits_for, index_dtype
-from ..bits import packed_bytes
-from ..codebook import Codebook
-from ..layers import VQConv2d, VQLinear
-from ..quantize import register_handler
-from ..quantized import (CodeSize, QuantizedLayer, WeightCode, check_layer, packed_ans_bytes, register_code,
-                         stored_bytes, wrap)
+from ..bits import bits_for, packed_bytes
+from ..checks import check_instance, check_int, check_number
+from ..codebook import Codebook, HoldsCodebook
+from ..codes import CodeSize, WeightCode, packed_ans_bytes, register_code, stored_bytes
+from ..config import QuantConfig, register_handler
+from ..dtypes import index_dtype
+from ..layers import QuantizedLayer, quantized_layer
+from .vq import VQCode
 
 __all__ = ["pooled_subvectors", "kde_bandwidth", "universal_codebook", "nearest_candidates", "VQ4ALLCode",
            "VQ4ALLConfig", "vq4all_codes", "fix_assignments", "fixed_fraction", "progressive_fit", "finalize"]
@@ -64,7 +65,7 @@ def pooled_subvectors(models: nn.Module | Sequence[nn.Module], d: int) -> torch.
 
     returns (N, d) float32, layer after layer in model order."""
     models = [models] if isinstance(models, nn.Module) else list(models)
-    _check_int("d", d, 1)
+    check_int("d", d, 1)
     parts = [m.weight.detach().float().reshape(-1, d).cpu() for model in models for m in model.modules()
              if isinstance(m, (nn.Linear, nn.Conv2d)) and _row_length(m) % d == 0]
     if not parts:
@@ -93,8 +94,8 @@ def universal_codebook(models: nn.Module | Sequence[nn.Module], k: int = 256, d:
     Sampling from the KDE: k pooled points drawn uniformly (with replacement) plus N(0, h^2 Sigma) noise,
     Sigma the pooled covariance (d, d), h = `kde_bandwidth(N, d, bandwidth)` (Scott's rule when None).
     The same models, k, d, bandwidth and seed give the same codebook."""
-    _check_int("k", k, 2)
-    _check_int("seed", seed, 0)
+    check_int("k", k, 2)
+    check_int("seed", seed, 0)
     x = pooled_subvectors(models, d).double()                          # (N, d)
     n = len(x)
     h = kde_bandwidth(n, d, bandwidth)
@@ -121,20 +122,12 @@ def nearest_candidates(segments: torch.Tensor, codebook: torch.Tensor, n: int, c
 
 # ---------------------------------------------------------------- the code
 
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
-        rng = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{name} must be an int {rng}, got {name}={value!r}")
-
-
 def _check_alpha(alpha) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < 1.0:
-        raise ValueError(f"alpha must be a float in [0, 1), got alpha={alpha!r}")
+    check_number("alpha", alpha, 0.0, 1.0, high_open=True)
 
 
 @register_code
-class VQ4ALLCode(WeightCode):
+class VQ4ALLCode(HoldsCodebook, WeightCode):
     """Differentiable candidate assignments into a shared, frozen universal codebook (1, K, d).
 
     Per sub-vector s of row i: `cands` (rows, S, n) the n candidate codeword ids (nearest first), `logits`
@@ -146,21 +139,20 @@ class VQ4ALLCode(WeightCode):
     """
 
     kind = "vq4all"
-    method = "vq4all"
 
     def __init__(self, rows: int, n: int, k: int, d: int, candidates: int, alpha: float = 0.9,
                  codebook: Codebook | None = None, *, device=None):
         super().__init__()
-        _check_int("rows", rows, 1)
-        _check_int("d", d, 1)
-        _check_int("k", k, 2)
-        _check_int("candidates", candidates, 1, min(k, MAX_CANDIDATES))
+        check_int("rows", rows, 1)
+        check_int("d", d, 1)
+        check_int("k", k, 2)
+        check_int("candidates", candidates, 1, min(k, MAX_CANDIDATES))
         _check_alpha(alpha)
         if n % d:
             raise ValueError(f"d={d} must divide the row length n={n}")
         if codebook is None:
             codebook = Codebook(k, d, frozen=True, device=device)
-        if (codebook.groups, codebook.k, codebook.d) != (1, k, d):
+        if (codebook.codebook_groups, codebook.k, codebook.d) != (1, k, d):
             raise ValueError(f"codebook must be (1, {k}, {d}), got {tuple(codebook.weight.shape)}")
         self.codebook = codebook
         self.rows_, self.n, self.candidates, self.alpha = rows, n, candidates, float(alpha)
@@ -185,14 +177,6 @@ class VQ4ALLCode(WeightCode):
     def shape(self) -> tuple[int, int]:
         return self.rows_, self.n
 
-    @property
-    def k(self) -> int:
-        return self.codebook.k
-
-    @property
-    def d(self) -> int:
-        return self.codebook.d
-
     def ratios(self) -> torch.Tensor:
         """(rows, S, n) candidate ratios: softmax of the logits, one-hot where fixed (each sums to 1)."""
         r = torch.softmax(self.logits, dim=-1)
@@ -205,7 +189,7 @@ class VQ4ALLCode(WeightCode):
         seg = (self.ratios().to(cand.dtype)[..., None] * cand).sum(2)     # (rows, S, d)
         return seg.reshape(self.rows_, self.n)
 
-    def indices(self) -> torch.Tensor:
+    def chosen_indices(self) -> torch.Tensor:
         """(rows, S) int64 codeword ids: the fixed candidate, else the one of largest ratio."""
         slot = torch.where(self.fixed.bool(), self.choice.long(), self.logits.detach().argmax(-1))
         return self.cands.long().gather(-1, slot[..., None])[..., 0]
@@ -266,7 +250,8 @@ class VQ4ALLCode(WeightCode):
 
     def describe(self) -> dict:
         """bits_per_weight: the finished layer's index bits, ceil(log2 K) / d."""
-        return {"method": self.method, "K": self.k, "d": self.d, "bits_per_weight": bits_for(self.k) / self.d}
+        return {"method": self.kind, "setting": f"K={self.k} d={self.d} candidates={self.candidates}", "K": self.k,
+                "d": self.d, "bits_per_weight": bits_for(self.k) / self.d}
 
     def extra_repr(self) -> str:
         return (f"rows={self.rows_}, n={self.n}, K={self.k}, d={self.d}, candidates={self.candidates}, "
@@ -276,7 +261,7 @@ class VQ4ALLCode(WeightCode):
 # ---------------------------------------------------------------- config and handler
 
 @dataclass(frozen=True)
-class VQ4ALLConfig:
+class VQ4ALLConfig(QuantConfig):
     """VQ4ALL's differentiable assignments into a given universal codebook (see the module docstring).
 
     Args:
@@ -284,30 +269,25 @@ class VQ4ALLConfig:
             this very object.  It should be frozen (`universal_codebook` returns it frozen).
         candidates: n nearest codewords per sub-vector, 1..min(K, 256).
         alpha: ratio threshold in [0, 1) above which `progressive_fit` fixes a sub-vector.
-        quantize_first_last: also quantize the first nn.Conv2d and the last nn.Linear (quantize_'s rule).
     Example:
         >>> quantize_(model, VQ4ALLConfig(codebook=book, candidates=4, alpha=0.9))
     """
 
+    name: ClassVar[str] = "vq4all"
     codebook: Codebook = None
     candidates: int = 4
     alpha: float = 0.9
-    quantize_first_last: bool = False
-    report_status: ClassVar[str] = "vq4all"
 
-    def __post_init__(self):
-        if not isinstance(self.codebook, Codebook):
-            raise TypeError(f"VQ4ALLConfig.codebook must be a vqlab.Codebook (see universal_codebook), "
-                            f"got {type(self.codebook).__name__}")
-        if self.codebook.groups != 1:
-            raise ValueError(f"VQ4ALLConfig.codebook must have one group, got {self.codebook.groups}")
-        _check_int("candidates", self.candidates, 1, min(self.codebook.k, MAX_CANDIDATES))
+    def validate(self) -> None:
+        check_instance("VQ4ALLConfig.codebook", self.codebook, Codebook, "vqlab.Codebook (see universal_codebook)")
+        if self.codebook.codebook_groups != 1:
+            raise ValueError(f"VQ4ALLConfig.codebook must have one codebook group, got "
+                             f"{self.codebook.codebook_groups}")
+        check_int("candidates", self.candidates, 1, min(self.codebook.k, MAX_CANDIDATES))
         _check_alpha(self.alpha)
-        if not isinstance(self.quantize_first_last, bool):
-            raise ValueError(f"quantize_first_last must be a bool, got {self.quantize_first_last!r}")
 
     def check(self, module: nn.Module, name: str) -> None:
-        check_layer(module, name, "vq4all")
+        super().check(module, name)
         n = _row_length(module)
         if n % self.codebook.d:
             raise ValueError(f"layer {name!r}: codebook d={self.codebook.d} does not divide its row length {n} "
@@ -319,7 +299,7 @@ class VQ4ALLConfig:
 def _vq4all_handler(modules: list[tuple[str, nn.Module]], config: VQ4ALLConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
         book = config.codebook.to(m.weight.device)                     # in place: the one object stays shared
-        yield name, wrap(m, VQ4ALLCode.from_weight(m.weight, book, config.candidates, config.alpha))
+        yield name, quantized_layer(m, VQ4ALLCode.from_weight(m.weight, book, config.candidates, config.alpha))
 
 
 # ---------------------------------------------------------------- progressive network construction
@@ -368,8 +348,8 @@ def progressive_fit(model: nn.Module, train_ds: TensorDataset, rounds: int = 10,
     """
     from ..train import evaluate, fit
 
-    _check_int("rounds", rounds, 1)
-    _check_int("steps_per_round", steps_per_round, 1)
+    check_int("rounds", rounds, 1)
+    check_int("steps_per_round", steps_per_round, 1)
     codes = vq4all_codes(model)
     if not codes:
         raise ValueError("progressive_fit: the model has no VQ4ALL layer; quantize_ it with VQ4ALLConfig first")
@@ -400,38 +380,25 @@ def progressive_fit(model: nn.Module, train_ds: TensorDataset, rounds: int = 10,
 
 
 @torch.no_grad()
-def _plain_layer(layer: QuantizedLayer) -> nn.Module:
-    """The VQLinear / VQConv2d(segment="kernel") with the code's shared codebook and its chosen indices."""
-    code: VQ4ALLCode = layer.code
-    book = code.codebook
-    if isinstance(layer, QuantizedLayer) and hasattr(layer, "in_channels"):
-        new = VQConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                       layer.dilation, layer.groups, layer.bias is not None, k=book.k, d=book.d, segment="kernel", codebook=book,
-                       device=book.weight.device, dtype=book.weight.dtype)
-    else:
-        new = VQLinear(layer.in_features, layer.out_features, layer.bias is not None, k=book.k, d=book.d, codebook=book,
-                       device=book.weight.device, dtype=book.weight.dtype)
-    new.code.indices = code.indices().to(new.indices.dtype).to(new.indices.device)
-    if layer.bias is not None:
-        new.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
-    return new.train(layer.training)
+def _plain_code(code: VQ4ALLCode) -> VQCode:
+    """The VQCode with the code's shared codebook and its chosen indices (rows, n / d)."""
+    plain = VQCode(code.rows_, code.n, code.k, code.d, codebook=code.codebook, device=code.cands.device)
+    plain.set_indices(code.chosen_indices())
+    return plain.train(code.training)
 
 
 def finalize(model: nn.Module, force: bool = False) -> int:
-    """Replace every VQ4ALL layer of `model` (in place) by a plain VQ layer holding the same codebook object and
-    the chosen codeword indices (`VQ4ALLCode.indices`).  force=False refuses layers with free sub-vectors
-    (run `progressive_fit` or `fix_assignments(model, force=True)` first).  returns the layers replaced."""
-    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+    """Replace the code of every VQ4ALL layer of `model` (in place) by a plain `VQCode` holding the same codebook
+    object and the chosen codeword indices (`VQ4ALLCode.chosen_indices`); the layers stay where they are.
+    force=False refuses layers with free sub-vectors (run `progressive_fit` or `fix_assignments(model,
+    force=True)` first).  returns the layers changed."""
+    targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, QuantizedLayer) and isinstance(m.code, VQ4ALLCode)]
     if not force:
         free = [name for name, m in targets if int(m.code.fixed.min()) == 0]
         if free:
             raise ValueError(f"finalize: layers {free[:4]} still have free sub-vectors; run progressive_fit or "
                              f"fix_assignments(model, force=True) first (or pass force=True)")
-    new: dict[int, nn.Module] = {}
-    for name, m in targets:
-        if id(m) not in new:
-            new[id(m)] = _plain_layer(m)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, new[id(m)])
-    return len(new)
+    for _, m in targets:
+        m.code = _plain_code(m.code)
+    return len(targets)

@@ -1,0 +1,99 @@
+"""The built-in exact native backends, as adapters from the registry's signature to the numba kernels:
+
+    "dense"   numba's parallel gather rebuilds the float weight from the checked indices, then one GEMM
+    "numba"   the lookup-table kernel (`lut_numba.lut_matmul`) on a layout derived from the checked indices
+
+numba is imported only when one of them runs.  The approximate "simd" backend registers itself in `simd.py`.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checked import CheckedIndices
+from .registry import KernelBackend, register_backend
+
+__all__ = ["as_float32", "numba_available", "numba_matmul", "dense_matmul", "dense_conv", "dequantize_checked",
+           "conv_weight_from_rows", "group_blocks", "group_book"]
+
+
+@functools.cache
+def numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def as_float32(x2: torch.Tensor) -> torch.Tensor:
+    """x2 as a contiguous float32 tensor without autograd history (no copy when it already is one): what
+    native kernels read."""
+    if x2.requires_grad:
+        x2 = x2.detach()
+    return x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.to(torch.float32).contiguous()
+
+
+def group_blocks(rows: int, groups: int) -> list[tuple[int, int, int]]:
+    """G equal consecutive blocks (a, b, g) of `rows` output rows, one per codebook group."""
+    per = rows // groups
+    return [(g * per, (g + 1) * per, g) for g in range(groups)]
+
+
+def group_book(codebook: torch.Tensor, g: int) -> torch.Tensor:
+    """Codebook group g of a (G, K, d) codebook, or the (K, d) codebook itself."""
+    return codebook[g] if codebook.dim() == 3 else codebook
+
+
+def conv_weight_from_rows(rows: torch.Tensor, weight_shape, segment: str) -> torch.Tensor:
+    """(out, n) dequantized rows -> conv weight (out, cin/groups, kh, kw) for the two row layouts:
+    segment "input" rows are ordered (kh, kw, cin), "kernel" rows (cin, kh, kw)."""
+    out, cin, kh, kw = weight_shape
+    if segment == "input":
+        return rows.reshape(out, kh, kw, cin).permute(0, 3, 1, 2)
+    if segment == "kernel":
+        return rows.reshape(out, cin, kh, kw)
+    raise ValueError(f"segment must be 'input' or 'kernel', got {segment!r}")
+
+
+def numba_matmul(xf: torch.Tensor, book: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
+    """The LUT kernel: xf (B, n) float32, book (K, d) -> (B, m)."""
+    from .lut_numba import lut_layout, lut_matmul
+
+    k = book.shape[0]
+    return lut_matmul(xf, book, checked.layout(f"numba/{k}", lambda c: lut_layout(c, k)))
+
+
+def dequantize_checked(codebook: torch.Tensor, checked: CheckedIndices, temporary: bool) -> torch.Tensor:
+    """Dense (m, n) float32 rows from the checked copy by numba's parallel gather (no autograd).
+    temporary: write into this thread's reused scratch buffer (overwritten by the next temporary call; only
+    for results that never reach the caller) instead of fresh memory."""
+    from .lut_numba import dequantize_rows, scratch
+
+    idx = checked.copy
+    shape = (idx.shape[0], idx.shape[1] * codebook.shape[-1])
+    out = scratch("weight", shape) if temporary else np.empty(shape, dtype=np.float32)
+    for a, b, g in group_blocks(shape[0], codebook.shape[0] if codebook.dim() == 3 else 1):
+        dequantize_rows(group_book(codebook, g), idx[a:b], out[a:b])
+    return torch.from_numpy(out)
+
+
+def dense_matmul(xf: torch.Tensor, book: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
+    """Dequantize (parallel gather into a reused buffer) + one GEMM: xf (B, n), book (K, d) -> (B, m)."""
+    return F.linear(xf, dequantize_checked(book, checked, temporary=True))
+
+
+def dense_conv(x, codebook, checked, weight_shape, stride, padding, dilation, groups, segment):
+    """The whole convolution from the rebuilt weight (every codebook group at once)."""
+    w = conv_weight_from_rows(dequantize_checked(codebook, checked, temporary=True), weight_shape, segment)
+    return F.conv2d(x, w.to(x.dtype), None, stride, padding, dilation, groups)
+
+
+register_backend(KernelBackend("dense", matmul=dense_matmul, conv=dense_conv, available=numba_available,
+                               description="numba's parallel gather rebuilds the float weight, then one GEMM"))
+register_backend(KernelBackend("numba", matmul=numba_matmul, available=numba_available,
+                               description="lookup-table kernel: per input segment the K dot products once, "
+                                           "then one table read per output and segment"))
