@@ -27,9 +27,11 @@ FlopCounterMode counts them.  Convolutions take the same path on im2col rows (`c
 backend is pinned (`vqlab.kernels.set_backend("numba")`); otherwise they convolve with the rebuilt weight (on
 narrow convolutions the im2col product costs more FLOPs and memory than the dense convolution, see `count_flops`).
 
-Nothing here trains: codebooks and indices are buffers (the paper's methods are post-training).  Stored bytes
-(`size`) are exactly what `vqlab.save` writes for the code's buffers: index buffers bit-packed at the bits
-`packing()` names, codebooks / scales raw at float32.
+The paper's methods are post-training: codebooks and indices are buffers.  `finetune=True` (scalar, PQ, RVQ) makes
+the codebooks trainable parameters instead (indices fixed), so `vqlab.fit` fine-tunes the codewords, the gradient
+of each being the sum over the weights or vectors that use it — an option the paper does not have, for the
+comparison of notebook 08.  Stored bytes (`size`) are exactly what `vqlab.save` writes for the code's tensors:
+index buffers bit-packed at the bits `packing()` names, codebooks / scales raw at float32.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import register_flop_formula
 
 from ..bits import bits_for, huffman_bytes, pack_indices, packed_bytes
-from ..checks import check_choice, check_int
+from ..checks import check_bool, check_choice, check_int
 from ..codebook import kmeans, pq_decode, product_quantize, residual_quantize, rvq_decode
 from ..codes import CodeSize, WeightCode, add_bias, packed_ans_bytes, register_code, stored_bytes
 from ..config import QuantConfig, register_handler
@@ -104,7 +106,20 @@ class _LUTConv:
 
 
 def _mark(seen: set[int], code: nn.Module) -> None:
-    seen.update(id(t) for t in code.buffers())
+    seen.update(id(t) for t in list(code.buffers()) + list(code.parameters()))
+
+
+def _table(code: nn.Module, name: str, t: torch.Tensor, trainable: bool) -> None:
+    """Register a codebook tensor as a trainable parameter (finetune=True) or a buffer."""
+    check_bool("finetune", trainable)
+    if trainable:
+        setattr(code, name, nn.Parameter(t))
+    else:
+        code.register_buffer(name, t)
+
+
+def _with_finetune(config: dict, finetune: bool) -> dict:
+    return {**config, "finetune": True} if finetune else config
 
 
 # ---------------------------------------------------------------- binarization
@@ -191,18 +206,20 @@ class ScalarCode(WeightCode):
 
     kind = "gong_scalar"
 
-    def __init__(self, rows: int, n: int, k: int):
+    def __init__(self, rows: int, n: int, k: int, finetune: bool = False):
         super().__init__()
         check_int("k", k, 2, MAX_K)
         self.k = k
         self.register_buffer("indices", torch.zeros(rows, n, dtype=_idx_dtype(k)))
-        self.register_buffer("codebook", torch.zeros(k))
+        _table(self, "codebook", torch.zeros(k), finetune)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> "ScalarCode":
+    @torch.no_grad()
+    def from_weight(cls, weight: torch.Tensor, k: int, iters: int = 25, seed: int = 0,
+                    finetune: bool = False) -> "ScalarCode":
         flat = _flat(weight)
         res = kmeans(flat.reshape(-1, 1), k, iters=iters, seed=seed)
-        code = cls(flat.shape[0], flat.shape[1], k)
+        code = cls(flat.shape[0], flat.shape[1], k, finetune)
         code.codebook.copy_(res.codebook[:, 0])
         code.indices.copy_(res.assignments.reshape(flat.shape))
         return code
@@ -222,13 +239,14 @@ class ScalarCode(WeightCode):
                         streams=[pack_indices(self.indices, bits)], k=self.k, d=1, index_bits=bits)
 
     def config(self) -> dict:
-        return {"rows": self.shape[0], "n": self.shape[1], "k": self.k}
+        return _with_finetune({"rows": self.shape[0], "n": self.shape[1], "k": self.k},
+                              isinstance(self.codebook, nn.Parameter))
 
     @classmethod
-    def from_config(cls, rows: int, n: int, k: int) -> "ScalarCode":
+    def from_config(cls, rows: int, n: int, k: int, finetune: bool = False) -> "ScalarCode":
         check_int("rows", rows, 1)
         check_int("n", n, 1)
-        return cls(rows, n, k)
+        return cls(rows, n, k, finetune)
 
     def packing(self) -> dict[str, int]:
         return {"indices": bits_for(self.k)}
@@ -252,6 +270,7 @@ class ScalarConfig(QuantConfig):
     Args:
         k: codewords, 2..65536 (at most the layer's number of weights).
         iters: Lloyd iterations (>= 1).  seed: k-means seed (int >= 0).
+        finetune: make the codebook trainable (module docstring).
     Example:
         >>> quantize_(model, ScalarConfig(k=16))
     """
@@ -260,11 +279,13 @@ class ScalarConfig(QuantConfig):
     k: int = 16
     iters: int = 25
     seed: int = 0
+    finetune: bool = False
 
     def validate(self) -> None:
         check_int("k", self.k, 2, MAX_K)
         check_int("iters", self.iters, 1)
         check_int("seed", self.seed, 0)
+        check_bool("finetune", self.finetune)
 
     def check(self, module: nn.Module, name: str) -> None:
         super().check(module, name)
@@ -276,7 +297,8 @@ class ScalarConfig(QuantConfig):
 @register_handler(ScalarConfig)
 def _scalar_handler(modules: list[tuple[str, nn.Module]], config: ScalarConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
-        yield name, quantized_layer(m, ScalarCode.from_weight(m.weight, config.k, config.iters, config.seed))
+        yield name, quantized_layer(m, ScalarCode.from_weight(m.weight, config.k, config.iters, config.seed,
+                                                              config.finetune))
 
 
 # ---------------------------------------------------------------- product quantization
@@ -332,7 +354,7 @@ class PQCode(_LUTConv, WeightCode):
 
     kind = "gong_pq"
 
-    def __init__(self, rows: int, n: int, k: int, subspaces: int, axis: str = "input"):
+    def __init__(self, rows: int, n: int, k: int, subspaces: int, axis: str = "input", finetune: bool = False):
         super().__init__()
         check_int("k", k, 2, MAX_K)
         check_int("subspaces", subspaces, 1)
@@ -343,13 +365,14 @@ class PQCode(_LUTConv, WeightCode):
         self.rows_, self.n, self.k, self.subspaces, self.axis = rows, n, k, subspaces, axis
         self.sub_d = split // subspaces
         self.register_buffer("codes", torch.zeros(subspaces, count, dtype=_idx_dtype(k)))
-        self.register_buffer("codebooks", torch.zeros(subspaces, k, self.sub_d))
+        _table(self, "codebooks", torch.zeros(subspaces, k, self.sub_d), finetune)
 
     @classmethod
+    @torch.no_grad()
     def from_weight(cls, weight: torch.Tensor, k: int, subspaces: int, axis: str = "input", iters: int = 25,
-                    seed: int = 0) -> "PQCode":
+                    seed: int = 0, finetune: bool = False) -> "PQCode":
         flat = _flat(weight)
-        code = cls(flat.shape[0], flat.shape[1], k, subspaces, axis)
+        code = cls(flat.shape[0], flat.shape[1], k, subspaces, axis, finetune)
         res = product_quantize(_pq_vectors(flat, axis), k, subspaces, iters=iters, seed=seed)
         code.codebooks.copy_(res.codebooks)
         code.codes.copy_(res.codes.T)
@@ -392,13 +415,15 @@ class PQCode(_LUTConv, WeightCode):
                         d=self.sub_d, index_bits=bits)
 
     def config(self) -> dict:
-        return {"rows": self.rows_, "n": self.n, "k": self.k, "subspaces": self.subspaces, "axis": self.axis}
+        return _with_finetune({"rows": self.rows_, "n": self.n, "k": self.k, "subspaces": self.subspaces,
+                               "axis": self.axis}, isinstance(self.codebooks, nn.Parameter))
 
     @classmethod
-    def from_config(cls, rows: int, n: int, k: int, subspaces: int, axis: str = "input") -> "PQCode":
+    def from_config(cls, rows: int, n: int, k: int, subspaces: int, axis: str = "input",
+                    finetune: bool = False) -> "PQCode":
         check_int("rows", rows, 1)
         check_int("n", n, 1)
-        return cls(rows, n, k, subspaces, axis)
+        return cls(rows, n, k, subspaces, axis, finetune)
 
     def packing(self) -> dict[str, int]:
         return {"codes": bits_for(self.k)}
@@ -426,6 +451,7 @@ class PQConfig(QuantConfig):
         axis: "input" (split the in-features, cluster row segments; the paper's column split) or "output"
             (split the rows, cluster column segments).
         iters, seed: k-means iterations and seed (sub-space i uses seed + i).
+        finetune: make the sub-space codebooks trainable (module docstring).
     Example:
         >>> quantize_(model, PQConfig(k=16, subspaces=4))
     """
@@ -436,6 +462,7 @@ class PQConfig(QuantConfig):
     axis: str = "input"
     iters: int = 25
     seed: int = 0
+    finetune: bool = False
 
     def validate(self) -> None:
         check_int("k", self.k, 2, MAX_K)
@@ -443,6 +470,7 @@ class PQConfig(QuantConfig):
         check_choice("axis", self.axis, ("input", "output"))
         check_int("iters", self.iters, 1)
         check_int("seed", self.seed, 0)
+        check_bool("finetune", self.finetune)
 
     def check(self, module: nn.Module, name: str) -> None:
         super().check(module, name)
@@ -460,7 +488,7 @@ class PQConfig(QuantConfig):
 def _pq_handler(modules: list[tuple[str, nn.Module]], config: PQConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
         yield name, quantized_layer(m, PQCode.from_weight(m.weight, config.k, config.subspaces, config.axis,
-                                                          config.iters, config.seed))
+                                                          config.iters, config.seed, config.finetune))
 
 
 # ---------------------------------------------------------------- residual quantization
@@ -474,7 +502,7 @@ class RVQCode(_LUTConv, WeightCode):
 
     kind = "gong_rvq"
 
-    def __init__(self, rows: int, n: int, k: int, stages: int, d: int):
+    def __init__(self, rows: int, n: int, k: int, stages: int, d: int, finetune: bool = False):
         super().__init__()
         check_int("k", k, 2, MAX_K)
         check_int("stages", stages, 1)
@@ -483,13 +511,14 @@ class RVQCode(_LUTConv, WeightCode):
             raise ValueError(f"d={d} must divide the row length {n}")
         self.rows_, self.n, self.k, self.stages, self.d = rows, n, k, stages, d
         self.register_buffer("codes", torch.zeros(stages, rows * n // d, dtype=_idx_dtype(k)))
-        self.register_buffer("codebooks", torch.zeros(stages, k, d))
+        _table(self, "codebooks", torch.zeros(stages, k, d), finetune)
 
     @classmethod
+    @torch.no_grad()
     def from_weight(cls, weight: torch.Tensor, k: int, stages: int, d: int, iters: int = 25,
-                    seed: int = 0) -> "RVQCode":
+                    seed: int = 0, finetune: bool = False) -> "RVQCode":
         flat = _flat(weight)
-        code = cls(flat.shape[0], flat.shape[1], k, stages, d)
+        code = cls(flat.shape[0], flat.shape[1], k, stages, d, finetune)
         res = residual_quantize(flat.reshape(-1, d), k, stages, iters=iters, seed=seed)
         code.codebooks.copy_(res.codebooks)
         code.codes.copy_(res.codes.T)
@@ -525,13 +554,14 @@ class RVQCode(_LUTConv, WeightCode):
                         index_bits=bits)
 
     def config(self) -> dict:
-        return {"rows": self.rows_, "n": self.n, "k": self.k, "stages": self.stages, "d": self.d}
+        return _with_finetune({"rows": self.rows_, "n": self.n, "k": self.k, "stages": self.stages, "d": self.d},
+                              isinstance(self.codebooks, nn.Parameter))
 
     @classmethod
-    def from_config(cls, rows: int, n: int, k: int, stages: int, d: int) -> "RVQCode":
+    def from_config(cls, rows: int, n: int, k: int, stages: int, d: int, finetune: bool = False) -> "RVQCode":
         check_int("rows", rows, 1)
         check_int("n", n, 1)
-        return cls(rows, n, k, stages, d)
+        return cls(rows, n, k, stages, d, finetune)
 
     def packing(self) -> dict[str, int]:
         return {"codes": bits_for(self.k)}
@@ -556,6 +586,7 @@ class RVQConfig(QuantConfig):
         k: codewords per stage, 2..65536 (at most the layer's out * n / d segments).
         stages: t >= 1 stages.  d: segment length >= 1; must divide every quantized layer's row length.
         iters, seed: k-means iterations and seed (stage s uses seed + s).
+        finetune: make the stage codebooks trainable (module docstring).
     Example:
         >>> quantize_(model, RVQConfig(k=16, stages=2, d=4))
     """
@@ -566,6 +597,7 @@ class RVQConfig(QuantConfig):
     d: int = 4
     iters: int = 25
     seed: int = 0
+    finetune: bool = False
 
     def validate(self) -> None:
         check_int("k", self.k, 2, MAX_K)
@@ -573,6 +605,7 @@ class RVQConfig(QuantConfig):
         check_int("d", self.d, 1)
         check_int("iters", self.iters, 1)
         check_int("seed", self.seed, 0)
+        check_bool("finetune", self.finetune)
 
     def check(self, module: nn.Module, name: str) -> None:
         super().check(module, name)
@@ -587,4 +620,4 @@ class RVQConfig(QuantConfig):
 def _rvq_handler(modules: list[tuple[str, nn.Module]], config: RVQConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
         yield name, quantized_layer(m, RVQCode.from_weight(m.weight, config.k, config.stages, config.d,
-                                                           config.iters, config.seed))
+                                                           config.iters, config.seed, config.finetune))

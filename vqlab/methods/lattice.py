@@ -18,11 +18,20 @@ the coded bytes and `compressed_size` counts them; the points are decoded from i
 the seed) on first use, checked by `validate` after a load, and cached.
 Side information per layer: step (float32) and seed (int64), 12 bytes counted as other_bytes.
 
-Fine-tuning (`finetune=True`): the distinct lattice points a layer uses become trainable float32 codewords (in
-units of the step, initialised to the points), rows() = step * (codewords[index] - u) with the index of every
-segment's point fixed by the stream; training (`vqlab.fit`) moves the codewords, which are then stored and
-counted as codebook bytes.  (The gradient of a codeword is the sum over the segments that use it; the paper
-averages it, which only rescales it per codeword.)
+Magnitude pruning (`prune=p`, Choi et al.'s first stage): in every layer the floor(p * N + 1/2) segments of smallest
+L2 norm (N segments; for Z a segment is one weight) are pruned: they decode to exactly zero (no dither) and are
+coded in the same stream, as the symbol 0 in the segment's first coordinate, whose other symbols shift by one
+(s -> s + 1 for s >= 0; all of a pruned segment's symbols are 0).  The universal coder then spends almost nothing
+on long runs of pruned segments; no mask is stored.
+
+Fine-tuning (`finetune="values"`, Choi et al.'s fine-tuning of the shared quantized values): every distinct integer
+coordinate a layer's kept segments use (a few dozen values) gets one trainable float32 value in weight units
+(`values`, initialised to step * coordinate), and rows() = values[coordinate] - step * u, pruned segments 0.  The
+stream, and so every segment's coordinates, stay fixed; training (`vqlab.fit`) moves the shared values, whose
+gradient is the sum over the weights that use them (the paper averages it, which only rescales it per value).  The
+table exists from quantization on, so the coded size is the same before and after fine-tuning.  (`finetune=True`,
+or "points", the mode of earlier versions, kept for their files: every distinct lattice point a trainable codeword
+(dim floats each) — nearly every 8-D point is distinct, so the codebook outgrows the stream.)
 
 Example:
     >>> import vqlab.methods.lattice as lat
@@ -43,7 +52,8 @@ import torch
 import torch.nn as nn
 
 from ..bits import LZMA_FILTERS, ans_bytes, huffman_bytes, huffman_decode, huffman_encode
-from ..checks import check_bool, check_choice, check_int, check_number
+from ..checks import check_bool, check_choice, check_fraction, check_int, check_number
+from ..codebook import prune_count
 from ..codes import CodeSize, WeightCode, register_code, stored_bytes
 from ..config import QuantConfig, register_handler
 from ..layers import quantized_layer
@@ -209,6 +219,37 @@ def _from_symbols(sym: torch.Tensor, lattice: str) -> torch.Tensor:
     return 2 * k + c[:, None]
 
 
+def _mark_pruned(sym: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Symbols (N, dim) of every segment -> the coded symbols: a pruned segment all 0; a kept one with its first
+    symbol s mapped to s + 1 for s >= 0 (negative s unchanged), so 0 never starts a kept segment."""
+    out = sym.clone()
+    first = out[:, 0]
+    out[:, 0] = torch.where(first >= 0, first + 1, first)
+    out[pruned] = 0
+    return out
+
+
+def _unmark_pruned(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `_mark_pruned`: (plain symbols with pruned segments 0, pruned (N,) bool)."""
+    first = sym[:, 0]
+    pruned = first == 0
+    plain = sym.clone()
+    plain[:, 0] = torch.where(first > 0, first - 1, first)
+    plain[pruned] = 0
+    return plain, pruned
+
+
+def _finetune_mode(finetune) -> str:
+    """None, "points" or "values" from a config's or code's finetune (False / True = "points" / "points" /
+    "values"); ValueError otherwise."""
+    if finetune is False:
+        return "none"
+    if finetune is True:
+        return "points"
+    check_choice("finetune", finetune, (False, True, "points", "values"))
+    return finetune
+
+
 def _compress(raw: bytes, coder: str) -> bytes:
     if coder == "lzma":
         return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
@@ -262,7 +303,7 @@ class LatticeCode(WeightCode):
     kind = "lattice"
 
     def __init__(self, rows: int, n: int, lattice: str, step: float, seed: int, coder: str, nbytes: int,
-                 finetune: bool = False, n_codewords: int = 0):
+                 finetune: bool = False, n_codewords: int = 0, pruned: bool = False, n_values: int = 0):
         super().__init__()
         dim = _check_lattice(lattice)
         _check_step(step)
@@ -270,12 +311,16 @@ class LatticeCode(WeightCode):
         self.lattice, self.step, self.seed, self.coder = lattice, float(step), int(seed), coder
         self.n_rows, self.n_cols = int(rows), int(n)
         self.finetune = bool(finetune)
+        self.pruned = bool(pruned)
         self.register_buffer("stream", torch.zeros(int(nbytes), dtype=torch.uint8))
         if self.finetune:
-            # fine-tuning (Choi et al.): the distinct lattice points used become trainable codewords (in units of
-            # the step); every segment keeps its point's index (the sorted order of the distinct points, so it is
-            # recomputed from the stream) and its dither
+            # the earlier fine-tuning: the distinct lattice points used become trainable codewords (in units of the
+            # step); every segment keeps its point's index (the sorted order of the distinct points, recomputed
+            # from the stream) and its dither
             self.codewords = nn.Parameter(torch.zeros(int(n_codewords), dim))
+        if n_values:
+            # Choi et al.'s shared values: one trainable value (weight units) per distinct coordinate, sorted
+            self.values = nn.Parameter(torch.zeros(int(n_values)))
 
     @property
     def dim(self) -> int:
@@ -297,13 +342,18 @@ class LatticeCode(WeightCode):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, lattice: str = "E8", step: float = 0.05, seed: int = 0,
-                    coder: str = "lzma", pad: bool = False, finetune: bool = False) -> "LatticeCode":
+                    coder: str = "lzma", pad: bool = False, finetune: bool | str = False,
+                    prune: float = 0.0) -> "LatticeCode":
         """Quantize weight (out, ...) (rows = weight.reshape(out, -1)); pad=True appends zeros to rows whose
         length is no multiple of the lattice dimension (they are quantized and coded too), else ValueError;
-        finetune=True makes the distinct points trainable codewords (initialised to the points themselves)."""
+        prune: fraction of segments, smallest L2 norm first, pruned to zero (module docstring);
+        finetune: "values" makes the shared coordinate values trainable, True / "points" every distinct point a
+        trainable codeword (both initialised to what the stream says)."""
         dim = _check_lattice(lattice)
         _check_step(step)
         _check_coder(coder)
+        mode = _finetune_mode(finetune)
+        prune = check_fraction("prune", prune)
         flat = weight.detach().reshape(len(weight), -1)
         rows, n = flat.shape
         if n % dim and not pad:
@@ -312,16 +362,36 @@ class LatticeCode(WeightCode):
         n_pad = -(-n // dim) * dim
         flat = torch.nn.functional.pad(flat.cpu().to(torch.float64), (0, n_pad - n))
         u = voronoi_dither(rows * n_pad // dim, lattice, seed).to(torch.float32).to(torch.float64)
-        x = flat.reshape(-1, dim) / float(step) + u
+        segs = flat.reshape(-1, dim)                                          # (N, dim)
+        x = segs / float(step) + u
         ints = torch.round(nearest_point(x, lattice) * (2 if lattice == "E8" else 1)).to(torch.int64)
-        stream = _compress(encode_ints(_to_symbols(ints, lattice).numpy()), coder)
-        uniq = torch.unique(ints, dim=0) if finetune else None
-        code = cls(rows, n, lattice, step, seed, coder, len(stream), finetune, 0 if uniq is None else len(uniq))
+        cut = prune_count(len(segs), prune) if prune else 0
+        pruned = torch.zeros(len(segs), dtype=torch.bool)
+        if cut:
+            pruned[segs.pow(2).sum(1).argsort(stable=True)[:cut]] = True   # smallest L2 norm, ties: lower index
+            ints[pruned] = 0
+        sym = _to_symbols(ints, lattice)
+        if prune:
+            sym = _mark_pruned(sym, pruned)
+        stream = _compress(encode_ints(sym.numpy()), coder)
+        uniq = torch.unique(ints, dim=0) if mode == "points" else None
+        coords = torch.unique(ints[~pruned]) if mode == "values" else None
+        code = cls(rows, n, lattice, step, seed, coder, len(stream), mode == "points",
+                   0 if uniq is None else len(uniq), pruned=bool(prune),
+                   n_values=0 if coords is None else max(len(coords), 1))
         code.stream.copy_(torch.frombuffer(bytearray(stream), dtype=torch.uint8) if stream else code.stream)
-        if finetune:
-            with torch.no_grad():
-                code.codewords.copy_(uniq.to(torch.float32) / (2 if lattice == "E8" else 1))
+        with torch.no_grad():
+            if uniq is not None:
+                code.codewords.copy_(uniq.to(torch.float32) / code._scale)
+            if coords is not None:
+                code.values.copy_(code._initial_values(coords))
         return code.to(weight.device)
+
+    def _initial_values(self, coords: torch.Tensor) -> torch.Tensor:
+        """The shared values before fine-tuning: step * coordinate (coords: sorted stored integers, E8: 2p)."""
+        if coords.numel() == 0:
+            return torch.zeros(1)
+        return (self.step * (coords.to(torch.float64) / self._scale)).to(torch.float32)
 
     # decoding, cached per code object and keyed on the stream tensor's identity/version and the side info
     def _key(self) -> tuple:
@@ -333,31 +403,66 @@ class LatticeCode(WeightCode):
         return (id(s), version, s.data_ptr(), s.numel(), str(s.device), self.lattice, self.step, self.seed,
                 self.coder, self.n_rows, self.n_cols)
 
+    def _decoded(self) -> dict:
+        """The stream decoded, cached per code object and stream: "ints" (rows, n_pad) int64 stored coordinates
+        (E8: 2p; 0 in pruned segments), "dither" (rows, n_pad) float32, "pruned" (rows * n_pad / dim,) bool or
+        None, "symbols" (rows * n_pad / dim, dim) int64 as coded; derived indices are added under other keys."""
+        hit = _CACHE.get(self)
+        key = self._key()
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        count = self.n_rows * self.n_pad
+        raw = _decompress(self.stream.detach().cpu().numpy().tobytes(), self.coder, 10 * count)
+        sym = decode_ints(raw)
+        if sym.size != count:
+            raise ValueError(f"the lattice stream holds {sym.size} coordinates, the layer needs "
+                             f"{self.n_rows} x {self.n_pad} = {count}")
+        sym = torch.from_numpy(sym.copy()).reshape(-1, self.dim)
+        pruned = None
+        plain = sym
+        if self.pruned:
+            plain, pruned = _unmark_pruned(sym)
+        ints = _from_symbols(plain, self.lattice).reshape(self.n_rows, self.n_pad)
+        dither = voronoi_dither(count // self.dim, self.lattice, self.seed).to(torch.float32)
+        out = {"ints": ints, "dither": dither.reshape(self.n_rows, self.n_pad), "pruned": pruned, "symbols": sym}
+        _CACHE[self] = (key, out)
+        return out
+
     def _decode(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(integer coordinates (rows, n_pad) int64, dither (rows, n_pad) float32) on the CPU."""
-        hit = _CACHE.get(self)
-        if hit is not None and hit[0] == self._key():
-            return hit[1], hit[2]
-        key, count = self._key(), self.n_rows * self.n_pad
-        raw = _decompress(self.stream.detach().cpu().numpy().tobytes(), self.coder, 10 * count)
-        ints = decode_ints(raw)
-        if ints.size != count:
-            raise ValueError(f"the lattice stream holds {ints.size} coordinates, the layer needs "
-                             f"{self.n_rows} x {self.n_pad} = {count}")
-        ints = _from_symbols(torch.from_numpy(ints.copy()).reshape(-1, self.dim), self.lattice)
-        ints = ints.reshape(self.n_rows, self.n_pad)
-        dither = voronoi_dither(count // self.dim, self.lattice, self.seed).to(torch.float32)
-        _CACHE[self] = (key, ints, dither.reshape(self.n_rows, self.n_pad), None)
-        return _CACHE[self][1], _CACHE[self][2]
+        d = self._decoded()
+        return d["ints"], d["dither"]
 
     def _codeword_index(self) -> tuple[int, torch.Tensor]:
         """(number of distinct points, index (rows * n_pad / dim,) of every segment's point among them, sorted)."""
-        ints, dither = self._decode()
-        hit = _CACHE[self]
-        if hit[3] is None:
-            uniq, inv = torch.unique(ints.reshape(-1, self.dim), dim=0, return_inverse=True)
-            _CACHE[self] = (*hit[:3], (len(uniq), inv))
-        return _CACHE[self][3]
+        d = self._decoded()
+        if "points" not in d:
+            uniq, inv = torch.unique(d["ints"].reshape(-1, self.dim), dim=0, return_inverse=True)
+            d["points"] = (len(uniq), inv)
+        return d["points"]
+
+    def _value_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sorted distinct coordinates of the kept segments, index (rows, n_pad) of every coordinate among them)."""
+        d = self._decoded()
+        if "values" not in d:
+            ints = d["ints"]
+            kept = self._kept_mask()
+            coords = torch.unique(ints[kept]) if bool(kept.any()) else torch.zeros(0, dtype=torch.int64)
+            idx = torch.searchsorted(coords, ints.reshape(-1)).clamp_max(max(len(coords) - 1, 0))
+            d["values"] = (coords, idx.reshape(ints.shape))
+        return d["values"]
+
+    def _kept_mask(self) -> torch.Tensor:
+        """(rows, n_pad) bool: True where the weight's segment is not pruned."""
+        d = self._decoded()
+        if d["pruned"] is None:
+            return torch.ones(self.n_rows, self.n_pad, dtype=torch.bool)
+        return (~d["pruned"])[:, None].expand(-1, self.dim).reshape(self.n_rows, self.n_pad)
+
+    def sparsity(self) -> float:
+        """Fraction of segments pruned (0.0 without pruning)."""
+        d = self._decoded()
+        return 0.0 if d["pruned"] is None else float(d["pruned"].float().mean()) if d["pruned"].numel() else 0.0
 
     def points(self) -> torch.Tensor:
         """The lattice points (rows, n_pad), float32 (E8: half-integers where the segment is in D8 + 1/2)."""
@@ -365,15 +470,24 @@ class LatticeCode(WeightCode):
         return ints.to(torch.float32) / self._scale
 
     def rows(self) -> torch.Tensor:
-        """step * (points - dither), (rows, n); with finetune the points are the (trainable) codewords."""
+        """step * (points - dither), (rows, n), pruned segments 0; with shared values values[coordinate] - step *
+        dither, with point codewords step * (codewords[point] - dither) (both trainable)."""
         ints, dither = self._decode()
-        if not self.finetune:
+        if "values" in self._parameters:
+            _, idx = self._value_index()
+            dev = self.values.device
+            w = self.values[idx.to(dev)] - self.step * dither.to(dev)
+        elif self.finetune:
+            _, inv = self._codeword_index()
+            dev = self.codewords.device
+            pts = self.codewords[inv.to(dev)].reshape(self.n_rows, self.n_pad)
+            w = self.step * (pts - dither.to(dev))
+        else:
             pts = ints.to(torch.float32) / self._scale
-            return (self.step * (pts - dither))[:, :self.n_cols].to(self.stream.device)
-        _, inv = self._codeword_index()
-        dev = self.codewords.device
-        pts = self.codewords[inv.to(dev)].reshape(self.n_rows, self.n_pad)
-        return (self.step * (pts - dither.to(dev)))[:, :self.n_cols]
+            w = (self.step * (pts - dither)).to(self.stream.device)
+        if self.pruned:
+            w = w * self._kept_mask().to(w.device)
+        return w[:, :self.n_cols]
 
     def validate(self) -> None:
         """Decode the stream: the right number of coordinates (a truncated, overlong or undecodable stream is
@@ -386,6 +500,9 @@ class LatticeCode(WeightCode):
             par = seg % 2
             if bool((par != par[:, :1]).any()) or bool((seg.sum(1) % 4 != 0).any()):
                 raise ValueError("lattice E8 points must be all integers or all half-integers with an even sum")
+        d = self._decoded()
+        if d["pruned"] is not None and bool((d["symbols"][d["pruned"]] != 0).any()):
+            raise ValueError("a pruned lattice segment (first symbol 0) must have all its symbols 0")
         if self.finetune:
             k, _ = self._codeword_index()
             if tuple(self.codewords.shape) != (k, self.dim):
@@ -393,11 +510,18 @@ class LatticeCode(WeightCode):
                                  f"{tuple(self.codewords.shape)}, not ({k}, {self.dim})")
             if not bool(torch.isfinite(self.codewords).all()):
                 raise ValueError("the fine-tuned codewords hold NaN or Inf")
+        if "values" in self._parameters:
+            coords, _ = self._value_index()
+            if tuple(self.values.shape) != (max(len(coords), 1),):
+                raise ValueError(f"the stream uses {len(coords)} distinct coordinates, but the code holds "
+                                 f"{tuple(self.values.shape)} shared values")
+            if not bool(torch.isfinite(self.values).all()):
+                raise ValueError("the shared values hold NaN or Inf")
 
     def symbols(self) -> torch.Tensor:
-        """The integer symbols the stream codes, (rows * n_pad / dim, dim) int64 (see `_to_symbols`)."""
-        ints, _ = self._decode()
-        return _to_symbols(ints.reshape(-1, self.dim), self.lattice)
+        """The integer symbols the stream codes, (rows * n_pad / dim, dim) int64 (see `_to_symbols`; with pruning
+        the first symbols marked, `_mark_pruned`)."""
+        return self._decoded()["symbols"]
 
     def _coded_bytes(self, coder) -> int | None:
         """coder(symbols - min, range) over the symbols' own histogram, plus 8 bytes for min; None when the
@@ -426,38 +550,54 @@ class LatticeCode(WeightCode):
         codewords (float32, or the storage dtype under `compressed_size(store_dtype=...)`), if any."""
         data = self.stream.detach().cpu().numpy().tobytes()
         book = stored_bytes(self.codewords) if self.finetune else 0
+        if "values" in self._parameters:
+            book += stored_bytes(self.values)
         return CodeSize(index_bytes=len(data), other_bytes=_SIDE_BYTES, codebook_bytes=book,
                         entropy_index_bytes=self.huffman_bytes(), ans_index_bytes=self.ans_bytes(), streams=[data],
                         d=self.dim,
                         k=len(self.codewords) if self.finetune else None)
 
     def config(self) -> dict:
-        return {"rows": self.n_rows, "n": self.n_cols, "lattice": self.lattice, "step": self.step,
-                "seed": self.seed, "coder": self.coder, "nbytes": int(self.stream.numel()),
-                "finetune": self.finetune, "n_codewords": len(self.codewords) if self.finetune else 0}
+        out = {"rows": self.n_rows, "n": self.n_cols, "lattice": self.lattice, "step": self.step,
+               "seed": self.seed, "coder": self.coder, "nbytes": int(self.stream.numel()),
+               "finetune": self.finetune, "n_codewords": len(self.codewords) if self.finetune else 0}
+        if self.pruned:
+            out["pruned"] = True
+        if "values" in self._parameters:
+            out["n_values"] = len(self.values)
+        return out
 
     @classmethod
     def from_config(cls, rows: int, n: int, lattice: str, step: float, seed: int, coder: str,
-                    nbytes: int, finetune: bool = False, n_codewords: int = 0) -> "LatticeCode":
+                    nbytes: int, finetune: bool = False, n_codewords: int = 0, pruned: bool = False,
+                    n_values: int = 0) -> "LatticeCode":
         for name, v, low in (("rows", rows, 1), ("n", n, 1), ("seed", seed, 0), ("nbytes", nbytes, 0),
-                             ("n_codewords", n_codewords, 0)):
+                             ("n_codewords", n_codewords, 0), ("n_values", n_values, 0)):
             check_int(f"LatticeCode {name}", v, low)
         check_bool("LatticeCode finetune", finetune)
-        return cls(rows, n, lattice, step, seed, coder, nbytes, finetune, n_codewords)
+        check_bool("LatticeCode pruned", pruned)
+        return cls(rows, n, lattice, step, seed, coder, nbytes, finetune, n_codewords, pruned, n_values)
 
     def packing(self) -> dict[str, int]:
         return {}                   # the stream is already coded: stored as raw bytes
 
     def describe(self) -> dict:
         count = self.n_rows * self.n_cols
-        setting = f"{self.lattice} step={self.step:g} {self.coder}" + (" fine-tuned" if self.finetune else "")
-        return {"method": self.kind, "setting": setting, "K": len(self.codewords) if self.finetune else None,
-                "d": self.dim, "bits_per_weight": 8.0 * self.stream.numel() / count if count else None}
+        setting = (f"{self.lattice} step={self.step:g} {self.coder}" + (" pruned" if self.pruned else "")
+                   + (" point codewords" if self.finetune else "")
+                   + (" shared values" if "values" in self._parameters else ""))
+        out = {"method": self.kind, "setting": setting, "K": len(self.codewords) if self.finetune else None,
+               "d": self.dim, "bits_per_weight": 8.0 * self.stream.numel() / count if count else None}
+        if self.pruned:
+            out["sparsity"] = self.sparsity()
+        return out
 
     def extra_repr(self) -> str:
         return (f"rows={self.n_rows}, n={self.n_cols}, lattice={self.lattice}, step={self.step}, seed={self.seed}, "
                 f"coder={self.coder}, bytes={self.stream.numel()}"
-                + (f", codewords={len(self.codewords)}" if self.finetune else ""))
+                + (f", codewords={len(self.codewords)}" if self.finetune else "")
+                + (", pruned" if self.pruned else "")
+                + (f", values={len(self.values)}" if "values" in self._parameters else ""))
 
 
 # ---------------------------------------------------------------- config + handler
@@ -480,10 +620,15 @@ class LatticeConfig(QuantConfig):
             zigzag-varint bytes uncompressed).
         pad: quantize rows whose length is no multiple of the dimension with zeros appended (coded too; the
             rows() drop them); else such a layer is refused by `check` before the model is touched.
-        finetune: make each layer's distinct lattice points trainable codewords (Choi et al.'s fine-tuning of
-            the quantized network, e.g. with `vqlab.fit`); they are stored and counted as float32 codebook bytes.
+        prune: fraction in [0, 1) of each layer's segments, smallest L2 norm first, pruned to exactly zero and coded
+            in the stream (module docstring); 0 = none.
+        finetune: "values" (Choi et al.): the shared coordinate values become trainable (a few dozen floats per
+            layer, counted from quantization on, so fine-tuning, e.g. with `vqlab.fit`, leaves the size unchanged);
+            True or "points" (earlier versions): every distinct lattice point a trainable codeword, stored and
+            counted as float32 codebook bytes (about as many as the segments); False: nothing trainable.
     Example:
         >>> quantize_(model, LatticeConfig(lattice="E8", step=0.02))
+        >>> quantize_(model, LatticeConfig(lattice="Z", step=0.01, prune=0.6, finetune="values"))   # Choi et al.
     """
 
     name: ClassVar[str] = "lattice"
@@ -492,15 +637,17 @@ class LatticeConfig(QuantConfig):
     seed: int = 0
     coder: str = "lzma"
     pad: bool = False
-    finetune: bool = False
+    finetune: bool | str = False
+    prune: float = 0.0
 
     def validate(self) -> None:
         _check_lattice(self.lattice)
         _check_step(self.step)
         _check_coder(self.coder)
         check_int("seed", self.seed, 0)
-        for f in ("pad", "finetune"):
-            check_bool(f, getattr(self, f))
+        check_bool("pad", self.pad)
+        _finetune_mode(self.finetune)
+        object.__setattr__(self, "prune", check_fraction("prune", self.prune))
 
     def check(self, module: nn.Module, name: str) -> None:
         super().check(module, name)
@@ -516,5 +663,5 @@ class LatticeConfig(QuantConfig):
 def _lattice_handler(modules: list[tuple[str, nn.Module]], config: LatticeConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
         code = LatticeCode.from_weight(m.weight, config.lattice, config.step, layer_seed(config.seed, name),
-                                       config.coder, config.pad, config.finetune)
+                                       config.coder, config.pad, config.finetune, config.prune)
         yield name, quantized_layer(m, code)

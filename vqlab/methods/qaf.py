@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..bits import packed_bytes
-from ..checks import check_choice, check_int, check_number
+from ..checks import check_bool, check_choice, check_int, check_number
 from ..codes import CodeSize, WeightCode, packed_ans_bytes, register_code, stored_bytes
 from ..config import QuantConfig, register_handler
 from ..kernels.flops import conv_out_hw
@@ -215,15 +215,34 @@ def cp_decompose(weight: torch.Tensor, rank: int, bits: int | None = None, algor
 
 # ---------------------------------------------------------------- the code and the layers
 
+class _RoundSTE(torch.autograd.Function):
+    """round(x) clamped to [-qmax, qmax] forward, the identity backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, qmax: int) -> torch.Tensor:
+        return torch.round(x).clamp(-qmax, qmax)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g, None
+
+
 @register_code
 class QAFCode(WeightCode):
     """Quantized CP factors of one layer: buffers q0..q{N-1} (dims[n], R) uint8 holding q + 2^(b-1) - 1 (packed at
     b bits) and `scale` (R,) float32, lambda.  dims: (O, I, kh, kw) for a conv, (O, I) for a linear.
-    rows() = the reconstructed weight as rows (O, I * kh * kw)."""
+    rows() = the reconstructed weight as rows (O, I * kh * kw).
+
+    finetune=True: fine-tuning of the quantized factors on their grid — `scale` becomes a trainable parameter and
+    every factor gets a training-only float copy `latent<n>` (initialised to its integers); a training forward uses
+    round(latent) clamped to the grid (straight-through gradient to the latent) and writes those integers into
+    q<n>, so the stored factors are always grid points (`latent*` are neither saved nor counted; `vqlab.load`
+    rebuilds them from the integers)."""
 
     kind = "qaf"
 
-    def __init__(self, dims: list[int], rank: int, bits: int, algorithm: str = "admm", rel_error: float = float("nan")):
+    def __init__(self, dims: list[int], rank: int, bits: int, algorithm: str = "admm", rel_error: float = float("nan"),
+                 finetune: bool = False):
         super().__init__()
         dims = [int(v) for v in dims]
         if len(dims) not in (2, 4) or min(dims) < 1:
@@ -235,15 +254,48 @@ class QAFCode(WeightCode):
         self.rel_error = float(rel_error)
         for i, d in enumerate(dims):
             self.register_buffer(f"q{i}", torch.zeros(d, rank, dtype=torch.uint8))
-        self.register_buffer("scale", torch.zeros(rank))
+        self.finetune = check_bool("finetune", finetune)
+        if finetune:
+            self.scale = nn.Parameter(torch.zeros(rank))
+            for i in range(len(dims)):
+                self.register_parameter(f"latent{i}", None)
+        else:
+            self.register_buffer("scale", torch.zeros(rank))
+
+    @property
+    def training_only(self) -> tuple[str, ...]:
+        return tuple(f"latent{i}" for i in range(len(self.dims))) if self.finetune else ()
 
     @classmethod
-    def from_result(cls, dims: list[int], res: CPResult, bits: int, algorithm: str) -> "QAFCode":
-        code = cls(dims, res.scales.numel(), bits, algorithm, res.rel_error)
+    @torch.no_grad()
+    def from_result(cls, dims: list[int], res: CPResult, bits: int, algorithm: str,
+                    finetune: bool = False) -> "QAFCode":
+        code = cls(dims, res.scales.numel(), bits, algorithm, res.rel_error, finetune)
         for i, q in enumerate(res.q):
             getattr(code, f"q{i}").copy_(q + _qmax(bits))
         code.scale.copy_(res.scales)
+        code.after_load()
         return code
+
+    @torch.no_grad()
+    def after_load(self) -> None:
+        """With finetune, (re)create the training-only float factors from the stored integers."""
+        if self.finetune:
+            for i, q in enumerate(self.ints()):
+                setattr(self, f"latent{i}", nn.Parameter(q.clone()))
+
+    def train_rows(self) -> torch.Tensor:
+        """With finetune and a training forward: the rows from round(latent) on the grid (straight-through), the
+        integers written into q<n>; otherwise rows()."""
+        if not (self.finetune and self.training and torch.is_grad_enabled()) or self.latent0 is None:
+            return self.rows()
+        qm = _qmax(self.bits)
+        ints = [_RoundSTE.apply(getattr(self, f"latent{i}"), qm) for i in range(len(self.dims))]
+        with torch.no_grad():
+            for i, q in enumerate(ints):
+                getattr(self, f"q{i}").copy_((q.detach() + qm).to(torch.uint8))
+        f = [ints[0] * self.scale] + ints[1:]
+        return (f[0] @ _kr(f[1:]).T).reshape(self.shape)
 
     def ints(self) -> list[torch.Tensor]:
         """The integer factors (dims[n], R) as float32 (exact small integers)."""
@@ -263,19 +315,22 @@ class QAFCode(WeightCode):
         return (f[0] @ _kr(f[1:]).T).reshape(self.shape)
 
     def size(self, seen: set[int]) -> CodeSize:
-        seen.update(id(t) for t in self.buffers())
+        seen.update(id(t) for t in list(self.buffers()) + list(self.parameters()))
         index = sum(packed_bytes(getattr(self, f"q{i}").numel(), self.bits) for i in range(len(self.dims)))
         return CodeSize(index_bytes=index, other_bytes=stored_bytes(self.scale), ans_index_bytes=packed_ans_bytes(self),
                         index_bits=self.bits)
 
     def config(self) -> dict:
-        return {"dims": list(self.dims), "rank": self.rank, "bits": self.bits, "algorithm": self.algorithm,
-                "rel_error": self.rel_error}
+        out = {"dims": list(self.dims), "rank": self.rank, "bits": self.bits, "algorithm": self.algorithm,
+               "rel_error": self.rel_error}
+        if self.finetune:
+            out["finetune"] = True
+        return out
 
     @classmethod
     def from_config(cls, dims: list[int], rank: int, bits: int, algorithm: str = "admm",
-                    rel_error: float = float("nan")) -> "QAFCode":
-        return cls(dims, rank, bits, algorithm, rel_error)
+                    rel_error: float = float("nan"), finetune: bool = False) -> "QAFCode":
+        return cls(dims, rank, bits, algorithm, rel_error, finetune)
 
     def packing(self) -> dict[str, int]:
         return {f"q{i}": self.bits for i in range(len(self.dims))}
@@ -358,6 +413,7 @@ class QAFConfig(QuantConfig):
         bits: factor bits b, 2..8 (symmetric grid, 2^b - 1 levels).
         algorithm: "admm" (QAF) or "ptq" (the baseline: CP-ALS, then the factors quantized).
         iters, inner: ADMM outer sweeps and inner steps per mode.  als_iters: CP-ALS iterations.  seed: ALS seed.
+        finetune: make the factors trainable on their grid and the scales trainable (`QAFCode`), for `vqlab.fit`.
     Example:
         >>> quantize_(model, QAFConfig(rank_ratio=0.25, bits=4, algorithm="admm"))
     """
@@ -371,6 +427,7 @@ class QAFConfig(QuantConfig):
     inner: int = 5
     als_iters: int = 200
     seed: int = 0
+    finetune: bool = False
 
     def validate(self) -> None:
         if (self.rank is None) == (self.rank_ratio is None):
@@ -385,6 +442,7 @@ class QAFConfig(QuantConfig):
         check_int("inner", self.inner, 1)
         check_int("als_iters", self.als_iters, 1)
         check_int("seed", self.seed, 0)
+        check_bool("finetune", self.finetune)
 
     def check(self, module: nn.Module, name: str) -> None:
         super().check(module, name)
@@ -400,5 +458,5 @@ def _qaf_handler(modules: list[tuple[str, nn.Module]], config: QAFConfig) -> Ite
         rank = layer_rank(m, config.rank, config.rank_ratio)
         res = cp_decompose(m.weight, rank, config.bits, "admm" if config.algorithm == "admm" else "als",
                            iters=config.iters, inner=config.inner, als_iters=config.als_iters, seed=config.seed)
-        code = QAFCode.from_result(list(m.weight.shape), res, config.bits, config.algorithm)
+        code = QAFCode.from_result(list(m.weight.shape), res, config.bits, config.algorithm, config.finetune)
         yield name, quantized_layer(m, code)

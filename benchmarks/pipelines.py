@@ -1,0 +1,96 @@
+"""Run the papers' pipelines (`vqlab.pipelines`) on the ResNet-20 / Fashion-MNIST baseline and record every run.
+
+    python benchmarks/pipelines.py choi --lattice Z --step 0.02 --prune 0.6 --seed 0
+    python benchmarks/pipelines.py vqdnn --k 256 --d 8 --codebook shared --seed 0
+    python benchmarks/pipelines.py compress --target 64 --seed 0
+
+Each run appends its stages (one row per stage, with the setting and the wall time) to
+data/tables/pipelines_resnet20.csv and its final row to data/tables/pipelines_resnet20_final.csv, and saves the
+compressed model under runs/ (not committed).  Long: minutes to an hour on 2 CPU cores; CI never runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import vqlab
+from vqlab import pipelines
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "data" / "tables"
+MODEL, DATASET, EPOCHS = "resnet20", "fashion-mnist", 30
+
+
+def baseline():
+    model, meta = vqlab.train_or_load(MODEL, DATASET, epochs=EPOCHS, progress=False)
+    return model.eval(), meta
+
+
+def _append(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = not path.exists()
+    df.to_csv(path, mode="a", header=header, index=False)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("pipeline", choices=["choi", "vqdnn", "compress"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lattice", default="Z")
+    p.add_argument("--step", type=float, default=0.02)
+    p.add_argument("--prune", type=float, default=0.5)
+    p.add_argument("--coder", default="lzma")
+    p.add_argument("--prune-steps", type=int, default=1000)
+    p.add_argument("--finetune-steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--k", type=int, default=256)
+    p.add_argument("-d", type=int, default=8)
+    p.add_argument("--codebook", default="shared")
+    p.add_argument("--reassign-every", type=int, default=0)
+    p.add_argument("--target", type=float, default=64.0)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--tag", default="")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    train, test = vqlab.load_dataset(DATASET, "train"), vqlab.load_dataset(DATASET, "test")
+    model, meta = baseline()
+    t0 = time.perf_counter()
+    if a.pipeline == "choi":
+        q, rep = pipelines.choi(model, train, test, lattice=a.lattice, step=a.step, prune=a.prune, coder=a.coder,
+                                prune_steps=a.prune_steps, finetune_steps=a.finetune_steps, lr=a.lr, seed=a.seed)
+        stages, setting = rep.stages, rep.setting
+    elif a.pipeline == "vqdnn":
+        q, rep = pipelines.vqdnn(model, train, test, k=a.k, d=a.d, codebook=a.codebook,
+                                 finetune_steps=a.finetune_steps, reassign_every=a.reassign_every, lr=a.lr,
+                                 seed=a.seed)
+        stages, setting = rep.stages, rep.setting
+    else:
+        q, report = vqlab.compress(model, train, target_ratio=a.target, val_ds=test, epochs=a.epochs, seed=a.seed)
+        acc = report.accuracy
+        stages = pd.DataFrame([pipelines.measure(q, test, stage="compress", what=f"target {a.target:g}x",
+                                                 float_accuracy=report.float_accuracy, seconds=report.seconds,
+                                                 store_dtype="float16")])
+        setting = {"pipeline": "compress", "target": a.target, "epochs": a.epochs, "seed": a.seed}
+        assert abs(stages["accuracy"].iloc[0] - acc) < 1e-6
+    seconds = time.perf_counter() - t0
+    run = f"{a.pipeline}-{a.tag or int(time.time())}"
+    stages = stages.assign(run=run, setting=json.dumps(setting), total_seconds=seconds,
+                           float_acc=meta["test_acc"])
+    _append(stages, RESULTS / "pipelines_resnet20.csv")
+    _append(stages.tail(1), RESULTS / "pipelines_resnet20_final.csv")
+    os.makedirs(ROOT / "runs", exist_ok=True)
+    vqlab.save(q, ROOT / "runs" / f"{run}.vqz", store_dtype="float16", index_coding="ans")
+    print(stages.drop(columns=["setting"]).round(4).to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
