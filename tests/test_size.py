@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from vqlab.bits import ans_bytes, huffman_bytes
 from vqlab.methods.vq import VQLinear
+from vqlab.io import load as vqlab_load, save as vqlab_save
 from vqlab.models import get_model
 from vqlab.methods.vq import VQConfig
 from vqlab.quantize import all_layers, quantize_
@@ -253,3 +254,18 @@ def test_ans_figure_of_a_float_model_is_its_size():
     model = _small_model()
     r = compressed_size(model)
     assert r.ans_bytes == r.compressed_bytes and (r.layers["ans_index_bytes"] == 0).all()
+
+
+def test_a_rounded_model_carries_its_storage_dtype(tmp_path):
+    """What round_to_store_dtype_ (and vqlab.compress) returns counts and saves at that dtype by default."""
+    torch.manual_seed(0)
+    model = get_model("lenet5", input_size=8)
+    quantize_(model, VQConfig(k=16, d=2, iters=3), progress=False)
+    plain = compressed_size(model).compressed_bytes
+    round_to_store_dtype_(model, "float16")
+    assert compressed_size(model).compressed_bytes == compressed_size(model, store_dtype="float16").compressed_bytes
+    assert compressed_size(model).compressed_bytes < plain
+    a = vqlab_save(model, tmp_path / "a.vqz")
+    b = vqlab_save(model, tmp_path / "b.vqz", store_dtype="float16")
+    assert a == b and compressed_size(vqlab_load(tmp_path / "a.vqz")).ratio == compressed_size(model).ratio
+    assert compressed_size(model, store_dtype="float32").compressed_bytes == plain      # asked for: as asked

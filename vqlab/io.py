@@ -67,7 +67,7 @@ from .codes import WeightCode, stored_dtype
 from .dtypes import FILE_DTYPES, check_store_dtype, dtype_name
 from .layers import QuantizedLayer
 from .legacy import build_legacy_model
-from .size import check_store_range, training_only_ids
+from .size import check_store_range, model_store_dtype, training_only_ids
 
 __all__ = ["save", "load", "VQFileError", "FORMAT_VERSION", "READ_VERSIONS", "ALLOWED_TYPES", "META_CAP",
            "ANS_CAP", "ANS_PER_BYTE", "INDEX_CODINGS"]
@@ -195,8 +195,8 @@ def save(model: nn.Module | list[nn.Module], path: str | os.PathLike, store_dtyp
 
     model: one nn.Module, or a list of them: every object they share (a universal codebook) is stored once,
         and `load(path)` returns the list.
-    store_dtype: None (every tensor at its dtype), or torch.float16 / torch.bfloat16 / torch.float32 or the
-        name: every float tensor wider than it (codebooks, biases, float layers, BatchNorm, side tensors) is
+    store_dtype: None (the dtype the model carries, `vqlab.size.model_store_dtype`, else every tensor at its
+        dtype), or torch.float16 / torch.bfloat16 / torch.float32 or the name: every float tensor wider than it (codebooks, biases, float layers, BatchNorm, side tensors) is
         written at it and loaded back as its own dtype, rounded — `vqlab.size.round_to_store_dtype_(model,
         store_dtype)` first makes the model in memory equal to the loaded one.
     index_coding: "packed" (bit-packed at ceil(log2 K) bits) or "ans": every bit-packed stream (VQ indices, the
@@ -210,7 +210,7 @@ def save(model: nn.Module | list[nn.Module], path: str | os.PathLike, store_dtyp
         `vqlab.save([m1, m2, m3], "three.vqz"); m1, m2, m3 = vqlab.load("three.vqz")`;
         `vqlab.save(model, "small.vqz", store_dtype="float16", index_coding="ans")`.
     """
-    store = check_store_dtype(store_dtype)
+    store = check_store_dtype(store_dtype if store_dtype is not None else model_store_dtype(model))
     if index_coding not in INDEX_CODINGS:
         raise ValueError(f"index_coding must be one of {list(INDEX_CODINGS)}, got {index_coding!r}")
     model, count = _as_module(model)

@@ -43,7 +43,7 @@ from .codebook import Codebook
 from .codes import WeightCode, stored_bytes, stored_dtype, storing_as, tensor_bytes
 from .dtypes import check_store_dtype
 
-__all__ = ["SizeReport", "compressed_size", "round_to_store_dtype_", "training_only_ids", "pack_indices", "unpack_indices",
+__all__ = ["SizeReport", "compressed_size", "round_to_store_dtype_", "training_only_ids", "model_store_dtype", "pack_indices", "unpack_indices",
            "huffman_code_lengths", "huffman_bytes", "ans_bytes", "packed_bytes", "LZMA_FILTERS"]
 
 
@@ -95,6 +95,14 @@ class SizeReport:
                              "bytes": [self.dense_bytes, self.compressed_bytes, self.huffman_bytes, self.ans_bytes,
                                        self.lzma_bytes],
                              "ratio": [1.0, self.ratio, self.huffman_ratio, self.ans_ratio, self.lzma_ratio]})
+
+
+def model_store_dtype(model) -> str | None:
+    """The storage dtype a model carries (`round_to_store_dtype_` sets it, e.g. on what `vqlab.compress` returns):
+    what `compressed_size(model)` and `save(model, path)` use when no store_dtype is given; None for most models.
+    A list of models carries the first model's."""
+    first = model[0] if isinstance(model, (list, tuple)) and model else model
+    return getattr(first, "vqlab_store_dtype", None) if isinstance(first, nn.Module) else None
 
 
 def training_only_ids(model: nn.Module) -> set[int]:
@@ -154,10 +162,10 @@ def compressed_size(model: nn.Module | Sequence[nn.Module], codebook_in_rom: boo
         is counted once, at the first model that reaches it, and `per_model` has one row per model.
     codebook_in_rom: leave out every frozen `vqlab.Codebook` (a universal codebook held in ROM, as VQ4ALL
         reports it): its bytes are counted nowhere.
-    store_dtype: None (every tensor at its dtype), torch.float16 / torch.bfloat16 / torch.float32 or the name:
-        floating-point tensors wider than it are counted at its itemsize, as `save(..., store_dtype=...)`
-        writes them (codebooks, biases, float layers, BatchNorm, side tensors; indices unchanged).
-        ValueError for another value.
+    store_dtype: None (the dtype the model carries, `model_store_dtype`, else every tensor at its dtype),
+        torch.float16 / torch.bfloat16 / torch.float32 or the name: floating-point tensors wider than it are counted
+        at its itemsize, as `save(..., store_dtype=...)` writes them (codebooks, biases, float layers, BatchNorm,
+        side tensors; indices unchanged).  ValueError for another value.
     Example: `r = compressed_size(model); r.ratio, r.layers`;  `compressed_size([m1, m2, m3]).per_model`;
         `compressed_size(model, store_dtype="float16").summary()`.
     raises ValueError, naming the model's type, when it holds no parameters or buffers at all (an
@@ -166,7 +174,7 @@ def compressed_size(model: nn.Module | Sequence[nn.Module], codebook_in_rom: boo
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     if not models or not all(isinstance(m, nn.Module) for m in models):
         raise TypeError(f"compressed_size takes an nn.Module or a non-empty list of them, got {model!r:.80}")
-    store = check_store_dtype(store_dtype)
+    store = check_store_dtype(store_dtype if store_dtype is not None else model_store_dtype(models))
     rows, seen, streams = [], set(), []
     if codebook_in_rom:
         seen.update(id(b.weight) for m in models for b in m.modules() if isinstance(b, Codebook) and b.frozen)
@@ -232,7 +240,9 @@ def round_to_store_dtype_(model: nn.Module, store_dtype: torch.dtype | str) -> n
     """Round, in place, every tensor that `save(model, path, store_dtype=...)` would store at `store_dtype` to the
     nearest value of that dtype, keeping each tensor's own dtype (float32 values that are exactly float16 ones):
     evaluating the model then gives exactly what the saved and re-loaded model gives.  Training-only tensors
-    (a VQ layer's `latent`) are left as they are.  returns `model`.
+    (a VQ code's `latent`) are left as they are.  The model then carries the dtype (`vqlab_store_dtype`), so
+    `compressed_size(model)` and `save(model, path)` count and write it that way unless told otherwise.
+    returns `model`.
 
     store_dtype: torch.float16 / torch.bfloat16 / torch.float32 or the name (None: nothing to round).
     raises ValueError for another store_dtype, or naming a tensor with a finite value beyond the dtype's range.
@@ -244,4 +254,5 @@ def round_to_store_dtype_(model: nn.Module, store_dtype: torch.dtype | str) -> n
     rounded = [(t, check_store_range(name, t, store)) for name, t in _stored_floats(model, store)]
     for t, r in rounded:                      # all checked first: an error leaves the model unchanged
         t.copy_(r.to(t.dtype))
+    model.vqlab_store_dtype = str(store).removeprefix("torch.")     # what save / compressed_size now default to
     return model
