@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends import numba_available, numba_matmul
+from .backends import numba_matmul, numba_usable
 from .checked import CheckedIndices
 from .reference import check_indices
 from .registry import KernelBackend, register_backend
@@ -268,6 +268,17 @@ def error_sigma(steps: np.ndarray, segments: int, table_group: int = GROUP) -> n
     g = group_size(segments, table_group)
     counts = np.minimum(g, segments - g * np.arange(steps.shape[1]))
     return np.sqrt((counts * steps.astype(np.float64) ** 2).sum(axis=1) / 12.0)
+
+
+def _forget_threads_in_child() -> None:
+    """A forked child has none of the parent's pool threads: a cached executor would queue work that no thread
+    runs (the call would hang).  Forget the pools and the compile lock there (they are made again when needed)."""
+    global _LOCK
+    _POOL.clear()
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_threads_in_child)
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -509,7 +520,7 @@ def notice(reason: str) -> None:
 def _fallback(xf: torch.Tensor, book: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
     """No native kernel here: the exact numba kernel (or dequantize + GEMM) after a one-line notice."""
     notice(native_status().split(": ", 1)[-1])
-    if numba_available():
+    if numba_usable():
         return numba_matmul(xf, book, checked)
     w = book.to(torch.float32)[checked.copy.long()].reshape(checked.copy.shape[0], -1)
     return xf @ w.T
