@@ -392,3 +392,47 @@ def test_no_avx2_falls_back_to_numba_with_one_notice(monkeypatch):
     assert len([w for w in caught if "simd" in str(w.message)]) == 1
     assert "AVX2" in simd.native_status() or "compiler" in simd.native_status()
     assert torch.equal(y, vq_matmul(x, book, idx, backend="numba"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_codebook_gives_the_reference_on_every_backend(bad):
+    """A NaN/Inf codeword, unused or used, in a K <= 16 codebook: every backend (and the packed code, and the
+    convolution) gives what the reference gives (issue 27 item 2: simd had made every output NaN)."""
+    from vqlab.methods.vq import VQConfig
+    from vqlab.methods.vq_simd import pack_simd_
+    from vqlab.quantize import all_layers, quantize_
+
+    g = torch.Generator().manual_seed(0)
+    book = torch.randn(8, 2, generator=g)
+    book[7, 1] = bad
+    idx = torch.randint(0, 7, (32, 8), dtype=torch.uint8, generator=g)      # codeword 7 unused
+    x = torch.randn(3, 16, generator=g)
+    for used in (False, True):
+        if used:
+            idx[5, 3] = 7
+        want = x @ dequantize(book, idx).T
+        assert bool(torch.isfinite(want).all()) != used
+        for backend in ("torch", *K.available_backends(approximate=True)[1:]):
+            for i in (idx, idx.long()):                                   # the direct and the checked paths
+                torch.testing.assert_close(vq_matmul(x, book, i, backend=backend), want, equal_nan=True)
+        if NATIVE:
+            torch.testing.assert_close(simd.simd_matmul(x, book, idx), want, equal_nan=True)
+            packed = simd.simd_pack(idx, 8)
+            torch.testing.assert_close(simd.simd_matmul_packed(x, book, packed, 32), want, equal_nan=True)
+        xc = torch.randn(2, 4, 5, 5, generator=g)
+        wc = dequantize(book, idx[:, :8].reshape(32, 8)).reshape(32, 4, 2, 2)
+        for backend in ("torch", "numba", "simd"):
+            y = vq_conv2d(xc, book, idx, (32, 4, 2, 2), segment="kernel", backend=backend)
+            torch.testing.assert_close(y, F.conv2d(xc, wc), equal_nan=True, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32))
+    quantize_(model, VQConfig(k=8, d=2, iters=2), filter_fn=all_layers, progress=False)
+    pack_simd_(model)
+    model.eval()
+    with torch.no_grad():
+        model[0].codebook.weight[0, 7] = bad
+        model[0].set_indices(model[0].unpack().clamp(max=6))
+        want = F.linear(x, model[0].weight, model[0].bias)
+        y = model(x)
+    assert bool(torch.isfinite(y).all())
+    torch.testing.assert_close(y, want)

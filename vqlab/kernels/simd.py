@@ -23,6 +23,10 @@ stored only in the kernel's own layout (`simd_pack`: 4 bits per index, interleav
 two shuffles) and `simd_matmul_packed` reads it with no transpose -- the fast form (about 2x the row-major
 one at batch 1), with bit-identical outputs.  (2) Any VQ layer or call with backend "simd", described next.
 
+A codebook with a NaN or Inf value (used or not) would make every table, and so every output, NaN: for such a
+codebook every entry here (`simd_matmul`, `simd_matmul_packed`, the backend, `SimdCode`) runs the exact reference
+for that call instead, so it gives the reference's outputs, as every other backend does.
+
 Row-major indices: the kernel reads the caller's contiguous uint8 (m, S) index tensor itself, on every call --
 no private copy, no cache, no layout built in advance (it transposes 16 rows x 32 segments at a time in
 registers).  It also returns the largest index byte it read, and `simd_matmul` raises the ValueError of
@@ -54,7 +58,7 @@ import torch
 
 from .backends import numba_matmul, numba_usable
 from .checked import CheckedIndices
-from .reference import check_indices
+from .reference import check_indices, dequantize
 from .registry import KernelBackend, register_backend
 
 __all__ = ["GROUP", "ISAS", "simd_tables", "simd_matmul", "error_sigma", "native_isa", "native_status",
@@ -389,9 +393,25 @@ def _drive(x: torch.Tensor, codebook: torch.Tensor, m: int, table_group: int, co
     return out
 
 
+def _finite(codebook: torch.Tensor) -> bool:
+    """Whether every value of the codebook(s) is finite.  The tables are quantized over all K entries of a segment,
+    so one NaN or Inf codeword, used or not, would make every output of the kernel NaN."""
+    return bool(np.isfinite(_books(codebook).numpy()).all())
+
+
+def _exact(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The reference product in float32, x (B, n) @ dequantize(codebook, indices).T -> (B, m): what the kernels run
+    for a codebook with a non-finite value, so that such a codebook gives the reference's outputs on every
+    backend (finite where the non-finite codewords are unused).  ValueError for an index >= K, as the kernel."""
+    return x @ dequantize(codebook.detach().to(device="cpu", dtype=torch.float32), indices).T
+
+
 def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, table_group: int, code: int,
          threads: int | None) -> torch.Tensor:
-    """simd_matmul after its checks: the row-major kernel over tiles of 16 output rows (`_drive`)."""
+    """simd_matmul after its checks: the row-major kernel over tiles of 16 output rows (`_drive`); the exact
+    reference for a codebook with a non-finite value (`_exact`)."""
+    if not _finite(codebook):
+        return _exact(x, codebook, indices)
     lib = _loaded()[0]
     m, s = indices.shape
     k, d = codebook.shape[-2], codebook.shape[-1]
@@ -488,7 +508,10 @@ def simd_matmul_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Te
 
 def _run_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int, table_group: int, code: int,
                 threads: int | None) -> torch.Tensor:
-    """simd_matmul_packed after its checks: the packed kernel over blocks of 32 output rows (`_drive`)."""
+    """simd_matmul_packed after its checks: the packed kernel over blocks of 32 output rows (`_drive`); the exact
+    reference for a codebook with a non-finite value (`_exact`)."""
+    if not _finite(codebook):
+        return _exact(x, codebook, simd_unpack(packed, m, x.shape[1] // codebook.shape[-1], table_group))
     lib = _loaded()[0]
     codebook_groups, _, nblk = packed.shape[:3]
     k, d = codebook.shape[-2], codebook.shape[-1]
