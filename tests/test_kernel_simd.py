@@ -418,7 +418,7 @@ def test_nonfinite_codebook_gives_the_reference_on_every_backend(bad):
         if NATIVE:
             torch.testing.assert_close(simd.simd_matmul(x, book, idx), want, equal_nan=True)
             packed = simd.simd_pack(idx, 8)
-            torch.testing.assert_close(simd.simd_matmul_packed(x, book, packed, 32), want, equal_nan=True)
+            torch.testing.assert_close(simd._matmul_packed(x, book, packed, 32), want, equal_nan=True)
         xc = torch.randn(2, 4, 5, 5, generator=g)
         wc = dequantize(book, idx[:, :8].reshape(32, 8)).reshape(32, 4, 2, 2)
         for backend in ("torch", "numba", "simd"):

@@ -20,11 +20,13 @@ warnings.warn notice.  AVX-512 and NEON paths are not written (no such machine t
 
 Two index forms.  (1) A packed code (`vqlab.methods.vq.SimdCode`, made by `vqlab.pack_simd_`): the indices are
 stored only in the kernel's own layout (`simd_pack`: 4 bits per index, interleaved so one 32-byte load feeds
-two shuffles) and `simd_matmul_packed` reads it with no transpose -- the fast form (about 2x the row-major
-one at batch 1), with bit-identical outputs.  (2) Any VQ layer or call with backend "simd", described next.
+two shuffles) and `_matmul_packed` reads it with no transpose -- the fast form (about 2x the row-major
+one at batch 1), with bit-identical outputs.  The layout does not record its row count m (rows are padded to
+blocks of 32, so a buffer for 40 rows has the shape of one for 64), so reading it (`_matmul_packed`, `_unpack`)
+is private to `SimdCode`, which owns m, checks the buffer's shape against it and every index on load.  (2) Any VQ layer or call with backend "simd", described next.
 
 A codebook with a NaN or Inf value (used or not) would make every table, and so every output, NaN: for such a
-codebook every entry here (`simd_matmul`, `simd_matmul_packed`, the backend, `SimdCode`) runs the exact reference
+codebook every entry here (`simd_matmul`, the packed code `SimdCode`, the backend) runs the exact reference
 for that call instead, so it gives the reference's outputs, as every other backend does.
 
 Row-major indices: the kernel reads the caller's contiguous uint8 (m, S) index tensor itself, on every call --
@@ -62,7 +64,7 @@ from .reference import check_indices, dequantize
 from .registry import KernelBackend, register_backend
 
 __all__ = ["GROUP", "ISAS", "simd_tables", "simd_matmul", "error_sigma", "native_isa", "native_status",
-           "group_size", "simd_pack", "simd_unpack", "packed_shape", "simd_matmul_packed"]
+           "group_size", "simd_pack", "packed_shape"]
 
 GROUP = 64          # segments per table group: one quantization step each (even, <= 256 so that G * 255 fits uint16)
 TILE_ROWS = 16      # output rows the kernel transposes together
@@ -469,12 +471,13 @@ def simd_pack(indices: torch.Tensor, k: int, codebook_groups: int = 1, table_gro
     return nib.permute(0, 3, 1, 4, 6, 5, 2).contiguous().reshape(nb, ng, nblk, half, 32)
 
 
-def simd_unpack(packed: torch.Tensor, m: int, s: int, table_group: int = GROUP) -> torch.Tensor:
-    """The inverse of `simd_pack`: packed (codebook_groups, ngroups, nblk, Gs/2, 32) uint8 -> (m, S) uint8 indices."""
+def _unpack(packed: torch.Tensor, m: int, s: int, table_group: int = GROUP) -> torch.Tensor:
+    """The inverse of `simd_pack`: packed (codebook_groups, ngroups, nblk, Gs/2, 32) uint8 -> (m, S) uint8 indices.
+    Private to `SimdCode`: the buffer does not record m (module docstring), the caller must own it."""
     codebook_groups = packed.shape[0] if packed.dim() == 5 else 0
     shape = packed_shape(m, s, max(codebook_groups, 1), table_group)
     if packed.dtype != torch.uint8 or tuple(packed.shape) != shape:
-        raise ValueError(f"simd_unpack: packed must be uint8 {shape} for {m} x {s} indices, got "
+        raise ValueError(f"simd: packed must be uint8 {shape} for {m} x {s} indices, got "
                          f"{tuple(packed.shape)} {packed.dtype}")
     nb, ng, nblk, half, _ = shape
     g, gs = group_size(s, table_group), 2 * half
@@ -484,10 +487,11 @@ def simd_unpack(packed: torch.Tensor, m: int, s: int, table_group: int = GROUP) 
     return full.reshape(nb, nblk * 32, ng * g)[:, : m // nb, :s].reshape(m, s).contiguous()
 
 
-def simd_matmul_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int,
-                       table_group: int = GROUP, isa: str | None = None, threads: int | None = None) -> torch.Tensor:
+def _matmul_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int,
+                   table_group: int = GROUP, isa: str | None = None, threads: int | None = None) -> torch.Tensor:
     """y ~= x @ W.T from a packed code: x (B, S*d) contiguous float32 CPU, codebook (K <= 16, d) or (G, K, d),
     packed: `simd_pack`'s (G, ngroups, nblk, Gs/2, 32) uint8 CPU tensor for m rows -> (B, m) float32.
+    Private to `SimdCode` (`layer(x)` is the public way): the buffer does not record m, the caller must own it.
     Gives bit-identical outputs to `simd_matmul` on the unpacked indices.  For K < 16 every call reads every
     nibble and raises ValueError when one is >= K (with K = 16 every nibble is a codeword).  threads: as in
     `simd_matmul`."""
@@ -508,10 +512,10 @@ def simd_matmul_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Te
 
 def _run_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int, table_group: int, code: int,
                 threads: int | None) -> torch.Tensor:
-    """simd_matmul_packed after its checks: the packed kernel over blocks of 32 output rows (`_drive`); the exact
+    """_matmul_packed after its checks: the packed kernel over blocks of 32 output rows (`_drive`); the exact
     reference for a codebook with a non-finite value (`_exact`)."""
     if not _finite(codebook):
-        return _exact(x, codebook, simd_unpack(packed, m, x.shape[1] // codebook.shape[-1], table_group))
+        return _exact(x, codebook, _unpack(packed, m, x.shape[1] // codebook.shape[-1], table_group))
     lib = _loaded()[0]
     codebook_groups, _, nblk = packed.shape[:3]
     k, d = codebook.shape[-2], codebook.shape[-1]
