@@ -1,5 +1,6 @@
 """Backend "simd": exact against an integer emulation of the kernel, within 6 sigma of the float reference,
 odd shapes, the scalar path, refused indices, opt-in only, and the numba fallback when no compiler exists."""
+import os
 import warnings
 
 import numpy as np
@@ -436,3 +437,83 @@ def test_nonfinite_codebook_gives_the_reference_on_every_backend(bad):
         y = model(x)
     assert bool(torch.isfinite(y).all())
     torch.testing.assert_close(y, want)
+
+
+_PLANT = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) { FILE *f = fopen("%s", "w"); if (f) { fputs("ran", f); fclose(f); } }
+int vq_abi_version(void) { return 3; }
+"""
+
+
+def _plant(cc: str, folder, marker) -> None:
+    """A library named as the simd kernel's cache entry whose constructor writes `marker` when loaded."""
+    src = folder / "planted.c"
+    src.write_text(_PLANT % marker)
+    import subprocess
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(folder / simd._library_name(cc)), str(src)], check=True)
+    src.unlink()
+
+
+@pytest.mark.parametrize("how", ["world-writable folder", "group-writable library", "another owner", "symlink"])
+def test_a_library_planted_where_others_can_write_is_never_loaded(monkeypatch, tmp_path, how):
+    """Issue 27 item 6: the kernel was loaded from $TMPDIR/vqlab-<uid>/ (or the cache folder) without asking who owns
+    the folder and the file, so another local user could plant one whose constructor ran in this process."""
+    cc = simd._compiler()
+    if cc is None or simd._uid() is None:
+        pytest.skip("needs a C compiler and POSIX owners")
+    cache, tmp, marker = tmp_path / "cache", tmp_path / "tmp", tmp_path / "marker"
+    cache.mkdir(mode=0o700)
+    tmp.mkdir(mode=0o700)
+    monkeypatch.setenv("VQLAB_CACHE_DIR", str(cache))
+    monkeypatch.setattr(simd.tempfile, "tempdir", str(tmp))
+    shared = tmp / f"vqlab-{simd._uid()}"                  # the $TMPDIR fallback, as another user would make it
+    shared.mkdir(mode=0o700)
+    for folder in (cache, shared):
+        _plant(cc, folder, marker)
+    if how == "world-writable folder":
+        for folder in (cache, shared):
+            os.chmod(folder, 0o777)
+    elif how == "group-writable library":
+        for folder in (cache, shared):
+            os.chmod(folder / simd._library_name(cc), 0o775)
+    elif how == "another owner":
+        monkeypatch.setattr(simd, "_uid", lambda: os.getuid() + 1)
+    else:
+        real = tmp_path / "elsewhere"
+        real.mkdir(mode=0o700)
+        for folder in (cache, shared):
+            os.rename(folder / simd._library_name(cc), real / folder.name)
+            os.symlink(real / folder.name, folder / simd._library_name(cc))
+    simd._loaded.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="not using"):
+            lib, why = simd._loaded()
+        assert not marker.exists(), "the planted library was loaded"
+        assert lib is not None, why                         # a private folder of this process's own was used
+        x, book, idx = _case(40, 12, 16, 2, 3)
+        ref = x @ dequantize(book, idx).T
+        assert (simd.simd_matmul(x, book, idx) - ref).abs().max() < 0.05 * ref.abs().max()
+    finally:
+        simd._loaded.cache_clear()
+
+
+def test_the_tmpdir_fallback_is_private(monkeypatch, tmp_path):
+    cc = simd._compiler()
+    if cc is None or simd._uid() is None:
+        pytest.skip("needs a C compiler and POSIX owners")
+    monkeypatch.setenv("VQLAB_CACHE_DIR", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("not a folder")                      # the cache cannot be created
+    monkeypatch.setattr(simd.tempfile, "tempdir", str(tmp_path))
+    simd._loaded.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="not using"):
+            assert simd._loaded()[0] is not None
+        folder = tmp_path / f"vqlab-{simd._uid()}"
+        assert stat_mode(folder) == 0o700 and stat_mode(folder / simd._library_name(cc)) & 0o022 == 0
+    finally:
+        simd._loaded.cache_clear()
+
+
+def stat_mode(path) -> int:
+    return os.stat(path).st_mode & 0o777

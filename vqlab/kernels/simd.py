@@ -13,7 +13,9 @@ within 6 sigma.  Being approximate, "auto" never picks this backend: opt in with
 
 The C source (simd_lut.c, beside this file) is compiled with the system compiler ($CC, else cc/gcc/clang) at
 first use (about a second) into $VQLAB_CACHE_DIR, else $XDG_CACHE_HOME/vqlab, else ~/.cache/vqlab, keyed on
-the source, the compiler's version and the flags, and loaded through ctypes (calls release the GIL).  ISA:
+the source, the compiler's version and the flags, and loaded through ctypes (calls release the GIL).  Native code is
+loaded only from a folder and file that belong to this user and that no other user can write (`_unsafe`): a
+folder that fails is skipped with a warning, for $TMPDIR/vqlab-<uid> next, else a fresh private folder per process.  ISA:
 AVX2 where the CPU has it; $VQLAB_SIMD_ISA=scalar (or isa="scalar") forces the portable C path, which gives
 bit-identical results.  Without a compiler or without AVX2 the backend runs the numba kernel (exact) after one
 warnings.warn notice.  AVX-512 and NEON paths are not written (no such machine to test them on).
@@ -48,6 +50,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -102,12 +105,34 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _build() -> ctypes.CDLL:
-    """Compile simd_lut.c (once per source / compiler / flags; cached on disk) and load it.
-    raises _Unavailable with the reason."""
-    cc = _compiler()
-    if cc is None:
-        raise _Unavailable("no C compiler found (set $CC or install gcc)")
+def _uid() -> int | None:
+    """This process's user id (None where the OS has none: no ownership checks there)."""
+    return os.getuid() if hasattr(os, "getuid") else None
+
+
+def _unsafe(path: Path, folder: bool) -> str | None:
+    """Why native code must not be loaded from `path` (None: it may be).  A folder, or the library in it, must not be
+    a symlink, must belong to this user and be writable by no one else (no group or world write bit): otherwise
+    another local user could plant a library there whose constructor would run in this process."""
+    uid = _uid()
+    if uid is None:
+        return None
+    try:
+        info = os.lstat(path)
+    except OSError as e:
+        return f"{path} cannot be inspected ({e.strerror})"
+    if not (stat.S_ISDIR if folder else stat.S_ISREG)(info.st_mode):
+        return f"{path} is not a {'folder' if folder else 'regular file'}"
+    if info.st_uid != uid:
+        return f"{path} belongs to uid {info.st_uid}, not to this user (uid {uid})"
+    if info.st_mode & 0o022:
+        return f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def _library_name(cc: str) -> str:
+    """The cached library's file name, keyed on the source, the compiler and its version, the flags, the machine.
+    raises _Unavailable when the source is missing or the compiler does not run."""
     try:
         source = _SOURCE.read_bytes()
     except OSError as e:
@@ -118,47 +143,93 @@ def _build() -> ctypes.CDLL:
         raise _Unavailable(f"C compiler {cc} does not run ({e})") from None
     key = hashlib.sha256(b"\0".join([source, cc.encode(), version, " ".join(FLAGS).encode(),
                                      platform.machine().encode()])).hexdigest()[:20]
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"vqlab-{os.getuid() if hasattr(os, 'getuid') else 0}"):
-        lib = folder / f"simd_lut-{key}.so"
-        if not lib.exists():
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-                os.close(fd)
-            except OSError:
-                continue                                    # cache folder not writable: try the next
-            try:
-                run = subprocess.run([cc, *FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, timeout=120)
-                if run.returncode != 0:
-                    raise _Unavailable(f"{cc} failed: {run.stderr.decode(errors='replace').strip()[:300]}")
-                os.replace(tmp, lib)                        # atomic: concurrent builders never see half a file
-            except (OSError, subprocess.SubprocessError) as e:
-                raise _Unavailable(f"compiling with {cc} failed ({e})") from None
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+    return f"simd_lut-{key}.so"
+
+
+def _compile(cc: str, lib: Path) -> None:
+    """Compile simd_lut.c into `lib` (a temporary file in its folder, renamed: concurrent builders never see half a
+    file).  raises OSError when the folder is not writable, _Unavailable when the compiler fails."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, timeout=120)
+        if run.returncode != 0:
+            raise _Unavailable(f"{cc} failed: {run.stderr.decode(errors='replace').strip()[:300]}")
+        os.replace(tmp, lib)
+    except subprocess.SubprocessError as e:
+        raise _Unavailable(f"compiling with {cc} failed ({e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _cached(cc: str, folder: Path, name: str) -> tuple[Path | None, str]:
+    """(path of the library in `folder`, compiled there if missing, "") or (None, why not): the folder is created
+    private (0700) when missing, and neither it nor the library may be writable by another user (`_unsafe`)."""
+    folder = Path(os.path.realpath(folder))
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        return None, f"{folder} cannot be created ({e.strerror})"
+    why = _unsafe(folder, folder=True)
+    if why:
+        return None, why
+    lib = folder / name
+    if not os.path.lexists(lib):
         try:
-            dll = ctypes.CDLL(str(lib))
+            _compile(cc, lib)
         except OSError as e:
-            raise _Unavailable(f"loading the compiled kernel failed ({e})") from None
-        if dll.vq_abi_version() != 3:
-            raise _Unavailable("compiled kernel has another ABI version")
-        i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        dll.vq_isa_supported.argtypes, dll.vq_isa_supported.restype = [i32], i32
-        dll.vq_tables.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i32]
-        dll.vq_tables.restype = i32
-        dll.vq_lut_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i32]
-        dll.vq_lut_rows.restype = i32
-        dll.vq_matmul_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr,
-                                       ptr, ptr, i32]
-        dll.vq_matmul_rows.restype = i32
-        dll.vq_lut_packed.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32, ptr, i32]
-        dll.vq_lut_packed.restype = i32
-        dll.vq_matmul_packed.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr,
-                                         i32, ptr, i32]
-        dll.vq_matmul_packed.restype = i32
-        return dll
-    raise _Unavailable("no writable cache folder for the compiled kernel")
+            return None, f"{folder} is not writable ({e.strerror})"
+    why = _unsafe(lib, folder=False)
+    return (None, why) if why else (lib, "")
+
+
+def _bind(lib: Path) -> ctypes.CDLL:
+    """Load the compiled kernel and declare its functions' signatures."""
+    try:
+        dll = ctypes.CDLL(str(lib))
+    except OSError as e:
+        raise _Unavailable(f"loading the compiled kernel failed ({e})") from None
+    if dll.vq_abi_version() != 3:
+        raise _Unavailable("compiled kernel has another ABI version")
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    dll.vq_isa_supported.argtypes, dll.vq_isa_supported.restype = [i32], i32
+    dll.vq_tables.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i32]
+    dll.vq_tables.restype = i32
+    dll.vq_lut_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i32]
+    dll.vq_lut_rows.restype = i32
+    dll.vq_matmul_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr,
+                                   ptr, ptr, i32]
+    dll.vq_matmul_rows.restype = i32
+    dll.vq_lut_packed.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32, ptr, i32]
+    dll.vq_lut_packed.restype = i32
+    dll.vq_matmul_packed.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr,
+                                     i32, ptr, i32]
+    dll.vq_matmul_packed.restype = i32
+    return dll
+
+
+def _build() -> ctypes.CDLL:
+    """Compile simd_lut.c (once per source / compiler / flags; cached on disk) and load it.  Folders, in order: the
+    user cache (`_cache_dir`), $TMPDIR/vqlab-<uid>, each used only when it and the library belong to this user and
+    no one else can write them (`_cached`); else a fresh private temporary folder (mkdtemp, 0700), compiled into
+    for this process and removed once loaded.  raises _Unavailable with the reason."""
+    cc = _compiler()
+    if cc is None:
+        raise _Unavailable("no C compiler found (set $CC or install gcc)")
+    name = _library_name(cc)
+    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"vqlab-{_uid() or 0}"):
+        lib, why = _cached(cc, folder, name)
+        if lib is not None:
+            return _bind(lib)
+        warnings.warn(f"vqlab: not using {folder} for the simd kernel: {why}", RuntimeWarning, stacklevel=3)
+    with tempfile.TemporaryDirectory(prefix="vqlab-simd-") as private:
+        lib = Path(private) / name
+        try:
+            _compile(cc, lib)
+        except OSError as e:
+            raise _Unavailable(f"no writable folder for the compiled kernel ({e.strerror})") from None
+        return _bind(lib)                                       # stays mapped after the file is removed
 
 
 @functools.cache
