@@ -61,6 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import check_int
 from .backends import numba_matmul, numba_usable
 from .checked import CheckedIndices
 from .reference import check_indices, dequantize
@@ -312,6 +313,12 @@ def _check_x_book(x: torch.Tensor, codebook: torch.Tensor, segments: int) -> Non
                          f"got {tuple(x.shape)} {x.dtype} on {x.device}")
 
 
+def _check_threads(threads) -> None:
+    """threads: None (torch's count) or an int >= 1; ValueError naming it otherwise."""
+    if threads is not None:
+        check_int("simd threads", threads, 1)
+
+
 def simd_tables(x: torch.Tensor, codebook: torch.Tensor, table_group: int = GROUP, isa: str | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The kernel's quantized tables (for tests and the error model): x (B, S*d) float32, codebook (K, d)
@@ -385,6 +392,7 @@ def simd_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, 
                          f"{tuple(getattr(indices, 'shape', ()))} {getattr(indices, 'dtype', type(indices).__name__)}")
     m, s = indices.shape
     _check_x_book(x, codebook, s)
+    _check_threads(threads)
     codebook_groups = codebook.shape[0] if codebook.dim() == 3 else 1
     if m % codebook_groups:
         raise ValueError(f"simd: {m} output rows cannot be split into {codebook_groups} codebook groups")
@@ -570,6 +578,7 @@ def _matmul_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor
     k, d = codebook.shape[-2], codebook.shape[-1]
     s = x.shape[1] // d if x.dim() == 2 else 0
     _check_x_book(x, codebook, s)
+    _check_threads(threads)
     shape = packed_shape(m, s, codebook_groups, table_group)
     if (not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or tuple(packed.shape) != shape
             or packed.device.type != "cpu" or not packed.is_contiguous()):
