@@ -633,3 +633,15 @@ def test_a_failed_check_after_staging_restores_the_model(tmp_path, monkeypatch):
         load(tmp_path / "m.vqz", model=model)
     after = model.state_dict(keep_vars=True)
     assert all(id(after[k]) == i and torch.equal(after[k], v) for k, (i, v) in before.items())
+
+
+def test_a_failed_save_names_the_users_path(tmp_path):
+    """Issue 27: save(m, a_folder) and save(m, "/proc/x.vqz") named the hidden temporary file."""
+    m = nn.Sequential(nn.Linear(2, 2))
+    for path, error in ((tmp_path, IsADirectoryError), ("/proc/x.vqz", OSError),
+                        (tmp_path / "missing" / "m.vqz", FileNotFoundError)):
+        with pytest.raises(error) as caught:
+            save(m, path)
+        assert caught.value.filename == os.fspath(path) and ".tmp" not in str(caught.value), str(caught.value)
+        assert os.fspath(path) in str(caught.value)
+    assert os.listdir(tmp_path) == []

@@ -48,6 +48,7 @@ not read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import lzma
@@ -149,9 +150,22 @@ def _create_temp(folder: str, base: str) -> tuple[int, str]:
 def _write_atomic(path: str | os.PathLike, chunks: list[bytes]) -> None:
     """Write `chunks` to a temporary file beside `path`, fsync, rename over `path`; on failure remove it.
 
-    An existing `path` keeps its permission bits; a symlink is followed (its target is replaced).
+    An existing `path` keeps its permission bits; a symlink is followed (its target is replaced).  An OSError
+    names `path` as the caller wrote it, never the hidden temporary file; a folder at `path` is refused first.
     """
+    try:
+        _replace_with(path, chunks)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+
+
+def _replace_with(path: str | os.PathLike, chunks: list[bytes]) -> None:
+    """`_write_atomic`'s work (its OSErrors name whatever file failed)."""
     target = os.path.realpath(os.fspath(path))
+    if os.path.isdir(target):
+        raise IsADirectoryError(errno.EISDIR, "Is a folder; save takes a file name such as 'model.vqz'", target)
     folder = os.path.dirname(target)
     mode = stat.S_IMODE(os.stat(target).st_mode) if os.path.exists(target) else None
     fd, tmp = _create_temp(folder, os.path.basename(target))
