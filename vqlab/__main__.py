@@ -8,7 +8,8 @@ Bad arguments (unknown model or dataset, K < 2 or larger than a layer's segments
 layer, negative epochs, a learning rate that is not a finite positive number, an output path that cannot be
 written, a --baseline that is a folder, a .vqz, not a checkpoint or another model's) are found before any work and
 reported as one line `error: ...` on stderr with exit status 2, as argparse does; a dataset that is missing or
-damaged is reported the same way with status 1.
+damaged, or a torchrun rank that went silent (`vqlab.distributed.SilentRankError`), is reported the same way with
+status 1.
 """
 from __future__ import annotations
 
@@ -252,7 +253,10 @@ def _error(message: str, status: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse, check every argument before any work, run; returns the exit status (2 = bad arguments)."""
     args = build_parser().parse_args(argv)
+    from .distributed import SilentRankError, timeout_seconds
+
     try:
+        timeout_seconds()                                   # $VQLAB_DIST_TIMEOUT, before any work
         if hasattr(args, "model") and hasattr(args, "dataset"):
             _check_model_and_dataset(args)
         if getattr(args, "check", None) is not None:
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DatasetNotFoundError, DatasetCorruptError) as err:
+    except (DatasetNotFoundError, DatasetCorruptError, SilentRankError) as err:
         return _error(str(err), 1)
 
 

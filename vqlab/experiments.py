@@ -169,11 +169,12 @@ def compare_configs(model: nn.Module, test_ds: TensorDataset, configs: dict, *, 
     flops_input_shape: e.g. (1, 1, 28, 28): also `count_flops` of each compressed model on that input, as
     columns flops (the quantized model's total) and flop_ratio (over the dense model's).
     """
+    from . import distributed as _dist
     from .flops import count_flops
 
     base = evaluate(model, test_ds) if baseline_acc is None else baseline_acc
     rows = []
-    for label, config in tqdm(configs.items(), desc="methods", disable=not progress, leave=False):
+    for label, config in tqdm(configs.items(), desc="methods", disable=not _dist.show_progress(progress), leave=False):
         t0 = time.perf_counter()
         q = copy_model(model)
         row = {"label": label, "K": getattr(config, "k", pd.NA), "d": getattr(config, "d", pd.NA)}

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from . import distributed as _dist
 from .checks import check_choice, check_instance, check_int, check_number
 from .layers import QuantizedLayer
 from .methods.vq import VQCode, VQConfig
@@ -204,7 +205,7 @@ def measure_sensitivity(model: nn.Module, calib: TensorDataset, candidates: dict
     ref = F.log_softmax(_outputs(model, x), 1)
     rows = []
     total = sum(len(c) for c in candidates.values())
-    with tqdm(total=total, desc="sensitivity", unit="setting", disable=not progress, leave=False) as bar:
+    with tqdm(total=total, desc="sensitivity", unit="setting", disable=not _dist.show_progress(progress), leave=False) as bar:
         for name, cands in candidates.items():
             layer = _get(model, name)
             float_bytes = sum(t.numel() * 4 for t in layer.parameters() if t.is_floating_point())

@@ -38,6 +38,7 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from .. import distributed as _dist
 from ..bits import bits_for, packed_bytes
 from ..checks import check_instance, check_int, check_number
 from ..codebook import Codebook, HoldsCodebook
@@ -391,7 +392,7 @@ def progressive_fit(model: nn.Module, train_ds: TensorDataset, rounds: int = 10,
     try:
         for p in frozen:
             p.requires_grad_(False)
-        for r in tqdm(range(1, rounds + 1), desc="progressive_fit", unit="round", disable=not progress, leave=False):
+        for r in tqdm(range(1, rounds + 1), desc="progressive_fit", unit="round", disable=not _dist.show_progress(progress), leave=False):
             hist = fit(model, train_ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed + r,
                        max_steps=steps_per_round, device=device, progress=False)
             top = _mean_top_ratio(model)
