@@ -421,3 +421,17 @@ def test_a_stream_with_coordinates_beyond_the_limit_is_refused(tmp_path, lattice
     with pytest.raises(ValueError, match="cannot save.*beyond"):
         vqlab.save(model, tmp_path / "bad.vqz")
     assert dim and not (tmp_path / "bad.vqz").exists()
+
+
+def test_the_ans_count_of_a_lattice_model_is_the_ans_coded_file(tmp_path):
+    """save(index_coding="ans") writes a lattice stream as coded: compressed_size's ans_bytes is that file's
+    payload, not a hypothetical ANS code of the symbols."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    vqlab.quantize_(m, LatticeConfig(lattice="D4", step=0.02), filter_fn=vqlab.all_layers)
+    r = vqlab.compressed_size(m, store_dtype="float16")
+    codes = [c for c in m.modules() if isinstance(c, LatticeCode)]
+    assert r.layers["ans_index_bytes"].tolist()[:2] == [c.stream.numel() for c in codes]
+    packed = vqlab.save(m, tmp_path / "p.vqz", store_dtype="float16")
+    ans = vqlab.save(m, tmp_path / "a.vqz", store_dtype="float16", index_coding="ans")
+    assert packed == ans and packed - r.ans_bytes == packed - r.compressed_bytes    # same payload, same header

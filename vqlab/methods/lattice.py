@@ -608,15 +608,16 @@ class LatticeCode(WeightCode):
         return self._coded_bytes(ans_bytes)
 
     def size(self, seen: set[int]) -> CodeSize:
-        """index_bytes: the coded stream as stored; entropy_index_bytes / ans_index_bytes: `huffman_bytes` /
-        `ans_bytes` (for comparison); other_bytes: step and seed (12 bytes); codebook_bytes: the fine-tuned
+        """index_bytes: the coded stream as stored; entropy_index_bytes: `huffman_bytes` (for comparison);
+        ans_index_bytes: the stream as stored too, since `save(..., index_coding="ans")` writes it unchanged
+        (`ans_bytes()` gives the ANS figure for comparison); other_bytes: step and seed (12 bytes); codebook_bytes: the fine-tuned
         codewords (float32, or the storage dtype under `compressed_size(store_dtype=...)`), if any."""
         data = self.stream.detach().cpu().numpy().tobytes()
         book = stored_bytes(self.codewords) if self.finetune else 0
         if "values" in self._parameters:
             book += stored_bytes(self.values)
         return CodeSize(index_bytes=len(data), other_bytes=_SIDE_BYTES, codebook_bytes=book,
-                        entropy_index_bytes=self.huffman_bytes(), ans_index_bytes=self.ans_bytes(), streams=[data],
+                        entropy_index_bytes=self.huffman_bytes(), ans_index_bytes=len(data), streams=[data],
                         d=self.dim,
                         k=len(self.codewords) if self.finetune else None)
 
