@@ -134,3 +134,21 @@ def test_vq4all_fixed_fraction_only_grows_and_one_codebook_serves_all(digits):
     vqlab.quantize_(work, vqlab.VQ4ALLConfig(codebook=book, alpha=0.5), progress=False)
     hist = vqlab.methods.vq4all.progressive_fit(work, train, rounds=4, steps_per_round=10, progress=False)
     assert hist["fixed_fraction"].is_monotonic_increasing and hist["fixed_fraction"].iloc[-1] == 1.0
+
+
+def test_the_readme_pipeline_table_is_the_stored_table():
+    """README.md's ResNet-20 table is what benchmarks/pipelines_table.py renders from data/tables/ today."""
+    import importlib.util
+    from pathlib import Path
+
+    from vqlab.paper_results import results_table, to_markdown, verdict
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("pipelines_table", root / "benchmarks" / "pipelines_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    df = results_table()
+    assert len(df) >= 1 and df["file_ratio"].gt(1).all()
+    assert mod.readme_block((root / "README.md").read_text()) == to_markdown(df).strip()
+    assert verdict("choi", 13.7, -0.72) == "missed: ratio 2.9× short" and verdict("vqdnn", 23.2, -0.5) == "met"
+    assert verdict("vqdnn", 23.2, -2.72) == "missed: 1.72 points too low" and verdict("gong", 5, -9) == "—"
