@@ -119,3 +119,15 @@ def test_method_panel_every_option_and_bad_values(digits_lenet):
     panel = method_panel(model, te, grid, {"K": ([4, 4096], 4)}, lambda K: gong.ScalarConfig(k=K))
     panel.set(K=4096)
     assert panel.error is not None and "k=4096" in panel.error and panel.png == b""
+
+
+def test_show_displays_the_panel_and_a_static_picture(monkeypatch):
+    import IPython.display
+
+    panel = codebook_panel(torch.randn(32, 64), ks=(4, 16), ds=(1, 2), k=4, d=2)
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
+    assert panel.show() is None                      # nothing returned: the cell shows the panel once
+    assert shown[0] is panel
+    assert "K=4, d=2" in shown[1].data and panel.text in shown[1].data
+    assert shown[2].data == panel.png and panel.png[:4] == b"\x89PNG"
