@@ -62,6 +62,14 @@ def test_sweep_measures_every_grid_point_and_baselines(digits_model):
     assert front["ratio"].is_monotonic_increasing and len(front) >= 2
 
 
+def test_sweep_scalar_baselines_at_equal_bits(digits_model):
+    model, tr, te = digits_model
+    df = sweep(model, tr, te, ks=[16], ds=[2], baselines=("int3", "int2"), progress=False)
+    assert df["method"].tolist() == ["uniform int3", "uniform int2", "vq"]
+    assert df["bits_per_weight"].tolist() == [3.0, 2.0, 2.0]
+    assert df.loc[1, "ratio"] > df.loc[0, "ratio"] > 1                # fewer bits, smaller model
+
+
 def test_sweep_reports_impossible_grid_points(digits_model):
     model, tr, te = digits_model
     df = sweep(model, None, te, ks=[4], ds=[3], baselines=(), progress=False)
@@ -192,3 +200,30 @@ def test_compare_configs_measures_any_method(digits_model):
                          finetune_epochs=1, max_steps=5, progress=False).iloc[0]
     assert not math.isnan(ft["acc_finetuned"]) and ft["delta_points"] == pytest.approx(
         100 * (ft["acc_finetuned"] - evaluate(model, te)))
+
+
+def test_pareto_plot_styles_labels_before_after_and_zoom():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from vqlab.experiments import METHOD_STYLES, method_styles, pareto_plot
+
+    assert len(set(METHOD_STYLES.values())) == len(METHOD_STYLES)          # no two methods look alike
+    many = [f"method {i}" for i in range(30)] + ["vq", "qaf"]
+    assert len(set(method_styles(many).values())) == len(many)
+    df = pd.DataFrame([
+        {"method": "float32", "ratio": 1.0, "acc": 0.91, "acc_finetuned": float("nan")},
+        {"method": "vq", "K": 16, "d": 2, "ratio": 12.0, "acc": 0.88, "acc_finetuned": 0.90},
+        {"method": "vq", "K": 4, "d": 8, "ratio": 34.0, "acc": 0.11, "acc_finetuned": 0.78},
+        {"method": "vq", "K": 256, "d": 8, "ratio": 6.0, "acc": 0.86, "acc_finetuned": 0.87},   # dominated
+        {"method": "uniform int4", "ratio": 6.8, "acc": 0.908, "acc_finetuned": float("nan")},
+    ])
+    fig, ax = plt.subplots()
+    pareto_plot(df, ax=ax, before_after=True, zoom=5, extra_fronts={"no training": df["acc_finetuned"].isna()})
+    labels = {t.get_text() for t in ax.texts}
+    assert labels == {"float32", "K16,d2", "uniform int4"}     # the front inside the zoom, nothing else
+    assert ax.get_ylim()[0] == pytest.approx(91 - 5)
+    assert len(ax.child_axes) == 1                              # the inset holds the points the zoom leaves out
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "hollow: before fine-tuning" in legend and "front: no training" in legend
+    plt.close(fig)
