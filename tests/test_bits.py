@@ -160,8 +160,8 @@ def test_effective_bits_per_weight_counts_what_compressed_size_stores():
     stored = 8 * (row["index_bytes"] + row["codebook_bytes"]) / 48000
     assert effective_bits_per_weight(48000, 256, 4) == pytest.approx(stored)
     assert effective_bits_per_weight(48000, 256, 4) == pytest.approx(2 + 256 * 4 * 32 / 48000)
-    # residual VQ: two indices per segment, two codebooks; PQ: sub-vectors of d/M, M books and M indices
+    # residual VQ: two indices per segment, two codebooks; PQ: sub-vectors of length d/M, one index each, M books
     assert effective_bits_per_weight(48000, 256, 8, codebooks=2, stages=2) == pytest.approx(2 + 2 * 256 * 8 * 32 / 48000)
-    assert effective_bits_per_weight(48000, 256, 4, codebooks=2, stages=2) == pytest.approx(4 + 2 * 256 * 4 * 32 / 48000)
+    assert effective_bits_per_weight(48000, 256, 4, codebooks=2) == pytest.approx(2 + 2 * 256 * 4 * 32 / 48000)
     with pytest.raises(ValueError, match="n_weights"):
         effective_bits_per_weight(0, 256, 4)

@@ -219,11 +219,14 @@ def test_pareto_plot_styles_labels_before_after_and_zoom():
         {"method": "uniform int4", "ratio": 6.8, "acc": 0.908, "acc_finetuned": float("nan")},
     ])
     fig, ax = plt.subplots()
-    pareto_plot(df, ax=ax, before_after=True, zoom=5, extra_fronts={"no training": df["acc_finetuned"].isna()})
+    pareto_plot(df, ax=ax, before_after=True, zoom=5, extra_fronts={"no training": df["acc_finetuned"].isna(),
+                                                                    "post-training": (df["ratio"] > 0, "acc")})
     labels = {t.get_text() for t in ax.texts}
     assert labels == {"float32", "K16,d2", "uniform int4"}     # the front inside the zoom, nothing else
     assert ax.get_ylim()[0] == pytest.approx(91 - 5)
     assert len(ax.child_axes) == 1                              # the inset holds the points the zoom leaves out
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "hollow: before fine-tuning" in legend and "front: no training" in legend
+    assert "hollow: before fine-tuning" in legend and "front: no training" in legend and "front: post-training" in legend
+    post = [l for l in ax.lines if l.get_label() == "front: post-training"][0]
+    assert list(post.get_ydata()) == pytest.approx([91.0, 90.8, 88.0, 11.0])   # before any fine-tuning
     plt.close(fig)

@@ -43,8 +43,8 @@ def effective_bits_per_weight(n_weights: int, k: int, d: int, *, codebooks: int 
     The first term is `index_bits_per_weight` (what "bits/weight" means in the tables); the second is the codebook
     amortized over the layer -- small when N >> K*d*entry_bits / (index bits), large when the codebook holds about
     as many floats as the layer has weights (then VQ memorizes the layer instead of compressing it).
-    Product quantization with M sub-spaces of d/M weights: pass d=d/M (the sub-vector length), codebooks=M,
-    stages=M.  Notebook 01 plots weight error against both rates.
+    Product quantization with M sub-spaces: pass d = the sub-vector length and codebooks=M (every weight lies in
+    one sub-vector, which has one index: stages=1).  Notebook 01 plots weight error against both rates.
 
     >>> round(effective_bits_per_weight(48000, 256, 4), 3)     # LeNet-5 classifier.1, K=256, d=4
     2.683

@@ -31,13 +31,13 @@ def _as_array(x) -> np.ndarray:
 
 
 def check(name: str, attempt: Callable[[], Any], expected, *, atol: float = 1e-5, rtol: float = 1e-4,
-          hint: str = "") -> bool:
+          hint: str = "") -> None:
     """Run `attempt()` (the learner's code) and compare its result with `expected` (a tensor, array, number,
     or a tuple of them) to atol + rtol * |expected|.
 
-    returns False (printing "<name>: not done yet") when the stub is untouched -- attempt() raises
-    NotImplementedError or returns None; True (printing "<name>: correct") when every element is close.
-    raises AssertionError naming the shape or the largest difference (and `hint`) otherwise.
+    prints "<name>: not done yet" when the stub is untouched -- attempt() raises NotImplementedError or returns
+    None -- and "<name>: correct." when every element is close; raises AssertionError naming the shape or the
+    largest difference (and `hint`) otherwise.  Returns None, so a check cell shows only its message.
     """
     try:
         got = attempt()
@@ -45,7 +45,7 @@ def check(name: str, attempt: Callable[[], Any], expected, *, atol: float = 1e-5
         got = None
     if got is None:
         print(f"{name}: {NOT_DONE} -- fill in the cell above, run it, then run this cell again.")
-        return False
+        return None
     pairs = list(zip(got, expected)) if isinstance(expected, tuple) else [(got, expected)]
     if isinstance(expected, tuple) and (not isinstance(got, tuple) or len(got) != len(expected)):
         raise AssertionError(f"{name}: expected a tuple of {len(expected)} results, got {type(got).__name__}")
@@ -60,4 +60,3 @@ def check(name: str, attempt: Callable[[], Any], expected, *, atol: float = 1e-5
             raise AssertionError(f"{name}{where}: largest difference {float(diff[j]):.3g} at index {tuple(map(int, j))} "
                                  f"(got {float(g[j]):.6g}, expected {float(e[j]):.6g}). {hint}".rstrip())
     print(f"{name}: correct.")
-    return True

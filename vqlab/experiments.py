@@ -315,8 +315,9 @@ def pareto_plot(df: pd.DataFrame, ax=None, live: dict | None = None, title: str 
         marker joined to the fine-tuned one (`acc_finetuned`) by a thin line -- both sides of the claim.
     zoom: show only `zoom` points of accuracy below the best point (the informative range); when some points
         fall below it, an inset in the lower left shows every point and the zoomed window.
-    extra_fronts: {name: boolean mask over df's rows}: more fronts, each over its subset (e.g. post-training
-        methods only), drawn dotted.
+    extra_fronts: {name: boolean mask over df's rows, or (mask, accuracy column)}: more fronts, each over its
+        subset and by that column (default: fine-tuned where there is one), drawn dotted -- e.g.
+        {"post-training": (all rows, "acc")}, every method's accuracy before any fine-tuning.
     label: "front" (the front's points), "all" or "none".
     returns the matplotlib Axes.
     """
@@ -345,10 +346,11 @@ def pareto_plot(df: pd.DataFrame, ax=None, live: dict | None = None, title: str 
         front = pareto_front(df)
         a.plot(front["ratio"], 100 * front["acc_finetuned"].fillna(front["acc"]), "k--", lw=0.8,
                label=None if small else "Pareto front")
-        for i, (name, mask) in enumerate((extra_fronts or {}).items()):
-            f = pareto_front(df[mask])
-            a.plot(f["ratio"], 100 * f["acc_finetuned"].fillna(f["acc"]), ls=(0, (1, 1 + i)), c="0.35", lw=1.2,
-                   label=None if small else f"front: {name}")
+        for i, (name, spec) in enumerate((extra_fronts or {}).items()):
+            mask, col = spec if isinstance(spec, tuple) else (spec, None)
+            f = pareto_front(df[mask], acc_col=col)
+            y = f[col] if col else f["acc_finetuned"].fillna(f["acc"])
+            a.plot(f["ratio"], 100 * y, ls=(0, (1, 1 + i)), c="0.35", lw=1.2, label=None if small else f"front: {name}")
         a.set_xscale("log")
 
     draw(ax)
