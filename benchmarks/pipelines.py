@@ -3,6 +3,9 @@
     python benchmarks/pipelines.py choi --lattice Z --step 0.02 --prune 0.6 --seed 0
     python benchmarks/pipelines.py vqdnn --k 256 --d 8 --codebook shared --seed 0
     python benchmarks/pipelines.py compress --target 64 --seed 0
+    python benchmarks/pipelines.py qaf --algorithm admm --rank-ratio 0.25 --bits 4
+    python benchmarks/pipelines.py gong --method rvq --k 16 -d 4 --stages 2 --finetune-steps 500
+    python benchmarks/pipelines.py vq4all --k 256 -d 4 --rounds 10 --steps-per-round 200   # ResNet-20 + CNN + LeNet-5
 
 Each run appends its stages (one row per stage, with the setting and the wall time) to
 data/tables/pipelines_resnet20.csv and its final row to data/tables/pipelines_resnet20_final.csv, and saves the
@@ -40,7 +43,7 @@ def _append(df: pd.DataFrame, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("pipeline", choices=["choi", "vqdnn", "compress"])
+    p.add_argument("pipeline", choices=["choi", "vqdnn", "compress", "qaf", "gong", "vq4all"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lattice", default="Z")
     p.add_argument("--step", type=float, default=0.02)
@@ -54,6 +57,19 @@ def main(argv=None) -> int:
     p.add_argument("--codebook", default="shared")
     p.add_argument("--reassign-every", type=int, default=0)
     p.add_argument("--target", type=float, default=64.0)
+    p.add_argument("--seeds", type=int, nargs="*", default=None,
+                   help="compress: several seeds in one process, the sensitivity table measured once")
+    p.add_argument("--algorithm", default="admm")
+    p.add_argument("--rank-ratio", type=float, default=0.25)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--method", default="rvq", choices=["scalar", "pq", "rvq", "binary"])
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--subspaces", type=int, default=4)
+    p.add_argument("--candidates", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=0.9)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--steps-per-round", type=int, default=200)
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--tag", default="")
@@ -72,20 +88,44 @@ def main(argv=None) -> int:
                                  finetune_steps=a.finetune_steps, reassign_every=a.reassign_every, lr=a.lr,
                                  seed=a.seed)
         stages, setting = rep.stages, rep.setting
+    elif a.pipeline == "qaf":
+        q, rep = pipelines.qaf(model, train, test, rank_ratio=a.rank_ratio, bits=a.bits, algorithm=a.algorithm,
+                               iters=a.iters, finetune_steps=a.finetune_steps, lr=a.lr, seed=a.seed)
+        stages, setting = rep.stages, rep.setting
+    elif a.pipeline == "gong":
+        import vqlab.methods.gong as gong
+        config = {"scalar": lambda: gong.ScalarConfig(k=a.k, seed=a.seed),
+                  "pq": lambda: gong.PQConfig(k=a.k, subspaces=a.subspaces, seed=a.seed),
+                  "rvq": lambda: gong.RVQConfig(k=a.k, stages=a.stages, d=a.d, seed=a.seed),
+                  "binary": gong.BinaryConfig}[a.method]()
+        q, rep = pipelines.gong(model, config, train, test, finetune_steps=a.finetune_steps, lr=a.lr, seed=a.seed)
+        stages, setting = rep.stages, rep.setting
+    elif a.pipeline == "vq4all":
+        cnn, _ = vqlab.train_or_load("cnn", DATASET, epochs=2, progress=False)
+        lenet, _ = vqlab.train_or_load("lenet5", DATASET, epochs=10, progress=False)
+        nets, rep = pipelines.vq4all([model, cnn.eval(), lenet.eval()], [train] * 3, [test] * 3, k=a.k, d=a.d,
+                                     candidates=a.candidates, alpha=a.alpha, rounds=a.rounds,
+                                     steps_per_round=a.steps_per_round, seed=a.seed)
+        q, stages, setting = nets, rep.stages, rep.setting
     else:
-        q, report = vqlab.compress(model, train, target_ratio=a.target, val_ds=test, epochs=a.epochs, seed=a.seed)
-        acc = report.accuracy
-        stages = pd.DataFrame([pipelines.measure(q, test, stage="compress", what=f"target {a.target:g}x",
-                                                 float_accuracy=report.float_accuracy, seconds=report.seconds,
-                                                 store_dtype="float16")])
-        setting = {"pipeline": "compress", "target": a.target, "epochs": a.epochs, "seed": a.seed}
-        assert abs(stages["accuracy"].iloc[0] - acc) < 1e-6
+        rows, sens = [], None
+        for seed in a.seeds or [a.seed]:
+            t1 = time.perf_counter()
+            q, report = vqlab.compress(model, train, target_ratio=a.target, val_ds=test, epochs=a.epochs, seed=seed,
+                                       sensitivity=sens)
+            sens = report.candidates
+            row = pipelines.measure(q, test, stage=f"compress seed {seed}", what=f"target {a.target:g}x",
+                                    float_accuracy=report.float_accuracy, seconds=time.perf_counter() - t1)
+            assert abs(row["accuracy"] - report.accuracy) < 1e-6
+            rows.append(row)
+        stages = pd.DataFrame(rows)
+        setting = {"pipeline": "compress", "target": a.target, "epochs": a.epochs, "seeds": a.seeds or [a.seed]}
     seconds = time.perf_counter() - t0
     run = f"{a.pipeline}-{a.tag or int(time.time())}"
     stages = stages.assign(run=run, setting=json.dumps(setting), total_seconds=seconds,
                            float_acc=meta["test_acc"])
     _append(stages, RESULTS / "pipelines_resnet20.csv")
-    _append(stages.tail(1), RESULTS / "pipelines_resnet20_final.csv")
+    _append(stages.tail(len(stages) if a.pipeline == "compress" else 1), RESULTS / "pipelines_resnet20_final.csv")
     os.makedirs(ROOT / "runs", exist_ok=True)
     vqlab.save(q, ROOT / "runs" / f"{run}.vqz", store_dtype="float16", index_coding="ans")
     print(stages.drop(columns=["setting"]).round(4).to_string())

@@ -117,9 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-only", action="store_true", help="only the training-path timings")
     args = p.parse_args(argv)
 
-    import numba
+    from vqlab.kernels import lut_numba, simd, vq_matmul   # lut_numba selects numba's threading layer first
 
-    from vqlab.kernels import simd, vq_matmul
+    import numba
 
     m, n = args.size
     k, d = 16, 2
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         return 0
     print(f"CPU: {cpu_line()}")
     print(f"simd backend: {simd.native_status()}; torch {torch.__version__}, numba {numba.__version__} "
-          f"({numba.config.THREADING_LAYER} threading layer), "
+          f"({lut_numba.LAYER} threading layer), "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     layers = make_layers(1 if args.no_dram else args.layers, m, n, k, d)
     k256 = make_layers(1, m, n, 256, 4, seed=1)[0]

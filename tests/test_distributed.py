@@ -383,6 +383,90 @@ def test_quantize_shows_one_progress_bar_under_torchrun(monkeypatch, capsys):
         assert ("quantize_" in capsys.readouterr().err) is shown
 
 
+def _worker_silent(out: str) -> None:
+    """Rank 1 stops itself (SIGSTOP) at step 3 of fit; rank 0's next collective times out after
+    VQLAB_DIST_TIMEOUT seconds and must name rank 1.  Rank 0 writes the message and ends with status 3, so that
+    torchrun tears the job down (it kills the stopped rank)."""
+    from vqlab import distributed as vdist
+    from vqlab.data import load_dataset
+    from vqlab.distributed import SilentRankError
+    from vqlab.models import get_model
+    from vqlab.train import fit
+
+    vdist.init()
+    torch.manual_seed(0)
+    model = get_model("lenet5", input_size=8)
+
+    def stop(_, step):
+        if vdist.rank() == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGSTOP)
+    t0 = time.perf_counter()
+    try:
+        fit(model, load_dataset("digits", "train"), epochs=2, batch_size=64, progress=False, on_step=stop)
+        message = "no error"
+    except SilentRankError as err:
+        message = str(err)
+    (Path(out) / f"rank{vdist.rank()}.txt").write_text(f"{time.perf_counter() - t0:.1f}\n{message}")
+    os._exit(3)
+
+
+def _per_rank_run(tmp_path: Path, *args: str, env: dict | None = None, timeout: float = TIMEOUT_S
+                  ) -> tuple[int, dict[int, str]]:
+    """torchrun with each rank's stderr in its own log (--redirects 2): (exit status, {rank: stderr})."""
+    logs = tmp_path / "logs"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "--log-dir", str(logs), "--redirects", "2", *args]
+    proc = subprocess.Popen(argv, cwd=REPO, env={**_child_env(), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    errs = {int(f.parent.name): f.read_text() for f in logs.rglob("stderr.log")}
+    return proc.returncode, errs
+
+
+def test_finetune_under_torchrun_draws_one_progress_bar(tmp_path, digits_baseline):
+    """Issue 27: both ranks drew a bar in finetune; rank 0 alone draws one (fit, and every other bar)."""
+    status, errs = _per_rank_run(tmp_path, "-m", "vqlab", "finetune", "--dataset", "digits", "--model", "lenet5",
+                                 "--k", "16", "-d", "2", "--epochs", "1", "--max-steps", "5", "--baseline",
+                                 str(digits_baseline), "--out", str(tmp_path / "m.vqz"), env={"TQDM_DISABLE": ""})
+    assert status == 0 and sorted(errs) == [0, 1], errs
+    assert "fit:" in errs[0] and "step/s" in errs[0], errs[0][-2000:]
+    assert "%|" not in errs[1], errs[1][-2000:]
+
+
+def test_a_stopped_rank_is_named_within_the_collective_timeout(tmp_path):
+    """Issue 27: one rank stopped with SIGSTOP left the other waiting past 2 minutes; now rank 0's collective
+    times out after VQLAB_DIST_TIMEOUT seconds and the error names rank 1."""
+    t0 = time.perf_counter()
+    status, _ = _per_rank_run(tmp_path, str(HERE), "silent", str(tmp_path), env={"VQLAB_DIST_TIMEOUT": "8"},
+                              timeout=150)
+    assert status != 0
+    seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert "a collective got no answer from the other ranks within 8 s" in message, message
+    assert "rank(s) [1] went silent" in message, message
+    assert 8 <= float(seconds) < 60 and time.perf_counter() - t0 < 150
+    assert not (tmp_path / "rank1.txt").exists()
+
+
+def test_the_collective_timeout_comes_from_the_environment(monkeypatch):
+    from vqlab.distributed import DEFAULT_TIMEOUT, timeout_seconds
+
+    monkeypatch.delenv("VQLAB_DIST_TIMEOUT", raising=False)
+    assert timeout_seconds() == DEFAULT_TIMEOUT == 300
+    monkeypatch.setenv("VQLAB_DIST_TIMEOUT", "12.5")
+    assert timeout_seconds() == 12.5
+    for bad in ("0", "-1", "inf", "nan", "soon"):
+        monkeypatch.setenv("VQLAB_DIST_TIMEOUT", bad)
+        with pytest.raises(ValueError, match=f"VQLAB_DIST_TIMEOUT must be a finite number of seconds > 0, got '{bad}'"):
+            timeout_seconds()
+
+
 if __name__ == "__main__":          # one rank of a test's torchrun
     globals()[f"_worker_{sys.argv[1]}"](*sys.argv[2:])
     import torch.distributed as dist

@@ -230,3 +230,47 @@ def test_pareto_plot_styles_labels_before_after_and_zoom():
     post = [l for l in ax.lines if l.get_label() == "front: post-training"][0]
     assert list(post.get_ydata()) == pytest.approx([91.0, 90.8, 88.0, 11.0])   # before any fine-tuning
     plt.close(fig)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "-d", "3"], r"error: -k 16 -d 3: layer 'features.3' \(Conv2d\): d=3 does not divide"),
+    (["finetune", "--k", "100000"], r"error: -k 100000 -d 2: layer 'features.3' \(Conv2d\): K=100000 is larger than"),
+    (["finetune", "--codebook", "shared", "--k", "20000"], r"error: -k 20000 -d 2: the shared codebook serves \d+ "),
+    (["finetune", "--lr", "inf"], r"error: --lr must be a finite number > 0, got inf"),
+    (["finetune", "--lr", "nan"], r"error: --lr must be a finite number > 0, got nan"),
+    (["finetune", "--out", "/proc/a.vqz"], r"error: --out /proc/a.vqz: cannot write in /proc"),
+    (["finetune", "--baseline", "{tmp}/garbage.pt"], r"error: --baseline .*garbage.pt is not a checkpoint torch can read"),
+    (["finetune", "--baseline", "{tmp}/model.vqz"], r"error: --baseline .*model.vqz is a vqlab .vqz file"),
+    (["finetune", "--baseline", "{tmp}"], r"error: --baseline .* is a folder"),
+    (["finetune", "--baseline", "{tmp}/cnn.pt"], r"error: --baseline .*cnn.pt holds another model's weights, not lenet5"),
+    (["finetune", "--baseline", "{tmp}/dict.pt"], r"error: --baseline .*dict.pt is not a vqlab baseline checkpoint"),
+    (["finetune", "--baseline", "/proc/none/b.pt"], r"error: --baseline /proc/none/b.pt: cannot write in /proc"),
+    (["train", "--out", "/proc/t.pt"], r"error: --out /proc/t.pt: cannot write in /proc"),
+    (["train", "--lr", "inf"], r"error: --lr must be a finite number > 0, got inf"),
+    (["train", "--out", "{tmp}/garbage.pt"], r"error: --out .*garbage.pt is not a checkpoint torch can read"),
+])
+def test_cli_finetune_and_train_refuse_bad_arguments_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
+    """Issue 27: these gave tracebacks, some after training (--lr inf failed on NaN, --out /proc/a.vqz after 14 s)."""
+    import re
+
+    import vqlab
+    from vqlab.__main__ import main
+
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    vqlab.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "model.vqz")
+    cnn = vqlab.get_model("cnn", num_classes=10, in_channels=1, input_size=8)
+    torch.save({"state_dict": cnn.state_dict(), "meta": {}}, tmp_path / "cnn.pt")
+    torch.save({"weights": 1}, tmp_path / "dict.pt")
+
+    def no_work(*a, **k):
+        raise AssertionError("the command started working before checking its arguments")
+
+    monkeypatch.setattr("vqlab.train.train_or_load", no_work)
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] == "finetune" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out.vqz")]
+    assert main([*argv, "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert re.match(message, err) and err.count("\n") == 1, err
+    assert not (tmp_path / "out.vqz").exists() and not list(tmp_path.glob(".vqlab-probe-*"))

@@ -58,3 +58,14 @@ def test_load_needs_no_method_import_first():
             "print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fname", [f for f in FILES if ".f16." not in f and ".ans." not in f])
+def test_backward_through_every_methods_eval_model(fname):
+    """Input gradients (saliency) through an eval-mode model of every method: the exact product's (issue 27:
+    "no autograd formula was registered")."""
+    back = vqlab.load(os.path.join(HERE, fname))
+    for m in back if isinstance(back, list) else [back]:
+        x = torch.from_numpy(EXPECTED["x"]).clone().requires_grad_(True)
+        m.eval()(x).square().sum().backward()
+        assert x.grad is not None and bool(torch.isfinite(x.grad).all())

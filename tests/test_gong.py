@@ -296,3 +296,22 @@ def test_pq_and_rvq_flops_formulas_by_hand():
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)).eval()
     quantize_(model, RVQConfig(k=16, stages=3, d=4), filter_fn=all_layers, progress=False)
     assert model[0].flops(3) == (3 * 3 * 2 * 64 * 16, 3 * 3 * 32 * 16)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.name}")
+def test_eval_backward_equals_training_modes(config):
+    """Gradients through the eval products (PQ's bucket product, RVQ's and PQ's vq_matmul) are those of the exact
+    product, as in training mode (issue 27: backward through an eval model raised "no autograd formula")."""
+    torch.manual_seed(0)
+    model = vqlab.get_model("lenet5", input_size=8)
+    quantize_(model, config, progress=False)
+    x = torch.randn(3, 1, 8, 8)
+
+    def grads(train: bool):
+        model.train(train)
+        model.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        model(xr).square().sum().backward()
+        return [xr.grad] + [p.grad for p in model.parameters() if p.grad is not None]
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import lzma
+import math
 import os
 import pickle
 import random
@@ -506,3 +507,141 @@ def test_attribute_values_round_trip(tmp_path):
     x = torch.randn(2, 2, 5, 5)
     assert torch.equal(m(x), back(x))
     assert isinstance(back[0], nn.Conv2d) and VQLinear not in {type(t) for t in back.modules()}
+
+
+# ---------------------------------------------------------------- module fields checked on load (issue 27)
+
+@pytest.fixture(scope="module")
+def lenet_files(tmp_path_factory):
+    """A LeNet-5 (8x8) with VQ layers and one with lattice layers, saved: {"vq": bytes, "lattice": bytes}."""
+    out = {}
+    for name, config in (("vq", VQConfig(k=16, d=2, iters=2)), ("lattice", None)):
+        torch.manual_seed(0)
+        m = get_model("lenet5", input_size=8)
+        from vqlab.methods.lattice import LatticeConfig
+        quantize_(m, config or LatticeConfig(lattice="D4", step=0.05), progress=False)
+        path = tmp_path_factory.mktemp(name) / "m.vqz"
+        save(m.eval(), path)
+        out[name] = path.read_bytes()
+    return out
+
+
+def _node(meta: dict, type_: str, i: int = 0) -> dict:
+    return [n for n in meta["modules"] if n["type"] == type_][i]
+
+
+def _state(type_: str, key: str, value, i: int = 0):
+    return lambda m: _node(m, type_, i).setdefault("state", {}).__setitem__(key, value)
+
+
+def _config(type_: str, key: str, value):
+    return lambda m: _node(m, type_)["config"].__setitem__(key, value)
+
+
+_FIELDS = {   # file, mutation, what the VQFileError says: every one loaded and failed only at forward before
+    "conv padding -1": ("vq", _state("torch.nn.Conv2d", "padding", {"t": [-1, 1]}), r"state.padding .*\(-1, 1\)"),
+    "conv stride 0": ("vq", _state("torch.nn.Conv2d", "stride", {"t": [0, 1]}), r"state.stride .*\(0, 1\)"),
+    "conv dilation str": ("vq", _state("torch.nn.Conv2d", "dilation", {"t": ["x", 1]}), r"state.dilation"),
+    "conv stride float": ("vq", _state("torch.nn.Conv2d", "stride", {"t": [1.5, 1]}), r"state.stride"),
+    "conv padding huge": ("vq", _state("torch.nn.Conv2d", "padding", {"t": [2 ** 62, 1]}), r"state.padding"),
+    "conv one-entry stride": ("vq", _state("torch.nn.Conv2d", "stride", {"t": [1]}), r"state.stride"),
+    "conv groups": ("vq", _state("torch.nn.Conv2d", "groups", 3), r"groups=3 must divide"),
+    "conv padding mode": ("vq", _state("torch.nn.Conv2d", "padding_mode", "mirror"), r"state.padding_mode"),
+    "conv same with stride": ("vq", lambda m: (_state("torch.nn.Conv2d", "padding", "same")(m),
+                                               _state("torch.nn.Conv2d", "stride", {"t": [2, 2]})(m)),
+                              r"padding='same' needs stride 1"),
+    "conv kernel vs weight": ("vq", _state("torch.nn.Conv2d", "kernel_size", {"t": [5, 5]}), r"weight .* does not fit"),
+    "conv padding twice": ("vq", _state("torch.nn.Conv2d", "_reversed_padding_repeated_twice", [9, 9, 9, 9]),
+                           r"_reversed_padding_repeated_twice must be"),
+    "pool kernel 0": ("vq", _state("torch.nn.MaxPool2d", "kernel_size", 0), r"state.kernel_size"),
+    "pool padding > half": ("vq", _state("torch.nn.MaxPool2d", "padding", 2), r"at most half"),
+    "pool ceil_mode int": ("vq", _state("torch.nn.MaxPool2d", "ceil_mode", 2), r"state.ceil_mode"),
+    "pool return indices": ("vq", _state("torch.nn.MaxPool2d", "return_indices", True), r"return_indices"),
+    "flatten order": ("vq", _state("torch.nn.Flatten", "end_dim", 0), r"start_dim=1 comes after end_dim=0"),
+    "flatten dim str": ("vq", _state("torch.nn.Flatten", "start_dim", "1"), r"state.start_dim"),
+    "relu state emptied": ("vq", lambda m: _node(m, "torch.nn.ReLU").__setitem__("state", {}), r"misses \['inplace'\]"),
+    "null child": ("vq", lambda m: _node(m, "torch.nn.Sequential")["children"][1].__setitem__(1, None),
+                   r"cannot hold an empty \(null\) child"),
+    "VQ conv dilation 0": ("vq", _config("vqlab:conv2d", "dilation", [0, 1]), r"QuantizedConv2d.dilation .* got 0"),
+    "VQ conv padding str": ("vq", _config("vqlab:conv2d", "padding", "full"), r"QuantizedConv2d.padding must be"),
+    "VQ conv stride float": ("vq", _config("vqlab:conv2d", "stride", [1e-30, 1]), r"QuantizedConv2d.stride"),
+    "VQ conv kernel pair": ("vq", _config("vqlab:conv2d", "kernel_size", [3, 3, 3]), r"QuantizedConv2d.kernel_size"),
+    "VQ indices 1-D": ("vq", lambda m: next(e for e in m["tensors"] if e[0].endswith("indices")).__setitem__(
+        6, [math.prod(next(e for e in m["tensors"] if e[0].endswith("indices"))[6])]), r"indices' is \[\d+\]"),
+    "lattice step negative": ("lattice", _config("code:lattice", "step", -0.05), r"step must be a finite number > 0"),
+    "lattice step huge": ("lattice", _config("code:lattice", "step", 1e300), r"beyond float32's range"),
+    "lattice config null": ("lattice", lambda m: _node(m, "code:lattice").__setitem__("config", None),
+                            r"config must be an object"),
+    "lattice rows": ("lattice", _config("code:lattice", "rows", 2 ** 40), r"rows|geometry|decode"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_FIELDS))
+def test_module_fields_are_checked_on_load(tmp_path, lenet_files, case):
+    """Issue 27: JSON mutations of module fields (padding, stride, dilation, a negative or tiny lattice step, ...) that
+    loaded and only failed at forward, and crafted tensors that escaped VQFileError, are refused by load."""
+    which, mutate, match = _FIELDS[case]
+    _, meta, payload = _split(lenet_files[which])
+    mutate(meta)
+    (tmp_path / "bad.vqz").write_bytes(_build(meta, payload))
+    with pytest.raises(VQFileError, match=match):
+        load(tmp_path / "bad.vqz")
+
+
+def test_a_failed_load_into_a_model_changes_nothing(tmp_path):
+    """Issue 27 item 9: load(path, model=m) that fails leaves every tensor of m as it was (the same objects, the
+    same values): a model whose last layer does not fit."""
+    torch.manual_seed(0)
+    src = get_model("lenet5", input_size=8)
+    quantize_(src, VQConfig(k=16, d=2, iters=2), progress=False)
+    save(src, tmp_path / "m.vqz")
+
+    def target(last_out: int) -> nn.Module:
+        torch.manual_seed(1)
+        m = get_model("lenet5", input_size=8, num_classes=last_out)
+        quantize_(m, VQConfig(k=16, d=2, iters=2), progress=False)
+        return m
+
+    model = target(11)                                      # the last layer is Linear(84, 11): does not fit
+    before = {k: (id(v), v.clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    with pytest.raises(VQFileError, match=r"classifier\.5"):
+        load(tmp_path / "m.vqz", model=model)
+    after = model.state_dict(keep_vars=True)
+    assert after.keys() == before.keys()
+    assert all(id(after[k]) == i and torch.equal(after[k], v) for k, (i, v) in before.items())
+
+
+def test_a_failed_check_after_staging_restores_the_model(tmp_path, monkeypatch):
+    """The same when the failure comes after the file's tensors were put in place (a layer's validate)."""
+    from vqlab.layers import QuantizedLayer
+    torch.manual_seed(0)
+    src = get_model("lenet5", input_size=8)
+    quantize_(src, VQConfig(k=16, d=2, iters=2), progress=False)
+    save(src, tmp_path / "m.vqz")
+    torch.manual_seed(1)
+    model = get_model("lenet5", input_size=8)
+    quantize_(model, VQConfig(k=16, d=2, iters=2), progress=False)
+    before = {k: (id(v), v.clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    calls = []
+
+    def refuse(self):
+        calls.append(self)
+        if len(calls) == 2:
+            raise ValueError("refused by the test")
+    monkeypatch.setattr(QuantizedLayer, "validate", refuse)
+    with pytest.raises(VQFileError, match="refused by the test"):
+        load(tmp_path / "m.vqz", model=model)
+    after = model.state_dict(keep_vars=True)
+    assert all(id(after[k]) == i and torch.equal(after[k], v) for k, (i, v) in before.items())
+
+
+def test_a_failed_save_names_the_users_path(tmp_path):
+    """Issue 27: save(m, a_folder) and save(m, "/proc/x.vqz") named the hidden temporary file."""
+    m = nn.Sequential(nn.Linear(2, 2))
+    for path, error in ((tmp_path, IsADirectoryError), ("/proc/x.vqz", OSError),
+                        (tmp_path / "missing" / "m.vqz", FileNotFoundError)):
+        with pytest.raises(error) as caught:
+            save(m, path)
+        assert caught.value.filename == os.fspath(path) and ".tmp" not in str(caught.value), str(caught.value)
+        assert os.fspath(path) in str(caught.value)
+    assert os.listdir(tmp_path) == []

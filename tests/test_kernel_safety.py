@@ -209,3 +209,53 @@ def test_count_flops_equals_flop_counter_mode(layer, kw, shape):
     df = count_flops(q, shape)
     assert df["vq_flops"].sum() == _flop_counter(q, shape)
     assert df["vq_table_flops"].iloc[0] > 0
+
+
+# ---------------------------------------------------------------- issue 27: empty batches, shapes, threads
+
+@pytest.mark.parametrize("backend", available_backends(approximate=True))
+@pytest.mark.parametrize("segment", ["input", "kernel"])
+def test_vq_conv2d_of_an_empty_batch_is_the_empty_result(backend, segment):
+    g = torch.Generator().manual_seed(0)
+    book, idx = torch.randn(16, 2, generator=g), torch.randint(0, 16, (8, 18), dtype=torch.uint8, generator=g)
+    for x in (torch.randn(0, 4, 6, 6), torch.randn(0, 4, 6, 6).double()):
+        y = vq_conv2d(x, book, idx, (8, 4, 3, 3), padding=1, stride=2, segment=segment, backend=backend)
+        assert y.shape == (0, 8, 3, 3) and y.dtype == x.dtype
+
+
+@pytest.mark.parametrize("backend", available_backends(approximate=True))
+def test_an_eval_vq_model_on_an_empty_batch_returns_the_empty_result(backend):
+    from vqlab import VQConfig, get_model, quantize_
+    torch.manual_seed(0)
+    model = get_model("lenet5", input_size=8)
+    quantize_(model, VQConfig(k=16, d=2, iters=2), progress=False)
+    for m in model.modules():
+        if isinstance(m, (VQLinear, VQConv2d)):
+            m.backend = backend
+    with torch.no_grad():
+        assert model.eval()(torch.randn(0, 1, 8, 8)).shape == (0, 10)
+
+
+@pytest.mark.parametrize("bad", [None, (8, 4, 3), [8, 4, 3, 0], (8, 4, 3, 3.0), "8433", (8, 4, 3, True), 8])
+def test_vq_conv2d_weight_shape_must_be_four_positive_ints(bad):
+    book, idx = torch.randn(16, 2), torch.randint(0, 16, (8, 18), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"weight_shape must be 4 positive ints .* got " + re_escape(repr(bad))):
+        vq_conv2d(torch.randn(1, 4, 6, 6), book, idx, bad)
+
+
+def re_escape(s: str) -> str:
+    import re
+    return re.escape(s)
+
+
+@pytest.mark.parametrize("threads", [-1, 0, 2.5, True, "2"])
+def test_simd_threads_must_be_a_positive_int(threads):
+    from vqlab.kernels import simd
+    if simd.native_isa() is None:
+        pytest.skip(simd.native_status())
+    x, book, idx = torch.randn(3, 16), torch.randn(16, 2), torch.randint(0, 16, (32, 8), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"simd threads must be an integer >= 1, got " + re_escape(repr(threads))):
+        simd.simd_matmul(x, book, idx, threads=threads)
+    packed = simd.simd_pack(idx, 16)
+    with pytest.raises(ValueError, match="simd threads"):
+        simd._matmul_packed(x, book, packed, 32, threads=threads)

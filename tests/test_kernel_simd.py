@@ -1,5 +1,6 @@
 """Backend "simd": exact against an integer emulation of the kernel, within 6 sigma of the float reference,
 odd shapes, the scalar path, refused indices, opt-in only, and the numba fallback when no compiler exists."""
+import os
 import warnings
 
 import numpy as np
@@ -392,3 +393,127 @@ def test_no_avx2_falls_back_to_numba_with_one_notice(monkeypatch):
     assert len([w for w in caught if "simd" in str(w.message)]) == 1
     assert "AVX2" in simd.native_status() or "compiler" in simd.native_status()
     assert torch.equal(y, vq_matmul(x, book, idx, backend="numba"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_codebook_gives_the_reference_on_every_backend(bad):
+    """A NaN/Inf codeword, unused or used, in a K <= 16 codebook: every backend (and the packed code, and the
+    convolution) gives what the reference gives (issue 27 item 2: simd had made every output NaN)."""
+    from vqlab.methods.vq import VQConfig
+    from vqlab.methods.vq_simd import pack_simd_
+    from vqlab.quantize import all_layers, quantize_
+
+    g = torch.Generator().manual_seed(0)
+    book = torch.randn(8, 2, generator=g)
+    book[7, 1] = bad
+    idx = torch.randint(0, 7, (32, 8), dtype=torch.uint8, generator=g)      # codeword 7 unused
+    x = torch.randn(3, 16, generator=g)
+    for used in (False, True):
+        if used:
+            idx[5, 3] = 7
+        want = x @ dequantize(book, idx).T
+        assert bool(torch.isfinite(want).all()) != used
+        for backend in ("torch", *K.available_backends(approximate=True)[1:]):
+            for i in (idx, idx.long()):                                   # the direct and the checked paths
+                torch.testing.assert_close(vq_matmul(x, book, i, backend=backend), want, equal_nan=True)
+        if NATIVE:
+            torch.testing.assert_close(simd.simd_matmul(x, book, idx), want, equal_nan=True)
+            packed = simd.simd_pack(idx, 8)
+            torch.testing.assert_close(simd._matmul_packed(x, book, packed, 32), want, equal_nan=True)
+        xc = torch.randn(2, 4, 5, 5, generator=g)
+        wc = dequantize(book, idx[:, :8].reshape(32, 8)).reshape(32, 4, 2, 2)
+        for backend in ("torch", "numba", "simd"):
+            y = vq_conv2d(xc, book, idx, (32, 4, 2, 2), segment="kernel", backend=backend)
+            torch.testing.assert_close(y, F.conv2d(xc, wc), equal_nan=True, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32))
+    quantize_(model, VQConfig(k=8, d=2, iters=2), filter_fn=all_layers, progress=False)
+    pack_simd_(model)
+    model.eval()
+    with torch.no_grad():
+        model[0].codebook.weight[0, 7] = bad
+        model[0].set_indices(model[0].unpack().clamp(max=6))
+        want = F.linear(x, model[0].weight, model[0].bias)
+        y = model(x)
+    assert bool(torch.isfinite(y).all())
+    torch.testing.assert_close(y, want)
+
+
+_PLANT = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) { FILE *f = fopen("%s", "w"); if (f) { fputs("ran", f); fclose(f); } }
+int vq_abi_version(void) { return 3; }
+"""
+
+
+def _plant(cc: str, folder, marker) -> None:
+    """A library named as the simd kernel's cache entry whose constructor writes `marker` when loaded."""
+    src = folder / "planted.c"
+    src.write_text(_PLANT % marker)
+    import subprocess
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(folder / simd._library_name(cc)), str(src)], check=True)
+    src.unlink()
+
+
+@pytest.mark.parametrize("how", ["world-writable folder", "group-writable library", "another owner", "symlink"])
+def test_a_library_planted_where_others_can_write_is_never_loaded(monkeypatch, tmp_path, how):
+    """Issue 27 item 6: the kernel was loaded from $TMPDIR/vqlab-<uid>/ (or the cache folder) without asking who owns
+    the folder and the file, so another local user could plant one whose constructor ran in this process."""
+    cc = simd._compiler()
+    if cc is None or simd._uid() is None:
+        pytest.skip("needs a C compiler and POSIX owners")
+    cache, tmp, marker = tmp_path / "cache", tmp_path / "tmp", tmp_path / "marker"
+    cache.mkdir(mode=0o700)
+    tmp.mkdir(mode=0o700)
+    monkeypatch.setenv("VQLAB_CACHE_DIR", str(cache))
+    monkeypatch.setattr(simd.tempfile, "tempdir", str(tmp))
+    shared = tmp / f"vqlab-{simd._uid()}"                  # the $TMPDIR fallback, as another user would make it
+    shared.mkdir(mode=0o700)
+    for folder in (cache, shared):
+        _plant(cc, folder, marker)
+    if how == "world-writable folder":
+        for folder in (cache, shared):
+            os.chmod(folder, 0o777)
+    elif how == "group-writable library":
+        for folder in (cache, shared):
+            os.chmod(folder / simd._library_name(cc), 0o775)
+    elif how == "another owner":
+        monkeypatch.setattr(simd, "_uid", lambda: os.getuid() + 1)
+    else:
+        real = tmp_path / "elsewhere"
+        real.mkdir(mode=0o700)
+        for folder in (cache, shared):
+            os.rename(folder / simd._library_name(cc), real / folder.name)
+            os.symlink(real / folder.name, folder / simd._library_name(cc))
+    simd._loaded.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="not using"):
+            lib, why = simd._loaded()
+        assert not marker.exists(), "the planted library was loaded"
+        assert lib is not None, why                         # a private folder of this process's own was used
+        x, book, idx = _case(40, 12, 16, 2, 3)
+        ref = x @ dequantize(book, idx).T
+        assert (simd.simd_matmul(x, book, idx) - ref).abs().max() < 0.05 * ref.abs().max()
+    finally:
+        simd._loaded.cache_clear()
+
+
+def test_the_tmpdir_fallback_is_private(monkeypatch, tmp_path):
+    cc = simd._compiler()
+    if cc is None or simd._uid() is None:
+        pytest.skip("needs a C compiler and POSIX owners")
+    monkeypatch.setenv("VQLAB_CACHE_DIR", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("not a folder")                      # the cache cannot be created
+    monkeypatch.setattr(simd.tempfile, "tempdir", str(tmp_path))
+    simd._loaded.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="not using"):
+            assert simd._loaded()[0] is not None
+        folder = tmp_path / f"vqlab-{simd._uid()}"
+        assert stat_mode(folder) == 0o700 and stat_mode(folder / simd._library_name(cc)) & 0o022 == 0
+    finally:
+        simd._loaded.cache_clear()
+
+
+def stat_mode(path) -> int:
+    return os.stat(path).st_mode & 0o777

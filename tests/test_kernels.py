@@ -148,3 +148,58 @@ def test_auto_records_a_dense_or_numba_choice_and_bench_times_every_backend():
     assert df.loc[df["backend"] == "dense fp32", "speedup_vs_dense"].item() == 1.0
     assert set(auto_choices().values()) <= {"dense", "numba"}
     assert any(key[0] == (64, 24) for key in auto_choices())          # the (m, n/d) of this layer was picked for
+
+
+# ---------------------------------------------------------------- issue 27: gradients through the eval products
+
+@pytest.mark.parametrize("backend", ["torch", *available_backends(approximate=True)[1:]])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_vq_matmul_and_conv_have_the_exact_products_gradients(backend, groups):
+    """Backward through vq_matmul / vq_conv2d (input saliency, fine-tuning codebooks with frozen BatchNorm) gives
+    the gradients of x @ dequantize(codebook, indices).T on every backend; it had raised "no autograd formula"."""
+    book, idx, g = _case(16, 12, 16, 2, seed=3, groups=groups)
+    x = torch.randn(5, 24, generator=g)
+    r = torch.randn(5, 16, generator=g)
+
+    def grads(fn):
+        xr, br = x.clone().requires_grad_(True), book.clone().requires_grad_(True)
+        (fn(xr, br) * r).sum().backward()
+        return xr.grad, br.grad
+    want = grads(lambda a, b: a @ dequantize(b, idx).T)
+    got = grads(lambda a, b: vq_matmul(a, b, idx, backend=backend))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    xc = torch.randn(2, 4, 5, 5, generator=g)
+    rc = torch.randn(2, 16, 5, 5, generator=g)
+    idc = torch.randint(0, 16, (16, 18), generator=g, dtype=torch.uint8)
+
+    def conv_grads(fn):
+        xr, br = xc.clone().requires_grad_(True), book.clone().requires_grad_(True)
+        (fn(xr, br) * rc).sum().backward()
+        return xr.grad, br.grad
+    want = conv_grads(lambda a, b: F.conv2d(a, dequantize(b, idc).reshape(16, 4, 3, 3), padding=1))
+    got = conv_grads(lambda a, b: vq_conv2d(a, b, idc, (16, 4, 3, 3), padding=1, segment="kernel", backend=backend))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_backward_through_an_eval_vq_model_equals_training_modes(backend):
+    from vqlab import VQConfig, get_model, quantize_
+    from vqlab.methods.vq import VQConv2d, VQLinear
+    torch.manual_seed(0)
+    model = get_model("lenet5", input_size=8)
+    quantize_(model, VQConfig(k=16, d=2, iters=2), progress=False)
+    for m in model.modules():
+        if isinstance(m, (VQLinear, VQConv2d)):
+            m.backend = backend
+    x = torch.randn(4, 1, 8, 8)
+
+    def grads(train: bool):
+        model.train(train)
+        model.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        model(xr).square().sum().backward()
+        return [xr.grad] + [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

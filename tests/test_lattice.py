@@ -355,3 +355,69 @@ def test_huffman_coder_round_trip_sizes_and_damage():
             huffman_decode(bad, 40000)
     with pytest.raises(ValueError, match="more than 100"):
         huffman_decode(coded, 100)
+
+
+# ---------------------------------------------------------------- issue 27: large inputs, tiny steps, bombs
+
+@pytest.mark.parametrize("lattice", ["D4", "E8"])
+def test_nearest_point_of_large_inputs_is_a_lattice_point_in_every_dtype(lattice):
+    """Issue 27 item 4: float32 inputs near 2**24 got their parity summed in float32 and came back off the lattice."""
+    dim = lat.LATTICES[lattice]
+    g = torch.Generator().manual_seed(0)
+    for top in (2.0 ** 10, 2.0 ** 21, 2.0 ** 22 - 8):
+        x = (torch.rand(500, dim, generator=g, dtype=torch.float64) - 0.5) * 2 * top
+        x[:, 0] = top - torch.rand(500, generator=g, dtype=torch.float64) * 4
+        x32 = x.float()
+        p32 = nearest_point(x32, lattice)
+        assert p32.dtype == torch.float32 and bool(_is_lattice_point(p32, lattice).all())
+        assert torch.equal(p32.double(), nearest_point(x32.double(), lattice))     # the same point as float64's
+    x = torch.zeros(1, dim)
+    x[0, 0], x[0, 1] = 2.0 ** 24 + 2, 0.6                                  # the issue's input
+    with pytest.raises(ValueError, match=r"\|x\| < 4194304 .*exact in torch.float32.*float64"):
+        nearest_point(x, lattice)
+    p = nearest_point(x.double(), lattice)
+    assert p.dtype == torch.float64 and bool(_is_lattice_point(p, lattice).all())
+    big = torch.full((1, dim), 2.0 ** 51)
+    for bad in (big.double(), torch.full((1, dim), float("nan")), torch.full((1, dim), float("inf"))):
+        with pytest.raises(ValueError, match="must be finite with"):
+            nearest_point(bad, lattice)
+    assert nearest_point(torch.tensor([[3] + [0] * (dim - 1)]), lattice).dtype == torch.float32   # integer input
+
+
+@pytest.mark.parametrize("lattice, step", [("Z", 1e-25), ("D4", 1e-25), ("E8", 1e-25), ("E8", 1e-300), ("Z", 5e-324)])
+def test_a_step_too_small_for_the_weights_is_refused_naming_the_layer(lattice, step):
+    """Issue 27 item 3: a tiny valid step quantized without error and zeroed the model (w / step overflowed)."""
+    torch.manual_seed(0)
+    model = vqlab.get_model("lenet5", input_size=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer '.*': step=.* is too small for weights up to .* 2\*\*22"):
+        vqlab.quantize_(model, LatticeConfig(lattice=lattice, step=step), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())    # nothing changed
+    with pytest.raises(ValueError, match="too small"):
+        LatticeCode.from_weight(torch.randn(4, 8), lattice, step)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        LatticeCode.from_weight(torch.tensor([[float("nan")] * 8]), lattice, 0.1)
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        LatticeCode.from_weight(torch.randn(4, 8), lattice, 1e39)
+    w = torch.randn(4, 8)
+    code = LatticeCode.from_weight(w, lattice, float(w.abs().max()) / 2 ** 21)      # just inside: exact round trip
+    assert (code.rows() - w).abs().max() <= 2 * float(w.abs().max()) / 2 ** 21
+
+
+@pytest.mark.parametrize("lattice", ["Z", "D4", "E8"])
+def test_a_stream_with_coordinates_beyond_the_limit_is_refused(tmp_path, lattice):
+    """A crafted stream of huge symbols (a point a 1e-25 step would give) is refused by validate, so by save and load."""
+    dim = lat.LATTICES[lattice]
+    code = LatticeCode.from_weight(torch.randn(2, 8), lattice, 0.1, coder="none")
+    for top in (2 ** 23, 2 ** 40):
+        sym = code.symbols().clone()
+        sym[0, 0] = top
+        raw = encode_ints(sym.numpy())
+        bad = LatticeCode(2, 8, lattice, 0.1, 0, "none", len(raw))
+        bad.stream.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        with pytest.raises(ValueError, match="beyond"):
+            bad.validate()
+    model = nn.Sequential(vqlab.layers.QuantizedLinear(8, 2, code=bad))
+    with pytest.raises(ValueError, match="cannot save.*beyond"):
+        vqlab.save(model, tmp_path / "bad.vqz")
+    assert dim and not (tmp_path / "bad.vqz").exists()

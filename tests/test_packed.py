@@ -33,7 +33,7 @@ def test_layout_round_trips_and_pads_with_zeros(m, s, k, books, group):
     idx = torch.randint(0, k, (m, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(m + s))
     packed = simd.simd_pack(idx, k, books, group)
     assert tuple(packed.shape) == simd.packed_shape(m, s, books, group)
-    assert torch.equal(simd.simd_unpack(packed, m, s, group), idx)
+    assert torch.equal(simd._unpack(packed, m, s, group), idx)
     assert torch.equal(simd.simd_pack(idx.long(), k, books, group), packed)
     # 4 bits per index plus zero padding: the non-zero nibbles are exactly the non-zero indices
     nibbles = torch.stack([packed & 15, packed >> 4])
@@ -62,20 +62,20 @@ def test_packed_kernel_equals_the_row_major_kernel_bit_for_bit(isa, m, s, k, d, 
     book = torch.randn(books, k, d, generator=torch.Generator().manual_seed(7))
     book2 = book[0] if books == 1 else book
     packed = simd.simd_pack(idx, k, books)
-    y = simd.simd_matmul_packed(x, book2, packed, m, isa=isa)
+    y = simd._matmul_packed(x, book2, packed, m, isa=isa)
     assert torch.equal(y, simd.simd_matmul(x, book2, idx, isa=isa))
-    assert torch.equal(simd.simd_matmul_packed(x, book2, packed, m, isa=isa, threads=2), y)
+    assert torch.equal(simd._matmul_packed(x, book2, packed, m, isa=isa, threads=2), y)
     if books == 1:                                                      # the integer emulation, directly
         y_em = emulate(x, book2, idx)[0]
         scale = np.abs(y_em).max(initial=1.0)
         np.testing.assert_allclose(y.numpy(), y_em, rtol=0, atol=float(2e-6 * scale))
-    assert simd.simd_matmul_packed(x[:0], book2, packed, m, isa=isa).shape == (0, m)
+    assert simd._matmul_packed(x[:0], book2, packed, m, isa=isa).shape == (0, m)
 
 
 @needs_native
 def test_packed_kernel_within_six_sigma_of_the_float_reference():
     x, book, idx = _case(256, 1024, 16, 2, 8, seed=5)
-    y = simd.simd_matmul_packed(x, book, simd.simd_pack(idx, 16), 256).double()
+    y = simd._matmul_packed(x, book, simd.simd_pack(idx, 16), 256).double()
     ref = x.double() @ dequantize(book.double(), idx).T
     sigma = simd.error_sigma(simd.simd_tables(x, book)[1], 1024)
     assert ((y - ref).abs().amax(1).numpy() <= 6 * sigma + 1e-6).all()
@@ -86,17 +86,17 @@ def test_packed_kernel_within_six_sigma_of_the_float_reference():
 def test_a_nibble_at_or_above_k_is_refused_on_every_call(isa):
     x, book, idx = _case(70, 130, 11, 2, 3, seed=1)
     packed = simd.simd_pack(idx, 11)
-    simd.simd_matmul_packed(x, book, packed, 70, isa=isa)
+    simd._matmul_packed(x, book, packed, 70, isa=isa)
     for where, value in [((0, 1, 2, 5, 31), 0xB0), ((0, 0, 0, 0, 0), 0x0C), ((0, 2, 2, 20, 16), 0xF0)]:
         bad = packed.clone()
         bad[where] = value                                              # behind every check but the kernel's
         for threads in (1, 2):
             with pytest.raises(ValueError, match=r"K=11"):
-                simd.simd_matmul_packed(x, book, bad, 70, isa=isa, threads=threads)
+                simd._matmul_packed(x, book, bad, 70, isa=isa, threads=threads)
     with pytest.raises(ValueError, match=r"packed must be a contiguous uint8 CPU"):
-        simd.simd_matmul_packed(x, book, packed[..., :16], 70, isa=isa)
+        simd._matmul_packed(x, book, packed[..., :16], 70, isa=isa)
     with pytest.raises(ValueError, match=r"packed must be a contiguous uint8 CPU"):
-        simd.simd_matmul_packed(x, book, packed, 100, isa=isa)
+        simd._matmul_packed(x, book, packed, 100, isa=isa)
 
 
 def _model(seed=0, k=16, d=2):
@@ -277,12 +277,39 @@ def test_default_thread_count_splits_only_calls_large_enough(monkeypatch):
     try:
         x, book, idx = _case(4096, 2048, 16, 2, 1, seed=2)
         packed = simd.simd_pack(idx, 16)
-        y1 = simd.simd_matmul_packed(x, book, packed, 4096)
+        y1 = simd._matmul_packed(x, book, packed, 4096)
         assert used == []
         x8 = torch.randn(8, 4096)
-        y8 = simd.simd_matmul_packed(x8, book, packed, 4096)
+        y8 = simd._matmul_packed(x8, book, packed, 4096)
         assert used == [2]
-        assert torch.equal(simd.simd_matmul_packed(x, book, packed, 4096, threads=2), y1) and used[-1] == 2
-        assert torch.equal(simd.simd_matmul_packed(x8, book, packed, 4096, threads=1), y8)
+        assert torch.equal(simd._matmul_packed(x, book, packed, 4096, threads=2), y1) and used[-1] == 2
+        assert torch.equal(simd._matmul_packed(x8, book, packed, 4096, threads=1), y8)
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_row_count_belongs_to_the_code(tmp_path):
+    """A packed buffer for 40 rows has the shape of one for 64 (rows are padded to 32): reading it with another row
+    count computed rows of padding (issue 27 item 5).  Only SimdCode, which owns m, reads the layout now; it refuses
+    indices of another row count, and a file claiming another count for the same buffer is refused on load."""
+    assert not hasattr(simd, "simd_matmul_packed") and not hasattr(simd, "simd_unpack")
+    assert "simd_matmul_packed" not in simd.__all__ and "simd_unpack" not in simd.__all__
+    assert simd.packed_shape(40, 10) == simd.packed_shape(64, 10)        # why m cannot be taken from the buffer
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 40))
+    vqlab.quantize_(model, vqlab.VQConfig(k=16, d=2), filter_fn=vqlab.all_layers, progress=False)
+    pack_simd_(model)
+    code = model[0].code
+    assert code.unpack().shape == (40, 10)
+    for rows in (41, 64):
+        with pytest.raises(ValueError, match=r"indices must have shape \(40, 10\)"):
+            code.set_indices(torch.zeros(rows, 10, dtype=torch.uint8))
+    path = tmp_path / "p.vqz"
+    vqlab.save(model, path)
+    from test_io_security import _build, _split
+    _, meta, payload = _split(path.read_bytes())
+    node = next(n for n in meta["modules"] if n["type"] == "code:vq_simd")
+    node["config"]["rows"] = 64
+    (tmp_path / "bad.vqz").write_bytes(_build(meta, payload))
+    with pytest.raises(vqlab.VQFileError, match=r"rows|geometry|64"):
+        vqlab.load(tmp_path / "bad.vqz")

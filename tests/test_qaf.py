@@ -2,6 +2,7 @@
 same rank and bits (a trained LeNet-5 layer and a synthetic low-rank tensor), and the factorized layers through
 quantize_, compressed_size, save/load and count_flops."""
 import os
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import vqlab
 from vqlab import all_layers, compressed_size, quantize_
 from vqlab.methods import qaf
 from vqlab.layers import QuantizedConv2d, QuantizedLinear
-from vqlab.methods.qaf import QAFCode, QAFConfig
+from vqlab.methods.qaf import QAFCode, QAFConfig, cp_decompose
 from vqlab.train import checkpoint_path
 
 
@@ -130,3 +131,44 @@ def test_rank_ratio_and_config_errors():
     with pytest.raises(ValueError, match="groups=1"):
         quantize_(model, QAFConfig(rank=2), progress=False)
     assert isinstance(model[1], nn.Conv2d)
+
+
+# ---------------------------------------------------------------- issue 27: degenerate weights and ranks
+
+def test_degenerate_weights_and_ranks_give_clear_errors_or_exact_zeros():
+    """rank > the largest CP rank, NaN/Inf/empty weights: ValueError naming the argument (tensorly's and numpy's
+    internals before); an all-zero weight ("Singular matrix" before) factorizes exactly into zero factors."""
+    for alg, bits in (("als", None), ("als", 4), ("admm", 4)):
+        with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 3\], got 10"):
+            cp_decompose(torch.randn(4, 3), 10, bits, alg)
+        with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 12\], got 40"):
+            cp_decompose(torch.randn(4, 3, 2, 2), 40, bits, alg)
+        for bad in (torch.full((8, 6), float("nan")), torch.full((8, 6), float("inf"))):
+            with pytest.raises(ValueError, match="finite"):
+                cp_decompose(bad, 2, bits, alg)
+        with pytest.raises(ValueError, match=r"must not be empty, got shape \[0, 6\]"):
+            cp_decompose(torch.zeros(0, 6), 2, bits, alg)
+        for shape in ((8, 6), (8, 6, 3, 3)):
+            res = cp_decompose(torch.zeros(shape), 3, bits, alg, iters=2)
+            assert res.rel_error == 0 and all(not bool(f.any()) for f in res.factors)
+
+
+def test_all_zero_layer_quantizes_and_rank_ratio_is_bounded_before_allocating():
+    torch.manual_seed(0)
+    model = vqlab.get_model("lenet5", input_size=8)
+    with torch.no_grad():
+        model.features[3].weight.zero_()
+    vqlab.quantize_(model, QAFConfig(rank_ratio=0.25, iters=2), progress=False)
+    assert not bool(model.features[3].weight.any())
+    assert model.eval()(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="rank_ratio must be a finite number > 0, got inf"):
+        QAFConfig(rank_ratio=float("inf"))
+    model = vqlab.get_model("lenet5", input_size=8)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"layer 'features.3': rank_ratio=1000000.0 gives rank 38400000, which "
+                                         r"exceeds the largest CP rank 72 of its \[16, 8, 3, 3\] weight"):
+        vqlab.quantize_(model, QAFConfig(rank_ratio=1e6), progress=False)
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(ValueError, match=r"layer 'features.3': rank=100 exceeds the largest CP rank 72"):
+        vqlab.quantize_(model, QAFConfig(rank=100), progress=False)
+    assert isinstance(model.features[3], torch.nn.Conv2d)                          # nothing changed

@@ -291,3 +291,14 @@ def test_forward_hooks_move_to_the_new_layer():
     handle.remove(), pre.remove()
     model(torch.randn(2, 1, 8, 8))
     assert calls == ["pre", "QuantizedLinear"]                                   # the user's handles still work
+
+
+def test_a_meta_device_model_is_refused_naming_the_layer():
+    """Issue 27: quantize_ on a meta-device model raised "Tensor.item() cannot be called on meta tensors"."""
+    import vqlab
+    from vqlab.methods.qaf import QAFConfig
+    with torch.device("meta"):
+        model = vqlab.get_model("lenet5", input_size=8)
+    for config in (vqlab.VQConfig(k=16, d=2), vqlab.LatticeConfig(), QAFConfig(rank=2), vqlab.UniformConfig()):
+        with pytest.raises(ValueError, match=r"layer 'features.3' \(Conv2d\) is on the meta device.*to_empty"):
+            vqlab.quantize_(model, config, progress=False)

@@ -176,3 +176,56 @@ def test_unreachable_budgets_and_bad_arguments_are_named(digits):
         vqlab.compress(model, train, target_ratio=8, sensitivity=pd.DataFrame(
             {"layer": ["x"], "setting": ["float"], "config": [None], "bytes": [1], "float_bytes": [4],
              "predicted_loss": [0.0]}))
+
+
+def test_bad_datasets_and_arguments_are_named_before_any_work(digits):
+    """Issue 27: a model with only BatchNorm, an empty dataset, a list of (x, y) pairs, labels >= classes,
+    batch_size=0 gave raw errors; epochs=-1 and calib_size=0 were accepted (the latter calibrating on everything)."""
+    from torch.utils.data import TensorDataset
+    model, train, test = digits
+    x, y = train.tensors
+    with pytest.raises(ValueError, match=r"no nn.Linear or nn.Conv2d layer to quantize"):
+        vqlab.compress(torch.nn.Sequential(torch.nn.BatchNorm2d(1), torch.nn.Flatten()), train, target_ratio=4,
+                       progress=False)
+    with pytest.raises(ValueError, match=r"train_ds is empty \(0 samples\)"):
+        vqlab.compress(model, TensorDataset(x[:0], y[:0]), target_ratio=8)
+    with pytest.raises(TypeError, match=r"train_ds must be a torch.utils.data.TensorDataset\(x, y\), got list .*"
+                                        r"TensorDataset\(torch.stack\(xs\)"):
+        vqlab.compress(model, [(x[i], int(y[i])) for i in range(10)], target_ratio=8)
+    with pytest.raises(ValueError, match=r"train_ds has labels in \[0, 12\] but the model predicts 10 classes"):
+        vqlab.compress(model, TensorDataset(x, torch.where(y == 9, 12, y)), target_ratio=8)
+    with pytest.raises(ValueError, match=r"val_ds has labels in \[-1, 8\]"):
+        vqlab.compress(model, train, target_ratio=8, val_ds=TensorDataset(test.tensors[0], test.tensors[1] - 1))
+    with pytest.raises(ValueError, match=r"integer class labels"):
+        vqlab.compress(model, TensorDataset(x, y.float()), target_ratio=8)
+    for kw, match in ((dict(batch_size=0), r"batch_size must be an integer >= 1, got 0"),
+                      (dict(epochs=-1), r"epochs must be a finite number >= 0, got -1"),
+                      (dict(calib_size=0), r"calib_size must be an integer >= 1, got 0"),
+                      (dict(lr=float("inf")), r"lr must be a finite number > 0, got inf"),
+                      (dict(stage_steps=-3), r"stage_steps must be an integer >= 0, got -3"),
+                      (dict(distill_weight=2), r"distill_weight must be a finite number in \[0, 1\], got 2"),
+                      (dict(byte_unit=0), r"byte_unit must be an integer >= 1, got 0")):
+        with pytest.raises(ValueError, match=match):
+            vqlab.compress(model, train, target_ratio=8, **kw)
+
+
+def test_hooks_on_the_input_stay_out_and_modes_are_kept(digits):
+    """Forward hooks on the input model fired on the recipe's internal copies; the returned model was always in
+    eval mode.  Now the copies have no hooks and the result has the input's modes."""
+    model, train, _ = digits
+    calls = []
+    handle = model.classifier[1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        model.train()
+        model.features.eval()
+        small, _ = vqlab.compress(model, train, target_ratio=8, stage_steps=2, final_steps=2, **SMALL)
+        assert calls == []
+        model(train.tensors[0][:2])
+        assert calls == [1]                                     # the user's hook still works on the input
+        assert small.training and not small.features.training and small.classifier.training
+        assert all(m.training == small.classifier.training for m in small.classifier.modules())
+        same, _ = vqlab.compress(model, train, target_ratio=1, **SMALL)
+        assert same.training and not same.features.training
+    finally:
+        handle.remove()
+        model.eval()

@@ -204,3 +204,25 @@ def test_config_errors_leave_the_model_untouched():
         vq4all.finalize(copy.deepcopy(model))
     with pytest.raises(ValueError, match="no VQ4ALL layer"):
         vq4all.progressive_fit(_cnn(), _data(), progress=False)
+
+
+def test_universal_codebook_names_what_is_wrong():
+    """Issue 27: universal_codebook(["x"]) raised AttributeError, NaN weights a Cholesky error naming no layer."""
+    from vqlab.methods.vq4all import VQ4ALLConfig, universal_codebook
+    torch.manual_seed(0)
+    good = vqlab.get_model("lenet5", input_size=8)
+    with pytest.raises(TypeError, match=r"models\[1\] must be a torch.nn.Module, got str"):
+        universal_codebook([good, "x"], k=16, d=2)
+    for bad in ("x", 3, None):
+        with pytest.raises(TypeError, match="models must be an nn.Module or a list of them"):
+            universal_codebook(bad, k=16, d=2)
+    with pytest.raises(ValueError, match="at least one"):
+        universal_codebook([], k=16, d=2)
+    sick = vqlab.get_model("lenet5", input_size=8)
+    with torch.no_grad():
+        sick.features[3].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"models\[1\] layer 'features.3': the weight has 1 non-finite value"):
+        universal_codebook([good, sick], k=16, d=2)
+    book = universal_codebook(good, k=16, d=2)
+    with pytest.raises(ValueError, match=r"layer 'features.3': the weight has 1 non-finite value"):
+        vqlab.quantize_(sick, VQ4ALLConfig(codebook=book), progress=False)

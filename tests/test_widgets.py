@@ -131,3 +131,34 @@ def test_show_displays_the_panel_and_a_static_picture(monkeypatch):
     assert shown[0] is panel
     assert "K=4, d=2" in shown[1].data and panel.text in shown[1].data
     assert shown[2].data == panel.png and panel.png[:4] == b"\x89PNG"
+
+
+def test_bad_panel_arguments_are_named_before_any_work(digits_lenet):
+    """Issue 27: repeats=0, m=0, a target of 0, empty candidates, a grid without acc_finetuned ended in raw
+    messages (IndexError, ZeroDivisionError, KeyError) in the readout."""
+    import pandas as pd
+
+    from vqlab.widgets import budget_panel, method_panel
+    import vqlab
+
+    for kw, match in ((dict(repeats=0), r"repeats must be an integer >= 1, got 0"),
+                      (dict(m=0), r"m must be an integer >= 1, got 0"),
+                      (dict(ks=(1, 16)), r"every value of ks must be an integer >= 2, got 1"),
+                      (dict(batches=()), r"batches is empty")):
+        with pytest.raises(ValueError, match=match):
+            speed_panel(**{"m": 64, "n": 64, "ks": (16,), "ds": (2,), "batches": (1,), "k": 16, "d": 2, **kw})
+    cands = pd.DataFrame([{"layer": "a", "setting": "float", "bytes": 100, "float_bytes": 100, "predicted_loss": 0.0},
+                          {"layer": "a", "setting": "vq", "bytes": 10, "float_bytes": 100, "predicted_loss": 0.1}])
+    with pytest.raises(ValueError, match=r"every value of targets must be a finite number > 0, got 0"):
+        budget_panel(cands, 100, targets=(0, 8), target=0)
+    with pytest.raises(ValueError, match=r"candidates must be a CompressReport.candidates table .* got 0 rows"):
+        budget_panel(cands.iloc[:0], 100, targets=(8,), target=8)
+    with pytest.raises(TypeError, match=r"candidates must be a pandas DataFrame"):
+        budget_panel(None, 100, targets=(8,), target=8)
+    assert budget_panel(cands, 100, targets=(2, 8), target=8).error is None
+    model, tr, te, _ = digits_lenet
+    bare = pd.DataFrame([{"method": "vq", "ratio": 5.0, "acc": 0.5, "K": 16, "d": 2}])      # no acc_finetuned
+    assert compression_panel(model, tr, te, bare, ks=(16,), ds=(2,), k=16, d=2).error is None
+    assert method_panel(model, te, bare, {"K": ([4], 4)}, lambda K: vqlab.VQConfig(k=K, d=2)).error is None
+    with pytest.raises(ValueError, match=r"grid must be a DataFrame with columns method, ratio, acc"):
+        method_panel(model, te, pd.DataFrame({"x": [1]}), {"K": ([4], 4)}, lambda K: vqlab.VQConfig(k=K, d=2))

@@ -4,26 +4,116 @@
 Every command also runs under torchrun, e.g. `torchrun --nproc_per_node 2 -m vqlab finetune ...`: training
 is data-parallel (DDP), sweeps split their grid across the ranks, and only rank 0 prints and writes.
 
-Bad arguments (unknown model or dataset, K < 2, d < 1, negative epochs, an output path that cannot be
-used) are found before any work and reported as one line `error: ...` on stderr with exit status 2, as
-argparse does; a dataset that is missing or damaged is reported the same way with status 1.
+Bad arguments (unknown model or dataset, K < 2 or larger than a layer's segments, a d that does not divide a
+layer, negative epochs, a learning rate that is not a finite positive number, an output path that cannot be
+written, a --baseline that is a folder, a .vqz, not a checkpoint or another model's) are found before any work and
+reported as one line `error: ...` on stderr with exit status 2, as argparse does; a dataset that is missing or
+damaged, or a torchrun rank that went silent (`vqlab.distributed.SilentRankError`), is reported the same way with
+status 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import tempfile
 from pathlib import Path
+
+
+def _check_lr(lr: float) -> None:
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {lr}")
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """`path` can be written: not a folder, and its nearest existing folder takes a new file (probed by creating
+    and removing one: permission bits do not tell, e.g. /proc as root)."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give the file to write (e.g. {path / 'model.vqz'})")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vqlab-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
+
+
+def _check_checkpoint(flag: str, path: Path, args: argparse.Namespace) -> None:
+    """A float baseline checkpoint that exists must be one vqlab wrote for this model and dataset (a plain
+    state_dict plus metadata); one that does not exist will be written, so its folder must take it.  Under
+    torchrun only rank 0 reads the file, so only rank 0 checks what it holds."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give the checkpoint file (e.g. {path / 'model.pt'})")
+    if not path.exists():
+        _check_writable(flag, path)
+        return
+    if os.environ.get("RANK", "0") != "0":
+        return
+    import torch
+
+    from .data import dataset_info
+    from .models import get_model
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head == b"\x89VQLAB\r\n":
+        raise ValueError(f"{flag} {path} is a vqlab .vqz file (a saved, possibly quantized model), not a float "
+                         f"baseline checkpoint (.pt from `python -m vqlab train`)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                       # noqa: BLE001  whatever torch.load refuses
+        raise ValueError(f"{flag} {path} is not a checkpoint torch can read ({' '.join(str(e).split())[:160]})") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
+        raise ValueError(f"{flag} {path} is not a vqlab baseline checkpoint (a dict with 'state_dict' and 'meta')")
+    info = dataset_info(args.dataset)
+    model = get_model(args.model, num_classes=info.num_classes, in_channels=info.channels, input_size=info.size)
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:2] or [str(e)]
+        raise ValueError(f"{flag} {path} holds another model's weights, not {args.model} for {info.name} "
+                         f"({first[0].strip()[:160]})") from None
 
 
 def _check_train_args(args: argparse.Namespace) -> None:
     for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    if args.out is not None and Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a folder; give the checkpoint file path (e.g. {Path(args.out) / 'model.pt'})")
+    _check_lr(args.lr)
+    if args.out is not None:
+        _check_checkpoint("--out", Path(args.out), args)
+
+
+def _check_vq_setting(args: argparse.Namespace) -> None:
+    """The VQ setting fits every layer `quantize_` will quantize (all but the first conv and the last linear) of
+    the model for this dataset: d divides each layer's segmented dimension, K is at most its segments."""
+    import torch.nn as nn
+
+    from .data import dataset_info
+    from .methods.vq import VQConfig, weight_segments
+    from .models import get_model
+    from .quantize import keep_first_last
+
+    info = dataset_info(args.dataset)
+    model = get_model(args.model, num_classes=info.num_classes, in_channels=info.channels, input_size=info.size)
+    config = VQConfig(k=args.k, d=args.d, seed=args.seed, codebook=args.codebook, reassign_every=args.reassign_every)
+    keep = keep_first_last(model)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and keep(m, n)]
+    try:
+        for name, m in layers:
+            config.check(m, name)
+        if args.codebook == "shared":
+            total = sum(len(weight_segments(m, args.d, segment=config.segment)) for _, m in layers)
+            if args.k > total:
+                raise ValueError(f"the shared codebook serves {total} segments, fewer than K={args.k}")
+    except ValueError as e:
+        raise ValueError(f"-k {args.k} -d {args.d}: {e}") from None
 
 
 def _check_model_and_dataset(args: argparse.Namespace) -> None:
@@ -58,13 +148,14 @@ def _check_finetune_args(args: argparse.Namespace) -> None:
                              ("--max-steps", args.max_steps, 1), ("--reassign-every", args.reassign_every, 0)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    _check_lr(args.lr)
     out = Path(args.out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give the file to write (e.g. {out / 'model.vqz'})")
     if not out.parent.exists():
         raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+    _check_writable("--out", out)
+    if args.baseline is not None:
+        _check_checkpoint("--baseline", Path(args.baseline), args)
+    _check_vq_setting(args)
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -162,7 +253,10 @@ def _error(message: str, status: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse, check every argument before any work, run; returns the exit status (2 = bad arguments)."""
     args = build_parser().parse_args(argv)
+    from .distributed import SilentRankError, timeout_seconds
+
     try:
+        timeout_seconds()                                   # $VQLAB_DIST_TIMEOUT, before any work
         if hasattr(args, "model") and hasattr(args, "dataset"):
             _check_model_and_dataset(args)
         if getattr(args, "check", None) is not None:
@@ -173,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DatasetNotFoundError, DatasetCorruptError) as err:
+    except (DatasetNotFoundError, DatasetCorruptError, SilentRankError) as err:
         return _error(str(err), 1)
 
 

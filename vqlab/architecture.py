@@ -233,6 +233,169 @@ def module_nodes(model: nn.Module, tindex: dict[int, int]) -> list[dict]:
     return nodes
 
 
+# ---------------------------------------------------------------- load: the fields of modules rebuilt from state
+
+_MAX_SIZE = (1 << 31) - 1
+_SIZES = {"kernel_size": 1, "stride": 1, "dilation": 1, "padding": 0, "output_padding": 0}   # name -> least value
+_COUNTS = ("in_channels", "out_channels", "in_features", "out_features", "in1_features", "in2_features",
+           "num_features", "num_channels", "num_groups", "groups", "embed_dim", "num_heads", "kdim", "vdim",
+           "num_embeddings", "embedding_dim", "upscale_factor", "heads")
+_FLAGS = ("ceil_mode", "return_indices", "count_include_pad", "inplace", "affine", "track_running_stats",
+          "elementwise_affine", "transposed", "batch_first", "add_zero_attn", "_qkv_same_embed_dim",
+          "scale_grad_by_freq", "sparse", "recompute_scale_factor")
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _is_size(v: Any, low: int) -> bool:
+    return type(v) is int and low <= v <= _MAX_SIZE
+
+
+def _size_ok(name: str, v: Any, m: nn.Module) -> bool:
+    """A conv / pool geometry field: an int, or a tuple of ints (a conv: one per spatial dimension), each in
+    [least, 2**31); conv padding may also be 'same' / 'valid'; a pool's stride may be None."""
+    low = _SIZES[name]
+    conv = isinstance(m, nn.modules.conv._ConvNd)
+    if conv and name == "padding" and v in ("same", "valid"):
+        return True
+    if name == "stride" and v is None and not conv:
+        return True
+    if _is_size(v, low):
+        return not conv
+    dims = m.weight.dim() - 2 if conv and isinstance(m._parameters.get("weight"), torch.Tensor) else None
+    return (isinstance(v, tuple) and 1 <= len(v) <= 3 and all(_is_size(t, low) for t in v)
+            and (dims is None or len(v) == dims))
+
+
+def _field_ok(name: str, v: Any, m: nn.Module) -> bool | None:
+    """Whether attribute `name` holds a value torch's modules accept for it (None: a name without a rule)."""
+    if name in _SIZES:
+        return _size_ok(name, v, m)
+    if name in _COUNTS:
+        return _is_size(v, 1)
+    if name in _FLAGS:
+        return isinstance(v, bool) or (name == "recompute_scale_factor" and v is None)
+    if name in ("start_dim", "end_dim", "dim"):
+        return (type(v) is int and abs(v) <= 64) or (v is None and name == "dim")
+    if name == "eps":
+        return type(v) in (int, float) and 0 < v < float("inf")
+    if name == "momentum":
+        return v is None or (type(v) in (int, float) and 0 <= v <= 1)
+    if name == "p":
+        return type(v) in (int, float) and 0 <= v <= 1
+    if name in ("negative_slope", "alpha", "min_val", "max_val", "lambd", "beta", "threshold", "value"):
+        return type(v) in (int, float) and abs(v) < float("inf")
+    if name == "padding_mode":
+        return v in _PADDING_MODES
+    if name == "approximate":
+        return v in ("none", "tanh")
+    if name == "pad":
+        return _is_size(v, 0)
+    return None
+
+
+def _shape_of(m: nn.Module, name: str) -> tuple[int, ...] | None:
+    t = m._parameters.get(name, m._buffers.get(name))
+    return None if t is None else tuple(t.shape)
+
+
+def _check_conv(m: nn.modules.conv._ConvNd) -> None:
+    """A convolution's fields agree with each other and with its weight and bias."""
+    if m.in_channels % m.groups or m.out_channels % m.groups:
+        raise ValueError(f"groups={m.groups} must divide in_channels={m.in_channels} and out_channels={m.out_channels}")
+    k = tuple(m.kernel_size)
+    want = ((m.in_channels, m.out_channels // m.groups) if m.transposed else
+            (m.out_channels, m.in_channels // m.groups)) + k
+    if _shape_of(m, "weight") != want:
+        raise ValueError(f"weight {list(_shape_of(m, 'weight') or ())} does not fit in_channels={m.in_channels}, "
+                         f"out_channels={m.out_channels}, groups={m.groups}, kernel_size={k}")
+    if _shape_of(m, "bias") not in (None, (m.out_channels,)):
+        raise ValueError(f"bias {list(_shape_of(m, 'bias'))} does not fit out_channels={m.out_channels}")
+    if m.padding == "same" and (m.transposed or any(s != 1 for s in m.stride)):
+        raise ValueError(f"padding='same' needs stride 1, got stride={m.stride}")
+    if m.padding == "valid":
+        pads = [0] * 2 * len(k)
+    elif m.padding == "same":
+        total = [d * (kk - 1) for d, kk in zip(reversed(m.dilation), reversed(k))]
+        pads = [t for tot in total for t in (tot // 2, tot - tot // 2)]
+    else:
+        pads = [p for p in reversed(m.padding) for _ in range(2)]
+    if list(getattr(m, "_reversed_padding_repeated_twice", pads)) != pads:
+        raise ValueError(f"_reversed_padding_repeated_twice must be {pads} for padding={m.padding!r}")
+
+
+def _check_pool(m: nn.Module) -> None:
+    """A max / average pool's padding is at most half its (dilated) kernel, as torch requires at forward."""
+    k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,)
+    dil = getattr(m, "dilation", 1)
+    for name, v in (("padding", m.padding), ("dilation", dil)):
+        if isinstance(v, tuple) and len(v) not in (1, len(k)):
+            raise ValueError(f"{name}={v!r} does not match kernel_size={m.kernel_size!r}")
+
+    def at(v, i):
+        return v[min(i, len(v) - 1)] if isinstance(v, tuple) else v
+    for i, kk in enumerate(k):
+        if 2 * at(m.padding, i) > at(dil, i) * (kk - 1) + 1:
+            raise ValueError(f"padding={m.padding!r} must be at most half of the (dilated) kernel_size={m.kernel_size!r}")
+
+
+def _check_shapes(m: nn.Module) -> None:
+    """Linear, BatchNorm, LayerNorm and GroupNorm fields agree with their tensors; Flatten's dims are in order."""
+    if isinstance(m, nn.Linear) and _shape_of(m, "weight") not in (None, (m.out_features, m.in_features)):
+        raise ValueError(f"weight {list(_shape_of(m, 'weight'))} does not fit in_features={m.in_features}, "
+                         f"out_features={m.out_features}")
+    if isinstance(m, nn.Linear) and _shape_of(m, "bias") not in (None, (m.out_features,)):
+        raise ValueError(f"bias {list(_shape_of(m, 'bias'))} does not fit out_features={m.out_features}")
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        for t in ("weight", "bias", "running_mean", "running_var"):
+            if _shape_of(m, t) not in (None, (m.num_features,)):
+                raise ValueError(f"{t} {list(_shape_of(m, t))} does not fit num_features={m.num_features}")
+    if isinstance(m, nn.LayerNorm):
+        shape = m.normalized_shape
+        if not (isinstance(shape, tuple) and all(_is_size(t, 1) for t in shape)):
+            raise ValueError(f"normalized_shape must be a tuple of positive ints, got {short(shape)}")
+        for t in ("weight", "bias"):
+            if _shape_of(m, t) not in (None, shape):
+                raise ValueError(f"{t} {list(_shape_of(m, t))} does not fit normalized_shape={shape}")
+    if isinstance(m, nn.Flatten) and (m.start_dim < 0) == (m.end_dim < 0) and m.start_dim > m.end_dim:
+        raise ValueError(f"start_dim={m.start_dim} comes after end_dim={m.end_dim}")
+    if isinstance(m, nn.GroupNorm) and m.num_channels % m.num_groups:
+        raise ValueError(f"num_groups={m.num_groups} must divide num_channels={m.num_channels}")
+
+
+def check_state(m: nn.Module, field: str) -> None:
+    """Check the fields a module rebuilt from a file's "state" holds: every name in its class's `__constants__`
+    present (what torch's modules and the zoo's read in forward); by name (kernel_size, stride, padding, dilation,
+    groups, channel and feature counts, flags, eps, momentum, p, dims, padding_mode, ...: torch's meanings); for
+    convolutions, pools, Linear, Flatten and the norms, against each other and their tensors; no null child in a
+    container or a zoo model; no pool returning indices.  So a file with a bad field is refused on load instead of
+    failing at forward.  raises ValueError naming the field."""
+    cls = type(m)
+    missing = [c for c in getattr(cls, "__constants__", ()) if c not in m.__dict__ and not hasattr(cls, c)]
+    if missing:
+        raise ValueError(f"{field}.state misses {missing}, which a {cls.__name__} needs")
+    for name, v in m.__dict__.items():
+        if name in _MODULE_BASE:
+            continue
+        if _field_ok(name, v, m) is False:
+            raise ValueError(f"{field}.state.{name} has a value a {cls.__name__} cannot use: {short(v)}")
+    if getattr(m, "return_indices", False):
+        raise ValueError(f"{field}.state.return_indices is true: a pool returning indices feeds no module a file can "
+                         f"rebuild (pass model= to load such a model)")
+    if (isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or cls in MODULE_TYPES.values()) and \
+            any(c is None for c in m._modules.values()):
+        raise ValueError(f"{field}.children: a {cls.__name__} cannot hold an empty (null) child")
+    try:
+        if isinstance(m, nn.modules.conv._ConvNd):
+            _check_conv(m)
+        elif isinstance(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)):
+            _check_pool(m)
+        _check_shapes(m)
+    except AttributeError as e:
+        raise ValueError(f"{field}: a {type(m).__name__} misses a field ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{field} ({type(m).__name__}): {e}") from None
+
+
 # ---------------------------------------------------------------- load: nodes -> modules
 
 class TreeError(ValueError):
@@ -395,6 +558,8 @@ def build_model(nodes: Any, entries: list[Entry], *, allowed_type=allowed, resol
                 for cname, c in children.items():
                     m._modules[cname] = c
             _attach_tensors(m, node, entries, holders, field, by_config)
+            if not by_config:
+                check_state(m, field)
             m.training = node.get("training", True)
         except ImportError as e:
             raise TreeError(f"module {paths[i]!r} needs {name}, which cannot be imported ({e}); install it or pass "

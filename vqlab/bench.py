@@ -123,6 +123,7 @@ def layer_timings(m: int, n: int, k: int, d: int, batch: int, backends=BACKENDS,
     """
     if threads is not None:
         try:            # numba first: starting its OpenMP layer resets the thread count torch reads
+            from .kernels import lut_numba  # noqa: F401  selects numba's fork-safe threading layer before it starts
             import numba
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         except ImportError:

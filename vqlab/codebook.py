@@ -388,7 +388,7 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, init: str | torch.Tensor
     gen = torch.Generator().manual_seed(seed)
     xw = x.detach().to(_work_dtype(x.dtype)).contiguous()               # (N, d)
     c = _init_centers(xw, k, init, gen)                                 # (k, d)
-    with tqdm(total=iters, desc=f"k-means K={k}", disable=not progress, leave=False) as bar:
+    with tqdm(total=iters, desc=f"k-means K={k}", disable=not _dist.show_progress(progress), leave=False) as bar:
         if batch_size is None:
             n_iter, reseeded = _lloyd(xw, c, iters, tol, chunk, bar)
         else:
@@ -548,7 +548,7 @@ def product_quantize(x: torch.Tensor, k: int, subspaces: int, *, iters: int = 25
         raise ValueError(f"subspaces M={subspaces} must divide the vector length D={dim}")
     ds = dim // subspaces
     books, codes, err = [], [], 0.0
-    for m in tqdm(range(subspaces), desc="PQ subspaces", disable=not progress, leave=False):
+    for m in tqdm(range(subspaces), desc="PQ subspaces", disable=not _dist.show_progress(progress), leave=False):
         res = kmeans(x[:, m * ds:(m + 1) * ds], k, iters=iters, init=init, batch_size=batch_size,
                      seed=seed + m, tol=tol)
         books.append(res.codebook)
@@ -580,7 +580,7 @@ def residual_quantize(x: torch.Tensor, k: int, stages: int, *, iters: int = 25, 
     check_int("stages", stages, 1)
     resid = x.detach().to(_work_dtype(x.dtype))                          # (N, d)
     books, codes, per_stage = [], [], []
-    for s in tqdm(range(stages), desc="RVQ stages", disable=not progress, leave=False):
+    for s in tqdm(range(stages), desc="RVQ stages", disable=not _dist.show_progress(progress), leave=False):
         res = kmeans(resid, k, iters=iters, init=init, batch_size=batch_size, seed=seed + s, tol=tol)
         book = res.codebook.to(x.dtype)
         resid = resid - book.to(resid.dtype)[res.assignments]

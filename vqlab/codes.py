@@ -14,6 +14,9 @@ A code knows:
                            `from_config(**config)` rebuilds an empty code that `vqlab.load` fills — a file holds
                            data only, never pickle, and records the code by its registry name `kind`
     describe()             method (its one name), setting, K, d, bits_per_weight for reports and plots
+    validate(), decoded_values()
+                           checks of the stored values (`load` and `save` run them) and the count of values decoded
+                           from compressed streams (bounded by `load` by the file's size)
     flops(rows, groups)    (table, accumulate) FLOPs for `rows` input vectors; the default is a dense product
 and, optionally, its eval product `matmul(x)`, its own convolution `conv2d(x, layer)` (with `conv_flops`), a
 training forward `train_rows()`, attributes its layer forwards to it (`layer_attrs`) and training-only tensors
@@ -186,6 +189,12 @@ class WeightCode(nn.Module):
     def validate(self) -> None:
         """Raise ValueError when the stored values cannot be used (e.g. an index outside the codebook);
         `vqlab.load` calls it on every code it reads and `save` before writing."""
+
+    def decoded_values(self) -> int:
+        """How many values the code decodes from its stored streams beyond its tensors' own sizes (a lattice code:
+        its coordinates, from a compressed stream); `vqlab.load` refuses a file whose codes claim more than
+        `vqlab.io.DECODE_CAP` + `DECODE_PER_BYTE` per payload byte before decoding any.  Default: 0."""
+        return 0
 
     def after_load(self) -> None:
         """Rebuild training-only state after `vqlab.load` filled the stored tensors (default: nothing)."""

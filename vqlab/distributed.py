@@ -9,11 +9,24 @@ the identity) in a single process, so library code calls them unconditionally.
 "Distributed" means: a process group of more than one process is initialised, or torchrun's
 environment asks for one (WORLD_SIZE > 1).  A world of one behaves exactly like no torch.distributed
 at all.  The CUDA path (NCCL, one GPU per LOCAL_RANK) is written device-agnostically but is untested.
+
+A rank that stops answering (killed, stopped with SIGSTOP, hung in a kernel) would leave the others waiting in
+their next collective for torch's default 30 minutes.  `init` sets the collective timeout to $VQLAB_DIST_TIMEOUT
+seconds (default 300), and every rank beats a heartbeat counter in the process group's store (a daemon thread,
+twice a second); a collective that times out in vqlab's helpers, in `fit` or `evaluate` raises `SilentRankError`
+naming the ranks whose heartbeat stopped.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import datetime
+import functools
+import math
 import os
 import socket
+import threading
+import time
 from typing import Any, Callable
 
 import torch
@@ -21,7 +34,38 @@ import torch.distributed as dist
 
 __all__ = ["env_world_size", "active", "init", "rank", "world_size", "local_rank", "is_main", "device",
            "barrier", "all_reduce_sum", "broadcast", "all_gather_objects", "broadcast_object", "free_port",
-           "launch_local"]
+           "launch_local", "timeout_seconds", "SilentRankError", "naming_silent_ranks", "silent_ranks",
+           "show_progress", "DEFAULT_TIMEOUT"]
+
+DEFAULT_TIMEOUT = 300.0       # seconds a collective waits for the other ranks ($VQLAB_DIST_TIMEOUT)
+_BEAT = 0.5                   # seconds between heartbeats
+_BEATING: list = []           # the heartbeat thread's (store, stop event), once started
+
+
+class SilentRankError(RuntimeError):
+    """A collective got no answer within the timeout: another rank stopped, hung or died (the message names the
+    ranks whose heartbeat stopped)."""
+
+
+def timeout_seconds() -> float:
+    """The collective timeout: $VQLAB_DIST_TIMEOUT seconds (a finite number > 0), default 300.
+    raises ValueError naming the variable for anything else."""
+    raw = os.environ.get("VQLAB_DIST_TIMEOUT", "")
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"VQLAB_DIST_TIMEOUT must be a finite number of seconds > 0, got {raw!r}")
+    return value
+
+
+def show_progress(progress: bool) -> bool:
+    """Whether this process draws a progress bar: asked for, and rank 0 (every process of a torchrun job would
+    draw its own bar otherwise)."""
+    return bool(progress) and is_main()
 
 
 def env_world_size() -> int:
@@ -56,8 +100,89 @@ def init(backend: str | None = None) -> bool:
             backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank() % torch.cuda.device_count())
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
+        _start_heartbeat()
     return True
+
+
+def _store():
+    """The default process group's key-value store (torchrun's), or None where torch does not expose it."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:                                  # noqa: BLE001  a private API: no heartbeat without it
+        return None
+
+
+def _start_heartbeat() -> None:
+    """A daemon thread adding 1 to this rank's counter "vqlab/alive/<rank>" in the store every _BEAT seconds; it
+    stops with the process (or when the store goes away).  A stopped or dead rank's counter stands still."""
+    store = _store()
+    if store is None or _BEATING:
+        return
+    key, stop = f"vqlab/alive/{dist.get_rank()}", threading.Event()
+
+    def beat():
+        while not stop.is_set():
+            try:
+                store.add(key, 1)
+            except Exception:                          # noqa: BLE001  the store is gone: the job is ending
+                return
+            stop.wait(_BEAT)
+    thread = threading.Thread(target=beat, name="vqlab-heartbeat", daemon=True)
+    thread.start()
+    _BEATING.append((store, stop))
+    atexit.register(_stop_heartbeat, stop, thread)
+
+
+def _stop_heartbeat(stop: threading.Event, thread: threading.Thread) -> None:
+    """At exit: end the heartbeat thread before the interpreter (and the store's client) go away."""
+    stop.set()
+    thread.join(timeout=4 * _BEAT)
+
+
+def silent_ranks(wait: float = 4 * _BEAT) -> list[int] | None:
+    """The ranks whose heartbeat did not move within `wait` seconds (stopped, hung with the GIL held, or dead);
+    None when unknown (no heartbeat store here)."""
+    if not _BEATING:
+        return None
+    store = _BEATING[0][0]
+    try:
+        before = [store.add(f"vqlab/alive/{r}", 0) for r in range(world_size())]
+        time.sleep(wait)
+        after = [store.add(f"vqlab/alive/{r}", 0) for r in range(world_size())]
+    except Exception:                                  # noqa: BLE001
+        return None
+    return [r for r, (a, b) in enumerate(zip(before, after)) if a == b]
+
+
+_TIMEOUT_WORDS = ("timed out", "timeout", "pair closure", "connection closed", "connection reset")
+
+
+@contextlib.contextmanager
+def naming_silent_ranks():
+    """Turn a collective's timeout inside the block into a SilentRankError naming the silent ranks."""
+    try:
+        yield
+    except SilentRankError:
+        raise
+    except RuntimeError as e:
+        if not _initialised() or not any(w in str(e).lower() for w in _TIMEOUT_WORDS):
+            raise
+        silent = silent_ranks()
+        who = ("could not be told (no heartbeat store)" if silent is None else
+               f"rank(s) {silent} went silent (no heartbeat: stopped, hung or dead)" if silent else
+               "every rank still beats (one is stuck outside a collective)")
+        raise SilentRankError(f"rank {rank()}: a collective got no answer from the other ranks within "
+                              f"{timeout_seconds():g} s ($VQLAB_DIST_TIMEOUT); {who}") from e
+
+
+def _named(fn):
+    """Decorator: run a collective helper inside `naming_silent_ranks`."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with naming_silent_ranks():
+            return fn(*args, **kwargs)
+    return call
 
 
 def rank() -> int:
@@ -91,6 +216,7 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+@_named
 def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if active():
@@ -98,6 +224,7 @@ def barrier() -> None:
         dist.barrier()
 
 
+@_named
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum `t` over all processes, in place; returns t (unchanged in a single process)."""
     if active():
@@ -106,6 +233,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@_named
 def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite `t` with rank `src`'s tensor, in place; returns t."""
     if active():
@@ -114,6 +242,7 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
+@_named
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s picklable `obj` on every process (obj itself in a single process)."""
     if not active():
@@ -124,6 +253,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+@_named
 def all_gather_objects(obj: Any) -> list[Any]:
     """[obj of rank 0, obj of rank 1, ...] on every process ([obj] in a single process)."""
     if not active():

@@ -170,11 +170,12 @@ def compare_configs(model: nn.Module, test_ds: TensorDataset, configs: dict, *, 
     flops_input_shape: e.g. (1, 1, 28, 28): also `count_flops` of each compressed model on that input, as
     columns flops (the quantized model's total) and flop_ratio (over the dense model's).
     """
+    from . import distributed as _dist
     from .flops import count_flops
 
     base = evaluate(model, test_ds) if baseline_acc is None else baseline_acc
     rows = []
-    for label, config in tqdm(configs.items(), desc="methods", disable=not progress, leave=False):
+    for label, config in tqdm(configs.items(), desc="methods", disable=not _dist.show_progress(progress), leave=False):
         t0 = time.perf_counter()
         q = copy_model(model)
         row = {"label": label, "K": getattr(config, "k", pd.NA), "d": getattr(config, "d", pd.NA)}
@@ -227,9 +228,21 @@ def check_grid(ks, ds, finetune_epochs: int = 0, scalar_ks=()) -> None:
         raise ValueError(f"finetune_epochs must be an integer >= 0, got {finetune_epochs!r}")
 
 
+def best_accuracy(df: pd.DataFrame) -> pd.Series:
+    """Per row the fine-tuned accuracy where there is one, else the accuracy (a grid may lack the column
+    acc_finetuned, e.g. one from `compare_configs` or written by hand).  ValueError naming the missing columns of
+    a grid that has no ratio / acc / method."""
+    missing = [c for c in ("method", "ratio", "acc") if not isinstance(df, pd.DataFrame) or c not in df]
+    if missing:
+        got = list(df.columns) if isinstance(df, pd.DataFrame) else type(df).__name__
+        raise ValueError(f"grid must be a DataFrame with columns method, ratio, acc (and optionally acc_finetuned), "
+                         f"as sweep / compare_configs return; missing {missing}, got {got}")
+    return df["acc_finetuned"].fillna(df["acc"]) if "acc_finetuned" in df else df["acc"]
+
+
 def pareto_front(df: pd.DataFrame, acc_col: str | None = None) -> pd.DataFrame:
     """Rows not dominated in (higher ratio, higher accuracy), sorted by ratio."""
-    acc = df[acc_col] if acc_col else df["acc_finetuned"].fillna(df["acc"])
+    acc = df[acc_col] if acc_col else best_accuracy(df)
     pts = df.assign(_acc=acc).dropna(subset=["ratio", "_acc"]).sort_values("ratio", ascending=False)
     keep, best = [], -np.inf
     for i, r in pts.iterrows():
@@ -325,7 +338,10 @@ def pareto_plot(df: pd.DataFrame, ax=None, live: dict | None = None, title: str 
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4.5))
-    data = df.assign(_acc=df["acc_finetuned"].fillna(df["acc"])).dropna(subset=["ratio", "_acc"])
+    acc = best_accuracy(df)                      # (names the missing columns of a grid that is not one)
+    if "acc_finetuned" not in df:                 # a grid from compare_configs or written by hand
+        df = df.assign(acc_finetuned=float("nan"))
+    data = df.assign(_acc=acc).dropna(subset=["ratio", "_acc"])
     styles = method_styles(list(dict.fromkeys(data["method"])))
 
     def draw(a, small: bool = False) -> None:

@@ -15,7 +15,9 @@ File layout, format version 4 (all integers little-endian; versions 2 and 3, wri
 
 `load` reads the 24-byte header first and checks it against the file's size before reading anything else, reads
 regular files only, inflates the metadata to at most 16 MiB (`META_CAP`) and hashes the payload in place (a
-memory map), so neither a huge file nor a device (/dev/zero) nor a decompression bomb can exhaust memory.
+memory map), so neither a huge file nor a device (/dev/zero) nor a decompression bomb can exhaust memory.  Codes
+that decode compressed streams (lattice) may together decode at most `DECODE_CAP` + `DECODE_PER_BYTE` values per
+payload byte, checked before any is decoded, and each stream at most what its layer's size needs.
 
 JSON meta: {"format": "vqlab", "version": 4, "torch": version, "tensors": [...], "modules": [...],
 "models": count (only for a list of models)}.
@@ -46,6 +48,7 @@ not read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import lzma
@@ -70,13 +73,14 @@ from .legacy import build_legacy_model
 from .size import check_store_range, model_store_dtype, training_only_ids
 
 __all__ = ["save", "load", "VQFileError", "FORMAT_VERSION", "READ_VERSIONS", "ALLOWED_TYPES", "META_CAP",
-           "ANS_CAP", "ANS_PER_BYTE", "INDEX_CODINGS"]
+           "ANS_CAP", "ANS_PER_BYTE", "DECODE_CAP", "DECODE_PER_BYTE", "INDEX_CODINGS"]
 
 MAGIC = b"\x89VQLAB\r\n"
 FORMAT_VERSION = 4
 READ_VERSIONS = (2, 3, 4)     # versions `load` reads (2: entries without `stored`; 2-3: class-path nodes)
 META_CAP = 16 << 20           # bytes the JSON metadata may decompress to
 ANS_CAP, ANS_PER_BYTE = 1 << 26, 64   # values ANS entries may decode to: ANS_CAP + ANS_PER_BYTE * payload bytes
+DECODE_CAP, DECODE_PER_BYTE = 1 << 22, 64   # values codes may decode from their streams (lattice coordinates)
 INDEX_CODINGS = ("packed", "ans")
 _STORED_FLOATS = ("float16", "bfloat16", "float32")
 _HEADER = struct.Struct("<8sHHIQ")  # magic, version, reserved, meta_len, payload_len
@@ -146,9 +150,22 @@ def _create_temp(folder: str, base: str) -> tuple[int, str]:
 def _write_atomic(path: str | os.PathLike, chunks: list[bytes]) -> None:
     """Write `chunks` to a temporary file beside `path`, fsync, rename over `path`; on failure remove it.
 
-    An existing `path` keeps its permission bits; a symlink is followed (its target is replaced).
+    An existing `path` keeps its permission bits; a symlink is followed (its target is replaced).  An OSError
+    names `path` as the caller wrote it, never the hidden temporary file; a folder at `path` is refused first.
     """
+    try:
+        _replace_with(path, chunks)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+
+
+def _replace_with(path: str | os.PathLike, chunks: list[bytes]) -> None:
+    """`_write_atomic`'s work (its OSErrors name whatever file failed)."""
     target = os.path.realpath(os.fspath(path))
+    if os.path.isdir(target):
+        raise IsADirectoryError(errno.EISDIR, "Is a folder; save takes a file name such as 'model.vqz'", target)
     folder = os.path.dirname(target)
     mode = stat.S_IMODE(os.stat(target).st_mode) if os.path.exists(target) else None
     fd, tmp = _create_temp(folder, os.path.basename(target))
@@ -496,6 +513,23 @@ _LAYER_ERRORS = (ValueError, TypeError, AttributeError, ZeroDivisionError, Runti
                  OverflowError)
 
 
+def _check_decoded(model: nn.Module, payload_len: int, where: str) -> None:
+    """Refuse, before anything is decoded, codes that would decode more values from their compressed streams
+    (`WeightCode.decoded_values`: lattice coordinates) than DECODE_CAP + DECODE_PER_BYTE per payload byte: a size
+    the file cannot inflate by claiming large layers, so a small file cannot make `load` inflate gigabytes."""
+    total, cap = 0, DECODE_CAP + DECODE_PER_BYTE * payload_len
+    for name, m in model.named_modules():
+        if isinstance(m, WeightCode):
+            try:
+                total += int(m.decoded_values())
+            except _LAYER_ERRORS as e:
+                raise VQFileError(f"{where}: module {name!r}: {e}") from None
+            if total > cap:
+                raise VQFileError(f"{where}: module {name!r}: the codes decode {total} values from their streams, "
+                                  f"more than the {DECODE_CAP} + {DECODE_PER_BYTE} per payload byte = {cap} a file of "
+                                  f"this size may decode to; the file is corrupted or crafted")
+
+
 def _check_layers(model: nn.Module, where: str) -> None:
     """Check every quantized layer of a loaded model (`QuantizedLayer.validate`: the code fits the layer and its
     values are usable, e.g. VQ indices in [0, K)); VQFileError naming the layer."""
@@ -548,6 +582,7 @@ def load(path: str | os.PathLike, model: nn.Module | list[nn.Module] | None = No
                 model = build(meta.get("modules"), entries)
             except TreeError as e:
                 raise VQFileError(f"{where}: {e}") from None
+        _check_decoded(model, len(payload), where)
         old = _put(_staged(model, entries, payload, where, map_location))
     try:
         _check_layers(model, where)

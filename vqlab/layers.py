@@ -28,12 +28,23 @@ import torch.nn.functional as F
 from .checks import check_choice, check_instance, check_int
 from .codes import WeightCode, add_bias
 from .kernels.flops import conv_out_hw
-from .utils import pair
 
 __all__ = ["QuantizedLayer", "QuantizedLinear", "QuantizedConv2d", "quantized_layer", "check_layer",
            "layer_class", "PADDING_MODES"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+_MAX_SIZE = (1 << 31) - 1
+
+
+def _int_pair(field: str, v, low: int) -> tuple[int, int]:
+    """An int or a pair of ints (nn.Conv2d's kernel_size / stride / padding / dilation) in [low, 2**31) -> (a, b);
+    ValueError naming the field and the value otherwise (a float, a string, a bool, a negative or huge value)."""
+    items = list(v) if isinstance(v, (tuple, list, torch.Size)) else [v, v]
+    if len(items) != 2:
+        raise ValueError(f"{field} must be an int or a pair of ints, got {v!r}")
+    return tuple(check_int(field, t, low, _MAX_SIZE) for t in items)
 
 
 def _resolve_conv_padding(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
@@ -180,12 +191,16 @@ class QuantizedConv2d(QuantizedLayer):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"QuantizedConv2d: groups={groups} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")
-        self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
+        self.kernel_size = _int_pair("QuantizedConv2d.kernel_size", kernel_size, 1)
+        self.stride = _int_pair("QuantizedConv2d.stride", stride, 1)
+        self.dilation = _int_pair("QuantizedConv2d.dilation", dilation, 1)
         if isinstance(padding, str):
             check_choice("QuantizedConv2d.padding", padding, ("same", "valid"))
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError(f"QuantizedConv2d.padding='same' needs stride 1, got stride={self.stride}")
             self.padding = padding
         else:
-            self.padding = pair(padding)
+            self.padding = _int_pair("QuantizedConv2d.padding", padding, 0)
         self.padding_mode = check_choice("QuantizedConv2d.padding_mode", padding_mode, PADDING_MODES)
         self.segment = check_choice("QuantizedConv2d.segment", segment, ("kernel", "input"))
         kh, kw = self.kernel_size

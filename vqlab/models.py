@@ -75,6 +75,8 @@ class SmallCNN(nn.Module):
 # ---------------------------------------------------------------- CIFAR ResNet (He et al. 2016, sec. 4.2)
 
 class _BasicBlock(nn.Module):
+    __constants__ = ("pad", "stride")      # read by forward; a file must hold them (vqlab.architecture.check_state)
+
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -122,6 +124,8 @@ class CifarResNet(nn.Module):
 # ---------------------------------------------------------------- tiny ViT
 
 class _Attention(nn.Module):
+    __constants__ = ("heads",)             # read by forward; a file must hold it (vqlab.architecture.check_state)
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads

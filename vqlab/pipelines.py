@@ -68,10 +68,18 @@ def _file_bytes(model, store_dtype) -> int:
     """Bytes of the file `save(model, ..., store_dtype, index_coding="ans")` writes (into a temporary file)."""
     fd, path = tempfile.mkstemp(suffix=".vqz")
     os.close(fd)
+    first = model[0] if isinstance(model, (list, tuple)) else model
+    had = first.__dict__.get("vqlab_store_dtype")
+    if store_dtype is not None:        # every stage's file carries the dtype, as the returned model's file does
+        first.vqlab_store_dtype = str(store_dtype).removeprefix("torch.")
     try:
         return save(model, path, store_dtype=store_dtype, index_coding="ans")
     finally:
         os.unlink(path)
+        if had is None:
+            first.__dict__.pop("vqlab_store_dtype", None)
+        else:
+            first.vqlab_store_dtype = had
 
 
 def measure(model: nn.Module, val_ds: TensorDataset | None, *, stage: str, what: str, float_accuracy: float,

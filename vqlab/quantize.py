@@ -138,10 +138,16 @@ def _check_not_tied(m: nn.Module, name: str, places: dict[int, list[tuple[int, s
 
 
 def _check_initialized(m: nn.Module, name: str) -> None:
+    """A chosen layer must have weights with values: not a lazy module before its first forward, not on the meta
+    device (every method reads the values)."""
     if _is_uninitialized(m):
         raise ValueError(f"layer {name!r} ({type(m).__name__}) has uninitialized parameters (a lazy module); "
                          f"run one forward pass, e.g. model(example_input), before quantize_, or keep it "
                          f"float with overrides={{{name!r}: None}}")
+    if any(t.is_meta for t in (getattr(m, "weight", None), getattr(m, "bias", None)) if isinstance(t, torch.Tensor)):
+        raise ValueError(f"layer {name!r} ({type(m).__name__}) is on the meta device: its weight has no values to "
+                         f"quantize; materialise the model first (model.to_empty(device='cpu') and load its "
+                         f"weights)")
 
 
 def _carry_over(old: nn.Module, new: nn.Module) -> None:

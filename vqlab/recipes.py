@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from . import distributed as _dist
+from .checks import check_choice, check_instance, check_int, check_number
 from .layers import QuantizedLayer
 from .methods.vq import VQCode, VQConfig
 from .quantize import quantize_layer, set_submodule
@@ -203,7 +205,7 @@ def measure_sensitivity(model: nn.Module, calib: TensorDataset, candidates: dict
     ref = F.log_softmax(_outputs(model, x), 1)
     rows = []
     total = sum(len(c) for c in candidates.values())
-    with tqdm(total=total, desc="sensitivity", unit="setting", disable=not progress, leave=False) as bar:
+    with tqdm(total=total, desc="sensitivity", unit="setting", disable=not _dist.show_progress(progress), leave=False) as bar:
         for name, cands in candidates.items():
             layer = _get(model, name)
             float_bytes = sum(t.numel() * 4 for t in layer.parameters() if t.is_floating_point())
@@ -308,6 +310,82 @@ def _drop_latents(model: nn.Module) -> None:
             m.latent = None
 
 
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode without the forward / backward hooks the user put on `model`'s modules (a copy
+    shares them, so they fired on every internal forward of the recipe)."""
+    out = copy.deepcopy(model).eval()
+    for m in out.modules():
+        for attr in _HOOKS:
+            if isinstance(getattr(m, attr, None), dict):
+                setattr(m, attr, type(getattr(m, attr))())
+    return out
+
+
+def _restore_modes(work: nn.Module, modes: dict[str, bool]) -> nn.Module:
+    """Give `work`'s modules the train / eval flags the input model's modules had under the same names (a module
+    without a counterpart, e.g. a quantized layer's code, takes its parent's)."""
+    for name, m in work.named_modules():
+        parent = name.rpartition(".")[0] if name else None
+        m.training = modes.get(name, modes.get(parent, m.training) if parent is not None else m.training)
+        modes.setdefault(name, m.training)
+    return work
+
+
+def _check_dataset(field: str, ds, required: bool = True) -> None:
+    """A TensorDataset(x, y) with N >= 1 samples, float x and integer labels y (N,); TypeError / ValueError naming
+    `field` otherwise (None is allowed when not required)."""
+    if ds is None and not required:
+        return
+    if not isinstance(ds, TensorDataset):
+        hint = (" (a list of (x, y) pairs: TensorDataset(torch.stack(xs), torch.tensor(ys)))"
+                if isinstance(ds, (list, tuple)) else "")
+        raise TypeError(f"{field} must be a torch.utils.data.TensorDataset(x, y), got {type(ds).__name__}{hint}")
+    if len(ds.tensors) < 2:
+        raise ValueError(f"{field} must hold two tensors (x, y), got {len(ds.tensors)}")
+    x, y = ds.tensors[0], ds.tensors[1]
+    if len(x) == 0:
+        raise ValueError(f"{field} is empty (0 samples)")
+    if not x.is_floating_point() or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"{field} must hold float inputs x (N, ...) and integer class labels y (N,), got x "
+                         f"{x.dtype} {tuple(x.shape)}, y {y.dtype} {tuple(y.shape)}")
+
+
+def _check_labels(field: str, ds: TensorDataset | None, classes: int) -> None:
+    """Every label of `ds` in [0, classes) (classes: the model's output width)."""
+    if ds is None:
+        return
+    y = ds.tensors[1]
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= classes:
+        raise ValueError(f"{field} has labels in [{lo}, {hi}] but the model predicts {classes} classes: every label "
+                         f"must lie in [0, {classes - 1}]")
+
+
+def _check_args(model, target_ratio, epochs, stage_steps, final_steps, lr, batch_size, temperature, distill_weight,
+                reassign_every, calib_size, byte_unit, order, seed) -> None:
+    """compress's arguments, each by the one error policy (`vqlab.checks`)."""
+    check_instance("model", model, nn.Module, "torch.nn.Module")
+    check_choice("order", order, ("sensitive-first", "robust-first", "model"))
+    check_number("target_ratio", target_ratio, 0, low_open=True)
+    check_number("epochs", epochs, 0)
+    for name, v in (("stage_steps", stage_steps), ("final_steps", final_steps)):
+        if v is not None:
+            check_int(name, v, 0)
+    check_number("lr", lr, 0, low_open=True)
+    check_int("batch_size", batch_size, 1)
+    check_number("temperature", temperature, 0, low_open=True)
+    check_number("distill_weight", distill_weight, 0, 1)
+    check_int("reassign_every", reassign_every, 0)
+    check_int("calib_size", calib_size, 1)
+    if byte_unit is not None:
+        check_int("byte_unit", byte_unit, 1)
+    check_int("seed", seed, 0)
+
+
 def compress(model: nn.Module, train_ds: TensorDataset, target_ratio: float = 32.0, *,
              val_ds: TensorDataset | None = None, methods: Sequence | None = None, epochs: float = 2.0,
              stage_steps: int | None = None, final_steps: int | None = None, lr: float = 1e-3,
@@ -338,23 +416,35 @@ def compress(model: nn.Module, train_ds: TensorDataset, target_ratio: float = 32
     order: which chosen layer is quantized first: "sensitive-first" (largest predicted loss first, while the
         most of the model can still compensate), "robust-first", or "model" (registration order).
     store_dtype: dtype floats are stored at (None = as they are).  seed: k-means, batch order, all of it.
-    returns (compressed model, CompressReport).
-    raises ValueError when the budget is out of reach even with the smallest settings.
+    returns (compressed model, CompressReport).  The returned model's modules have the train / eval modes the
+    input's had; forward hooks on the input model are not copied (they never see the recipe's internal passes).
+    raises ValueError when the budget is out of reach even with the smallest settings, when the model has no
+    Linear / Conv2d layer to quantize, for an empty dataset or labels outside the model's classes, and for a bad
+    argument (batch_size 0, epochs < 0, calib_size 0, ...), naming it; TypeError for a dataset that is not a
+    TensorDataset(x, y) (e.g. a list of (x, y) pairs).
     """
-    if order not in ("sensitive-first", "robust-first", "model"):
-        raise ValueError(f"order must be 'sensitive-first', 'robust-first' or 'model', got {order!r}")
-    if not (isinstance(target_ratio, (int, float)) and math.isfinite(target_ratio) and target_ratio > 0):
-        raise ValueError(f"target_ratio must be a finite number > 0, got {target_ratio!r}")
+    _check_args(model, target_ratio, epochs, stage_steps, final_steps, lr, batch_size, temperature, distill_weight,
+                reassign_every, calib_size, byte_unit, order, seed)
+    _check_dataset("train_ds", train_ds)
+    _check_dataset("val_ds", val_ds, required=False)
     t0 = time.perf_counter()
-    teacher = copy.deepcopy(model).eval()
-    work = copy.deepcopy(model).eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    teacher = _private_copy(model)
+    work = _private_copy(model)
     float_size = compressed_size(work)
     budget = int(math.floor(float_size.dense_bytes / target_ratio))
     calib = TensorDataset(*(t[-calib_size:] for t in train_ds.tensors))    # decisions never see val_ds
+    classes = _outputs(work, calib.tensors[0][:1]).shape[-1]
+    _check_labels("train_ds", train_ds, classes)
+    _check_labels("val_ds", val_ds, classes)
     float_acc = evaluate(work, val_ds, distributed=False) if val_ds is not None else float("nan")
     if float_size.compressed_bytes <= budget:
-        return work, _report(work, target_ratio, budget, None, float_acc, float_acc, pd.DataFrame(),
-                             [], None, t0)
+        return _restore_modes(work, modes), _report(work, target_ratio, budget, None, float_acc, float_acc,
+                                                    pd.DataFrame(), [], None, t0)
+    if not _layers(work):
+        raise ValueError(f"compress: the model ({type(model).__name__}) has no nn.Linear or nn.Conv2d layer to "
+                         f"quantize, and at {float_size.compressed_bytes} bytes it exceeds the budget of {budget} "
+                         f"bytes (target_ratio={target_ratio!r})")
 
     if sensitivity is None:
         table = measure_sensitivity(work, calib, layer_candidates(work, methods), store_dtype, progress)
@@ -399,8 +489,9 @@ def compress(model: nn.Module, train_ds: TensorDataset, target_ratio: float = 32
     stages.append({"stage": len(todo) + 1, "layer": "(final)", "setting": f"fine-tune, store {store_dtype}",
                    "steps": final_steps if len(todo) else 0, "accuracy": acc,
                    "ratio": compressed_size(work, store_dtype=store_dtype).ratio})
-    return work, _report(work, target_ratio, budget, store_dtype, float_acc, acc, table, stages, chosen, t0,
-                         order={r["layer"]: i for i, (_, r) in enumerate(todo.iterrows(), start=1)})
+    report = _report(work, target_ratio, budget, store_dtype, float_acc, acc, table, stages, chosen, t0,
+                     order={r["layer"]: i for i, (_, r) in enumerate(todo.iterrows(), start=1)})
+    return _restore_modes(work, modes), report
 
 
 def _report(work, target_ratio, budget, store_dtype, float_acc, acc, table, stages, chosen, t0,

@@ -17,6 +17,7 @@ rank 0; `evaluate` sums correct/total over the ranks.  Run it on every rank, or 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import time
 from typing import Callable
 
@@ -289,54 +290,55 @@ def fit(model: nn.Module, train_ds: TensorDataset, epochs: int = 1, lr: float = 
     total = epochs * len(batches) if max_steps is None else min(max_steps, epochs * len(batches))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
     rows, step = [], 0
-    bar = tqdm(total=total, desc="fit", unit="step", disable=not progress or rank != 0, leave=False)
+    bar = tqdm(total=total, desc="fit", unit="step", disable=not (progress and rank == 0), leave=False)
     try:
-        for epoch in range(1, epochs + 1):
-            t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-            model.train()
-            if distributed:
-                batches.set_epoch(epoch - 1)
-            for x, y in batches:
+        with _dist.naming_silent_ranks():        # a rank that stops answering is named
+            for epoch in range(1, epochs + 1):
+                t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+                model.train()
+                if distributed:
+                    batches.set_epoch(epoch - 1)
+                for x, y in batches:
+                    if step >= total:
+                        break
+                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                    logits = net(x)
+                    if teacher is None:
+                        loss = F.cross_entropy(logits, y)
+                    else:
+                        with torch.no_grad():
+                            soft = teacher(x)
+                        loss = distillation_loss(logits, soft, y, temperature, distill_weight)
+                    loss_value = loss.item()
+                    where = dict(step=step + 1, total=total, epoch=epoch, lr=opt.param_groups[0]["lr"])
+                    if not _all_finite(loss_value, distributed, dev):
+                        what = f"loss is {loss_value}" if not math.isfinite(loss_value) else "loss is not finite on another rank"
+                        raise _non_finite(what, **where)
+                    opt.zero_grad(set_to_none=True)
+                    masters.zero_grad()
+                    loss.backward()                                      # DDP: gradients averaged over the ranks
+                    bad = masters.to_masters()
+                    if bad is not None:
+                        raise _non_finite(f"gradient of {bad!r} is not finite (float16/bfloat16 overflow?)", **where)
+                    opt.step()
+                    masters.to_model()
+                    sched.step()
+                    step += 1
+                    if on_step is not None:
+                        on_step(model, step)
+                    loss_sum += loss_value * len(y)
+                    correct += (logits.argmax(1) == y).sum().item()
+                    seen += len(y)
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}")
+                if distributed:
+                    loss_sum, correct, seen = _dist.all_reduce_sum(
+                        torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=dev)).tolist()
+                val = evaluate(model, val_ds, device=dev, distributed=distributed) if val_ds is not None else float("nan")
+                rows.append({"epoch": epoch, "steps": step, "loss": loss_sum / max(seen, 1),
+                             "train_acc": correct / max(seen, 1), "val_acc": val, "seconds": time.perf_counter() - t0})
                 if step >= total:
                     break
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                logits = net(x)
-                if teacher is None:
-                    loss = F.cross_entropy(logits, y)
-                else:
-                    with torch.no_grad():
-                        soft = teacher(x)
-                    loss = distillation_loss(logits, soft, y, temperature, distill_weight)
-                loss_value = loss.item()
-                where = dict(step=step + 1, total=total, epoch=epoch, lr=opt.param_groups[0]["lr"])
-                if not _all_finite(loss_value, distributed, dev):
-                    what = f"loss is {loss_value}" if not math.isfinite(loss_value) else "loss is not finite on another rank"
-                    raise _non_finite(what, **where)
-                opt.zero_grad(set_to_none=True)
-                masters.zero_grad()
-                loss.backward()                                      # DDP: gradients averaged over the ranks
-                bad = masters.to_masters()
-                if bad is not None:
-                    raise _non_finite(f"gradient of {bad!r} is not finite (float16/bfloat16 overflow?)", **where)
-                opt.step()
-                masters.to_model()
-                sched.step()
-                step += 1
-                if on_step is not None:
-                    on_step(model, step)
-                loss_sum += loss_value * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}")
-            if distributed:
-                loss_sum, correct, seen = _dist.all_reduce_sum(
-                    torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=dev)).tolist()
-            val = evaluate(model, val_ds, device=dev, distributed=distributed) if val_ds is not None else float("nan")
-            rows.append({"epoch": epoch, "steps": step, "loss": loss_sum / max(seen, 1),
-                         "train_acc": correct / max(seen, 1), "val_acc": val, "seconds": time.perf_counter() - t0})
-            if step >= total:
-                break
     finally:
         bar.close()
         if teacher is not None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .bits import index_bits_per_weight
+from .checks import check_int, check_number
 
 __all__ = ["Panel", "slider", "codebook_panel", "compression_panel", "method_panel", "speed_panel", "budget_panel"]
 
@@ -31,6 +32,29 @@ def _png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _check_options(field: str, options: Sequence, low: int) -> None:
+    """A slider's integer options: at least one, each an int >= low (ValueError naming the field and the value)."""
+    if not len(options):
+        raise ValueError(f"{field} is empty: give at least one option")
+    for v in options:
+        check_int(f"every value of {field}", v, low)
+
+
+def _check_candidates(candidates) -> None:
+    """A `CompressReport.candidates` table: a DataFrame with layer, setting, bytes, float_bytes, predicted_loss
+    and at least one row."""
+    import pandas as pd
+
+    need = ["layer", "setting", "bytes", "float_bytes", "predicted_loss"]
+    if not isinstance(candidates, pd.DataFrame):
+        raise TypeError(f"candidates must be a pandas DataFrame (CompressReport.candidates), got "
+                        f"{type(candidates).__name__}")
+    missing = [c for c in need if c not in candidates]
+    if missing or candidates.empty:
+        raise ValueError(f"candidates must be a CompressReport.candidates table with columns {need} and at least "
+                         f"one row; got {len(candidates)} rows, missing {missing}")
 
 
 def slider(description: str, options: Sequence, value) -> W.SelectionSlider:
@@ -181,9 +205,13 @@ def compression_panel(model: nn.Module, train_ds, test_ds, grid, ks: Sequence[in
     grid: the DataFrame from `vqlab.experiments.sweep` (drawn underneath).  finetune_steps > 0 fine-tunes
     the codebooks that many steps before evaluating.  Results are cached per (K, d).
     """
-    from .experiments import compress_and_evaluate, pareto_plot
+    from .experiments import best_accuracy, compress_and_evaluate, pareto_plot
     from .train import evaluate
 
+    best_accuracy(grid)                                         # the grid's columns, before any work
+    _check_options("ks", ks, 2)
+    _check_options("ds", ds, 1)
+    check_int("finetune_steps", finetune_steps, 0)
     base = evaluate(model, test_ds)
     cache: dict = {}
 
@@ -216,9 +244,10 @@ def method_panel(model: nn.Module, test_ds, grid, knobs: dict[str, tuple[Sequenc
     make_config(**values) -> a config for `vqlab.quantize_` (any registered method).  grid: a DataFrame from
     `sweep` / `compare_configs` (drawn underneath).  Results are cached per slider state.
     """
-    from .experiments import compare_configs, pareto_plot
+    from .experiments import best_accuracy, compare_configs, pareto_plot
     from .train import evaluate
 
+    best_accuracy(grid)                                         # the grid's columns, before any work
     base = evaluate(model, test_ds)
     cache: dict = {}
     sliders = [slider(name, options, start) for name, (options, start) in knobs.items()]
@@ -258,6 +287,13 @@ def speed_panel(m: int = 1024, n: int = 1024, ks: Sequence[int] = (16, 64, 256, 
     from .bench import layer_timings
     from .flops import flop_ratio
 
+    check_int("m", m, 1)
+    check_int("n", n, 1)
+    check_int("repeats", repeats, 1)
+    _check_options("ks", ks, 2)
+    _check_options("ds", ds, 1)
+    _check_options("batches", batches, 1)
+
     def render(K: int, d: int, batch: int):
         import matplotlib.pyplot as plt
 
@@ -295,6 +331,14 @@ def budget_panel(candidates, dense_bytes: int, fixed_bytes: int = 0, targets: Se
     """
     from .recipes import allocate
 
+    _check_candidates(candidates)
+    check_int("dense_bytes", dense_bytes, 1)
+    check_int("fixed_bytes", fixed_bytes, 0)
+    check_int("byte_unit", byte_unit, 1)
+    if not len(targets):
+        raise ValueError("targets is empty: give at least one target ratio")
+    for t in targets:
+        check_number("every value of targets", t, 0, low_open=True)
     by_target = {} if measured is None else {float(r.target_ratio): r for r in measured.itertuples()}
 
     def render(target: float):

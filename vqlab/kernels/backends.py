@@ -4,10 +4,15 @@
     "numba"   the lookup-table kernel (`lut_numba.lut_matmul`) on a layout derived from the checked indices
 
 numba is imported only when one of them runs.  The approximate "simd" backend registers itself in `simd.py`.
+They are available where numba is installed and its parallel kernels may run (`numba_usable`): not in a child
+forked from a process whose numba threading layer is GNU OpenMP (numba would terminate that child; see
+`lut_numba`), where every call runs the reference instead.
 """
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import numpy as np
 import torch
@@ -16,8 +21,8 @@ import torch.nn.functional as F
 from .checked import CheckedIndices
 from .registry import KernelBackend, register_backend
 
-__all__ = ["as_float32", "numba_available", "numba_matmul", "dense_matmul", "dense_conv", "dequantize_checked",
-           "conv_weight_from_rows", "group_blocks", "group_book"]
+__all__ = ["as_float32", "numba_available", "numba_usable", "numba_matmul", "dense_matmul", "dense_conv",
+           "dequantize_checked", "conv_weight_from_rows", "group_blocks", "group_book"]
 
 
 @functools.cache
@@ -27,6 +32,35 @@ def numba_available() -> bool:
         return True
     except ImportError:
         return False
+
+
+_FORKED_FROM_OMP = [False]     # this process is a fork() child of one running numba's GNU OpenMP layer
+
+
+def _omp_layer_started() -> bool:
+    """Whether numba's threading layer runs here and is GNU OpenMP (without importing numba)."""
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return False
+    try:
+        return numba.threading_layer() == "omp"
+    except ValueError:                    # no layer started yet
+        return False
+
+
+def _after_fork_in_child() -> None:
+    if _omp_layer_started():
+        _FORKED_FROM_OMP[0] = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def numba_usable() -> bool:
+    """numba is installed and its parallel kernels may run in this process: False in a child forked from a
+    process whose numba layer is GNU OpenMP (the child's kernels would be killed), where the callers run the
+    reference instead."""
+    return numba_available() and not _FORKED_FROM_OMP[0]
 
 
 def as_float32(x2: torch.Tensor) -> torch.Tensor:
@@ -92,8 +126,8 @@ def dense_conv(x, codebook, checked, weight_shape, stride, padding, dilation, gr
     return F.conv2d(x, w.to(x.dtype), None, stride, padding, dilation, groups)
 
 
-register_backend(KernelBackend("dense", matmul=dense_matmul, conv=dense_conv, available=numba_available,
+register_backend(KernelBackend("dense", matmul=dense_matmul, conv=dense_conv, available=numba_usable,
                                description="numba's parallel gather rebuilds the float weight, then one GEMM"))
-register_backend(KernelBackend("numba", matmul=numba_matmul, available=numba_available,
+register_backend(KernelBackend("numba", matmul=numba_matmul, available=numba_usable,
                                description="lookup-table kernel: per input segment the K dot products once, "
                                            "then one table read per output and segment"))

@@ -19,12 +19,23 @@ The table is built inside numba too: a torch GEMM right before a numba parallel 
 OpenMP threads spinning on the same cores (measured +0.25 ms per call on 2 cores).
 Every parallel iteration owns a disjoint block of outputs: no two threads write the same element.
 Compiled code is cached on disk (numba cache=True).
+
+Threading layer: numba's GNU OpenMP layer ("omp", its default on Linux without TBB) cannot run in a child made
+by fork() once it ran in the parent (numba terminates the child), and fork is how multiprocessing and a
+DataLoader with workers start on Linux.  So before anything is compiled this module selects numba's fork-safe
+layer (`numba.config.THREADING_LAYER = "forksafe"`: TBB when installed, else "workqueue") and starts it, unless
+$NUMBA_THREADING_LAYER is set or numba's layer was already started by other code.  "workqueue" must not be
+entered by two threads at once (numba aborts the process), so every call into a parallel kernel holds one
+process-wide lock under that layer (`_parallel_call`).  Where the layer is "omp" anyway, a forked child does not
+launch these kernels (`vqlab.kernels.backends.numba_usable`): it runs the reference instead.
 """
 from __future__ import annotations
 
 import functools
+import os
 import threading
 
+import numba
 import numpy as np
 import torch
 
@@ -35,15 +46,48 @@ __all__ = ["lut_matmul", "lut_layout", "dequantize_rows", "same_bytes"]
 BLOCK = 512             # outputs per parallel work item (a block's accumulators stay in L1)
 PACK = 8                # byte indices per uint64 word
 TABLE_BUDGET = 1 << 22  # floats of table built at once (16 MB); larger batches are processed in chunks
-def _keeps_torch_threads(fn):
-    """numba's OpenMP layer sets the OpenMP thread count it shares with torch at its first parallel launch, so
-    torch.get_num_threads() would read NUMBA_NUM_THREADS afterwards (a 1-thread benchmark silently became 2):
-    restore torch's setting after every call into a parallel kernel."""
+
+
+def _select_threading_layer() -> str:
+    """Select numba's fork-safe threading layer and start it, before any kernel here is compiled or loaded
+    (module docstring); keep the user's $NUMBA_THREADING_LAYER or a layer other code already started.
+    Returns the layer that runs."""
+    from numba.np.ufunc import parallel
+
+    if not os.environ.get("NUMBA_THREADING_LAYER") and not parallel._is_initialized:
+        numba.config.THREADING_LAYER = "forksafe"
+    numba.get_num_threads()                   # starts the layer now, so no later config change can switch it
+    return numba.threading_layer()
+
+
+LAYER = _select_threading_layer()
+_LOCK = [threading.RLock() if LAYER == "workqueue" else None]   # workqueue is not thread-safe: one caller at a time
+
+
+def _new_lock_in_child() -> None:
+    """A forked child gets a fresh lock (another thread of the parent may have held it at the fork)."""
+    if _LOCK[0] is not None:
+        _LOCK[0] = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
+def _parallel_call(fn):
+    """Wrap an entry point into numba's parallel kernels:
+    * under the "workqueue" layer, hold the process-wide lock (two threads inside workqueue abort the process);
+    * numba's OpenMP layer sets the OpenMP thread count it shares with torch at its first parallel launch, so
+      torch.get_num_threads() would read NUMBA_NUM_THREADS afterwards (a 1-thread benchmark silently became 2):
+      restore torch's setting after every call."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
         threads = torch.get_num_threads()
+        lock = _LOCK[0]
         try:
-            return fn(*args, **kwargs)
+            if lock is None:
+                return fn(*args, **kwargs)
+            with lock:
+                return fn(*args, **kwargs)
         finally:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
@@ -202,7 +246,7 @@ def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(x[words * 8:], y[words * 8:]))
 
 
-@_keeps_torch_threads
+@_parallel_call
 def lut_layout(indices: torch.Tensor, k: int) -> np.ndarray:
     """(m, S) indices -> the kernel's layout: uint64 words (ceil(S'/8), m) of byte indices when k <= 256 (for
     k <= 16 the S' = ceil(S/2) pair indices i + 16 j of segments 2p, 2p+1), else (S, m) int16/int32."""
@@ -221,7 +265,7 @@ def lut_layout(indices: torch.Tensor, k: int) -> np.ndarray:
     return np.ascontiguousarray(idx.to(torch.int32 if k > 2**15 else torch.int16).numpy().T)
 
 
-@_keeps_torch_threads
+@_parallel_call
 def lut_matmul(x: torch.Tensor, codebook: torch.Tensor, layout: np.ndarray) -> torch.Tensor:
     """y = x @ W.T via the lookup table.  x: (B, n) float32 CPU, codebook: (K, d), layout from `lut_layout`
     -> (B, m) float32."""
@@ -248,7 +292,7 @@ def lut_matmul(x: torch.Tensor, codebook: torch.Tensor, layout: np.ndarray) -> t
     return torch.from_numpy(out)
 
 
-@_keeps_torch_threads
+@_parallel_call
 def dequantize_rows(codebook: torch.Tensor, indices: torch.Tensor, out: np.ndarray | None = None) -> torch.Tensor:
     """Dense (m, S*d) float32 weight from codebook (K, d) and indices (m, S), in parallel; no autograd.
     out: a C-contiguous (m, S*d) float32 array to write into (e.g. a `scratch` buffer), else a new one."""
@@ -277,7 +321,7 @@ def _codeword_grad(flat, grad, out):  # flat (N,) int rows of the codebook, grad
                 acc[r, j] += grad[i, j]
 
 
-@_keeps_torch_threads
+@_parallel_call
 def codeword_grad(flat: torch.Tensor, grad: torch.Tensor, rows: int) -> torch.Tensor:
     """Scatter-add for the codebook gradient: out[r] = sum of grad[i] over i with flat[i] == r.
     flat: (N,) integer CPU tensor with values in [0, rows) (checked by the caller); grad: (N, d) float32

@@ -123,6 +123,36 @@ def _(x, codebook, indices, backend):
     return x.new_empty((*x.shape[:-1], indices.shape[0]))
 
 
+def _matmul_setup(ctx, inputs, output) -> None:
+    x, codebook, indices, _ = inputs
+    ctx.save_for_backward(x, codebook, indices)
+
+
+def _reference_grads(ctx, grad: torch.Tensor, forward) -> tuple:
+    """(grad x, grad codebook) of the exact product `forward(x, codebook)` (the reference, whatever backend ran the
+    call), recomputed under autograd; None for an input that needs none."""
+    x, codebook, _ = ctx.saved_tensors
+    need_x, need_b = ctx.needs_input_grad[:2]
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(need_x)
+        br = codebook.detach().requires_grad_(need_b)
+        y = forward(xr, br)
+        wanted = [t for t in (xr, br) if t.requires_grad]
+        got = iter(torch.autograd.grad(y, wanted, grad.to(y.dtype)) if wanted else ())
+    gx = next(got).to(x.dtype) if need_x else None
+    gb = next(got).to(codebook.dtype) if need_b else None
+    return gx, gb
+
+
+def _matmul_backward(ctx, grad: torch.Tensor):
+    (_, _, indices) = ctx.saved_tensors
+    gx, gb = _reference_grads(ctx, grad, lambda x, b: vq_matmul_reference(x, b.to(x.device), indices.to(x.device)))
+    return gx, gb, None, None
+
+
+torch.library.register_autograd("vqlab::vq_matmul", _matmul_backward, setup_context=_matmul_setup)
+
+
 @register_flop_formula(torch.ops.vqlab.vq_matmul)
 def _(x_shape, codebook_shape, indices_shape, *args, out_shape=None, **kwargs) -> int:
     return sum(matmul_flops(x_shape, codebook_shape, indices_shape))
@@ -153,7 +183,9 @@ def vq_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, ba
     bucket).  On CUDA every backend runs the reference.
     raises: ValueError for an index outside [0, K) (on every backend, checked once per index tensor's
     contents), non-integer indices, a G not dividing m, or mismatched shapes; TypeError for a non-float x.
-    Not differentiable: train through `dequantize` (what quantized layers do in training mode).
+    Differentiable w.r.t. x and codebook: the gradients of the exact product x @ dequantize(codebook, indices).T,
+    whichever backend computed the forward (saliency through an eval-mode model, fine-tuning with frozen
+    BatchNorm); training mode's layers rebuild the weight with `dequantize` instead.
     """
     _check_backend(backend)
     _check_x(x, 1)
@@ -241,6 +273,26 @@ def _(x, codebook, indices, weight_shape, stride, padding, dilation, groups, seg
     return x.new_empty((x.shape[0], weight_shape[0], ho, wo))
 
 
+def _conv_setup(ctx, inputs, output) -> None:
+    x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment, _ = inputs
+    ctx.save_for_backward(x, codebook, indices)
+    ctx.geometry = (weight_shape, stride, padding, dilation, groups, segment)
+
+
+def _conv_backward(ctx, grad: torch.Tensor):
+    (_, _, indices) = ctx.saved_tensors
+    weight_shape, stride, padding, dilation, groups, segment = ctx.geometry
+
+    def forward(x, book):
+        w = conv_weight_from_rows(dequantize(book.to(x.device), indices.to(x.device)), weight_shape, segment)
+        return F.conv2d(x, w.to(x.dtype), None, stride, padding, dilation, groups)
+    gx, gb = _reference_grads(ctx, grad, forward)
+    return gx, gb, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("vqlab::vq_conv2d", _conv_backward, setup_context=_conv_setup)
+
+
 @register_flop_formula(torch.ops.vqlab.vq_conv2d)
 def _(x_shape, codebook_shape, indices_shape, weight_shape, stride, padding, dilation, groups, *args,
       out_shape=None, **kwargs) -> int:
@@ -257,7 +309,8 @@ def vq_conv2d(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, we
     `segment` ("input": (kh, kw, cin) order, "kernel": (cin, kh, kw)).  groups: the convolution's groups (not
     codebook groups, which are the codebook's first dimension).  padding: int or pair (no strings).
     backend as in `vq_matmul`: "numba" runs im2col + the LUT kernel, "torch"/"dense" dequantize + F.conv2d.
-    Indices are checked as in `vq_matmul` (ValueError for a value outside [0, K)).
+    Indices are checked as in `vq_matmul` (ValueError for a value outside [0, K)).  Differentiable w.r.t. x and
+    codebook like `vq_matmul` (the exact convolution's gradients).
     """
     _check_backend(backend)
     if segment not in ("input", "kernel"):

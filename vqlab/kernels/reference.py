@@ -137,11 +137,9 @@ class _Dequantize(torch.autograd.Function):
         (flat,) = ctx.saved_tensors
         g = grad.reshape(flat.shape[0], -1)
         if g.device.type == "cpu" and g.dtype == torch.float32:
-            try:
+            from .backends import numba_usable
+            if numba_usable():
                 from .lut_numba import codeword_grad
-            except ImportError:
-                pass
-            else:
                 return codeword_grad(flat, g, ctx.rows), None
         acc = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype   # sums of many halves
         out = torch.zeros((ctx.rows, g.shape[1]), dtype=acc, device=g.device)

@@ -2,7 +2,7 @@
 
     "reference"  the torch reference (dequantize + F.linear / F.conv2d): on CUDA, for float64 inputs (exact in
                  float64; native kernels compute in float32), for backend "torch" (or "auto" pinned to it), and
-                 when the asked backend is not available here
+                 when the asked backend is not available here (for "auto": no exact native backend is)
     "direct"     a backend with a `direct` entry (today "simd"), asked for by name or pinned, given contiguous
                  uint8 CPU indices it supports: it reads the caller's tensor itself and range-checks every
                  index on every call (no copy, no cache)
@@ -40,7 +40,8 @@ def route(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, backen
     """The path of one call (module docstring).  `backend` is a checked backend name."""
     name = (pinned_backend() or "auto") if backend == "auto" else backend
     native = available_backends(approximate=True)[1:-1]
-    if (x.device.type != "cpu" or x.dtype == torch.float64 or name == "torch" or not native
+    if (x.device.type != "cpu" or x.dtype == torch.float64 or name == "torch"
+            or (name == "auto" and not _candidates(codebook.shape[-2], codebook.shape[-1]))
             or (name != "auto" and name not in native)):
         return Route("reference", name)
     if name != "auto":

@@ -13,15 +13,23 @@ within 6 sigma.  Being approximate, "auto" never picks this backend: opt in with
 
 The C source (simd_lut.c, beside this file) is compiled with the system compiler ($CC, else cc/gcc/clang) at
 first use (about a second) into $VQLAB_CACHE_DIR, else $XDG_CACHE_HOME/vqlab, else ~/.cache/vqlab, keyed on
-the source, the compiler's version and the flags, and loaded through ctypes (calls release the GIL).  ISA:
+the source, the compiler's version and the flags, and loaded through ctypes (calls release the GIL).  Native code is
+loaded only from a folder and file that belong to this user and that no other user can write (`_unsafe`): a
+folder that fails is skipped with a warning, for $TMPDIR/vqlab-<uid> next, else a fresh private folder per process.  ISA:
 AVX2 where the CPU has it; $VQLAB_SIMD_ISA=scalar (or isa="scalar") forces the portable C path, which gives
 bit-identical results.  Without a compiler or without AVX2 the backend runs the numba kernel (exact) after one
 warnings.warn notice.  AVX-512 and NEON paths are not written (no such machine to test them on).
 
 Two index forms.  (1) A packed code (`vqlab.methods.vq.SimdCode`, made by `vqlab.pack_simd_`): the indices are
 stored only in the kernel's own layout (`simd_pack`: 4 bits per index, interleaved so one 32-byte load feeds
-two shuffles) and `simd_matmul_packed` reads it with no transpose -- the fast form (about 2x the row-major
-one at batch 1), with bit-identical outputs.  (2) Any VQ layer or call with backend "simd", described next.
+two shuffles) and `_matmul_packed` reads it with no transpose -- the fast form (about 2x the row-major
+one at batch 1), with bit-identical outputs.  The layout does not record its row count m (rows are padded to
+blocks of 32, so a buffer for 40 rows has the shape of one for 64), so reading it (`_matmul_packed`, `_unpack`)
+is private to `SimdCode`, which owns m, checks the buffer's shape against it and every index on load.  (2) Any VQ layer or call with backend "simd", described next.
+
+A codebook with a NaN or Inf value (used or not) would make every table, and so every output, NaN: for such a
+codebook every entry here (`simd_matmul`, the packed code `SimdCode`, the backend) runs the exact reference
+for that call instead, so it gives the reference's outputs, as every other backend does.
 
 Row-major indices: the kernel reads the caller's contiguous uint8 (m, S) index tensor itself, on every call --
 no private copy, no cache, no layout built in advance (it transposes 16 rows x 32 segments at a time in
@@ -42,6 +50,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -52,13 +61,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends import numba_available, numba_matmul
+from ..checks import check_int
+from .backends import numba_matmul, numba_usable
 from .checked import CheckedIndices
-from .reference import check_indices
+from .reference import check_indices, dequantize
 from .registry import KernelBackend, register_backend
 
 __all__ = ["GROUP", "ISAS", "simd_tables", "simd_matmul", "error_sigma", "native_isa", "native_status",
-           "group_size", "simd_pack", "simd_unpack", "packed_shape", "simd_matmul_packed"]
+           "group_size", "simd_pack", "packed_shape"]
 
 GROUP = 64          # segments per table group: one quantization step each (even, <= 256 so that G * 255 fits uint16)
 TILE_ROWS = 16      # output rows the kernel transposes together
@@ -96,12 +106,34 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _build() -> ctypes.CDLL:
-    """Compile simd_lut.c (once per source / compiler / flags; cached on disk) and load it.
-    raises _Unavailable with the reason."""
-    cc = _compiler()
-    if cc is None:
-        raise _Unavailable("no C compiler found (set $CC or install gcc)")
+def _uid() -> int | None:
+    """This process's user id (None where the OS has none: no ownership checks there)."""
+    return os.getuid() if hasattr(os, "getuid") else None
+
+
+def _unsafe(path: Path, folder: bool) -> str | None:
+    """Why native code must not be loaded from `path` (None: it may be).  A folder, or the library in it, must not be
+    a symlink, must belong to this user and be writable by no one else (no group or world write bit): otherwise
+    another local user could plant a library there whose constructor would run in this process."""
+    uid = _uid()
+    if uid is None:
+        return None
+    try:
+        info = os.lstat(path)
+    except OSError as e:
+        return f"{path} cannot be inspected ({e.strerror})"
+    if not (stat.S_ISDIR if folder else stat.S_ISREG)(info.st_mode):
+        return f"{path} is not a {'folder' if folder else 'regular file'}"
+    if info.st_uid != uid:
+        return f"{path} belongs to uid {info.st_uid}, not to this user (uid {uid})"
+    if info.st_mode & 0o022:
+        return f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def _library_name(cc: str) -> str:
+    """The cached library's file name, keyed on the source, the compiler and its version, the flags, the machine.
+    raises _Unavailable when the source is missing or the compiler does not run."""
     try:
         source = _SOURCE.read_bytes()
     except OSError as e:
@@ -112,47 +144,93 @@ def _build() -> ctypes.CDLL:
         raise _Unavailable(f"C compiler {cc} does not run ({e})") from None
     key = hashlib.sha256(b"\0".join([source, cc.encode(), version, " ".join(FLAGS).encode(),
                                      platform.machine().encode()])).hexdigest()[:20]
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"vqlab-{os.getuid() if hasattr(os, 'getuid') else 0}"):
-        lib = folder / f"simd_lut-{key}.so"
-        if not lib.exists():
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-                os.close(fd)
-            except OSError:
-                continue                                    # cache folder not writable: try the next
-            try:
-                run = subprocess.run([cc, *FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, timeout=120)
-                if run.returncode != 0:
-                    raise _Unavailable(f"{cc} failed: {run.stderr.decode(errors='replace').strip()[:300]}")
-                os.replace(tmp, lib)                        # atomic: concurrent builders never see half a file
-            except (OSError, subprocess.SubprocessError) as e:
-                raise _Unavailable(f"compiling with {cc} failed ({e})") from None
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+    return f"simd_lut-{key}.so"
+
+
+def _compile(cc: str, lib: Path) -> None:
+    """Compile simd_lut.c into `lib` (a temporary file in its folder, renamed: concurrent builders never see half a
+    file).  raises OSError when the folder is not writable, _Unavailable when the compiler fails."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, timeout=120)
+        if run.returncode != 0:
+            raise _Unavailable(f"{cc} failed: {run.stderr.decode(errors='replace').strip()[:300]}")
+        os.replace(tmp, lib)
+    except subprocess.SubprocessError as e:
+        raise _Unavailable(f"compiling with {cc} failed ({e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _cached(cc: str, folder: Path, name: str) -> tuple[Path | None, str]:
+    """(path of the library in `folder`, compiled there if missing, "") or (None, why not): the folder is created
+    private (0700) when missing, and neither it nor the library may be writable by another user (`_unsafe`)."""
+    folder = Path(os.path.realpath(folder))
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        return None, f"{folder} cannot be created ({e.strerror})"
+    why = _unsafe(folder, folder=True)
+    if why:
+        return None, why
+    lib = folder / name
+    if not os.path.lexists(lib):
         try:
-            dll = ctypes.CDLL(str(lib))
+            _compile(cc, lib)
         except OSError as e:
-            raise _Unavailable(f"loading the compiled kernel failed ({e})") from None
-        if dll.vq_abi_version() != 3:
-            raise _Unavailable("compiled kernel has another ABI version")
-        i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        dll.vq_isa_supported.argtypes, dll.vq_isa_supported.restype = [i32], i32
-        dll.vq_tables.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i32]
-        dll.vq_tables.restype = i32
-        dll.vq_lut_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i32]
-        dll.vq_lut_rows.restype = i32
-        dll.vq_matmul_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr,
-                                       ptr, ptr, i32]
-        dll.vq_matmul_rows.restype = i32
-        dll.vq_lut_packed.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32, ptr, i32]
-        dll.vq_lut_packed.restype = i32
-        dll.vq_matmul_packed.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr,
-                                         i32, ptr, i32]
-        dll.vq_matmul_packed.restype = i32
-        return dll
-    raise _Unavailable("no writable cache folder for the compiled kernel")
+            return None, f"{folder} is not writable ({e.strerror})"
+    why = _unsafe(lib, folder=False)
+    return (None, why) if why else (lib, "")
+
+
+def _bind(lib: Path) -> ctypes.CDLL:
+    """Load the compiled kernel and declare its functions' signatures."""
+    try:
+        dll = ctypes.CDLL(str(lib))
+    except OSError as e:
+        raise _Unavailable(f"loading the compiled kernel failed ({e})") from None
+    if dll.vq_abi_version() != 3:
+        raise _Unavailable("compiled kernel has another ABI version")
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    dll.vq_isa_supported.argtypes, dll.vq_isa_supported.restype = [i32], i32
+    dll.vq_tables.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i32]
+    dll.vq_tables.restype = i32
+    dll.vq_lut_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i32]
+    dll.vq_lut_rows.restype = i32
+    dll.vq_matmul_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr,
+                                   ptr, ptr, i32]
+    dll.vq_matmul_rows.restype = i32
+    dll.vq_lut_packed.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32, ptr, i32]
+    dll.vq_lut_packed.restype = i32
+    dll.vq_matmul_packed.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr,
+                                     i32, ptr, i32]
+    dll.vq_matmul_packed.restype = i32
+    return dll
+
+
+def _build() -> ctypes.CDLL:
+    """Compile simd_lut.c (once per source / compiler / flags; cached on disk) and load it.  Folders, in order: the
+    user cache (`_cache_dir`), $TMPDIR/vqlab-<uid>, each used only when it and the library belong to this user and
+    no one else can write them (`_cached`); else a fresh private temporary folder (mkdtemp, 0700), compiled into
+    for this process and removed once loaded.  raises _Unavailable with the reason."""
+    cc = _compiler()
+    if cc is None:
+        raise _Unavailable("no C compiler found (set $CC or install gcc)")
+    name = _library_name(cc)
+    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"vqlab-{_uid() or 0}"):
+        lib, why = _cached(cc, folder, name)
+        if lib is not None:
+            return _bind(lib)
+        warnings.warn(f"vqlab: not using {folder} for the simd kernel: {why}", RuntimeWarning, stacklevel=3)
+    with tempfile.TemporaryDirectory(prefix="vqlab-simd-") as private:
+        lib = Path(private) / name
+        try:
+            _compile(cc, lib)
+        except OSError as e:
+            raise _Unavailable(f"no writable folder for the compiled kernel ({e.strerror})") from None
+        return _bind(lib)                                       # stays mapped after the file is removed
 
 
 @functools.cache
@@ -235,6 +313,12 @@ def _check_x_book(x: torch.Tensor, codebook: torch.Tensor, segments: int) -> Non
                          f"got {tuple(x.shape)} {x.dtype} on {x.device}")
 
 
+def _check_threads(threads) -> None:
+    """threads: None (torch's count) or an int >= 1; ValueError naming it otherwise."""
+    if threads is not None:
+        check_int("simd threads", threads, 1)
+
+
 def simd_tables(x: torch.Tensor, codebook: torch.Tensor, table_group: int = GROUP, isa: str | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The kernel's quantized tables (for tests and the error model): x (B, S*d) float32, codebook (K, d)
@@ -270,6 +354,17 @@ def error_sigma(steps: np.ndarray, segments: int, table_group: int = GROUP) -> n
     return np.sqrt((counts * steps.astype(np.float64) ** 2).sum(axis=1) / 12.0)
 
 
+def _forget_threads_in_child() -> None:
+    """A forked child has none of the parent's pool threads: a cached executor would queue work that no thread
+    runs (the call would hang).  Forget the pools and the compile lock there (they are made again when needed)."""
+    global _LOCK
+    _POOL.clear()
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_threads_in_child)
+
+
 def _pool(threads: int) -> ThreadPoolExecutor:
     if threads not in _POOL:
         _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="vqlab-simd")
@@ -297,6 +392,7 @@ def simd_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, 
                          f"{tuple(getattr(indices, 'shape', ()))} {getattr(indices, 'dtype', type(indices).__name__)}")
     m, s = indices.shape
     _check_x_book(x, codebook, s)
+    _check_threads(threads)
     codebook_groups = codebook.shape[0] if codebook.dim() == 3 else 1
     if m % codebook_groups:
         raise ValueError(f"simd: {m} output rows cannot be split into {codebook_groups} codebook groups")
@@ -378,9 +474,25 @@ def _drive(x: torch.Tensor, codebook: torch.Tensor, m: int, table_group: int, co
     return out
 
 
+def _finite(codebook: torch.Tensor) -> bool:
+    """Whether every value of the codebook(s) is finite.  The tables are quantized over all K entries of a segment,
+    so one NaN or Inf codeword, used or not, would make every output of the kernel NaN."""
+    return bool(np.isfinite(_books(codebook).numpy()).all())
+
+
+def _exact(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The reference product in float32, x (B, n) @ dequantize(codebook, indices).T -> (B, m): what the kernels run
+    for a codebook with a non-finite value, so that such a codebook gives the reference's outputs on every
+    backend (finite where the non-finite codewords are unused).  ValueError for an index >= K, as the kernel."""
+    return x @ dequantize(codebook.detach().to(device="cpu", dtype=torch.float32), indices).T
+
+
 def _run(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, table_group: int, code: int,
          threads: int | None) -> torch.Tensor:
-    """simd_matmul after its checks: the row-major kernel over tiles of 16 output rows (`_drive`)."""
+    """simd_matmul after its checks: the row-major kernel over tiles of 16 output rows (`_drive`); the exact
+    reference for a codebook with a non-finite value (`_exact`)."""
+    if not _finite(codebook):
+        return _exact(x, codebook, indices)
     lib = _loaded()[0]
     m, s = indices.shape
     k, d = codebook.shape[-2], codebook.shape[-1]
@@ -438,12 +550,13 @@ def simd_pack(indices: torch.Tensor, k: int, codebook_groups: int = 1, table_gro
     return nib.permute(0, 3, 1, 4, 6, 5, 2).contiguous().reshape(nb, ng, nblk, half, 32)
 
 
-def simd_unpack(packed: torch.Tensor, m: int, s: int, table_group: int = GROUP) -> torch.Tensor:
-    """The inverse of `simd_pack`: packed (codebook_groups, ngroups, nblk, Gs/2, 32) uint8 -> (m, S) uint8 indices."""
+def _unpack(packed: torch.Tensor, m: int, s: int, table_group: int = GROUP) -> torch.Tensor:
+    """The inverse of `simd_pack`: packed (codebook_groups, ngroups, nblk, Gs/2, 32) uint8 -> (m, S) uint8 indices.
+    Private to `SimdCode`: the buffer does not record m (module docstring), the caller must own it."""
     codebook_groups = packed.shape[0] if packed.dim() == 5 else 0
     shape = packed_shape(m, s, max(codebook_groups, 1), table_group)
     if packed.dtype != torch.uint8 or tuple(packed.shape) != shape:
-        raise ValueError(f"simd_unpack: packed must be uint8 {shape} for {m} x {s} indices, got "
+        raise ValueError(f"simd: packed must be uint8 {shape} for {m} x {s} indices, got "
                          f"{tuple(packed.shape)} {packed.dtype}")
     nb, ng, nblk, half, _ = shape
     g, gs = group_size(s, table_group), 2 * half
@@ -453,17 +566,19 @@ def simd_unpack(packed: torch.Tensor, m: int, s: int, table_group: int = GROUP) 
     return full.reshape(nb, nblk * 32, ng * g)[:, : m // nb, :s].reshape(m, s).contiguous()
 
 
-def simd_matmul_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int,
-                       table_group: int = GROUP, isa: str | None = None, threads: int | None = None) -> torch.Tensor:
+def _matmul_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int,
+                   table_group: int = GROUP, isa: str | None = None, threads: int | None = None) -> torch.Tensor:
     """y ~= x @ W.T from a packed code: x (B, S*d) contiguous float32 CPU, codebook (K <= 16, d) or (G, K, d),
     packed: `simd_pack`'s (G, ngroups, nblk, Gs/2, 32) uint8 CPU tensor for m rows -> (B, m) float32.
+    Private to `SimdCode` (`layer(x)` is the public way): the buffer does not record m, the caller must own it.
     Gives bit-identical outputs to `simd_matmul` on the unpacked indices.  For K < 16 every call reads every
     nibble and raises ValueError when one is >= K (with K = 16 every nibble is a codeword).  threads: as in
     `simd_matmul`."""
     codebook_groups = codebook.shape[0] if codebook.dim() == 3 else 1
-    k, d = codebook.shape[-2], codebook.shape[-1]
+    d = codebook.shape[-1]
     s = x.shape[1] // d if x.dim() == 2 else 0
     _check_x_book(x, codebook, s)
+    _check_threads(threads)
     shape = packed_shape(m, s, codebook_groups, table_group)
     if (not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or tuple(packed.shape) != shape
             or packed.device.type != "cpu" or not packed.is_contiguous()):
@@ -477,7 +592,10 @@ def simd_matmul_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Te
 
 def _run_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int, table_group: int, code: int,
                 threads: int | None) -> torch.Tensor:
-    """simd_matmul_packed after its checks: the packed kernel over blocks of 32 output rows (`_drive`)."""
+    """_matmul_packed after its checks: the packed kernel over blocks of 32 output rows (`_drive`); the exact
+    reference for a codebook with a non-finite value (`_exact`)."""
+    if not _finite(codebook):
+        return _exact(x, codebook, _unpack(packed, m, x.shape[1] // codebook.shape[-1], table_group))
     lib = _loaded()[0]
     codebook_groups, _, nblk = packed.shape[:3]
     k, d = codebook.shape[-2], codebook.shape[-1]
@@ -509,7 +627,7 @@ def notice(reason: str) -> None:
 def _fallback(xf: torch.Tensor, book: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
     """No native kernel here: the exact numba kernel (or dequantize + GEMM) after a one-line notice."""
     notice(native_status().split(": ", 1)[-1])
-    if numba_available():
+    if numba_usable():
         return numba_matmul(xf, book, checked)
     w = book.to(torch.float32)[checked.copy.long()].reshape(checked.copy.shape[0], -1)
     return xf @ w.T

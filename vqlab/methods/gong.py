@@ -308,6 +308,11 @@ def _pq_bucket_matmul(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Ten
     """PQ along the output axis: x (..., n), codebooks (s, K, L), codes (s, n) -> (..., s * L).
 
     Output block i is sum_j x_j * codebooks[i, codes[i, j]] = (bucket sums of x by code) @ codebooks[i]."""
+    return _pq_bucket(x, codebooks, codes)
+
+
+def _pq_bucket(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The op's computation in differentiable torch ops (its backward recomputes it under autograd)."""
     s, k, length = codebooks.shape
     n = codes.shape[1]
     check_indices(codes, k, what="codes")
@@ -324,6 +329,25 @@ def _pq_bucket_matmul(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Ten
 @_pq_bucket_matmul.register_fake
 def _(x, codebooks, codes):
     return x.new_empty((*x.shape[:-1], codebooks.shape[0] * codebooks.shape[2]))
+
+
+def _pq_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _pq_backward(ctx, grad: torch.Tensor):
+    """The gradients of the product w.r.t. x and the codebooks (input saliency, training through an eval model)."""
+    x, codebooks, codes = ctx.saved_tensors
+    need_x, need_b = ctx.needs_input_grad[:2]
+    with torch.enable_grad():
+        xr, br = x.detach().requires_grad_(need_x), codebooks.detach().requires_grad_(need_b)
+        y = _pq_bucket(xr, br, codes)
+        wanted = [t for t in (xr, br) if t.requires_grad]
+        got = iter(torch.autograd.grad(y, wanted, grad.to(y.dtype)) if wanted else ())
+    return (next(got) if need_x else None), (next(got) if need_b else None), None
+
+
+torch.library.register_autograd("vqlab::pq_bucket_matmul", _pq_backward, setup_context=_pq_setup)
 
 
 @register_flop_formula(torch.ops.vqlab.pq_bucket_matmul)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bz2
 import lzma
+import math
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -58,12 +59,16 @@ from ..codes import CodeSize, WeightCode, register_code, stored_bytes
 from ..config import QuantConfig, register_handler
 from ..layers import quantized_layer
 
-__all__ = ["LATTICES", "CODERS", "nearest_point", "generator_matrix", "voronoi_dither", "encode_ints",
+__all__ = ["LATTICES", "CODERS", "COORD_LIMIT", "exact_limit", "nearest_point", "generator_matrix", "voronoi_dither", "encode_ints",
            "decode_ints", "layer_seed", "LatticeCode", "LatticeConfig"]
 
 LATTICES = {"Z": 1, "D4": 4, "E8": 8}          # lattice -> dimension
 CODERS = ("lzma", "bz2", "huffman", "none")
 _SIDE_BYTES = 4 + 8                           # step (float32) + seed (int64) per layer
+COORD_LIMIT = 1 << 22   # |w| / step must stay below it: every point (and E8's 2p) is then exact in float32
+_SYMBOL_MAX = 1 << 24   # symbols of points within COORD_LIMIT + 1 stay below it (D4: half, E8: 2p's range)
+_VARINT_BYTES = 4       # bytes a symbol below _SYMBOL_MAX takes as zigzag + LEB128 (28 bits)
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _check_lattice(lattice) -> int:
@@ -75,10 +80,11 @@ def _check_lattice(lattice) -> int:
 
 def _nearest_dn(x: torch.Tensor) -> torch.Tensor:
     """D_n = {integer vectors with even sum}: f(x) = round(x); where sum f(x) is odd, g(x): the coordinate
-    with the largest rounding error rounded the other way."""
+    with the largest rounding error rounded the other way.  x: float64 with |x| < 2**51 (the parity is summed in
+    int64, exactly)."""
     f = torch.round(x)
     err = x - f
-    odd = (f.sum(dim=-1).remainder(2) != 0)
+    odd = f.to(torch.int64).sum(dim=-1).remainder(2) != 0
     k = err.abs().argmax(dim=-1, keepdim=True)                          # (N, 1)
     ek = err.gather(-1, k)
     away = torch.where(ek >= 0, torch.ones_like(ek), -torch.ones_like(ek))   # the other way (err 0: +1)
@@ -86,24 +92,44 @@ def _nearest_dn(x: torch.Tensor) -> torch.Tensor:
     return torch.where(odd[..., None], g, f)
 
 
+def exact_limit(dtype: torch.dtype) -> float:
+    """The magnitude inputs of `nearest_point` must stay below for every nearest lattice point (integers, E8's
+    half-integers, a parity fix one step away) to be exact in `dtype`: 2**(significand bits - 2), e.g. 2**22 for
+    float32, 2**51 for float64."""
+    digits = round(-math.log2(torch.finfo(dtype).eps)) + 1
+    return float(2 ** (digits - 2))
+
+
 def nearest_point(x: torch.Tensor, lattice: str) -> torch.Tensor:
-    """The nearest point of `lattice` ("Z", "D4", "E8") to every row of x (n, dim) -> (n, dim), float.
+    """The nearest point of `lattice` ("Z", "D4", "E8") to every row of x (n, dim) -> (n, dim), in x's float dtype
+    (float32 for an integer x).  Computed in float64 with the parity summed in int64, so the result is a lattice
+    point whatever x's dtype.
 
     Z: round.  D4: see `_nearest_dn`.  E8 = D8 u (D8 + 1/2): the closer of the two candidates.
+    raises: ValueError for a non-finite x, or |x| >= `exact_limit(dtype)` (2**22 in float32, 2**51 in float64),
+    where the points would not be exact in the result's dtype (pass float64 for larger inputs).
     """
     dim = _check_lattice(lattice)
-    if x.dim() != 2 or x.shape[1] != dim:
-        raise ValueError(f"nearest_point({lattice}) needs x of shape (n, {dim}), got {tuple(x.shape)}")
-    x = x if x.is_floating_point() else x.float()
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != dim:
+        raise ValueError(f"nearest_point({lattice}) needs x of shape (n, {dim}), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    x = x.detach().to(torch.float64)
+    limit = exact_limit(dtype)
+    big = float(x.abs().max()) if x.numel() else 0.0
+    if not big < limit:                                            # NaN fails too
+        raise ValueError(f"nearest_point({lattice}): x must be finite with |x| < {limit:.0f} (2**{int(math.log2(limit))})"
+                         f" so that the lattice points are exact in {dtype}, got max |x| = {big!r}"
+                         + ("; pass a float64 x" if dtype != torch.float64 and math.isfinite(big) else ""))
     if lattice == "Z":
-        return torch.round(x)
+        return torch.round(x).to(dtype)
     if lattice == "D4":
-        return _nearest_dn(x)
+        return _nearest_dn(x).to(dtype)
     y0 = _nearest_dn(x)
     y1 = _nearest_dn(x - 0.5) + 0.5
     d0 = (x - y0).pow(2).sum(-1, keepdim=True)
     d1 = (x - y1).pow(2).sum(-1, keepdim=True)
-    return torch.where(d0 <= d1, y0, y1)
+    return torch.where(d0 <= d1, y0, y1).to(dtype)
 
 
 # ---------------------------------------------------------------- dither: uniform over the Voronoi cell
@@ -261,7 +287,9 @@ def _compress(raw: bytes, coder: str) -> bytes:
 
 
 def _decompress(data: bytes, coder: str, limit: int) -> bytes:
-    """Decompress at most `limit` bytes (a bigger output is refused: a corrupted or hostile stream)."""
+    """Decompress at most `limit` bytes (a bigger output is refused before it is produced: a corrupted or hostile
+    stream).  The caller's limit comes from the layer's coordinate count, which `vqlab.load` bounds by the file's
+    own size (`vqlab.io.DECODE_CAP`)."""
     if coder == "none":
         out = data
     elif coder == "huffman":
@@ -293,6 +321,27 @@ def _check_step(step) -> None:
 
 def _check_coder(coder) -> None:
     check_choice("coder", coder, CODERS)
+
+
+def check_step_fits(weight: torch.Tensor, step: float, label: str) -> None:
+    """Raise ValueError naming `label` unless the weights are finite and |w| / step < COORD_LIMIT (2**22), so that
+    every lattice coordinate (E8: twice it) is an exact float32 integer and no symbol overflows; a tiny step
+    (1e-25) had turned every weight into a garbage point."""
+    big = float(weight.detach().abs().max()) if weight.numel() else 0.0
+    if not math.isfinite(big):
+        raise ValueError(f"{label}: the weight holds NaN or Inf; lattice quantization needs finite weights")
+    if big / step >= COORD_LIMIT:
+        raise ValueError(f"{label}: step={step!r} is too small for weights up to |w| = {big:.4g}: |w| / step = "
+                         f"{big / step:.4g} must stay below 2**22 = {COORD_LIMIT} (lattice coordinates exact in "
+                         f"float32); use step >= {big / COORD_LIMIT:.3g}")
+    _check_finite_rows(step, big / step, label)
+
+
+def _check_finite_rows(step: float, top: float, label: str) -> None:
+    """Rebuilt weights step * (point - dither), |point| <= top, must be finite in float32."""
+    if step * (top + 2) >= _F32_MAX:
+        raise ValueError(f"{label}: step={step!r} with coordinates up to {top:.4g} rebuilds weights beyond float32's "
+                         f"range ({_F32_MAX:.4g})")
 
 
 @register_code
@@ -354,6 +403,7 @@ class LatticeCode(WeightCode):
         _check_coder(coder)
         mode = _finetune_mode(finetune)
         prune = check_fraction("prune", prune)
+        check_step_fits(weight, step, "LatticeCode.from_weight")
         flat = weight.detach().reshape(len(weight), -1)
         rows, n = flat.shape
         if n % dim and not pad:
@@ -411,12 +461,16 @@ class LatticeCode(WeightCode):
         key = self._key()
         if hit is not None and hit[0] == key:
             return hit[1]
-        count = self.n_rows * self.n_pad
-        raw = _decompress(self.stream.detach().cpu().numpy().tobytes(), self.coder, 10 * count)
+        count = self.decoded_values()
+        raw = _decompress(self.stream.detach().cpu().numpy().tobytes(), self.coder, _VARINT_BYTES * count)
         sym = decode_ints(raw)
         if sym.size != count:
             raise ValueError(f"the lattice stream holds {sym.size} coordinates, the layer needs "
                              f"{self.n_rows} x {self.n_pad} = {count}")
+        top = max(int(sym.max()), -int(sym.min())) if sym.size else 0
+        if top >= _SYMBOL_MAX:
+            raise ValueError(f"the lattice stream holds a symbol of magnitude {top}, beyond the {_SYMBOL_MAX} that "
+                             f"points with |w| / step < 2**22 reach")
         sym = torch.from_numpy(sym.copy()).reshape(-1, self.dim)
         pruned = None
         plain = sym
@@ -464,6 +518,10 @@ class LatticeCode(WeightCode):
         d = self._decoded()
         return 0.0 if d["pruned"] is None else float(d["pruned"].float().mean()) if d["pruned"].numel() else 0.0
 
+    def decoded_values(self) -> int:
+        """The coordinates the stream decodes to, rows * n_pad (what `vqlab.load` bounds by the file's size)."""
+        return self.n_rows * self.n_pad
+
     def points(self) -> torch.Tensor:
         """The lattice points (rows, n_pad), float32 (E8: half-integers where the segment is in D8 + 1/2)."""
         ints, _ = self._decode()
@@ -494,6 +552,11 @@ class LatticeCode(WeightCode):
         refused), every segment a point of the lattice (the symbol mapping guarantees it; checked anyway)."""
         ints, _ = self._decode()
         seg = ints.reshape(-1, self.dim)
+        top = int(seg.abs().max()) if seg.numel() else 0
+        if top > self._scale * (COORD_LIMIT + 1):
+            raise ValueError(f"a lattice coordinate of magnitude {top / self._scale:g} is beyond the {COORD_LIMIT} + 1 "
+                             f"a step's coordinates may reach (|w| / step < 2**22)")
+        _check_finite_rows(self.step, top / self._scale, "the lattice code")
         if self.lattice == "D4" and bool((seg.sum(1) % 2 != 0).any()):
             raise ValueError("lattice D4 points must have an even coordinate sum")
         if self.lattice == "E8":
@@ -651,6 +714,7 @@ class LatticeConfig(QuantConfig):
 
     def check(self, module: nn.Module, name: str) -> None:
         super().check(module, name)
+        check_step_fits(module.weight, self.step, f"layer {name!r}")
         dim = LATTICES[self.lattice]
         out, n = module.weight.shape[0], module.weight[0].numel()
         if n % dim and not self.pad:

@@ -54,7 +54,8 @@ from ..config import QuantConfig, register_handler
 from ..kernels.flops import conv_out_hw
 from ..layers import QuantizedConv2d, quantized_layer
 
-__all__ = ["CPResult", "cp_decompose", "quantize_factors", "cp_reconstruct", "QAFCode", "QAFConfig", "layer_rank"]
+__all__ = ["CPResult", "cp_decompose", "quantize_factors", "cp_reconstruct", "QAFCode", "QAFConfig", "layer_rank",
+           "max_rank"]
 
 _CLIPS = torch.linspace(0.5, 1.0, 11, dtype=torch.float64)
 
@@ -117,11 +118,22 @@ def _rel(x: torch.Tensor, factors: list[torch.Tensor]) -> float:
 
 
 def _als(x: torch.Tensor, rank: int, iters: int, seed: int) -> list[torch.Tensor]:
+    """CP-ALS from an SVD start, or from a seeded random start where the SVD start gives a singular system (a
+    weight with a single non-zero entry); an all-zero weight is its own exact decomposition (zero factors)."""
     from tensorly.decomposition import parafac
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                                  # "n_eigenvecs larger than ..." (rank > a mode)
-        cp = parafac(x.cpu().numpy(), rank, n_iter_max=iters, init="svd", tol=1e-10, random_state=seed)
+    if not bool(x.any()):
+        return [torch.zeros(d, rank, dtype=torch.float64) for d in x.shape]
+    for init in ("svd", "random"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")                          # "n_eigenvecs larger than ..." (rank > a mode)
+                cp = parafac(x.cpu().numpy(), rank, n_iter_max=iters, init=init, tol=1e-10, random_state=seed)
+            break
+        except np.linalg.LinAlgError as e:
+            why = e
+    else:
+        raise ValueError(f"CP-ALS of rank {rank} found no solution for this {list(x.shape)} weight ({why})")
     w = torch.as_tensor(np.asarray(cp.weights), dtype=torch.float64)
     fs = [torch.as_tensor(np.asarray(f), dtype=torch.float64) for f in cp.factors]
     fs[0] = fs[0] * w
@@ -164,7 +176,11 @@ def cp_decompose(weight: torch.Tensor, rank: int, bits: int | None = None, algor
     check_choice("algorithm", algorithm, ("admm", "als"))
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4) or not weight.is_floating_point():
         raise ValueError(f"weight must be a 2-D or 4-D float tensor, got {getattr(weight, 'shape', type(weight))}")
-    check_int("rank", rank, 1)
+    if weight.numel() == 0:
+        raise ValueError(f"weight must not be empty, got shape {list(weight.shape)}")
+    if weight.is_meta or not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight must hold finite values (no NaN, Inf or meta-device data)")
+    check_int("rank", rank, 1, max_rank(weight.shape))
     check_int("iters", iters, 1)
     check_int("inner", inner, 1)
     if bits is not None:
@@ -394,13 +410,26 @@ class QAFCode(WeightCode):
 
 # ---------------------------------------------------------------- config and handler
 
-def layer_rank(module: nn.Module, rank: int | None = None, rank_ratio: float | None = None) -> int:
+def max_rank(dims) -> int:
+    """The largest CP rank a tensor of these sizes can need: the product of its sizes over the largest (a matrix:
+    its smaller side); a higher rank only adds numbers (and tensorly cannot fit it)."""
+    dims = [int(v) for v in dims]
+    return max(1, math.prod(dims) // max(dims)) if dims and min(dims) > 0 else 1
+
+
+def layer_rank(module: nn.Module, rank: int | None = None, rank_ratio: float | None = None,
+               name: str = "layer") -> int:
     """The CP rank of a layer: `rank`, or rank_ratio * (dense weights) / (sum of the factor lengths), rounded,
-    at least 1 (so the factors hold about rank_ratio of the dense layer's numbers)."""
-    if rank is not None:
-        return rank
+    at least 1 (so the factors hold about rank_ratio of the dense layer's numbers).  raises ValueError naming the
+    layer when it exceeds `max_rank` of the weight (checked before anything is allocated)."""
     dims = list(module.weight.shape)
-    return max(1, round(rank_ratio * math.prod(dims) / sum(dims)))
+    r = rank if rank is not None else max(1, round(min(rank_ratio * math.prod(dims) / sum(dims), 2.0 ** 62)))
+    top = max_rank(dims)
+    if r > top:
+        what = f"rank={rank}" if rank is not None else f"rank_ratio={rank_ratio!r} gives rank {r}, which"
+        raise ValueError(f"{name}: {what} exceeds the largest CP rank {top} of its {dims} weight (the product of "
+                         f"its sizes over the largest); use a rank <= {top}")
+    return r
 
 
 @dataclass(frozen=True)
@@ -448,15 +477,21 @@ class QAFConfig(QuantConfig):
         super().check(module, name)
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise ValueError(f"layer {name!r}: QAF factorizes convolutions with groups=1, got groups={module.groups}")
+        if module.weight.is_meta:
+            raise ValueError(f"layer {name!r}: the weight is on the meta device (no values to factorize)")
         if not bool(torch.isfinite(module.weight).all()):
             raise ValueError(f"layer {name!r}: weight has non-finite values")
+        layer_rank(module, self.rank, self.rank_ratio, f"layer {name!r}")
 
 
 @register_handler(QAFConfig)
 def _qaf_handler(modules: list[tuple[str, nn.Module]], config: QAFConfig) -> Iterator[tuple[str, nn.Module]]:
     for name, m in modules:
-        rank = layer_rank(m, config.rank, config.rank_ratio)
-        res = cp_decompose(m.weight, rank, config.bits, "admm" if config.algorithm == "admm" else "als",
-                           iters=config.iters, inner=config.inner, als_iters=config.als_iters, seed=config.seed)
+        rank = layer_rank(m, config.rank, config.rank_ratio, f"layer {name!r}")
+        try:
+            res = cp_decompose(m.weight, rank, config.bits, "admm" if config.algorithm == "admm" else "als",
+                               iters=config.iters, inner=config.inner, als_iters=config.als_iters, seed=config.seed)
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from None
         code = QAFCode.from_result(list(m.weight.shape), res, config.bits, config.algorithm, config.finetune)
         yield name, quantized_layer(m, code)

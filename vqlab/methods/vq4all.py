@@ -38,6 +38,7 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from .. import distributed as _dist
 from ..bits import bits_for, packed_bytes
 from ..checks import check_instance, check_int, check_number
 from ..codebook import Codebook, HoldsCodebook
@@ -59,15 +60,45 @@ def _row_length(module: nn.Module) -> int:
     return module.weight[0].numel()
 
 
+def _module_list(models) -> list[nn.Module]:
+    """`models` as a non-empty list of nn.Modules; TypeError naming what is not one."""
+    if isinstance(models, nn.Module):
+        return [models]
+    if isinstance(models, (str, bytes, torch.Tensor)) or not hasattr(models, "__iter__"):
+        raise TypeError(f"models must be an nn.Module or a list of them, got {type(models).__name__}")
+    models = list(models)
+    if not models:
+        raise ValueError("models must hold at least one nn.Module, got an empty list")
+    for i, m in enumerate(models):
+        check_instance(f"models[{i}]", m, nn.Module, "torch.nn.Module")
+    return list(models)
+
+
+def _finite_weight(m: nn.Module, label: str) -> torch.Tensor:
+    """The layer's weight as float32 on the CPU; ValueError naming `label` for NaN / Inf or a meta weight."""
+    w = m.weight.detach()
+    if w.is_meta:
+        raise ValueError(f"{label}: the weight is on the meta device (no values)")
+    bad = int((~torch.isfinite(w)).sum())
+    if bad:
+        raise ValueError(f"{label}: the weight has {bad} non-finite value(s) (NaN/Inf); VQ4ALL needs finite weights")
+    return w.float().cpu()
+
+
 def pooled_subvectors(models: nn.Module | Sequence[nn.Module], d: int) -> torch.Tensor:
     """The length-d sub-vectors of every nn.Linear / nn.Conv2d weight row of `models` whose row length
     n (Linear: in_features; Conv2d: cin/groups * kh * kw) d divides (other layers are left out).
 
-    returns (N, d) float32, layer after layer in model order."""
-    models = [models] if isinstance(models, nn.Module) else list(models)
+    returns (N, d) float32, layer after layer in model order.
+    raises TypeError for something that is not an nn.Module (or a list of them), ValueError naming the model and
+    the layer for weights with NaN / Inf or on the meta device."""
+    models = _module_list(models)
     check_int("d", d, 1)
-    parts = [m.weight.detach().float().reshape(-1, d).cpu() for model in models for m in model.modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d)) and _row_length(m) % d == 0]
+    parts = []
+    for i, model in enumerate(models):
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and _row_length(m) % d == 0:
+                parts.append(_finite_weight(m, f"models[{i}] layer {name!r}").reshape(-1, d))
     if not parts:
         raise ValueError(f"no nn.Linear / nn.Conv2d layer of the given models has a row length divisible by d={d}")
     return torch.cat(parts)
@@ -288,6 +319,7 @@ class VQ4ALLConfig(QuantConfig):
 
     def check(self, module: nn.Module, name: str) -> None:
         super().check(module, name)
+        _finite_weight(module, f"layer {name!r}")
         n = _row_length(module)
         if n % self.codebook.d:
             raise ValueError(f"layer {name!r}: codebook d={self.codebook.d} does not divide its row length {n} "
@@ -360,7 +392,7 @@ def progressive_fit(model: nn.Module, train_ds: TensorDataset, rounds: int = 10,
     try:
         for p in frozen:
             p.requires_grad_(False)
-        for r in tqdm(range(1, rounds + 1), desc="progressive_fit", unit="round", disable=not progress, leave=False):
+        for r in tqdm(range(1, rounds + 1), desc="progressive_fit", unit="round", disable=not _dist.show_progress(progress), leave=False):
             hist = fit(model, train_ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed + r,
                        max_steps=steps_per_round, device=device, progress=False)
             top = _mean_top_ratio(model)

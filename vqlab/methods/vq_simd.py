@@ -51,7 +51,7 @@ class _PackedMatmul(torch.autograd.Function):
         ctx.save_for_backward(x2, book)
         books = book.detach()
         books = books[0] if books.shape[0] == 1 else books
-        return _simd.simd_matmul_packed(as_float32(x2), books, code.packed, code.shape[0], code.table_group)
+        return _simd._matmul_packed(as_float32(x2), books, code.packed, code.shape[0], code.table_group)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -111,7 +111,7 @@ class SimdCode(VQCodeBase):
 
     def unpack(self) -> torch.Tensor:
         """A copy of the indices: (rows, n_pad / d) uint8.  Writing to it changes nothing; use set_indices."""
-        return _simd.simd_unpack(self.packed, self.m, self.s, self.table_group)
+        return _simd._unpack(self.packed, self.m, self.s, self.table_group)
 
     index_values = unpack
 
@@ -148,7 +148,7 @@ class SimdCode(VQCodeBase):
             if (p.dtype != torch.uint8 or p.device.type != "cpu" or not p.is_contiguous()
                     or tuple(p.shape) != _simd.packed_shape(self.m, self.s, book.shape[0], self.table_group)):
                 self.validate()                                        # raises, naming what is wrong
-            y = _simd.simd_matmul_packed(as_float32(x2), book.detach(), p, self.m, self.table_group, isa)
+            y = _simd._matmul_packed(as_float32(x2), book.detach(), p, self.m, self.table_group, isa)
         return add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.m), bias)
 
     def size(self, seen: set[int]) -> CodeSize:
