@@ -170,7 +170,7 @@ def test_cli_error_exit_status_from_the_shell():
 def test_compare_configs_measures_any_method(digits_model):
     import vqlab.methods.gong as gong
     import vqlab.methods.lattice as lat
-    from vqlab.experiments import compare_configs, compress_and_evaluate
+    from vqlab.experiments import compare_configs, compress_and_evaluate, copy_model
     from vqlab.methods.vq import VQConfig
 
     model, tr, te = digits_model
@@ -195,6 +195,27 @@ def test_compare_configs_measures_any_method(digits_model):
     assert fl.iloc[0]["flop_ratio"] == pytest.approx(by_hand["vq_flops"].sum() / by_hand["dense_flops"].sum())
     assert "flops" not in df
     assert df.iloc[:3]["error"].isna().all()
+    # one footing (issue 28): Gong's RVQ convolutions count their lookup-table product as VQ's always do, whatever
+    # backend is pinned (notebook 08 pins "dense" for its accuracy runs), and the caller's pin survives
+    import vqlab
+    from vqlab.experiments import lut_flops
+    from vqlab.kernels.registry import pinned_backend
+
+    vqlab.kernels.set_backend("dense")
+    try:
+        rvq = compare_configs(model, te, {"rvq": gong.RVQConfig(k=4, stages=2, d=4)}, flops_input_shape=(1, 1, 8, 8),
+                              progress=False).iloc[0]
+        r = copy_model(model)
+        vqlab.quantize_(r, gong.RVQConfig(k=4, stages=2, d=4), progress=False)
+        dense_path = count_flops(r, (1, 1, 8, 8)).set_index("layer")      # "dense" pinned: the conv convolves densely
+        lut_path = lut_flops(r, (1, 1, 8, 8)).set_index("layer")
+        assert pinned_backend() == "dense"
+        conv = "features.3"
+        assert dense_path.loc[conv, "vq_flops"] == dense_path.loc[conv, "dense_flops"]
+        assert lut_path.loc[conv, "vq_table_flops"] > 0 and lut_path.loc[conv, "vq_flops"] != lut_path.loc[conv, "dense_flops"]
+        assert rvq["flops"] == lut_path["vq_flops"].sum()
+    finally:
+        vqlab.kernels.set_backend(None)
     # fine-tuning: accuracy after it is measured, and the size is counted again (trainable lattice codewords)
     ft = compare_configs(model, te, {"E8": lat.LatticeConfig(step=0.2, pad=True, finetune=True)}, train_ds=tr,
                          finetune_epochs=1, max_steps=5, progress=False).iloc[0]

@@ -29,7 +29,7 @@ from .quantize import quantize_
 from .size import compressed_size
 from .train import evaluate, fit
 
-__all__ = ["compress_and_evaluate", "sweep", "compare_configs", "check_grid", "pareto_front", "pareto_plot", "method_styles",
+__all__ = ["compress_and_evaluate", "sweep", "compare_configs", "check_grid", "lut_flops", "pareto_front", "pareto_plot", "method_styles",
            "layer_sensitivity", "add_sweep_command"]
 
 COLUMNS = ["method", "K", "d", "bits_per_weight", "ratio", "compressed_bytes", "acc", "acc_finetuned",
@@ -168,7 +168,10 @@ def compare_configs(model: nn.Module, test_ds: TensorDataset, configs: dict, *, 
     quantize_ report names; K and d come from the config where it has them; bits_per_weight is the stored
     index bits per quantized weight (index_bytes * 8 / weights of the quantized layers).
     flops_input_shape: e.g. (1, 1, 28, 28): also `count_flops` of each compressed model on that input, as
-    columns flops (the quantized model's total) and flop_ratio (over the dense model's).
+    columns flops (the quantized model's total) and flop_ratio (over the dense model's), counted with a
+    lookup-table backend pinned (`lut_flops`), so every method that has a lookup-table product counts it in its
+    linear and convolution layers alike (VQ's convolutions always run `vq_conv2d`; Gong's PQ / RVQ convolve
+    through their tables only when such a backend is pinned) -- one footing for every method.
     """
     from . import distributed as _dist
     from .flops import count_flops
@@ -195,7 +198,7 @@ def compare_configs(model: nn.Module, test_ds: TensorDataset, configs: dict, *, 
             acc_ft = evaluate(q, test_ds)
         best = acc_ft if finetune_epochs > 0 and train_ds is not None else acc
         if flops_input_shape is not None:
-            df = count_flops(q, tuple(flops_input_shape))
+            df = lut_flops(q, tuple(flops_input_shape))
             row.update(flops=int(df["vq_flops"].sum()), flop_ratio=df["vq_flops"].sum() / df["dense_flops"].sum())
         rows.append({**row, "method": ", ".join(map(str, methods)) or "float32",
                      "bits_per_weight": 8 * size.index_bytes / weights if weights else float("nan"),
@@ -209,6 +212,24 @@ def compare_configs(model: nn.Module, test_ds: TensorDataset, configs: dict, *, 
         if c not in df:
             df[c] = pd.NA if c == "error" else float("nan")
     return df[cols].astype({"K": "Int64", "d": "Int64"})
+
+
+def lut_flops(model: nn.Module, input_shape: tuple[int, ...]) -> pd.DataFrame:
+    """`count_flops` with a lookup-table backend (numba, else simd) pinned for the count: every quantized layer
+    whose code has a lookup-table product counts that product (convolutions on im2col rows included), whatever
+    backend the caller pinned; the caller's pin is restored.  Without such a backend: plain `count_flops`."""
+    from .flops import count_flops
+    from .kernels.registry import available_backends, pinned_backend, set_backend
+
+    lut = next((b for b in ("numba", "simd") if b in available_backends(approximate=True)), None)
+    if lut is None:
+        return count_flops(model, input_shape)
+    before = pinned_backend()
+    set_backend(lut)
+    try:
+        return count_flops(model, input_shape)
+    finally:
+        set_backend(before)
 
 
 def check_grid(ks, ds, finetune_epochs: int = 0, scalar_ks=()) -> None:
