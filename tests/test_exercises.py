@@ -36,7 +36,9 @@ def test_claims_display_and_marker_syntax():
     assert bundle[MIME] == {"ratio": "7.6", "delta": "-0.60"} and "7.6" in bundle["text/html"]
     with pytest.raises(ValueError, match="claim names"):
         claims(**{"bad key": "1"})
-    text = "**7.6<!--{{ratio}}-->×** smaller, −0.60<!--{{02:delta}}--> points; `features.3`<!--{{worst}}-->"
+    text = ("**7.6<!--{{ratio}}-->×** smaller, −0.60<!--{{02:delta}}--> points; `features.3`<!--{{worst}}-->; "
+            "MSE 1.892e-03<!--{{mse}}-->")
     found = [(m["value"], m["nb"], m["key"]) for m in MARKER.finditer(text)]
-    assert found == [("7.6", None, "ratio"), ("−0.60", "02", "delta"), ("features.3", None, "worst")]
+    assert found == [("7.6", None, "ratio"), ("−0.60", "02", "delta"), ("features.3", None, "worst"),
+                     ("1.892e-03", None, "mse")]
     assert normalize("−0.60") == normalize("-0.60")

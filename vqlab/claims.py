@@ -23,8 +23,8 @@ import re
 __all__ = ["claims", "Claims", "MIME", "MARKER", "normalize"]
 
 MIME = "application/vnd.vqlab.claims+json"
-# a quoted value (a number, a layer name, ...) followed by its marker; NN: names another notebook
-MARKER = re.compile(r"(?P<value>[+\-−]?[\w.,]*\w)(?P<deco>[`*]*)<!--\{\{(?:(?P<nb>\d\d):)?(?P<key>[\w.\-]+)\}\}-->")
+# a quoted value (a number, 1.7e-03, a layer name, ...) followed by its marker; NN: names another notebook
+MARKER = re.compile(r"(?P<value>[+\-−]?[\w.,]*\w(?:[eE][+\-−]\d+)?)(?P<deco>[`*]*)<!--\{\{(?:(?P<nb>\d\d):)?(?P<key>[\w.\-]+)\}\}-->")
 
 
 def normalize(value: str) -> str:
