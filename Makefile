@@ -21,16 +21,18 @@ venv: $(STAMP)
 lab: venv
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ip=$(IP) --port=$(PORT) $(LAB_FLAGS)
 
-# Unit tests, then every notebook under nbval in fast mode (lax: only cells marked NBVAL_CHECK_OUTPUT are compared).
+# Unit tests, then every notebook and every exercise solution (notebooks/solutions/) under nbval in fast mode
+# (lax: only cells marked NBVAL_CHECK_OUTPUT are compared).
+NOTEBOOKS := $(wildcard notebooks/*.ipynb) $(wildcard notebooks/solutions/*.ipynb)
 test: venv
 	@test -d /usr/share/datasets/fashion-mnist -o -n "$$VQLAB_DATA" || echo "note: no Fashion-MNIST here: the notebooks run on the digits set and its tests skip (sudo apt-get install -y dataset-fashion-mnist)"
-	VQLAB_FAST=1 $(PY) -m pytest -p no:cacheprovider tests $(wildcard notebooks/*.ipynb) --nbval-lax --durations=10
+	VQLAB_FAST=1 $(PY) -m pytest -p no:cacheprovider tests $(NOTEBOOKS) --nbval-lax --durations=10
 
 test-unit: venv
 	$(PY) -m pytest tests
 
 test-notebooks: venv
-	VQLAB_FAST=1 $(PY) -m pytest -p no:cacheprovider $(wildcard notebooks/*.ipynb) --nbval-lax
+	VQLAB_FAST=1 $(PY) -m pytest -p no:cacheprovider $(NOTEBOOKS) --nbval-lax
 
 bench: venv
 	$(PY) benchmarks/kmeans.py

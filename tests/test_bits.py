@@ -145,3 +145,23 @@ def test_random_damage_gives_valueerror_or_symbols_in_range():
             continue
         assert y.shape == (n,) and 0 <= int(y.min()) and int(y.max()) < k
     assert refused > 1000 and time.perf_counter() - t0 < 60
+
+
+# ---------------------------------------------------------------- effective rate (notebook 01)
+
+def test_effective_bits_per_weight_counts_what_compressed_size_stores():
+    import vqlab
+    from vqlab.bits import effective_bits_per_weight
+
+    torch.manual_seed(0)
+    model = vqlab.get_model("lenet5")
+    vqlab.quantize_(model, vqlab.VQConfig(k=256, d=4, iters=2), progress=False)
+    row = vqlab.compressed_size(model).layers.set_index("layer").loc["classifier.1"]   # 120 x 400, no padding
+    stored = 8 * (row["index_bytes"] + row["codebook_bytes"]) / 48000
+    assert effective_bits_per_weight(48000, 256, 4) == pytest.approx(stored)
+    assert effective_bits_per_weight(48000, 256, 4) == pytest.approx(2 + 256 * 4 * 32 / 48000)
+    # residual VQ: two indices per segment, two codebooks; PQ: sub-vectors of length d/M, one index each, M books
+    assert effective_bits_per_weight(48000, 256, 8, codebooks=2, stages=2) == pytest.approx(2 + 2 * 256 * 8 * 32 / 48000)
+    assert effective_bits_per_weight(48000, 256, 4, codebooks=2) == pytest.approx(2 + 2 * 256 * 4 * 32 / 48000)
+    with pytest.raises(ValueError, match="n_weights"):
+        effective_bits_per_weight(0, 256, 4)

@@ -62,6 +62,14 @@ def test_sweep_measures_every_grid_point_and_baselines(digits_model):
     assert front["ratio"].is_monotonic_increasing and len(front) >= 2
 
 
+def test_sweep_scalar_baselines_at_equal_bits(digits_model):
+    model, tr, te = digits_model
+    df = sweep(model, tr, te, ks=[16], ds=[2], baselines=("int3", "int2"), progress=False)
+    assert df["method"].tolist() == ["uniform int3", "uniform int2", "vq"]
+    assert df["bits_per_weight"].tolist() == [3.0, 2.0, 2.0]
+    assert df.loc[1, "ratio"] > df.loc[0, "ratio"] > 1                # fewer bits, smaller model
+
+
 def test_sweep_reports_impossible_grid_points(digits_model):
     model, tr, te = digits_model
     df = sweep(model, None, te, ks=[4], ds=[3], baselines=(), progress=False)
@@ -162,7 +170,7 @@ def test_cli_error_exit_status_from_the_shell():
 def test_compare_configs_measures_any_method(digits_model):
     import vqlab.methods.gong as gong
     import vqlab.methods.lattice as lat
-    from vqlab.experiments import compare_configs, compress_and_evaluate
+    from vqlab.experiments import compare_configs, compress_and_evaluate, copy_model
     from vqlab.methods.vq import VQConfig
 
     model, tr, te = digits_model
@@ -187,11 +195,62 @@ def test_compare_configs_measures_any_method(digits_model):
     assert fl.iloc[0]["flop_ratio"] == pytest.approx(by_hand["vq_flops"].sum() / by_hand["dense_flops"].sum())
     assert "flops" not in df
     assert df.iloc[:3]["error"].isna().all()
+    # one footing (issue 28): Gong's RVQ convolutions count their lookup-table product as VQ's always do, whatever
+    # backend is pinned (notebook 08 pins "dense" for its accuracy runs), and the caller's pin survives
+    import vqlab
+    from vqlab.experiments import lut_flops
+    from vqlab.kernels.registry import pinned_backend
+
+    vqlab.kernels.set_backend("dense")
+    try:
+        rvq = compare_configs(model, te, {"rvq": gong.RVQConfig(k=4, stages=2, d=4)}, flops_input_shape=(1, 1, 8, 8),
+                              progress=False).iloc[0]
+        r = copy_model(model)
+        vqlab.quantize_(r, gong.RVQConfig(k=4, stages=2, d=4), progress=False)
+        dense_path = count_flops(r, (1, 1, 8, 8)).set_index("layer")      # "dense" pinned: the conv convolves densely
+        lut_path = lut_flops(r, (1, 1, 8, 8)).set_index("layer")
+        assert pinned_backend() == "dense"
+        conv = "features.3"
+        assert dense_path.loc[conv, "vq_flops"] == dense_path.loc[conv, "dense_flops"]
+        assert lut_path.loc[conv, "vq_table_flops"] > 0 and lut_path.loc[conv, "vq_flops"] != lut_path.loc[conv, "dense_flops"]
+        assert rvq["flops"] == lut_path["vq_flops"].sum()
+    finally:
+        vqlab.kernels.set_backend(None)
     # fine-tuning: accuracy after it is measured, and the size is counted again (trainable lattice codewords)
     ft = compare_configs(model, te, {"E8": lat.LatticeConfig(step=0.2, pad=True, finetune=True)}, train_ds=tr,
                          finetune_epochs=1, max_steps=5, progress=False).iloc[0]
     assert not math.isnan(ft["acc_finetuned"]) and ft["delta_points"] == pytest.approx(
         100 * (ft["acc_finetuned"] - evaluate(model, te)))
+
+
+def test_pareto_plot_styles_labels_before_after_and_zoom():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from vqlab.experiments import METHOD_STYLES, method_styles, pareto_plot
+
+    assert len(set(METHOD_STYLES.values())) == len(METHOD_STYLES)          # no two methods look alike
+    many = [f"method {i}" for i in range(30)] + ["vq", "qaf"]
+    assert len(set(method_styles(many).values())) == len(many)
+    df = pd.DataFrame([
+        {"method": "float32", "ratio": 1.0, "acc": 0.91, "acc_finetuned": float("nan")},
+        {"method": "vq", "K": 16, "d": 2, "ratio": 12.0, "acc": 0.88, "acc_finetuned": 0.90},
+        {"method": "vq", "K": 4, "d": 8, "ratio": 34.0, "acc": 0.11, "acc_finetuned": 0.78},
+        {"method": "vq", "K": 256, "d": 8, "ratio": 6.0, "acc": 0.86, "acc_finetuned": 0.87},   # dominated
+        {"method": "uniform int4", "ratio": 6.8, "acc": 0.908, "acc_finetuned": float("nan")},
+    ])
+    fig, ax = plt.subplots()
+    pareto_plot(df, ax=ax, before_after=True, zoom=5, extra_fronts={"no training": df["acc_finetuned"].isna(),
+                                                                    "post-training": (df["ratio"] > 0, "acc")})
+    labels = {t.get_text() for t in ax.texts}
+    assert labels == {"float32", "K16,d2", "uniform int4"}     # the front inside the zoom, nothing else
+    assert ax.get_ylim()[0] == pytest.approx(91 - 5)
+    assert len(ax.child_axes) == 1                              # the inset holds the points the zoom leaves out
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "hollow: before fine-tuning" in legend and "front: no training" in legend and "front: post-training" in legend
+    post = [l for l in ax.lines if l.get_label() == "front: post-training"][0]
+    assert list(post.get_ydata()) == pytest.approx([91.0, 90.8, 88.0, 11.0])   # before any fine-tuning
+    plt.close(fig)
 
 
 @pytest.mark.parametrize("argv, message", [

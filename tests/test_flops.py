@@ -41,4 +41,5 @@ def test_vq_model_counts_table_and_accumulate_and_flop_counter_mode_agrees():
     conv = df.loc["features.3"]                                  # 100 output positions per image
     assert conv["vq_table_flops"] == 2 * 3 * 100 * 200 * 64 and conv["vq_accum_flops"] == 3 * 100 * 16 * 200 // 4
     assert df["vq_flops"].sum() == _torch_count(model, (3, 1, 28, 28))
-    assert flop_ratio(256, 4, 4096) == pytest.approx(256 / 4096 + 0.25)
+    assert flop_ratio(256, 4, 4096) == pytest.approx(256 / 4096 + 1 / 8)
+    assert flop_ratio(64, 4, 120) == pytest.approx(fc["ratio"])        # one convention: the table's ratio

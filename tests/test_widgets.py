@@ -121,6 +121,18 @@ def test_method_panel_every_option_and_bad_values(digits_lenet):
     assert panel.error is not None and "k=4096" in panel.error and panel.png == b""
 
 
+def test_show_displays_the_panel_and_a_static_picture(monkeypatch):
+    import IPython.display
+
+    panel = codebook_panel(torch.randn(32, 64), ks=(4, 16), ds=(1, 2), k=4, d=2)
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
+    assert panel.show() is None                      # nothing returned: the cell shows the panel once
+    assert shown[0] is panel
+    assert "K=4, d=2" in shown[1].data and panel.text in shown[1].data
+    assert shown[2].data == panel.png and panel.png[:4] == b"\x89PNG"
+
+
 def test_bad_panel_arguments_are_named_before_any_work(digits_lenet):
     """Issue 27: repeats=0, m=0, a target of 0, empty candidates, a grid without acc_finetuned ended in raw
     messages (IndexError, ZeroDivisionError, KeyError) in the readout."""

@@ -18,7 +18,7 @@ codes, layers, config, quantize, methods, flops, size, architecture, legacy, io,
 experiments, widgets, bench.
 """
 from .utils import default_device, fast_mode, seed_everything
-from .bits import bits_for, index_bits_per_weight
+from .bits import bits_for, effective_bits_per_weight, index_bits_per_weight
 from .dtypes import index_dtype
 from .codebook import (Codebook, KMeansResult, PQResult, RVQResult, assign, decode, kmeans, pq_decode,
                        product_quantize, residual_quantize, rvq_decode)
@@ -43,7 +43,7 @@ from .recipes import CompressReport, compress
 
 __version__ = "0.1.0"
 __all__ = [
-    "default_device", "fast_mode", "seed_everything", "bits_for", "index_bits_per_weight", "index_dtype",
+    "default_device", "fast_mode", "seed_everything", "bits_for", "effective_bits_per_weight", "index_bits_per_weight", "index_dtype",
     "Codebook", "KMeansResult", "PQResult", "RVQResult", "assign", "decode", "kmeans", "pq_decode", "product_quantize",
     "residual_quantize", "rvq_decode", "CodeSize", "WeightCode", "register_code", "QuantizedConv2d", "QuantizedLayer",
     "QuantizedLinear", "QuantConfig", "register_handler", "all_layers", "keep_first_last", "quantize_",

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["bits_for", "index_bits_per_weight", "pack_indices", "unpack_indices", "packed_bytes", "huffman_code_lengths", "huffman_bytes", "LZMA_FILTERS",
+__all__ = ["bits_for", "index_bits_per_weight", "effective_bits_per_weight", "pack_indices", "unpack_indices", "packed_bytes", "huffman_code_lengths", "huffman_bytes", "LZMA_FILTERS",
            "ans_encode", "ans_decode", "ans_bytes"]
 
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -29,6 +29,31 @@ def index_bits_per_weight(k: int, d: int) -> float:
     """Index bits per weight of a K-word codebook over segments of d weights, as stored: ceil(log2 K) / d
     (codebooks not included).  The one definition every report, sweep and widget uses."""
     return bits_for(k) / d
+
+
+def effective_bits_per_weight(n_weights: int, k: int, d: int, *, codebooks: int = 1, stages: int = 1,
+                              entry_bits: int = 32) -> float:
+    """Stored bits per weight of a VQ code, codebooks included: (index bits + codebook bits) / N.
+
+    For N weights cut into N/d segments, `stages` indices of ceil(log2 K) bits per segment (residual VQ: one per
+    stage) and `codebooks` codebooks of K codewords of d entries of `entry_bits` bits each:
+
+        R_eff = stages * ceil(log2 K) / d  +  codebooks * K * d * entry_bits / N
+
+    The first term is `index_bits_per_weight` (what "bits/weight" means in the tables); the second is the codebook
+    amortized over the layer -- small when N >> K*d*entry_bits / (index bits), large when the codebook holds about
+    as many floats as the layer has weights (then VQ memorizes the layer instead of compressing it).
+    Product quantization with M sub-spaces: pass d = the sub-vector length and codebooks=M (every weight lies in
+    one sub-vector, which has one index: stages=1).  Notebook 01 plots weight error against both rates.
+
+    >>> round(effective_bits_per_weight(48000, 256, 4), 3)     # LeNet-5 classifier.1, K=256, d=4
+    2.683
+    """
+    for name, v in (("n_weights", n_weights), ("d", d), ("codebooks", codebooks), ("stages", stages),
+                    ("entry_bits", entry_bits)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    return stages * bits_for(k) / d + codebooks * k * d * entry_bits / n_weights
 
 
 # ---------------------------------------------------------------- bit packing

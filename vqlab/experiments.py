@@ -29,7 +29,7 @@ from .quantize import quantize_
 from .size import compressed_size
 from .train import evaluate, fit
 
-__all__ = ["compress_and_evaluate", "sweep", "compare_configs", "check_grid", "pareto_front", "pareto_plot",
+__all__ = ["compress_and_evaluate", "sweep", "compare_configs", "check_grid", "lut_flops", "pareto_front", "pareto_plot", "method_styles",
            "layer_sensitivity", "add_sweep_command"]
 
 COLUMNS = ["method", "K", "d", "bits_per_weight", "ratio", "compressed_bytes", "acc", "acc_finetuned",
@@ -95,7 +95,8 @@ def sweep(model: nn.Module, train_ds: TensorDataset | None, test_ds: TensorDatas
 
     model: a trained float model (not changed).  train_ds is used only for fine-tuning.
     finetune_epochs: VQ-DNN fine-tuning of codebooks after k-means (0 = k-means only); max_steps caps it.
-    baselines: any of "float" (the model itself), "int8"/"int4" (uniform per-channel), "scalar"
+    baselines: any of "float" (the model itself), "int8"/"int4"/"int3"/"int2" (uniform per-channel, symmetric:
+        int2 is ternary, the scalar baseline at 2 bits/weight), "scalar"
         (d=1 k-means, Deep-Compression style, K in scalar_ks).
     config: more VQConfig fields (segment, codebook, iters, ...).  Combinations a layer cannot take
         (e.g. K above a layer's number of segments) are reported as rows with status in `error`.
@@ -120,7 +121,7 @@ def sweep(model: nn.Module, train_ds: TensorDataset | None, test_ds: TensorDatas
                      "compressed_bytes": dense, "acc": float_acc, "acc_finetuned": float("nan"),
                      "delta_points": 0.0, "seconds": 0.0})
     grid = [(k, d) for k in ks for d in ds] + ([(k, 1) for k in scalar_ks] if "scalar" in baselines else [])
-    jobs = [("int", bits, 1) for bits in (8, 4) if f"int{bits}" in baselines] + [("vq", k, d) for k, d in grid]
+    jobs = [("int", bits, 1) for bits in (8, 4, 3, 2) if f"int{bits}" in baselines] + [("vq", k, d) for k, d in grid]
 
     def run(kind: str, k: int, d: int) -> dict:
         if kind == "int":
@@ -167,7 +168,10 @@ def compare_configs(model: nn.Module, test_ds: TensorDataset, configs: dict, *, 
     quantize_ report names; K and d come from the config where it has them; bits_per_weight is the stored
     index bits per quantized weight (index_bytes * 8 / weights of the quantized layers).
     flops_input_shape: e.g. (1, 1, 28, 28): also `count_flops` of each compressed model on that input, as
-    columns flops (the quantized model's total) and flop_ratio (over the dense model's).
+    columns flops (the quantized model's total) and flop_ratio (over the dense model's), counted with a
+    lookup-table backend pinned (`lut_flops`), so every method that has a lookup-table product counts it in its
+    linear and convolution layers alike (VQ's convolutions always run `vq_conv2d`; Gong's PQ / RVQ convolve
+    through their tables only when such a backend is pinned) -- one footing for every method.
     """
     from . import distributed as _dist
     from .flops import count_flops
@@ -194,7 +198,7 @@ def compare_configs(model: nn.Module, test_ds: TensorDataset, configs: dict, *, 
             acc_ft = evaluate(q, test_ds)
         best = acc_ft if finetune_epochs > 0 and train_ds is not None else acc
         if flops_input_shape is not None:
-            df = count_flops(q, tuple(flops_input_shape))
+            df = lut_flops(q, tuple(flops_input_shape))
             row.update(flops=int(df["vq_flops"].sum()), flop_ratio=df["vq_flops"].sum() / df["dense_flops"].sum())
         rows.append({**row, "method": ", ".join(map(str, methods)) or "float32",
                      "bits_per_weight": 8 * size.index_bytes / weights if weights else float("nan"),
@@ -208,6 +212,24 @@ def compare_configs(model: nn.Module, test_ds: TensorDataset, configs: dict, *, 
         if c not in df:
             df[c] = pd.NA if c == "error" else float("nan")
     return df[cols].astype({"K": "Int64", "d": "Int64"})
+
+
+def lut_flops(model: nn.Module, input_shape: tuple[int, ...]) -> pd.DataFrame:
+    """`count_flops` with a lookup-table backend (numba, else simd) pinned for the count: every quantized layer
+    whose code has a lookup-table product counts that product (convolutions on im2col rows included), whatever
+    backend the caller pinned; the caller's pin is restored.  Without such a backend: plain `count_flops`."""
+    from .flops import count_flops
+    from .kernels.registry import available_backends, pinned_backend, set_backend
+
+    lut = next((b for b in ("numba", "simd") if b in available_backends(approximate=True)), None)
+    if lut is None:
+        return count_flops(model, input_shape)
+    before = pinned_backend()
+    set_backend(lut)
+    try:
+        return count_flops(model, input_shape)
+    finally:
+        set_backend(before)
 
 
 def check_grid(ks, ds, finetune_epochs: int = 0, scalar_ks=()) -> None:
@@ -251,40 +273,156 @@ def pareto_front(df: pd.DataFrame, acc_col: str | None = None) -> pd.DataFrame:
     return df.loc[keep].sort_values("ratio")
 
 
-def pareto_plot(df: pd.DataFrame, ax=None, live: dict | None = None, title: str | None = None):
-    """Accuracy vs whole-model compression ratio (log x), one marker per method, the Pareto front as a line.
+# one (marker, colour) per method, none repeated: a reader tells the methods apart without the colour cycle
+METHOD_STYLES = {
+    "float32": ("s", "black"), "uniform int8": ("D", "#7f7f7f"), "uniform int4": ("d", "#8c564b"),
+    "uniform int3": ("d", "#c49c94"), "uniform int2": ("d", "#e377c2"), "scalar k-means": ("^", "#ff7f0e"),
+    "vq": ("o", "#1f77b4"), "vq shared": ("o", "#aec7e8"), "gong binary": ("x", "#d62728"),
+    "gong scalar k-means": ("<", "#ffbb78"), "gong pq": ("v", "#2ca02c"), "gong rvq": ("P", "#9467bd"),
+    "lattice Z": ("h", "#17becf"), "lattice D4": ("H", "#9edae5"), "lattice E8": ("p", "#bcbd22"),
+    "vq4all": ("8", "#dbdb8d"), "qaf": ("X", "#98df8a"),
+}
+_SPARE = [(m, c) for m in ("*", ">", "1", "2", "3", "4", "+", "|") for c in
+          ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")]
+
+
+def method_styles(methods) -> dict[str, tuple[str, str]]:
+    """(marker, colour) for each method name: METHOD_STYLES where known, else the next unused pair, so no two
+    methods of one plot share both marker and colour."""
+    out, used = {}, set()
+    for m in methods:
+        if m in METHOD_STYLES and METHOD_STYLES[m] not in used:
+            out[m] = METHOD_STYLES[m]
+            used.add(out[m])
+    spare = (pair for pair in _SPARE if pair not in used)
+    for m in methods:
+        if m not in out:
+            out[m] = next(spare)
+            used.add(out[m])
+    return out
+
+
+def _point_label(r) -> str:
+    label = r.get("label")
+    if isinstance(label, str) and label:
+        return label
+    if r.get("method") in ("vq", "scalar k-means") and not pd.isna(r.get("K")):
+        return f"K{int(r['K'])},d{int(r['d'])}"
+    return str(r.get("method"))
+
+
+def _place_labels(ax, points: list[tuple[float, float, str]], fontsize: float = 7) -> None:
+    """Annotate points, each at the first of a few offsets whose text box (estimated in display pixels) overlaps
+    neither an earlier label nor another labelled point: a small greedy placement instead of a dependency."""
+    fig = ax.figure
+    px = fontsize * fig.dpi / 72                         # one character's height in pixels
+    boxes, xy = [], [ax.transData.transform((x, y)) for x, y, _ in points]
+    offsets = [(5, 4), (5, -4 - px), (-5, 4), (-5, -4 - px), (5, 4 + px), (-5, -4 - 2 * px), (5, -4 - 2 * px)]
+    for (x, y, text), (X, Y) in zip(points, xy):
+        w, h = 0.55 * px * len(text), px
+        choice = offsets[0]
+        for dx, dy in offsets:
+            x0 = X + dx if dx > 0 else X + dx - w
+            box = (x0, Y + dy, x0 + w, Y + dy + h)
+            hits = any(not (box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1]) for b in boxes)
+            hits = hits or any(box[0] - 3 <= P < box[2] + 3 and box[1] - 3 <= Q < box[3] + 3
+                               for (P, Q) in xy if (P, Q) != (X, Y))
+            if not hits:
+                choice = (dx, dy)
+                break
+        dx, dy = choice
+        x0 = X + dx if dx > 0 else X + dx - w
+        boxes.append((x0, Y + dy, x0 + w, Y + dy + h))
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                    ha="left" if dx > 0 else "right", va="bottom",
+                    bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.7), zorder=5)
+
+
+def pareto_plot(df: pd.DataFrame, ax=None, live: dict | None = None, title: str | None = None,
+                before_after: bool = False, zoom: float | None = None, extra_fronts: dict | None = None,
+                label: str = "front"):
+    """Accuracy vs whole-model compression ratio (log x): one marker + colour per method (`method_styles`), the
+    Pareto front as a dashed line, labels on the front's points only.
 
     live: an extra point {"ratio", "acc", "label"} drawn as a star (the widget's current K, d).
+    before_after: rows that were fine-tuned also show their accuracy before fine-tuning (`acc`) as a hollow
+        marker joined to the fine-tuned one (`acc_finetuned`) by a thin line -- both sides of the claim.
+    zoom: show only `zoom` points of accuracy below the best point (the informative range); when some points
+        fall below it, an inset in the lower left shows every point and the zoomed window.
+    extra_fronts: {name: boolean mask over df's rows, or (mask, accuracy column)}: more fronts, each over its
+        subset and by that column (default: fine-tuned where there is one), drawn dotted -- e.g.
+        {"post-training": (all rows, "acc")}, every method's accuracy before any fine-tuning.
+    label: "front" (the front's points), "all" or "none".
     returns the matplotlib Axes.
     """
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4.5))
-    acc = best_accuracy(df)
-    markers = {"float32": "s", "uniform int8": "D", "uniform int4": "d", "scalar k-means": "^", "vq": "o", "pq": "v",
-               "gong binary": "x", "gong scalar k-means": "<", "gong pq": "v", "gong rvq": "P", "lattice Z": "h",
-               "lattice D4": "H", "lattice E8": "p", "vq4all": "8", "qaf": "X"}
-    for method, sub in df.assign(_acc=acc).dropna(subset=["ratio", "_acc"]).groupby("method", sort=False):
-        ax.scatter(sub["ratio"], 100 * sub["_acc"], marker=markers.get(method, "o"), s=45, label=method, zorder=3)
-        if "label" in sub and sub["label"].notna().any():           # compare_configs rows name themselves
-            for _, r in sub.iterrows():
-                ax.annotate(str(r["label"]), (r["ratio"], 100 * r["_acc"]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
-        elif method in ("vq", "scalar k-means"):
-            for _, r in sub.iterrows():
-                ax.annotate(f"K{r['K']},d{r['d']}", (r["ratio"], 100 * r["_acc"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-    front = pareto_front(df)
-    ax.plot(front["ratio"], 100 * best_accuracy(front), "k--", lw=0.8, label="Pareto front")
+    acc = best_accuracy(df)                      # (names the missing columns of a grid that is not one)
+    if "acc_finetuned" not in df:                 # a grid from compare_configs or written by hand
+        df = df.assign(acc_finetuned=float("nan"))
+    data = df.assign(_acc=acc).dropna(subset=["ratio", "_acc"])
+    styles = method_styles(list(dict.fromkeys(data["method"])))
+
+    def draw(a, small: bool = False) -> None:
+        for method, sub in data.groupby("method", sort=False):
+            marker, colour = styles[method]
+            if before_after and not small:
+                tuned = sub[sub["acc_finetuned"].notna() & sub["acc"].notna()]
+                for _, r in tuned.iterrows():
+                    a.plot([r["ratio"]] * 2, [100 * r["acc"], 100 * r["acc_finetuned"]], "-", color=colour, lw=0.7,
+                           alpha=0.6, zorder=2)
+                if len(tuned):
+                    a.scatter(tuned["ratio"], 100 * tuned["acc"], marker=marker, s=35, facecolors="none",
+                              edgecolors=colour, linewidths=0.9, zorder=3)
+            filled = marker not in ("x", "+", "1", "2", "3", "4", "|")
+            a.scatter(sub["ratio"], 100 * sub["_acc"], marker=marker, s=20 if small else 45, zorder=4,
+                      c=colour, edgecolors="white" if filled else None, linewidths=0.5 if filled else 1.5,
+                      label=None if small else method)
+        front = pareto_front(df)
+        a.plot(front["ratio"], 100 * front["acc_finetuned"].fillna(front["acc"]), "k--", lw=0.8,
+               label=None if small else "Pareto front")
+        for i, (name, spec) in enumerate((extra_fronts or {}).items()):
+            mask, col = spec if isinstance(spec, tuple) else (spec, None)
+            f = pareto_front(df[mask], acc_col=col)
+            y = f[col] if col else f["acc_finetuned"].fillna(f["acc"])
+            a.plot(f["ratio"], 100 * y, ls=(0, (1, 1 + i)), c="0.35", lw=1.2, label=None if small else f"front: {name}")
+        a.set_xscale("log")
+
+    draw(ax)
+    if before_after and data["acc_finetuned"].notna().any():
+        ax.scatter([], [], marker="o", facecolors="none", edgecolors="0.3", label="hollow: before fine-tuning")
+    floats = data[data["method"] == "float32"]
+    if len(floats):
+        ax.axhline(100 * floats["_acc"].iloc[0], color="0.5", lw=0.7, ls=":", zorder=1)
     if live is not None:
-        ax.scatter([live["ratio"]], [100 * live["acc"]], marker="*", s=250, c="crimson", zorder=4,
+        ax.scatter([live["ratio"]], [100 * live["acc"]], marker="*", s=250, c="crimson", zorder=6,
                    label=live.get("label", "live"))
-    ax.set_xscale("log")
+    points = data if label == "all" else pareto_front(df) if label == "front" else data.iloc[:0]
+    top = 100 * data["_acc"].max()
+    if zoom is not None:
+        lo = top - zoom
+        points = points[100 * points["acc_finetuned"].fillna(points["acc"]) >= lo]
     ax.set_xlabel("whole-model compression ratio (float32 bytes / stored bytes, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.autoscale_view()
+    if zoom is not None:
+        ax.set_ylim(top - zoom, top + 0.08 * zoom)
+    _place_labels(ax, [(r["ratio"], 100 * (r["acc_finetuned"] if pd.notna(r["acc_finetuned"]) else r["acc"]),
+                        _point_label(r)) for _, r in points.iterrows()])
+    if zoom is not None:
+        low = 100 * data["_acc"].min()
+        if low < top - zoom:                          # an inset keeps the points the zoom leaves out
+            ins = ax.inset_axes([0.02, 0.04, 0.3, 0.34])
+            draw(ins, small=True)
+            ins.axhspan(top - zoom, top + 0.08 * zoom, color="gold", alpha=0.25, zorder=0)
+            ins.set_title("all points (shaded: main view)", fontsize=6)
+            ins.tick_params(labelsize=6)
+            ins.xaxis.set_minor_formatter(plt.NullFormatter())
+            ins.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     if title:
         ax.set_title(title)
     return ax

@@ -12,8 +12,9 @@ ops register with FlopCounterMode, so the two counts agree by construction; a co
 counts the dense product it runs.
 Convolutions count rows = batch * output positions (im2col, which is what vqlab's kernel runs; a
 kernel that shares each input pixel's table across the kh*kw positions would need less).
-The ratio in operations, counting a multiply-add and an add as one op each, is `flop_ratio` = K/m + 1/d;
-in the FLOPs above it is K/m + 1/(2d).
+One convention everywhere (notebook 03's prose, heat map and tables, the speed panel): the FLOPs above, so the
+VQ / dense ratio of one layer is `flop_ratio` = (2nK + mn/d) / (2mn) = K/m + 1/(2d) -- the table's
+multiply-adds are 2 FLOPs each like the dense product's, the accumulation's adds 1 FLOP each.
 """
 from __future__ import annotations
 
@@ -27,8 +28,11 @@ __all__ = ["count_flops", "flop_ratio"]
 
 
 def flop_ratio(k: int, d: int, m: int) -> float:
-    """VQ / dense operations of one layer with m outputs: K/m (table) + 1/d (accumulate)."""
-    return k / m + 1 / d
+    """VQ / dense FLOPs of one layer with m outputs (torch's convention, module docstring): K/m (the table,
+    2nK FLOPs) + 1/(2d) (the accumulation, mn/d adds) over the dense product's 2mn FLOPs.  It equals
+    `count_flops(...)["ratio"]` of a linear VQ layer, e.g. flop_ratio(256, 4, 120) = 2.258 for LeNet-5's
+    classifier.1."""
+    return k / m + 1 / (2 * d)
 
 
 def _geometry(mod: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int, int]:

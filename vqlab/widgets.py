@@ -71,6 +71,7 @@ class Panel(W.VBox):
     """Sliders + readout + plot; `render(**values) -> (readout_html, matplotlib Figure)` draws one state.
 
     `panel.sliders` maps description -> slider; `panel.set(K=64)` moves sliders from code (tests);
+    `panel.show()` displays it with a static picture of its first render beside it (for the web view);
     `panel.text` and `panel.png` hold what is shown now; `panel.error` the last exception text (shown
     in the readout instead of raising inside the widget callback).
     """
@@ -107,6 +108,20 @@ class Panel(W.VBox):
                 raise ValueError(f"slider {name!r} has no option {v!r}; options: {list(self.sliders[name].options)}")
         for name, v in values.items():
             self.sliders[name].value = v
+
+    def show(self) -> None:
+        """Display the panel, then a static picture of what it shows now: its readout (HTML) and its plot (PNG)
+        as ordinary outputs.  A stored notebook keeps them, so a reader on the web (GitHub, nbviewer, a closed
+        kernel), where the sliders cannot run, still sees the panel's first render; the live panel above redraws
+        on every slider move, the picture stays as stored."""
+        from IPython.display import HTML, Image, display
+
+        display(self)
+        values = ", ".join(f"{k}={v}" for k, v in self.values.items())
+        display(HTML(f"<div class='vqlab-static'><i>Static picture of the panel at {values} (kept with the "
+                     f"notebook for readers without a running kernel):</i><br>{self.text}</div>"))
+        if self.png:
+            display(Image(data=self.png))
 
     def update(self) -> None:
         from IPython.display import Image, clear_output, display
@@ -270,6 +285,7 @@ def speed_panel(m: int = 1024, n: int = 1024, ks: Sequence[int] = (16, 64, 256, 
     """Measured wall time of one m x n layer: dense fp32, int8 dynamic, VQ (torch, dense, numba, auto; for K <= 16
     also the approximate simd kernel on row-major and on packed indices), and the FLOP ratio."""
     from .bench import layer_timings
+    from .flops import flop_ratio
 
     check_int("m", m, 1)
     check_int("n", n, 1)
@@ -283,13 +299,13 @@ def speed_panel(m: int = 1024, n: int = 1024, ks: Sequence[int] = (16, 64, 256, 
 
         df = layer_timings(m, n, K, d, batch, repeats=repeats)
         t = dict(zip(df["backend"], df["seconds"]))
-        flop_ratio = K / m + 1 / d
+        ratio = flop_ratio(K, d, m)
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.barh(df["backend"], 1e3 * df["seconds"], color=[_BACKEND_COLORS[b] for b in df["backend"]])
         ax.set_xlabel("milliseconds per call (median)")
         ax.set_title(f"{m}×{n} layer, batch {batch}, K={K}, d={d}", fontsize=9)
         ax.invert_yaxis()
-        text = (f"K={K}, d={d}, batch={batch}: FLOP ratio VQ/dense = K/m + 1/d = <b>{flop_ratio:.3f}</b>; "
+        text = (f"K={K}, d={d}, batch={batch}: FLOP ratio VQ/dense = K/m + 1/(2d) = <b>{ratio:.3f}</b>; "
                 f"measured: VQ auto {1e3 * t['vq auto']:.3f} ms vs dense {1e3 * t['dense fp32']:.3f} ms "
                 f"(<b>{t['dense fp32'] / t['vq auto']:.2f}×</b>), int8 {1e3 * t['int8 dynamic']:.3f} ms")
         if "vq simd packed" in t:
