@@ -336,3 +336,43 @@ def codeword_grad(flat: torch.Tensor, grad: torch.Tensor, rows: int) -> torch.Te
     out = np.zeros((chunks, rows, grad.shape[1]), dtype=np.float32)
     _codeword_grad(flat.numpy(), grad.detach().contiguous().numpy(), out)
     return torch.from_numpy(out.sum(axis=0) if chunks > 1 else out[0])
+
+
+def warm() -> list[str]:
+    """Load every kernel here from numba's disk cache (compiling it the first time on this machine) by running it
+    once on tiny arrays of the dtypes and layouts the entry points pass, so no user call waits for it.  Calls
+    the kernels themselves, not the entry points: `_parallel_call` restores torch's thread count after a call,
+    which from a background thread could undo the user's own `torch.set_num_threads`.  Under numba's OpenMP layer
+    (which sets the thread count it shares with torch at its first launch) nothing is run.  Returns the names of
+    the kernels loaded."""
+    if LAYER == "omp":
+        return []
+    f32 = np.float32
+    done = []
+
+    def run(name: str, fn, *args) -> None:
+        lock = _LOCK[0]
+        if lock is None:
+            fn(*args)
+        else:
+            with lock:
+                fn(*args)
+        done.append(name)
+
+    x, cb_t = np.ones((1, 16), f32), np.ones((4, 16), f32)
+    single = np.empty((1, 8, 16), f32)
+    run("build_table", _build_table, x, cb_t, single)
+    table = np.zeros((1, 16, 256), f32)
+    run("pair_table", _pair_table, single, table[:, :4])
+    out = np.empty((1, 8), f32)
+    for ks in STRIDES:
+        run(f"packed/{ks}", _packed_kernel(ks), np.zeros((1, 16, ks), f32), np.zeros((2, 8), np.uint64), out)
+    run("wide", _lut_wide, np.zeros((1, 2, 300), f32), np.zeros((2, 8), np.int16), out)
+    for dtype in (np.uint8, np.int16, np.int32):
+        run(f"dequantize/{np.dtype(dtype).name}", _dequantize, np.ones((4, 2), f32), np.zeros((3, 2), dtype),
+            np.empty((3, 4), f32))
+    run("differ", _differ, np.zeros(4, np.uint64), np.zeros(4, np.uint64))
+    for dtype in (np.uint8, np.int16, np.int32, np.int64):
+        run(f"codeword_grad/{np.dtype(dtype).name}", _codeword_grad, np.zeros(4, dtype), np.ones((4, 2), f32),
+            np.zeros((1, 3, 2), f32))
+    return done

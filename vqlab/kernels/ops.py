@@ -16,7 +16,8 @@ from torch.utils.flop_counter import register_flop_formula
 from ..dtypes import INDEX_DTYPES
 from .backends import as_float32, conv_weight_from_rows, group_blocks, group_book
 from .checked import CheckedIndices, checked_indices
-from .flops import conv_flops, conv_out_hw, matmul_flops
+from .cost import Work
+from .flops import conv_flops, conv_out_hw, matmul_flops, table_count
 from .reference import check_codebook_groups, dequantize, vq_matmul_reference
 from .registry import KernelBackend, backend_names, get_backend
 from .route import choose, route
@@ -107,8 +108,10 @@ def _matmul_impl(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
         else:
             xf = as_float32(x2)
             k, d = codebook.shape[-2], codebook.shape[-1]
-            key = (tuple(indices.shape), tuple(codebook.shape), _batch_bucket(x2.shape[0]), torch.get_num_threads())
-            name = choose(r.name, k, d, key, lambda n: _by_groups(get_backend(n), xf, codebook, checked))
+            bucket = _batch_bucket(x2.shape[0])
+            key = (tuple(indices.shape), tuple(codebook.shape), bucket, torch.get_num_threads())
+            groups = codebook.shape[0] if codebook.dim() == 3 else 1
+            name = choose(r.name, k, d, key, Work(bucket, indices.shape[0], indices.shape[1], d, k, groups))
             y = _by_groups(get_backend(name), xf, codebook, checked)
     return y.to(x.dtype).reshape(*lead, indices.shape[0])
 
@@ -179,8 +182,8 @@ def vq_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, ba
     backend: "torch" (the reference: torch indexing + GEMM), a registered native backend ("dense": dequantize
     with a parallel gather, then GEMM; "numba": CPU LUT kernel; "simd": approximate uint8-table kernel for
     K <= 16, opt-in only, see `vqlab.kernels.simd`; see `vqlab.kernels.registry`), or "auto" (the
-    backend pinned by `set_backend`/$VQLAB_BACKEND, else the fastest candidate, timed once per shape and batch
-    bucket).  On CUDA every backend runs the reference.
+    backend pinned by `set_backend`/$VQLAB_BACKEND, else the candidate the cost model predicts fastest for this
+    shape and batch bucket, see `vqlab.kernels.cost`; nothing is timed).  On CUDA every backend runs the reference.
     raises: ValueError for an index outside [0, K) (on every backend, checked once per index tensor's
     contents), non-integer indices, a G not dividing m, or mismatched shapes; TypeError for a non-float x.
     Differentiable w.r.t. x and codebook: the gradients of the exact product x @ dequantize(codebook, indices).T,
@@ -262,8 +265,11 @@ def _vq_conv2d_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor
     checked = checked_indices(indices, codebook.shape[-2])
     key = ("conv", tuple(x.shape[1:]), _batch_bucket(x.shape[0]), tuple(weight_shape), tuple(codebook.shape),
            tuple(stride), tuple(padding), tuple(dilation), groups, segment, torch.get_num_threads())
-    name = choose(r.name, codebook.shape[-2], codebook.shape[-1], key,
-                  lambda n: _conv_with(n, x, codebook, checked, *geometry))
+    ho, wo = conv_out_hw(x.shape, weight_shape[2:], stride, padding, dilation)
+    books = codebook.shape[0] if codebook.dim() == 3 else 1
+    work = Work(_batch_bucket(x.shape[0]) * ho * wo, weight_shape[0], indices.shape[1], codebook.shape[-1],
+                codebook.shape[-2], table_count(groups, books), im2col=True)
+    name = choose(r.name, codebook.shape[-2], codebook.shape[-1], key, work)
     return _conv_with(name, x, codebook, checked, *geometry)
 
 
