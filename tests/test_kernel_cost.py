@@ -198,3 +198,14 @@ def test_tune_times_each_backend_on_the_real_inputs_and_records_the_fastest(cach
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not available"):
         K.tune(model, x, backends=["nope"])
+
+
+def test_a_failed_measurement_falls_back_to_the_first_candidate(cache, monkeypatch):
+    def broken():
+        raise RuntimeError("no timer here")
+    monkeypatch.setattr(cost, "measure", broken)
+    book, idx, g = _case(64, 32, 256, 4)
+    x = torch.randn(3, 128, generator=g)
+    y = K.vq_matmul(x, book, idx)
+    assert set(K.auto_choices().values()) == {"dense"}                     # registration order: dense first
+    assert torch.equal(y, K.vq_matmul(x, book, idx, backend="dense"))

@@ -63,11 +63,15 @@ def _candidates(k: int, d: int) -> list[str]:
 
 
 def predicted(names: list[str], work: Work) -> dict[str, float]:
-    """Predicted seconds of one call of `work` per backend name that has a cost formula."""
+    """Predicted seconds of one call of `work` per backend name that has a cost formula ({} where the machine's
+    constants cannot be had: measuring them failed)."""
     formulas = {n: get_backend(n).cost for n in names if get_backend(n).cost is not None}
     if not formulas:
         return {}
-    c = constants()
+    try:
+        c = constants()
+    except Exception:  # noqa: BLE001  a failed measurement must not fail the user's product: first candidate
+        return {}
     return {n: float(f(work, c)) for n, f in formulas.items()}
 
 
