@@ -156,12 +156,16 @@ def codebook_panel(weight: torch.Tensor | nn.Module, ks: Sequence[int] = (4, 8, 
             raise ValueError(f"d={d_} does not divide the row length {w.shape[-1]}")
         return w.reshape(-1, d_)
 
+    fitted: dict = {}                                          # (K, d) -> (segments, k-means result): a move back
+
     def render(K: int, d: int):
         import matplotlib.pyplot as plt
 
-        x = segments(d)
-        k_used = min(K, len(x))  # k-means needs K <= segments; say so when the slider asks for more
-        res = kmeans(x, k_used, seed=seed)
+        if (K, d) not in fitted:
+            x = segments(d)
+            fitted[K, d] = (x, kmeans(x, min(K, len(x)), seed=seed))   # k-means needs K <= segments (said below)
+        x, res = fitted[K, d]
+        k_used = min(K, len(x))
         var = x.var().item()
         snr = 10 * math.log10(var / max(res.distortion, 1e-30))
         fig, ax = plt.subplots(figsize=(5.2, 4))
