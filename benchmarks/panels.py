@@ -100,10 +100,10 @@ def _measure(names, builders, condition: str) -> list[dict]:
             holder = {}
             first = _seconds(lambda: holder.setdefault("p", builders[name]()))
             moves = _walk(holder["p"])
+            p90 = statistics.quantiles(moves, n=10, method="inclusive")[-1] if len(moves) > 1 else moves[0]
             rows.append({"condition": condition, "panel": name, "first render s": first, "moves": len(moves),
-                         "median s": statistics.median(moves),
-                         "p90 s": statistics.quantiles(moves, n=10)[-1] if len(moves) > 1 else moves[0],
-                         "max s": max(moves), "load": os.getloadavg()[0]})
+                         "median s": statistics.median(moves), "p90 s": p90, "max s": max(moves),
+                         "load": os.getloadavg()[0]})
         except Exception as err:  # a benchmark reports what failed and goes on
             rows.append({"condition": condition, "panel": name, "first render s": first, "error": str(err)[:120]})
         print(f"  {condition:6s} {name:12s} " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
@@ -167,7 +167,8 @@ def main(argv=None) -> int:
                                     "predicted_loss": loss}
                                    for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
                                    for s, b, loss in (("float", 4 * m.weight.numel(), 0.0),
-                                                      ("vq", m.weight.numel() // 4, 0.01))])
+                                                      ("vq 2 bit", m.weight.numel() // 4, 0.01),
+                                                      ("vq 0.5 bit", m.weight.numel() // 16, 0.05))])
     else:
         holder = {}
         t = _seconds(lambda: holder.setdefault("r", vqlab.compress(model, train, target_ratio=32, val_ds=test,

@@ -168,3 +168,20 @@ def test_the_warm_up_thread_loads_every_kernel_ahead():
     off = subprocess.run([sys.executable, "-c", "import vqlab.kernels as K; print(K.warm.status()['state'])"],
                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "VQLAB_WARM": "0"})
     assert off.stdout.split() == ["not", "started"]
+
+
+def test_plain_eval_calls_skip_the_custom_ops_dispatch_and_its_dynamo_import():
+    """The custom ops' dispatch imports torch._dynamo on its first call (1-2 s quiet, 15 s on a busy machine); a
+    plain eager no-grad evaluation runs the same implementation without it, with the op's outputs."""
+    code = ("import sys, torch, vqlab\n"
+            "from vqlab.models import get_model\n"
+            "torch.manual_seed(0); m = get_model('lenet5')\n"
+            "vqlab.quantize_(m, vqlab.VQConfig(k=16, d=2), progress=False); m.eval()\n"
+            "x = torch.randn(8, 1, 28, 28)\n"
+            "with torch.no_grad(): y = m(x)\n"
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'no-dynamo')\n"
+            "y2 = m(x)\n"                                              # with grad: through the custom ops
+            "print(torch.equal(y, y2.detach()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["no-dynamo", "True"]
