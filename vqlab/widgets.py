@@ -5,13 +5,16 @@ Every panel is a `Panel` (an ipywidgets VBox with CSS class `vqlab-panel`) holdi
   - SelectionSliders whose description is the knob's name ("K", "d", "batch", "stages", "step", ...),
   - an HTML readout (class `vqlab-readout`) with the figures for the current values,
   - an Output (class `vqlab-plot`) with the plot as a PNG image,
-and redraws both on every slider change.  When drawing fails, the readout shows the error and the plot
-is cleared (no stale picture of other values).  The browser tests (tests/ui) rely on these names.
+and redraws both on every slider change: the readout says "computing …" (class `vqlab-computing`) at once, then
+shows the answer (`Panel.set` returns once the answer is shown).  When drawing fails, the readout shows the error
+and the plot is cleared (no stale picture of other values).  The browser tests (tests/ui) rely on these names.
+Panels over a stored sweep answer points the sweep already holds from it instead of computing them again.
 Panels only call the library (experiments, codebook, kernels); they hold no logic of their own.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from typing import Callable, Sequence
 
@@ -22,7 +25,11 @@ import torch.nn as nn
 from .bits import index_bits_per_weight
 from .checks import check_int, check_number
 
-__all__ = ["Panel", "slider", "codebook_panel", "compression_panel", "method_panel", "speed_panel", "budget_panel"]
+__all__ = ["COMPUTING", "Panel", "slider", "codebook_panel", "compression_panel", "method_panel", "speed_panel",
+           "budget_panel"]
+
+
+COMPUTING = "computing …"
 
 
 def _png(fig) -> bytes:
@@ -126,8 +133,11 @@ class Panel(W.VBox):
     def update(self) -> None:
         from IPython.display import Image, clear_output, display
 
+        values = self.values
+        label = ", ".join(f"{k}={v}" for k, v in values.items())
+        self.readout.value = f"<span class='vqlab-computing' style='color:#777'>{COMPUTING} ({label})</span>"
         try:
-            text, fig = self._render(**self.values)
+            text, fig = self._render(**values)
             self.error = None
         except Exception as err:  # show the problem where the user looks, keep the panel alive
             text, fig = f"<span style='color:#b00'>{type(err).__name__}: {err}</span>", None
@@ -161,12 +171,16 @@ def codebook_panel(weight: torch.Tensor | nn.Module, ks: Sequence[int] = (4, 8, 
             raise ValueError(f"d={d_} does not divide the row length {w.shape[-1]}")
         return w.reshape(-1, d_)
 
+    fitted: dict = {}                                          # (K, d) -> (segments, k-means result): a move back
+
     def render(K: int, d: int):
         import matplotlib.pyplot as plt
 
-        x = segments(d)
-        k_used = min(K, len(x))  # k-means needs K <= segments; say so when the slider asks for more
-        res = kmeans(x, k_used, seed=seed)
+        if (K, d) not in fitted:
+            x = segments(d)
+            fitted[K, d] = (x, kmeans(x, min(K, len(x)), seed=seed))   # k-means needs K <= segments (said below)
+        x, res = fitted[K, d]
+        k_used = min(K, len(x))
         var = x.var().item()
         snr = 10 * math.log10(var / max(res.distortion, 1e-30))
         fig, ax = plt.subplots(figsize=(5.2, 4))
@@ -199,11 +213,14 @@ def codebook_panel(weight: torch.Tensor | nn.Module, ks: Sequence[int] = (4, 8, 
 
 def compression_panel(model: nn.Module, train_ds, test_ds, grid, ks: Sequence[int] = (4, 16, 64, 256),
                       ds: Sequence[int] = (1, 2, 4, 8), k: int = 256, d: int = 4, finetune_steps: int = 0,
-                      seed: int = 0) -> Panel:
+                      seed: int = 0, from_grid: bool = True) -> Panel:
     """Compress `model` with the sliders' K and d, evaluate, and place the point on the sweep's Pareto plot.
 
     grid: the DataFrame from `vqlab.experiments.sweep` (drawn underneath).  finetune_steps > 0 fine-tunes
     the codebooks that many steps before evaluating.  Results are cached per (K, d).
+    from_grid: with finetune_steps=0, a (K, d) the grid holds without error is answered from its row (ratio and
+    k-means accuracy `acc`, which `sweep` measures before any fine-tuning) instead of compressed again: the grid
+    must come from `sweep` of this `model` with this `seed` (and no other VQConfig fields).
     """
     from .experiments import best_accuracy, compress_and_evaluate, pareto_plot
     from .train import evaluate
@@ -213,7 +230,7 @@ def compression_panel(model: nn.Module, train_ds, test_ds, grid, ks: Sequence[in
     _check_options("ds", ds, 1)
     check_int("finetune_steps", finetune_steps, 0)
     base = evaluate(model, test_ds)
-    cache: dict = {}
+    cache: dict = _swept_points(grid, ks, ds) if from_grid and not finetune_steps else {}
 
     def render(K: int, d: int):
         import matplotlib.pyplot as plt
@@ -227,30 +244,55 @@ def compression_panel(model: nn.Module, train_ds, test_ds, grid, ks: Sequence[in
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         pareto_plot(grid, ax=ax, live={"ratio": row["ratio"], "acc": acc, "label": f"live: K={K}, d={d}"})
         text = (f"K={K}, d={d}: <b>{row['ratio']:.1f}× smaller</b>, accuracy {acc:.3f} "
-                f"({100 * (acc - base):+.1f} points vs float {base:.3f})")
+                f"({100 * (acc - base):+.1f} points vs float {base:.3f})"
+                + (" (from the sweep)" if row.get("swept") else ""))
         return text, fig
 
     return Panel([slider("K", ks, k), slider("d", ds, d)], render, "compress, evaluate, place on the plot")
 
 
+def _swept_points(grid, ks: Sequence[int], ds: Sequence[int]) -> dict:
+    """{(K, d): row} for the VQ / scalar k-means rows of a `sweep` grid at the sliders' values, without error and
+    with a finite ratio and accuracy; each row a dict marked swept=True."""
+    out = {}
+    for row in grid.to_dict("records"):
+        k, d, err = row.get("K"), row.get("d"), row.get("error")
+        if (row.get("method") not in ("vq", "scalar k-means") or isinstance(err, str) or k not in ks or d not in ds
+                or not all(isinstance(row.get(c), (int, float)) and math.isfinite(row[c]) for c in ("ratio", "acc"))):
+            continue
+        out[int(k), int(d)] = {**row, "swept": True}
+    return out
+
+
 # ---------------------------------------------------------------- notebooks 04, 05: any method's knobs
 
 def method_panel(model: nn.Module, test_ds, grid, knobs: dict[str, tuple[Sequence, object]],
-                 make_config: Callable[..., object], title: str = "re-quantize and place the point") -> Panel:
+                 make_config: Callable[..., object], title: str = "re-quantize and place the point",
+                 stored=None) -> Panel:
     """Sliders over a method's knobs; each change quantizes a copy of `model` with `make_config(**values)`,
     evaluates it and places the point (red star) on the accuracy-vs-ratio plot of `grid`.
 
     knobs: {slider name: (options, start value)}, e.g. {"K": ([4, 16, 64], 16), "stages": ([1, 2, 3], 2)};
     make_config(**values) -> a config for `vqlab.quantize_` (any registered method).  grid: a DataFrame from
     `sweep` / `compare_configs` (drawn underneath).  Results are cached per slider state.
+    stored: optional `compare_configs` table of this model and test set whose `label`s name slider states the
+    way the readout does ("K=16, subspaces=2"): those states answer from their row without quantizing again.
     """
     from .experiments import best_accuracy, compare_configs, pareto_plot
     from .train import evaluate
 
     best_accuracy(grid)                                         # the grid's columns, before any work
     base = evaluate(model, test_ds)
-    cache: dict = {}
     sliders = [slider(name, options, start) for name, (options, start) in knobs.items()]
+    cache: dict = {}
+    if stored is not None:
+        by_label = {str(r["label"]): r for _, r in stored.iterrows()} if "label" in stored else {}
+        for values in itertools.product(*(list(s.options) for s in sliders)):
+            state = tuple(zip(knobs, values))
+            row = by_label.get(", ".join(f"{k}={v}" for k, v in state))
+            if row is not None:
+                cache[state] = row.copy()
+                cache[state]["swept"] = True
 
     def render(**values):
         import matplotlib.pyplot as plt
@@ -267,7 +309,8 @@ def method_panel(model: nn.Module, test_ds, grid, knobs: dict[str, tuple[Sequenc
         pareto_plot(grid, ax=ax, live={"ratio": row["ratio"], "acc": row["acc"], "label": f"live: {label}"})
         text = (f"{label}: <b>{row['ratio']:.1f}× smaller</b> ({row['compressed_bytes'] / 1024:.1f} KiB, "
                 f"{row['bits_per_weight']:.2f} index bits/weight), accuracy {row['acc']:.3f} "
-                f"({100 * (row['acc'] - base):+.1f} points vs float {base:.3f})")
+                f"({100 * (row['acc'] - base):+.1f} points vs float {base:.3f})"
+                + (" (from the stored table)" if row.get("swept", False) is True else ""))
         return text, fig
 
     return Panel(sliders, render, title)

@@ -7,6 +7,9 @@
     registry    KernelBackend, register_backend, set_backend / $VQLAB_BACKEND
     backends    the "dense" and "numba" adapters;  simd: the "simd" backend and its packed layout
     route       which path a call takes (reference / direct / checked copy) and auto's choice
+    cost        auto's cost model: predicted seconds per backend from counted work and measured machine constants
+    tuning      `tune`: timing the backends on a model's real inputs, when asked (auto never times)
+    warm        numba's kernels loaded ahead in a background thread ($VQLAB_WARM=0: off)
     ops         the public vq_matmul / vq_conv2d (torch custom ops, seen by FlopCounterMode and torch.compile)
 """
 from . import backends as _backends  # noqa: F401  registers "dense" and "numba"
@@ -18,7 +21,13 @@ from .reference import check_indices, dequantize, vq_matmul_reference
 from .registry import (KernelBackend, available_backends, backend_names, register_backend, set_backend,
                        unregister_backend)
 from .route import auto_choices, clear_caches
+from .tuning import tune
 
 __all__ = ["vq_matmul", "vq_conv2d", "dequantize", "vq_matmul_reference", "check_indices", "available_backends",
            "backend_names", "auto_choices", "clear_caches", "conv_weight_from_rows", "matmul_flops", "conv_flops",
-           "lut_flops", "table_count", "KernelBackend", "register_backend", "unregister_backend", "set_backend"]
+           "lut_flops", "table_count", "KernelBackend", "register_backend", "unregister_backend", "set_backend",
+           "tune"]
+
+from . import warm  # noqa: E402
+
+warm.start()

@@ -1,6 +1,8 @@
 """The built-in exact native backends, as adapters from the registry's signature to the numba kernels:
 
-    "dense"   numba's parallel gather rebuilds the float weight from the checked indices, then one GEMM
+    "dense"   numba's parallel gather rebuilds the float weight from the checked indices, then one GEMM; the weight
+              is kept beside the checked copy and reused while the indices' bytes and the codebook's values are
+              the same (both compared on every call; weights over DENSE_CACHE_FLOATS are rebuilt every call)
     "numba"   the lookup-table kernel (`lut_numba.lut_matmul`) on a layout derived from the checked indices
 
 numba is imported only when one of them runs.  The approximate "simd" backend registers itself in `simd.py`.
@@ -19,10 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from .checked import CheckedIndices
+from .cost import dense_cost, numba_cost
 from .registry import KernelBackend, register_backend
 
-__all__ = ["as_float32", "numba_available", "numba_usable", "numba_matmul", "dense_matmul", "dense_conv",
-           "dequantize_checked", "conv_weight_from_rows", "group_blocks", "group_book"]
+DENSE_CACHE_FLOATS = 1 << 26     # rebuilt weights up to 256 MB are cached with their index copy
+
+__all__ = ["DENSE_CACHE_FLOATS", "rebuilt_weight", "as_float32", "numba_available", "numba_usable", "numba_matmul",
+           "dense_matmul", "dense_conv", "dequantize_checked", "conv_weight_from_rows", "group_blocks", "group_book"]
 
 
 @functools.cache
@@ -115,19 +120,38 @@ def dequantize_checked(codebook: torch.Tensor, checked: CheckedIndices, temporar
     return torch.from_numpy(out)
 
 
+def _same_book(book: torch.Tensor, stored: torch.Tensor) -> bool:
+    return stored.dtype == book.dtype and stored.shape == book.shape and torch.equal(stored, book.detach())
+
+
+def rebuilt_weight(name: str, codebook: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
+    """The float32 (m, n) rows of `checked` with `codebook` (K, d) | (G, K, d), rebuilt once and kept in the
+    checked copy's store beside a copy of the codebook: reused while the codebook holds the same values (compared
+    on every call, K * d numbers, so a write through `.numpy()` is seen too), rebuilt when they differ.  New index
+    bytes make a new checked copy (`checked.checked_indices`), so never a stale weight.  Weights over
+    DENSE_CACHE_FLOATS are rebuilt into a reused scratch buffer on every call instead."""
+    m, s = checked.copy.shape
+    if m * s * codebook.shape[-1] > DENSE_CACHE_FLOATS:
+        return dequantize_checked(codebook, checked, temporary=True)
+    book, weight = checked.refreshed(
+        name, lambda hit: _same_book(codebook, hit[0]),
+        lambda _: (codebook.detach().clone(), dequantize_checked(codebook, checked, temporary=False)))
+    return weight
+
+
 def dense_matmul(xf: torch.Tensor, book: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
-    """Dequantize (parallel gather into a reused buffer) + one GEMM: xf (B, n), book (K, d) -> (B, m)."""
-    return F.linear(xf, dequantize_checked(book, checked, temporary=True))
+    """The rebuilt weight (`rebuilt_weight`) + one GEMM: xf (B, n), book (K, d) -> (B, m)."""
+    return F.linear(xf, rebuilt_weight("dense", book, checked))
 
 
 def dense_conv(x, codebook, checked, weight_shape, stride, padding, dilation, groups, segment):
     """The whole convolution from the rebuilt weight (every codebook group at once)."""
-    w = conv_weight_from_rows(dequantize_checked(codebook, checked, temporary=True), weight_shape, segment)
+    w = conv_weight_from_rows(rebuilt_weight("dense-conv", codebook, checked), weight_shape, segment)
     return F.conv2d(x, w.to(x.dtype), None, stride, padding, dilation, groups)
 
 
-register_backend(KernelBackend("dense", matmul=dense_matmul, conv=dense_conv, available=numba_usable,
-                               description="numba's parallel gather rebuilds the float weight, then one GEMM"))
-register_backend(KernelBackend("numba", matmul=numba_matmul, available=numba_usable,
+register_backend(KernelBackend("dense", matmul=dense_matmul, conv=dense_conv, available=numba_usable, cost=dense_cost,
+                               description="numba's parallel gather rebuilds the float weight (cached), then one GEMM"))
+register_backend(KernelBackend("numba", matmul=numba_matmul, available=numba_usable, cost=numba_cost,
                                description="lookup-table kernel: per input segment the K dot products once, "
                                            "then one table read per output and segment"))

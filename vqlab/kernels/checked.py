@@ -37,7 +37,8 @@ class CheckedIndices:
 
     copy: the checked values (same dtype as the caller's tensor); `rows(a, b)` is the block of rows [a, b)
     sharing the same layout store; `layout(name, build)` returns build(copy) computed once per block and name
-    (a backend's private arrangement, e.g. the numba kernel's packed words).
+    (a backend's private arrangement, e.g. the numba kernel's packed words); `refreshed(name, current, build)`
+    one that is rebuilt when `current` says it no longer is (the dense backend's weight, per codebook values).
     """
 
     def __init__(self, copy: torch.Tensor, store: dict | None = None, span: tuple[int, int] | None = None):
@@ -53,6 +54,15 @@ class CheckedIndices:
         key = (name, self.span)
         hit = self._store.get(key)
         if hit is None:
+            hit = self._store[key] = build(self.copy)
+        return hit
+
+    def refreshed(self, name: str, current, build):
+        """Like `layout`, for things that also depend on other inputs: the stored build(copy) while
+        current(stored) is true, else built again (and stored in place of the old one)."""
+        key = (name, self.span)
+        hit = self._store.get(key)
+        if hit is None or not current(hit):
             hit = self._store[key] = build(self.copy)
         return hit
 

@@ -154,18 +154,22 @@ def _pair_table(single, table):  # single (B, 2P, K<=16) f32 -> table (B, P, 256
                     row[i + 16 * j] = t0[i] + t1[j]
 
 
+@njit(inline="always", cache=True)
+def _sum8(t, w, base, ks):  # the 8 entries one uint64 word of byte indices picks from 8 table rows of ks at t[base:]
+    return (((t[base + (w & 255)] + t[base + ks + ((w >> 8) & 255)])
+             + (t[base + 2 * ks + ((w >> 16) & 255)] + t[base + 3 * ks + ((w >> 24) & 255)]))
+            + ((t[base + 4 * ks + ((w >> 32) & 255)] + t[base + 5 * ks + ((w >> 40) & 255)])
+               + (t[base + 6 * ks + ((w >> 48) & 255)] + t[base + 7 * ks + (w >> 56)])))
+
+
 def _packed_kernel(ks: int):
-    """The packed LUT kernel for table rows of `ks` columns (a compile-time constant; compiled and cached on
-    disk once per stride).  Reads t[row * ks + index] for byte indices < K <= ks (the checked layout)."""
+    """The packed LUT kernel for table rows of `ks` columns (a compile-time constant: the closure's only free
+    variable, inlined into `_sum8`; compiled and cached on disk once per stride).  Reads t[row * ks + index] for
+    byte indices < K <= ks (the checked layout).  `_sum8` is a module-level function, not a second closure
+    variable: numba keys a closure's disk cache on its pickled free variables, and a dispatcher pickles
+    differently in every process (the kernel was recompiled, 3-8 s, in every new process)."""
     if ks in _PACKED:
         return _PACKED[ks]
-
-    @njit(inline="always", cache=True)
-    def sum8(t, w, base):  # the 8 entries one uint64 word of byte indices picks from 8 table rows at t[base:]
-        return (((t[base + (w & 255)] + t[base + ks + ((w >> 8) & 255)])
-                 + (t[base + 2 * ks + ((w >> 16) & 255)] + t[base + 3 * ks + ((w >> 24) & 255)]))
-                + ((t[base + 4 * ks + ((w >> 32) & 255)] + t[base + 5 * ks + ((w >> 40) & 255)])
-                   + (t[base + 6 * ks + ((w >> 48) & 255)] + t[base + 7 * ks + (w >> 56)])))
 
     @njit(parallel=True, cache=True, nogil=True)
     def lut_packed(table, words, out):  # table (B, 8Q, ks) f32, words (Q, m) uint64, out (B, m) f32
@@ -182,7 +186,7 @@ def _packed_kernel(ks: int):
                     t = table[b, 8 * q:8 * q + 16].ravel()         # 16 table rows of ks, one after another
                     a = acc[b]
                     for i in range(lo, hi):
-                        a[i - lo] += sum8(t, w0[i], 0) + sum8(t, w1[i], 8 * ks)
+                        a[i - lo] += _sum8(t, w0[i], 0, ks) + _sum8(t, w1[i], 8 * ks, ks)
             if q_count % 2:
                 q = q_count - 1
                 w0 = words[q]
@@ -190,7 +194,7 @@ def _packed_kernel(ks: int):
                     t = table[b, 8 * q:8 * q + 8].ravel()
                     a = acc[b]
                     for i in range(lo, hi):
-                        a[i - lo] += sum8(t, w0[i], 0)
+                        a[i - lo] += _sum8(t, w0[i], 0, ks)
             out[:, lo:hi] = acc
 
     _PACKED[ks] = lut_packed
@@ -332,3 +336,43 @@ def codeword_grad(flat: torch.Tensor, grad: torch.Tensor, rows: int) -> torch.Te
     out = np.zeros((chunks, rows, grad.shape[1]), dtype=np.float32)
     _codeword_grad(flat.numpy(), grad.detach().contiguous().numpy(), out)
     return torch.from_numpy(out.sum(axis=0) if chunks > 1 else out[0])
+
+
+def warm() -> list[str]:
+    """Load every kernel here from numba's disk cache (compiling it the first time on this machine) by running it
+    once on tiny arrays of the dtypes and layouts the entry points pass, so no user call waits for it.  Calls
+    the kernels themselves, not the entry points: `_parallel_call` restores torch's thread count after a call,
+    which from a background thread could undo the user's own `torch.set_num_threads`.  Under numba's OpenMP layer
+    (which sets the thread count it shares with torch at its first launch) nothing is run.  Returns the names of
+    the kernels loaded."""
+    if LAYER == "omp":
+        return []
+    f32 = np.float32
+    done = []
+
+    def run(name: str, fn, *args) -> None:
+        lock = _LOCK[0]
+        if lock is None:
+            fn(*args)
+        else:
+            with lock:
+                fn(*args)
+        done.append(name)
+
+    x, cb_t = np.ones((1, 16), f32), np.ones((4, 16), f32)
+    single = np.empty((1, 8, 16), f32)
+    run("build_table", _build_table, x, cb_t, single)
+    table = np.zeros((1, 16, 256), f32)
+    run("pair_table", _pair_table, single, table[:, :4])
+    out = np.empty((1, 8), f32)
+    for ks in STRIDES:
+        run(f"packed/{ks}", _packed_kernel(ks), np.zeros((1, 16, ks), f32), np.zeros((2, 8), np.uint64), out)
+    run("wide", _lut_wide, np.zeros((1, 2, 300), f32), np.zeros((2, 8), np.int16), out)
+    for dtype in (np.uint8, np.int16, np.int32):
+        run(f"dequantize/{np.dtype(dtype).name}", _dequantize, np.ones((4, 2), f32), np.zeros((3, 2), dtype),
+            np.empty((3, 4), f32))
+    run("differ", _differ, np.zeros(4, np.uint64), np.zeros(4, np.uint64))
+    for dtype in (np.uint8, np.int16, np.int32, np.int64):
+        run(f"codeword_grad/{np.dtype(dtype).name}", _codeword_grad, np.zeros(4, dtype), np.ones((4, 2), f32),
+            np.zeros((1, 3, 2), f32))
+    return done

@@ -16,7 +16,8 @@ from torch.utils.flop_counter import register_flop_formula
 from ..dtypes import INDEX_DTYPES
 from .backends import as_float32, conv_weight_from_rows, group_blocks, group_book
 from .checked import CheckedIndices, checked_indices
-from .flops import conv_flops, conv_out_hw, matmul_flops
+from .cost import Work
+from .flops import conv_flops, conv_out_hw, matmul_flops, table_count
 from .reference import check_codebook_groups, dequantize, vq_matmul_reference
 from .registry import KernelBackend, backend_names, get_backend
 from .route import choose, route
@@ -107,8 +108,10 @@ def _matmul_impl(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
         else:
             xf = as_float32(x2)
             k, d = codebook.shape[-2], codebook.shape[-1]
-            key = (tuple(indices.shape), tuple(codebook.shape), _batch_bucket(x2.shape[0]), torch.get_num_threads())
-            name = choose(r.name, k, d, key, lambda n: _by_groups(get_backend(n), xf, codebook, checked))
+            bucket = _batch_bucket(x2.shape[0])
+            key = (tuple(indices.shape), tuple(codebook.shape), bucket, torch.get_num_threads())
+            groups = codebook.shape[0] if codebook.dim() == 3 else 1
+            name = choose(r.name, k, d, key, Work(bucket, indices.shape[0], indices.shape[1], d, k, groups))
             y = _by_groups(get_backend(name), xf, codebook, checked)
     return y.to(x.dtype).reshape(*lead, indices.shape[0])
 
@@ -158,15 +161,20 @@ def _(x_shape, codebook_shape, indices_shape, *args, out_shape=None, **kwargs) -
     return sum(matmul_flops(x_shape, codebook_shape, indices_shape))
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)   # a Parameter's torch function handling is disabled: a plain tensor
+
+
 def _plain_eager(*tensors: torch.Tensor) -> bool:
-    """Whether a call may skip the custom op's dispatch (about 20-40 us a call): plain tensors, no dispatch or
-    function mode (FlopCounterMode, ...), no functorch transform, not tracing or compiling, no gradient asked for.
-    The op is then nothing but a redispatch to _matmul_impl."""
+    """Whether a call may skip the custom op's dispatch (about 20-40 us a call, and on its first call in a process
+    the import of torch._dynamo, which the op's dispatch wraps it in: 1-2 s on a quiet 2-core machine, 15 s on a
+    busy one): plain tensors, no dispatch or function mode (FlopCounterMode, ...), no functorch transform, not
+    tracing or compiling, no gradient asked for.  The op is then nothing but a redispatch to its implementation
+    (`_matmul_impl`, `_conv_impl`)."""
     C = torch._C
     return (not C._len_torch_dispatch_stack() and not C._is_torch_function_mode_enabled()
             and C._functorch.peek_interpreter_stack() is None and C._get_tracing_state() is None
             and not torch.compiler.is_compiling()
-            and all(type(t) is torch.Tensor for t in tensors)
+            and all(type(t) in _PLAIN for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
@@ -179,8 +187,8 @@ def vq_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, ba
     backend: "torch" (the reference: torch indexing + GEMM), a registered native backend ("dense": dequantize
     with a parallel gather, then GEMM; "numba": CPU LUT kernel; "simd": approximate uint8-table kernel for
     K <= 16, opt-in only, see `vqlab.kernels.simd`; see `vqlab.kernels.registry`), or "auto" (the
-    backend pinned by `set_backend`/$VQLAB_BACKEND, else the fastest candidate, timed once per shape and batch
-    bucket).  On CUDA every backend runs the reference.
+    backend pinned by `set_backend`/$VQLAB_BACKEND, else the candidate the cost model predicts fastest for this
+    shape and batch bucket, see `vqlab.kernels.cost`; nothing is timed).  On CUDA every backend runs the reference.
     raises: ValueError for an index outside [0, K) (on every backend, checked once per index tensor's
     contents), non-integer indices, a G not dividing m, or mismatched shapes; TypeError for a non-float x.
     Differentiable w.r.t. x and codebook: the gradients of the exact product x @ dequantize(codebook, indices).T,
@@ -195,9 +203,7 @@ def vq_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, ba
         raise ValueError(f"x has {x.shape[-1]} features but indices ({tuple(indices.shape)}) x d={codebook.shape[-1]} "
                          f"need n={n}")
     if _plain_eager(x, codebook, indices):                  # the custom op would only redispatch: skip it
-        r = route(x, codebook, indices, backend)
-        if r.path == "direct":
-            return _direct_matmul(x, codebook, indices, r.backend)
+        return _matmul_impl(x, codebook, indices, backend)
     return torch.ops.vqlab.vq_matmul(x, codebook, indices, backend)
 
 
@@ -249,6 +255,10 @@ def _conv_with(name: str, x, codebook, checked, *args):
 def _vq_conv2d_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, weight_shape: list[int],
                   stride: list[int], padding: list[int], dilation: list[int], groups: int, segment: str,
                   backend: str) -> torch.Tensor:
+    return _conv_impl(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment, backend)
+
+
+def _conv_impl(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment, backend):
     geometry = (weight_shape, stride, padding, dilation, groups, segment)
     r = route(x, codebook, indices, backend)
     if r.path == "reference":
@@ -262,8 +272,11 @@ def _vq_conv2d_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor
     checked = checked_indices(indices, codebook.shape[-2])
     key = ("conv", tuple(x.shape[1:]), _batch_bucket(x.shape[0]), tuple(weight_shape), tuple(codebook.shape),
            tuple(stride), tuple(padding), tuple(dilation), groups, segment, torch.get_num_threads())
-    name = choose(r.name, codebook.shape[-2], codebook.shape[-1], key,
-                  lambda n: _conv_with(n, x, codebook, checked, *geometry))
+    ho, wo = conv_out_hw(x.shape, weight_shape[2:], stride, padding, dilation)
+    books = codebook.shape[0] if codebook.dim() == 3 else 1
+    work = Work(_batch_bucket(x.shape[0]) * ho * wo, weight_shape[0], indices.shape[1], codebook.shape[-1],
+                codebook.shape[-2], table_count(groups, books), im2col=True)
+    name = choose(r.name, codebook.shape[-2], codebook.shape[-1], key, work)
     return _conv_with(name, x, codebook, checked, *geometry)
 
 
@@ -330,7 +343,7 @@ def vq_conv2d(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, we
     if indices.shape[0] != out_c or indices.shape[1] * codebook.shape[-1] != cin_g * kh * kw:
         raise ValueError(f"indices {tuple(indices.shape)} with d={codebook.shape[-1]} do not fit weight shape "
                          f"{tuple(weight_shape)}")
-    y = torch.ops.vqlab.vq_conv2d(x, codebook, indices, [out_c, cin_g, kh, kw], _int_pair("stride", stride, 1),
-                                  _int_pair("padding", padding, 0), _int_pair("dilation", dilation, 1), int(groups),
-                                  segment, backend)
+    args = (x, codebook, indices, [out_c, cin_g, kh, kw], _int_pair("stride", stride, 1),
+            _int_pair("padding", padding, 0), _int_pair("dilation", dilation, 1), int(groups), segment, backend)
+    y = _conv_impl(*args) if _plain_eager(x, codebook, indices) else torch.ops.vqlab.vq_conv2d(*args)
     return y if bias is None else y + bias.view(1, -1, 1, 1).to(y.dtype)

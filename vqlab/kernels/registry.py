@@ -2,8 +2,9 @@
 
 A backend computes y = x @ W.T for one (K, d) codebook over a block of checked indices (`CheckedIndices`);
 `vqlab.kernels.ops` checks every argument and splits codebook groups and convolution groups into such blocks, and
-`vqlab.kernels.route` decides which path a call takes.  `auto` times the registered backends that are available,
-take part in auto and support the layer's (K, d), and keeps the fastest per shape and batch bucket;
+`vqlab.kernels.route` decides which path a call takes.  `auto` picks, among the registered backends that are available,
+take part in auto and support the layer's (K, d), the one whose cost formula (`vqlab.kernels.cost`) predicts the
+fewest seconds for the call's shape -- it never times the call (`vqlab.kernels.tune` does, when asked);
 `set_backend(name)` or the environment variable VQLAB_BACKEND pins one instead, so that outputs are reproducible
 run to run.  The built-in adapters live in `backends.py` ("dense", "numba") and `simd.py` ("simd").
 
@@ -21,7 +22,7 @@ __all__ = ["KernelBackend", "register_backend", "get_backend", "backend_names", 
            "set_backend", "pinned_backend", "unregister_backend", "RESERVED"]
 
 
-RESERVED = ("torch", "auto")          # the reference and the timing choice: not registry entries
+RESERVED = ("torch", "auto")          # the reference and the cost-model choice: not registry entries
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class KernelBackend:
     available() -> bool: usable on this machine (imports lazily inside, so unused kernels are never loaded).
     supports(k, d) -> bool: the codebook sizes it handles (others fall back to "dense" when asked directly).
     auto: a candidate for backend="auto".
+    cost: optional cost(work: cost.Work, constants: cost.Constants) -> predicted seconds of one call (`auto` picks
+        the candidate with the smallest; a candidate without a formula is picked only when none has one).
     exact: computes x @ W.T to float32 rounding.  An approximate backend (e.g. "simd": quantized tables) must
         set exact=False and auto=False: it runs only when asked for by name or pinned with set_backend, and
         `available_backends()` lists it only with approximate=True.
@@ -54,6 +57,7 @@ class KernelBackend:
     available: Callable[[], bool] = lambda: True
     supports: Callable[[int, int], bool] = lambda k, d: True
     auto: bool = True
+    cost: Callable | None = None
     exact: bool = True
     description: str = ""
 
@@ -95,7 +99,7 @@ def available_backends(approximate: bool = False) -> list[str]:
 
 
 def set_backend(name: str | None) -> None:
-    """Pin the backend that "auto" resolves to (None: time the candidates again).  The environment variable
+    """Pin the backend that "auto" resolves to (None: choose by the cost model again).  The environment variable
     VQLAB_BACKEND does the same at start-up.  raises ValueError for an unknown or unavailable name."""
     usable = available_backends(approximate=True)[:-1]
     if name is not None and name not in usable:

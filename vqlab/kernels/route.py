@@ -9,22 +9,25 @@
     "checked"    every other native call: the indices' checked private copy (`checked.checked_indices`), and
                  the backend named, pinned, or chosen by `auto` (`choose`)
 
-`auto` times its candidates once per shape and batch bucket and keeps the faster (`auto_choices()` shows what it
-picked); `set_backend` / $VQLAB_BACKEND pin one instead.
+`auto` picks the candidate whose cost formula predicts the fewest seconds for the call's work (`cost`: counted
+table FLOPs, lookups and bytes, with per-machine constants measured once and cached on disk): it never runs the
+user's call to time it, costs microseconds, and gives the same answer on a busy machine.  The choice is kept per
+shape and batch bucket (`auto_choices()` shows it); `set_backend` / $VQLAB_BACKEND pin one instead, and
+`vqlab.kernels.tune(model, example)` times the backends on a model's real inputs when asked.
 """
 from __future__ import annotations
 
-import time
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from .checked import clear_checked
+from .cost import Work, constants
 from .registry import KernelBackend, available_backends, get_backend, pinned_backend
 
-__all__ = ["Route", "route", "choose", "auto_choices", "clear_caches"]
+__all__ = ["Route", "route", "choose", "predicted", "auto_choices", "clear_caches"]
 
-_AUTO: dict = {}           # shape/batch key -> backend name
+_AUTO: dict = {}           # shape/batch key -> backend name (what the cost model picked)
 
 
 class Route(NamedTuple):
@@ -53,37 +56,37 @@ def route(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, backen
     return Route("checked", name)
 
 
-def _time_best(fn: Callable[[], object], budget: float = 0.05, max_runs: int = 5) -> float:
-    """Fastest of up to max_runs timed calls after one warm-up; stops once budget seconds are spent, so a
-    slow path is timed once and a fast one several times (a single sample misjudged ~1 ms calls by 20-30 %)."""
-    fn()
-    best, spent = float("inf"), 0.0
-    for _ in range(max_runs):
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        best, spent = min(best, dt), spent + dt
-        if spent > budget:
-            break
-    return best
-
-
 def _candidates(k: int, d: int) -> list[str]:
     """The backends `auto` chooses among for a (K, d) codebook: available, exact, taking part in auto."""
     return [n for n in available_backends()[1:-1]
             if get_backend(n).auto and get_backend(n).exact and get_backend(n).supports(k, d)]
 
 
-def choose(name: str, k: int, d: int, key: tuple, run: Callable[[str], object]) -> str:
+def predicted(names: list[str], work: Work) -> dict[str, float]:
+    """Predicted seconds of one call of `work` per backend name that has a cost formula ({} where the machine's
+    constants cannot be had: measuring them failed)."""
+    formulas = {n: get_backend(n).cost for n in names if get_backend(n).cost is not None}
+    if not formulas:
+        return {}
+    try:
+        c = constants()
+    except Exception:  # noqa: BLE001  a failed measurement must not fail the user's product: first candidate
+        return {}
+    return {n: float(f(work, c)) for n, f in formulas.items()}
+
+
+def choose(name: str, k: int, d: int, key: tuple, work: Work) -> str:
     """The native backend a "checked" route runs: `name` itself ("dense" when it does not support (K, d)), or
-    for "auto" the fastest candidate for `key`, timed once by calling run(backend name)."""
+    for "auto" the candidate with the smallest predicted cost of `work` (ties: registration order; candidates
+    without a cost formula only when none has one), kept per `key`.  Nothing is timed."""
     if name != "auto":
         return name if get_backend(name).supports(k, d) else "dense"
     names = _candidates(k, d)
     key = (*key, tuple(names))
     choice = _AUTO.get(key)
     if choice is None:
-        choice = names[0] if len(names) == 1 else min(names, key=lambda n: _time_best(lambda: run(n)))
+        costs = predicted(names, work) if len(names) > 1 else {}
+        choice = min(costs, key=lambda n: (costs[n], names.index(n))) if costs else names[0]
         _AUTO[key] = choice
     return choice
 
@@ -94,6 +97,7 @@ def auto_choices() -> dict:
 
 
 def clear_caches() -> None:
-    """Forget every checked index copy, kernel layout and `auto` timing decision."""
+    """Forget every checked index copy, kernel layout (and cached dense weight) and `auto` choice (the machine's
+    cost constants stay: `cost.forget()`)."""
     clear_checked()
     _AUTO.clear()

@@ -68,7 +68,7 @@ from .reference import check_indices, dequantize
 from .registry import KernelBackend, register_backend
 
 __all__ = ["GROUP", "ISAS", "simd_tables", "simd_matmul", "error_sigma", "native_isa", "native_status",
-           "group_size", "simd_pack", "packed_shape"]
+           "group_size", "simd_pack", "packed_shape", "user_cache_dir", "unsafe_path"]
 
 GROUP = 64          # segments per table group: one quantization step each (even, <= 256 so that G * 255 fits uint16)
 TILE_ROWS = 16      # output rows the kernel transposes together
@@ -129,6 +129,17 @@ def _unsafe(path: Path, folder: bool) -> str | None:
     if info.st_mode & 0o022:
         return f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})"
     return None
+
+
+def user_cache_dir() -> Path:
+    """The user cache folder vqlab keeps machine-specific files in ($VQLAB_CACHE_DIR, else $XDG_CACHE_HOME/vqlab,
+    else ~/.cache/vqlab); also `vqlab.kernels.cost`'s."""
+    return _cache_dir()
+
+
+def unsafe_path(path: Path, folder: bool) -> str | None:
+    """Why a file or folder in the cache must not be trusted (`_unsafe`), or None."""
+    return _unsafe(path, folder)
 
 
 def _library_name(cc: str) -> str:
