@@ -105,6 +105,20 @@ def _finetune(model: nn.Module, train_ds: TensorDataset, steps: int, lr: float, 
             batch_size=batch_size, seed=seed, progress=progress, distributed=False)
 
 
+def _finetune_stage(work: nn.Module, train_ds, val_ds, *, steps: int, lr: float, batch_size: int, seed: int,
+                    progress: bool, float_acc: float, store_dtype, what: str, after=None) -> dict:
+    """Fine-tune `work` for `steps` (seed + 1), run `after(work)` (training-only state ends), round the floats to
+    store_dtype, and measure the "fine-tuned" stage."""
+    t0 = time.perf_counter()
+    _finetune(work, train_ds, steps, lr, batch_size, seed + 1, progress)
+    if after is not None:
+        after(work)
+    if store_dtype is not None:
+        round_to_store_dtype_(work, store_dtype)
+    return measure(work.eval(), val_ds, stage="fine-tuned", what=what, float_accuracy=float_acc,
+                   seconds=time.perf_counter() - t0, steps=steps, store_dtype=store_dtype)
+
+
 def _targets(model: nn.Module, filter_fn) -> list[tuple[str, nn.Module]]:
     """The Linear / Conv2d layers a pipeline quantizes (filter_fn as quantize_'s; None = keep_first_last)."""
     keep = filter_fn or keep_first_last(model)
@@ -199,13 +213,9 @@ def choi(model: nn.Module, train_ds: TensorDataset, val_ds: TensorDataset | None
     quantize_(work, config, filter_fn=keep, progress=False)
     rows.append(measure(work.eval(), val_ds, stage="lattice", what=f"{lattice}, step {step:g}, {coder}",
                         float_accuracy=float_acc, seconds=time.perf_counter() - t0, store_dtype=store_dtype))
-    t0 = time.perf_counter()
-    _finetune(work, train_ds, finetune_steps, lr, batch_size, seed + 1, progress)
-    if store_dtype is not None:
-        round_to_store_dtype_(work, store_dtype)
-    rows.append(measure(work.eval(), val_ds, stage="fine-tuned", what=f"shared values, {finetune_steps} steps",
-                        float_accuracy=float_acc, seconds=time.perf_counter() - t0, steps=finetune_steps,
-                        store_dtype=store_dtype))
+    rows.append(_finetune_stage(work, train_ds, val_ds, steps=finetune_steps, lr=lr, batch_size=batch_size, seed=seed,
+                                progress=progress, float_acc=float_acc, store_dtype=store_dtype,
+                                what=f"shared values, {finetune_steps} steps"))
     setting = {"pipeline": "choi", "lattice": lattice, "step": step, "prune": prune, "coder": coder,
                "prune_steps": prune_steps, "finetune_steps": finetune_steps, "seed": seed}
     return work, PipelineReport(pd.DataFrame(rows), setting, float_acc)
@@ -232,17 +242,16 @@ def vqdnn(model: nn.Module, train_ds: TensorDataset, val_ds: TensorDataset | Non
     quantize_(work, config, filter_fn=filter_fn, progress=progress)
     rows.append(measure(work.eval(), val_ds, stage="k-means", what=f"K={k}, d={d}, codebook {codebook}",
                         float_accuracy=float_acc, seconds=time.perf_counter() - t0, store_dtype=store_dtype))
-    t0 = time.perf_counter()
-    _finetune(work, train_ds, finetune_steps, lr, batch_size, seed + 1, progress)
-    for m in work.modules():                                     # training-only state ends with training
-        if isinstance(m, VQCode) and m.latent is not None:
-            m.reassign()
-            m.reassign_every, m.latent = 0, None
-    if store_dtype is not None:
-        round_to_store_dtype_(work, store_dtype)
+    def end_training(model: nn.Module) -> None:                  # training-only state ends with training
+        for m in model.modules():
+            if isinstance(m, VQCode) and m.latent is not None:
+                m.reassign()
+                m.reassign_every, m.latent = 0, None
+
     what = f"codebooks, {finetune_steps} steps" + (f", re-assigned every {reassign_every}" if reassign_every else "")
-    rows.append(measure(work.eval(), val_ds, stage="fine-tuned", what=what, float_accuracy=float_acc,
-                        seconds=time.perf_counter() - t0, steps=finetune_steps, store_dtype=store_dtype))
+    rows.append(_finetune_stage(work, train_ds, val_ds, steps=finetune_steps, lr=lr, batch_size=batch_size, seed=seed,
+                                progress=progress, float_acc=float_acc, store_dtype=store_dtype, what=what,
+                                after=end_training))
     setting = {"pipeline": "vqdnn", "k": k, "d": d, "codebook": codebook, "finetune_steps": finetune_steps,
                "reassign_every": reassign_every, "seed": seed}
     return work, PipelineReport(pd.DataFrame(rows), setting, float_acc)
@@ -263,13 +272,9 @@ def _quantize_then_finetune(name: str, model, train_ds, val_ds, config, what: st
     rows.append(measure(work.eval(), val_ds, stage="quantized", what=what, float_accuracy=float_acc,
                         seconds=time.perf_counter() - t0, store_dtype=store_dtype))
     if finetune_steps:
-        t0 = time.perf_counter()
-        _finetune(work, train_ds, finetune_steps, lr, batch_size, seed + 1, progress)
-        if store_dtype is not None:
-            round_to_store_dtype_(work, store_dtype)
-        rows.append(measure(work.eval(), val_ds, stage="fine-tuned", what=f"{finetune_steps} steps",
-                            float_accuracy=float_acc, seconds=time.perf_counter() - t0, steps=finetune_steps,
-                            store_dtype=store_dtype))
+        rows.append(_finetune_stage(work, train_ds, val_ds, steps=finetune_steps, lr=lr, batch_size=batch_size,
+                                    seed=seed, progress=progress, float_acc=float_acc, store_dtype=store_dtype,
+                                    what=f"{finetune_steps} steps"))
     return work, PipelineReport(pd.DataFrame(rows), {"pipeline": name, **setting, "finetune_steps": finetune_steps,
                                                      "seed": seed}, float_acc)
 
