@@ -165,6 +165,14 @@ def _float_accuracy(model: nn.Module, val_ds: TensorDataset | None) -> float:
     return evaluate(model, val_ds, distributed=False) if val_ds is not None else float("nan")
 
 
+def _start(model: nn.Module, val_ds, store_dtype) -> tuple[nn.Module, float, list[dict]]:
+    """(a copy of model in eval mode, its accuracy, [its "float" stage row]): how every pipeline begins."""
+    work = copy.deepcopy(model).eval()
+    float_acc = _float_accuracy(work, val_ds)
+    return work, float_acc, [measure(work, val_ds, stage="float", what="the trained model", float_accuracy=float_acc,
+                                     seconds=0.0, store_dtype=store_dtype)]
+
+
 def _check_budget(steps: int, lr: float, batch_size: int) -> None:
     check_int("steps", steps, 0)
     check_number("lr", lr, 0, low_open=True)
@@ -190,10 +198,7 @@ def choi(model: nn.Module, train_ds: TensorDataset, val_ds: TensorDataset | None
     _check_budget(finetune_steps, lr, batch_size)
     config = LatticeConfig(lattice=lattice, step=step, seed=seed, coder=coder, pad=True, prune=prune,
                            finetune="values")
-    work = copy.deepcopy(model).eval()
-    float_acc = _float_accuracy(work, val_ds)
-    rows = [measure(work, val_ds, stage="float", what="the trained model", float_accuracy=float_acc, seconds=0.0,
-                    store_dtype=store_dtype)]
+    work, float_acc, rows = _start(model, val_ds, store_dtype)
     names = [n for n, _ in _targets(work, filter_fn)]
     keep = lambda m, n: n in names                                                      # noqa: E731
     t0 = time.perf_counter()
@@ -234,10 +239,7 @@ def vqdnn(model: nn.Module, train_ds: TensorDataset, val_ds: TensorDataset | Non
     fine-tuned."""
     _check_budget(finetune_steps, lr, batch_size)
     config = VQConfig(k=k, d=d, codebook=codebook, seed=seed, reassign_every=reassign_every, pad=True)
-    work = copy.deepcopy(model).eval()
-    float_acc = _float_accuracy(work, val_ds)
-    rows = [measure(work, val_ds, stage="float", what="the trained model", float_accuracy=float_acc, seconds=0.0,
-                    store_dtype=store_dtype)]
+    work, float_acc, rows = _start(model, val_ds, store_dtype)
     t0 = time.perf_counter()
     quantize_(work, config, filter_fn=filter_fn, progress=progress)
     rows.append(measure(work.eval(), val_ds, stage="k-means", what=f"K={k}, d={d}, codebook {codebook}",
@@ -263,10 +265,7 @@ def _quantize_then_finetune(name: str, model, train_ds, val_ds, config, what: st
                             batch_size: int, seed: int, filter_fn, store_dtype, progress: bool,
                             setting: dict) -> tuple[nn.Module, PipelineReport]:
     _check_budget(finetune_steps, lr, batch_size)
-    work = copy.deepcopy(model).eval()
-    float_acc = _float_accuracy(work, val_ds)
-    rows = [measure(work, val_ds, stage="float", what="the trained model", float_accuracy=float_acc, seconds=0.0,
-                    store_dtype=store_dtype)]
+    work, float_acc, rows = _start(model, val_ds, store_dtype)
     t0 = time.perf_counter()
     quantize_(work, config, filter_fn=filter_fn, progress=progress)
     rows.append(measure(work.eval(), val_ds, stage="quantized", what=what, float_accuracy=float_acc,
