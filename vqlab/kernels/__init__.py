@@ -11,6 +11,7 @@
     tuning      `tune`: timing the backends on a model's real inputs, when asked (auto never times)
     warm        numba's kernels loaded ahead in a background thread ($VQLAB_WARM=0: off)
     ops         the public vq_matmul / vq_conv2d (torch custom ops, seen by FlopCounterMode and torch.compile)
+    plan        call plans: a layer's eval call decided once per input signature, re-checked by a byte compare
 """
 from . import backends as _backends  # noqa: F401  registers "dense" and "numba"
 from . import simd as _simd  # noqa: F401,E402  registers the approximate, opt-in backend "simd"

@@ -106,14 +106,18 @@ def _matmul_impl(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
         if x2.shape[0] == 0:
             y = x2.new_zeros((0, indices.shape[0]), dtype=torch.float32)
         else:
-            xf = as_float32(x2)
-            k, d = codebook.shape[-2], codebook.shape[-1]
-            bucket = _batch_bucket(x2.shape[0])
-            key = (tuple(indices.shape), tuple(codebook.shape), bucket, torch.get_num_threads())
-            groups = codebook.shape[0] if codebook.dim() == 3 else 1
-            name = choose(r.name, k, d, key, Work(bucket, indices.shape[0], indices.shape[1], d, k, groups))
-            y = _by_groups(get_backend(name), xf, codebook, checked)
+            y = _by_groups(get_backend(_matmul_choice(x2.shape[0], codebook, indices, r.name)), as_float32(x2),
+                           codebook, checked)
     return y.to(x.dtype).reshape(*lead, indices.shape[0])
+
+
+def _matmul_choice(rows: int, codebook: torch.Tensor, indices: torch.Tensor, name: str) -> str:
+    """The backend a "checked" matmul route of `rows` input rows runs (`route.choose`, kept per shape and bucket)."""
+    k, d = codebook.shape[-2], codebook.shape[-1]
+    bucket = _batch_bucket(rows)
+    key = (tuple(indices.shape), tuple(codebook.shape), bucket, torch.get_num_threads())
+    groups = codebook.shape[0] if codebook.dim() == 3 else 1
+    return choose(name, k, d, key, Work(bucket, indices.shape[0], indices.shape[1], d, k, groups))
 
 
 @torch.library.custom_op("vqlab::vq_matmul", mutates_args=())
@@ -270,14 +274,20 @@ def _conv_impl(x, codebook, indices, weight_shape, stride, padding, dilation, gr
     if r.path == "direct":
         return _conv_im2col(r.backend.direct, x, codebook, _RawRows(indices), *geometry)
     checked = checked_indices(indices, codebook.shape[-2])
+    return _conv_with(_conv_choice(x, codebook, indices, geometry, r.name), x, codebook, checked, *geometry)
+
+
+def _conv_choice(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, geometry: tuple, name: str) -> str:
+    """The backend a "checked" convolution route runs (`route.choose`, kept per shape and batch bucket).
+    geometry: (weight_shape, stride, padding, dilation, groups, segment) as `_conv_impl` takes them."""
+    weight_shape, stride, padding, dilation, groups, segment = geometry
     key = ("conv", tuple(x.shape[1:]), _batch_bucket(x.shape[0]), tuple(weight_shape), tuple(codebook.shape),
            tuple(stride), tuple(padding), tuple(dilation), groups, segment, torch.get_num_threads())
     ho, wo = conv_out_hw(x.shape, weight_shape[2:], stride, padding, dilation)
     books = codebook.shape[0] if codebook.dim() == 3 else 1
     work = Work(_batch_bucket(x.shape[0]) * ho * wo, weight_shape[0], indices.shape[1], codebook.shape[-1],
                 codebook.shape[-2], table_count(groups, books), im2col=True)
-    name = choose(r.name, codebook.shape[-2], codebook.shape[-1], key, work)
-    return _conv_with(name, x, codebook, checked, *geometry)
+    return choose(name, codebook.shape[-2], codebook.shape[-1], key, work)
 
 
 @_vq_conv2d_op.register_fake

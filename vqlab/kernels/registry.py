@@ -64,6 +64,12 @@ class KernelBackend:
 
 _REGISTRY: dict[str, KernelBackend] = {}
 _PINNED: list[str | None] = [None]
+_CHANGES = [0]         # bumped by every register / unregister: call plans made before are not used again
+
+
+def registry_changes() -> int:
+    """How many times a backend was registered or unregistered (call plans remember it, `plan`)."""
+    return _CHANGES[0]
 
 
 def register_backend(backend: KernelBackend) -> KernelBackend:
@@ -71,12 +77,14 @@ def register_backend(backend: KernelBackend) -> KernelBackend:
     if backend.name in RESERVED:
         raise ValueError(f"backend name {backend.name!r} is reserved ({RESERVED})")
     _REGISTRY[backend.name] = backend
+    _CHANGES[0] += 1
     return backend
 
 
 def unregister_backend(name: str) -> None:
     """Remove a registered backend (a no-op for an unknown name); a pin on it is dropped."""
     _REGISTRY.pop(name, None)
+    _CHANGES[0] += 1
     if _PINNED[0] == name:
         _PINNED[0] = None
 

@@ -97,7 +97,9 @@ def auto_choices() -> dict:
 
 
 def clear_caches() -> None:
-    """Forget every checked index copy, kernel layout (and cached dense weight) and `auto` choice (the machine's
+    """Forget every checked index copy, kernel layout (and cached dense weight), call plan and `auto` choice (the machine's
     cost constants stay: `cost.forget()`)."""
     clear_checked()
     _AUTO.clear()
+    from .plan import forget_plans
+    forget_plans()

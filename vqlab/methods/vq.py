@@ -53,11 +53,11 @@ from ..bits import bits_for, huffman_bytes, index_bits_per_weight, pack_indices,
 from ..checks import check_bool, check_choice, check_instance, check_int
 from ..codebook import (Codebook, HoldsCodebook, assign, check_prune, fit_codebook, fit_pruned_codebook,
                         prune_count)
-from ..codes import CodeSize, WeightCode, add_bias, packed_ans_bytes, register_code, stored_bytes
+from ..codes import CodeSize, WeightCode, packed_ans_bytes, register_code, stored_bytes
 from ..config import QuantConfig, register_handler
 from ..dtypes import FLOAT_DTYPES, dtype_name, float_dtype, index_dtype
 from ..kernels.flops import lut_flops, table_count
-from ..kernels.ops import vq_conv2d, vq_matmul
+from ..kernels import plan
 from ..kernels.reference import check_codebook_groups, check_indices, dequantize
 from ..kernels.registry import backend_names
 from ..layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear, quantized_layer
@@ -379,7 +379,7 @@ class VQCode(VQCodeBase):
     # -- eval products
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., n_pad) -> (..., rows) through `vq_matmul` with this code's backend, plus bias."""
-        return add_bias(vq_matmul(x, self.codebook.weight, self.indices, backend=self.backend), bias)
+        return plan.linear(self, x, self.codebook.weight, self.indices, self.backend, bias)
 
     def _runs_lut(self, layer: QuantizedConv2d) -> bool:
         """Whether the convolution runs through `vq_conv2d` (not for "kernel" rows padded at their end: no conv
@@ -396,9 +396,9 @@ class VQCode(VQCodeBase):
             x = F.pad(x.reshape(b, layer.groups, cin_g, h, w_), (0, 0, 0, 0, 0, cin_pad - cin_g))
             x = x.reshape(b, layer.groups * cin_pad, h, w_)
         kh, kw = layer.kernel_size
-        return vq_conv2d(x, self.codebook.weight, self.indices, (layer.out_channels, cin_pad, kh, kw), layer.stride,
-                         layer.conv_padding, layer.dilation, layer.groups, segment=layer.segment, bias=layer.bias,
-                         backend=self.backend)
+        return plan.conv2d(self, x, self.codebook.weight, self.indices, (layer.out_channels, cin_pad, kh, kw),
+                           layer.stride, layer.conv_padding, layer.dilation, layer.groups, segment=layer.segment,
+                           bias=layer.bias, backend=self.backend)
 
     def conv_flops(self, layer: QuantizedConv2d, x_shape: tuple[int, ...], rows: int) -> tuple[int, int] | None:
         return self.flops(rows, layer.groups) if self._runs_lut(layer) else None
