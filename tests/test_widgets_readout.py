@@ -92,3 +92,24 @@ def test_method_panel_answers_stored_states_from_the_table(digits_lenet, monkeyp
     assert f"accuracy {stored['acc'].item():.3f}" in panel.text
     panel.set(K=16)
     assert calls == [["K=16"]] and "(from the stored table)" not in panel.text
+
+
+def test_a_slow_method_shows_a_labelled_quick_estimate_then_the_full_answer(digits_lenet):
+    model, tr, te, grid = digits_lenet
+
+    def make(K):
+        return vqlab.VQConfig(k=K, d=2)
+    panel = method_panel(model, te, grid, {"K": ([4, 16], 4)}, make, quick=lambda K: vqlab.VQConfig(k=K, d=2, iters=1),
+                         quick_label="one k-means iteration", quick_images=100)
+    seen = _shown_during(panel, K=16)
+    assert len(seen) == 3, seen
+    assert COMPUTING in seen[0]
+    assert "quick estimate (one k-means iteration, 100 test images)" in seen[1] and COMPUTING in seen[1]
+    plain = method_panel(model, te, grid, {"K": ([4, 16], 4)}, make)
+    plain.set(K=16)
+    assert seen[2] == panel.text == plain.text and COMPUTING not in panel.text
+    panel.set(K=4)
+    again = _shown_during(panel, K=16)                 # answered before: from the cache, no estimate
+    assert len(again) == 2 and again[1] == plain.text
+    with pytest.raises(ValueError, match="quick_images"):
+        method_panel(model, te, grid, {"K": ([4, 16], 4)}, make, quick=make, quick_images=0)

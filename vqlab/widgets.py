@@ -13,6 +13,7 @@ Panels only call the library (experiments, codebook, kernels); they hold no logi
 """
 from __future__ import annotations
 
+import inspect
 import io
 import itertools
 import math
@@ -75,7 +76,9 @@ def slider(description: str, options: Sequence, value) -> W.SelectionSlider:
 
 
 class Panel(W.VBox):
-    """Sliders + readout + plot; `render(**values) -> (readout_html, matplotlib Figure)` draws one state.
+    """Sliders + readout + plot; `render(**values) -> (readout_html, matplotlib Figure)` draws one state, or
+    yields several (readout, figure) pairs in turn -- a labelled quick estimate first, the full answer last --
+    each shown as it comes (`set` returns once the last is shown).
 
     `panel.sliders` maps description -> slider; `panel.set(K=64)` moves sliders from code (tests);
     `panel.show()` displays it with a static picture of its first render beside it (for the web view);
@@ -137,11 +140,17 @@ class Panel(W.VBox):
         label = ", ".join(f"{k}={v}" for k, v in values.items())
         self.readout.value = f"<span class='vqlab-computing' style='color:#777'>{COMPUTING} ({label})</span>"
         try:
-            text, fig = self._render(**values)
+            out = self._render(**values)
+            # a generator yields stages: a labelled quick estimate first, the full answer last
+            for text, fig in (out if inspect.isgenerator(out) else [out]):
+                self._show(text, fig, clear_output, display, Image)
             self.error = None
         except Exception as err:  # show the problem where the user looks, keep the panel alive
-            text, fig = f"<span style='color:#b00'>{type(err).__name__}: {err}</span>", None
             self.error = f"{type(err).__name__}: {err}"
+            self._show(f"<span style='color:#b00'>{type(err).__name__}: {err}</span>", None, clear_output, display,
+                       Image)
+
+    def _show(self, text: str, fig, clear_output, display, Image) -> None:
         self.text = text
         self.readout.value = text
         self.png = _png(fig) if fig is not None else b""
@@ -268,7 +277,8 @@ def _swept_points(grid, ks: Sequence[int], ds: Sequence[int]) -> dict:
 
 def method_panel(model: nn.Module, test_ds, grid, knobs: dict[str, tuple[Sequence, object]],
                  make_config: Callable[..., object], title: str = "re-quantize and place the point",
-                 stored=None) -> Panel:
+                 stored=None, quick: Callable[..., object] | None = None, quick_label: str = "a quick setting",
+                 quick_images: int = 1000) -> Panel:
     """Sliders over a method's knobs; each change quantizes a copy of `model` with `make_config(**values)`,
     evaluates it and places the point (red star) on the accuracy-vs-ratio plot of `grid`.
 
@@ -277,11 +287,18 @@ def method_panel(model: nn.Module, test_ds, grid, knobs: dict[str, tuple[Sequenc
     `sweep` / `compare_configs` (drawn underneath).  Results are cached per slider state.
     stored: optional `compare_configs` table of this model and test set whose `label`s name slider states the
     way the readout does ("K=16, subspaces=2"): those states answer from their row without quantizing again.
+    quick(**values) -> a config that answers fast (e.g. QAF without its ADMM sweeps), for methods whose full
+    answer takes longer than a slider move should: a state not answered yet first shows that config's point,
+    evaluated on a fixed `quick_images`-image subset of the test set (seeded) against the float model on the
+    same subset and labelled "quick estimate (<quick_label>, N test images)", then the full answer replaces it.
     """
     from .experiments import best_accuracy, compare_configs, pareto_plot
     from .train import evaluate
 
     best_accuracy(grid)                                         # the grid's columns, before any work
+    check_int("method_panel quick_images", quick_images, 1)
+    if quick is not None and not callable(quick):
+        raise TypeError(f"method_panel: quick must be a callable returning a config, got {type(quick).__name__}")
     base = evaluate(model, test_ds)
     sliders = [slider(name, options, start) for name, (options, start) in knobs.items()]
     cache: dict = {}
@@ -294,26 +311,51 @@ def method_panel(model: nn.Module, test_ds, grid, knobs: dict[str, tuple[Sequenc
                 cache[state] = row.copy()
                 cache[state]["swept"] = True
 
-    def render(**values):
+    subset: list = []                                           # (test subset, float accuracy on it), made once
+
+    def drawn(row, label: str, base_acc: float, note: str):
         import matplotlib.pyplot as plt
 
-        key = tuple(values.items())
-        label = ", ".join(f"{k}={v}" for k, v in values.items())
-        if key not in cache:
-            df = compare_configs(model, test_ds, {label: make_config(**values)}, baseline_acc=base, progress=False)
-            cache[key] = df.iloc[0]
-        row = cache[key]
         if isinstance(row["error"], str):
             raise ValueError(row["error"])
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         pareto_plot(grid, ax=ax, live={"ratio": row["ratio"], "acc": row["acc"], "label": f"live: {label}"})
         text = (f"{label}: <b>{row['ratio']:.1f}× smaller</b> ({row['compressed_bytes'] / 1024:.1f} KiB, "
                 f"{row['bits_per_weight']:.2f} index bits/weight), accuracy {row['acc']:.3f} "
-                f"({100 * (row['acc'] - base):+.1f} points vs float {base:.3f})"
-                + (" (from the stored table)" if row.get("swept", False) is True else ""))
+                f"({100 * (row['acc'] - base_acc):+.1f} points vs float {base_acc:.3f})" + note)
         return text, fig
 
+    def render(**values):
+        key = tuple(values.items())
+        label = ", ".join(f"{k}={v}" for k, v in values.items())
+        if key not in cache:
+            if quick is not None:
+                if not subset:
+                    subset.append(_test_subset(test_ds, quick_images))
+                    subset.append(evaluate(model, subset[0]))
+                est = compare_configs(model, subset[0], {label: quick(**values)}, baseline_acc=subset[1],
+                                      progress=False).iloc[0]
+                n = len(subset[0])
+                text, fig = drawn(est, label, subset[1], "")
+                yield (f"<i>quick estimate ({quick_label}, {n:,} test images)</i> -- {text}; "
+                       f"<span class='vqlab-computing' style='color:#777'>{COMPUTING} the full answer</span>", fig)
+            df = compare_configs(model, test_ds, {label: make_config(**values)}, baseline_acc=base, progress=False)
+            cache[key] = df.iloc[0]
+        row = cache[key]
+        yield drawn(row, label, base, " (from the stored table)" if row.get("swept", False) is True else "")
+
     return Panel(sliders, render, title)
+
+
+def _test_subset(test_ds, n: int):
+    """A fixed (seed 0) random subset of n samples of a TensorDataset (all of it when it holds n or fewer)."""
+    from torch.utils.data import TensorDataset
+
+    total = len(test_ds)
+    if total <= n:
+        return test_ds
+    keep = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return TensorDataset(*(t[keep] for t in test_ds.tensors))
 
 
 # ---------------------------------------------------------------- notebook 03: FLOPs and wall time
