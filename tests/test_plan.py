@@ -219,3 +219,70 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- packed layers (pack_simd_): the small-call path
+
+from vqlab.kernels import dequantize, simd  # noqa: E402
+
+needs_native = pytest.mark.skipif(simd.native_isa() is None, reason="no native simd kernel here")
+
+
+def _packed(k=16):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(96, 40), nn.ReLU(), nn.Linear(40, 8))
+    vqlab.quantize_(m, vqlab.VQConfig(k=k, d=2), filter_fn=vqlab.all_layers, progress=False)
+    vqlab.pack_simd_(m)
+    return m.eval()
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_a_packed_layers_small_call_equals_the_general_path_bit_for_bit(batch, monkeypatch):
+    m = _packed()
+    x = torch.randn(batch, 96)
+    with torch.no_grad():
+        fast = [m(x) for _ in range(3)]
+        monkeypatch.setattr(simd, "packed_small_call", lambda *a, **k: None)     # the general path only
+        general = m(x)
+    assert all(torch.equal(y, general) for y in fast)
+
+
+@needs_native
+def test_a_packed_layers_codebook_change_is_seen_and_a_nan_runs_the_reference():
+    m = _packed()
+    layer, x = m[0], torch.randn(2, 96)
+    with torch.no_grad():
+        m(x)
+        book = layer.code.codebook.weight
+        book.detach().numpy()[0, 3, :] += 1.0                 # behind torch's back
+        y = layer(x)
+        ref = x @ dequantize(book, layer.code.unpack()).T + layer.bias
+        assert (y - ref).abs().max() < 6 * 0.05 * ref.abs().max()          # the kernel's approximation, new book
+        book.detach().numpy()[0, 5, 0] = float("nan")         # an unused-or-not NaN: the exact reference runs
+        y = layer(x)
+        ref = x @ dequantize(book, layer.code.unpack()).T + layer.bias
+        assert torch.equal(torch.isnan(y), torch.isnan(ref))
+
+
+@needs_native
+def test_a_packed_nibble_at_or_above_k_is_refused_on_the_next_small_call():
+    m = _packed(k=11)
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        m(x)
+        m(x)
+        m[0].code.packed.numpy().reshape(-1)[0] |= 0x0F       # nibble 15 >= K = 11
+        with pytest.raises(ValueError):
+            m(x)
+
+
+def test_a_snapshot_never_compares_a_tensor_off_the_cpu_by_pointer():
+    from vqlab.kernels.checked import Snapshot
+    t = torch.randn(16, 2)
+    snap = Snapshot(t)
+    assert snap.same(t) and snap.same(t.clone())
+    assert not snap.same(t.to("meta"))                   # a device pointer never reaches memcmp
+    assert not snap.same(t.double()) and not snap.same(t.t()) and not snap.same(t[:8])
+    t[0, 0] += 1
+    assert not snap.same(t)

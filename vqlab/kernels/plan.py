@@ -23,7 +23,6 @@ the CPU never use a plan.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import weakref
 from typing import Callable
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import DENSE_CACHE_FLOATS, as_float32, conv_weight_from_rows, group_book, rebuilt_weight
-from .checked import checked_indices
+from .checked import Snapshot, checked_indices
 from .ops import (_batch_bucket, _by_groups, _conv_choice, _conv_im2col, _conv_with, _direct_matmul, _int_pair,
                   _matmul_choice, _plain_eager, _RawRows, vq_conv2d, vq_matmul)
 from .registry import get_backend, pinned_backend, registry_changes
@@ -42,36 +41,6 @@ __all__ = ["linear", "conv2d", "forget_plans"]
 
 _PLANS: "weakref.WeakKeyDictionary[object, _Plan]" = weakref.WeakKeyDictionary()
 _FORGOTTEN = [0]     # bumped by forget_plans (route.clear_caches calls it)
-
-
-def _libc_memcmp():
-    try:
-        f = (ctypes.cdll.msvcrt if os.name == "nt" else ctypes.CDLL(None)).memcmp
-    except (OSError, AttributeError):
-        return None
-    f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int
-    return f
-
-
-_MEMCMP = _libc_memcmp()
-
-
-class _Snapshot:
-    """A private copy of a CPU tensor's bytes, compared with the tensor on every call: libc's memcmp (about a
-    microsecond plus memory speed), numpy's comparison where there is no libc."""
-
-    __slots__ = ("copy", "ptr", "nbytes")
-
-    def __init__(self, t: torch.Tensor):
-        self.copy = t.detach().contiguous().clone()
-        self.ptr, self.nbytes = self.copy.data_ptr(), self.copy.numel() * self.copy.element_size()
-
-    def same(self, t: torch.Tensor) -> bool:
-        if t.dtype != self.copy.dtype or t.shape != self.copy.shape or not t.is_contiguous():
-            return False
-        if _MEMCMP is not None:
-            return self.nbytes == 0 or _MEMCMP(t.data_ptr(), self.ptr, self.nbytes) == 0
-        return torch.equal(t.detach(), self.copy)
 
 
 class _Plan:
@@ -104,8 +73,8 @@ def _plannable(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -
             and indices.is_contiguous() and _plain_eager(x, codebook, indices))
 
 
-def _snapshots(codebook: torch.Tensor, indices: torch.Tensor) -> tuple[_Snapshot, _Snapshot]:
-    return _Snapshot(indices), _Snapshot(codebook)
+def _snapshots(codebook: torch.Tensor, indices: torch.Tensor) -> tuple[Snapshot, Snapshot]:
+    return Snapshot(indices), Snapshot(codebook)
 
 
 # ---------------------------------------------------------------- matmul

@@ -133,23 +133,34 @@ class SimdCode(VQCodeBase):
         """x (..., n_pad) -> (..., rows) + bias by the kernel on CPU for float16/bfloat16/float32 inputs (computed in
         float32); None (the exact reference) elsewhere or where no native kernel exists."""
         book = self.book()
-        if (x.device.type != "cpu" or book.device.type != "cpu" or x.dtype == torch.float64
-                or not x.is_floating_point() or x.shape[-1] != self.shape[1]):
+        n = self.shape[1]
+        if (not x.is_cpu or not book.is_cpu or x.dtype == torch.float64 or not x.is_floating_point()
+                or x.shape[-1] != n):
             return None
         isa = _simd.native_isa()
         if isa is None:
             _simd.notice(_simd.native_status().split(": ", 1)[-1])
             return None
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x if x.dim() == 2 else x.reshape(-1, n)
         if torch.is_grad_enabled() and (x2.requires_grad or book.requires_grad):
             y = _PackedMatmul.apply(x2, book, self)
         else:
             p = self.packed
-            if (p.dtype != torch.uint8 or p.device.type != "cpu" or not p.is_contiguous()
+            if (p.dtype != torch.uint8 or not p.is_cpu or not p.is_contiguous()
                     or tuple(p.shape) != _simd.packed_shape(self.m, self.s, book.shape[0], self.table_group)):
                 self.validate()                                        # raises, naming what is wrong
-            y = _simd._matmul_packed(as_float32(x2), book.detach(), p, self.m, self.table_group, isa)
-        return add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.m), bias)
+            xf, bk = as_float32(x2), (book.detach() if book.requires_grad else book)
+            y = _simd.packed_small_call(self, xf, bk, p, self.m, self.table_group, isa)
+            if y is None:
+                y = _simd._matmul_packed(xf, bk, p, self.m, self.table_group, isa)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        if x.dim() != 2:
+            y = y.reshape(*x.shape[:-1], self.m)
+        if (bias is not None and bias.dtype == y.dtype
+                and not (torch.is_grad_enabled() and (y.requires_grad or bias.requires_grad))):
+            return y.add_(bias)                                        # y + bias, into the fresh output
+        return add_bias(y, bias)
 
     def size(self, seen: set[int]) -> CodeSize:
         book_bytes = self._codebook_size(seen)
