@@ -10,7 +10,8 @@ benchmarks/simd.py), so a busy neighbour slows them alike:
 
     float              the model as torch runs it
     int8 dynamic       torch.ao's dynamic int8 quantization (nn.Linear only: convolutions stay float)
-    VQ K=256 d=4       vqlab.quantize_(model, VQConfig(k=256, d=4), all_layers) in eval mode, backend "auto"
+    VQ K=256 d=4       vqlab.quantize_(model, VQConfig(k=256, d=4)) in eval mode (the default: first conv and last
+                       linear stay float), backend "auto"
     VQ K=16 d=2        the same at K=16, d=2 (2 bits/weight)
     VQ K=16 d=2 packed + vqlab.pack_simd_ (the approximate register-table kernel; today it converts linears
                        only, so a CNN's convolutions run as in the row above)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import tempfile
 import statistics
 import sys
 import time
@@ -40,21 +42,40 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from simd import cpu_line, fmt, timings  # noqa: E402  the alternating timer of benchmarks/simd.py
 
 import vqlab  # noqa: E402
+import vqlab.train  # noqa: E402
 from vqlab import VQConfig  # noqa: E402
 
 MODELS = ("lenet5", "cnn", "resnet20", "mlp4096")
 VARIANTS = ("float", "int8 dynamic", "VQ K=256 d=4", "VQ K=16 d=2", "VQ K=16 d=2 packed")
 
 
-def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
-    """A float model in eval mode and its input shape without the batch."""
+CHECKPOINTS = {"lenet5": 10, "cnn": 2, "resnet20": 30}      # epochs of the shipped Fashion-MNIST baselines
+
+
+def build(name: str, trained: bool) -> tuple[nn.Module, tuple[int, ...]]:
+    """A float model in eval mode and its input shape without the batch; trained=True loads the shipped
+    Fashion-MNIST checkpoint (data/checkpoints) where there is one."""
     torch.manual_seed(0)
     if name == "mlp4096":
         layers = []
         for i in range(4):
             layers += [nn.Linear(4096, 4096)] + ([nn.ReLU()] if i < 3 else [])
         return nn.Sequential(*layers).eval(), (4096,)
-    return vqlab.get_model(name, in_channels=1).eval(), (1, 28, 28)
+    model = vqlab.get_model(name, in_channels=1)
+    path = vqlab.train.checkpoint_path(name, "fashion-mnist", CHECKPOINTS[name])
+    if trained and path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    return model.eval(), (1, 28, 28)
+
+
+def file_bytes(variant: str, model: nn.Module) -> int:
+    """Bytes on disk: vqlab.save's .vqz for the VQ variants, torch.save of the state_dict for float and int8."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model")
+        if variant.startswith("VQ"):
+            return vqlab.save(model, path + ".vqz")
+        torch.save(model.state_dict(), path + ".pt")
+        return os.path.getsize(path + ".pt")
 
 
 def variants(name: str, model: nn.Module) -> dict[str, nn.Module]:
@@ -67,7 +88,7 @@ def variants(name: str, model: nn.Module) -> dict[str, nn.Module]:
                                                                       dtype=torch.qint8)
     for k, d in ((256, 4), (16, 2)):
         q = copy.deepcopy(model)
-        vqlab.quantize_(q, VQConfig(k=k, d=d, seed=0, **fast), vqlab.all_layers, progress=False)
+        vqlab.quantize_(q, VQConfig(k=k, d=d, seed=0, **fast), progress=False)
         out[f"VQ K={k} d={d}"] = q.eval()
     packed = copy.deepcopy(out["VQ K=16 d=2"])
     vqlab.pack_simd_(packed)
@@ -97,7 +118,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--block", type=float, default=0.3, help="seconds per block of calls (default 0.3)")
+    ap.add_argument("--accuracy", action="store_true",
+                    help="load the shipped Fashion-MNIST checkpoints and add each variant's test accuracy "
+                         "(post-training: k-means only, no fine-tuning) and file bytes")
+    ap.add_argument("--csv", help="also write every row (and the CPU line) to this CSV file")
     args = ap.parse_args(argv)
+    rows = []
 
     torch.set_num_threads(args.threads[0])
     print(cpu_line().replace(f"{args.threads[0]} torch threads of ", ""))
@@ -106,9 +132,14 @@ def main(argv=None) -> int:
     print("\n| model | batch | threads | " + " | ".join(f"{v} ms" for v in VARIANTS) + " | "
           + " | ".join(f"{v} ×" for v in VARIANTS[1:]) + " |")
     print("|---|---|---|" + "---|" * (2 * len(VARIANTS) - 1))
+    extra = {}
     for name in args.models:
-        model, shape = build(name)
+        model, shape = build(name, args.accuracy)
         mods = variants(name, model)
+        if args.accuracy and name != "mlp4096":
+            test = vqlab.load_dataset("fashion-mnist", "test")
+            torch.set_num_threads(max(args.threads))
+            extra[name] = {v: (vqlab.evaluate(m, test), file_bytes(v, m)) for v, m in mods.items()}
         for threads in args.threads:
             torch.set_num_threads(threads)
             for batch in args.batches:
@@ -119,12 +150,32 @@ def main(argv=None) -> int:
                 print(f"| {name} | {batch} | {threads} | " + " | ".join(fmt(t[v]).strip() for v in VARIANTS) + " | "
                       + " | ".join(f"{base / statistics.median(t[v]):.2f}" for v in VARIANTS[1:]) + " |",
                       flush=True)
+                for v in VARIANTS:
+                    acc, nbytes = extra.get(name, {}).get(v, (float("nan"), None))
+                    rows.append({"model": name, "batch": batch, "threads": threads, "variant": v,
+                                 "ms": statistics.median(t[v]) * 1e3, "ms_min": min(t[v]) * 1e3,
+                                 "ms_max": max(t[v]) * 1e3, "speed_vs_float": base / statistics.median(t[v]),
+                                 "accuracy": acc, "file_bytes": nbytes})
+    if extra:
+        print("\naccuracy (Fashion-MNIST test set, post-training) and file bytes:")
+        for name, per in extra.items():
+            print(f"  {name}: " + "; ".join(f"{v} {acc:.4f} / {nbytes:,} B" for v, (acc, nbytes) in per.items()))
     torch.set_num_threads(1)
     us = overhead(max(args.rounds, 5))
     print(f"\nper-call overhead, nn.Linear(120, 84) at batch 1, 1 thread: float {us['float']:.1f} us; "
           + "; ".join(f"{n} {us[n]:.1f} us (+{us[n] - us['float']:.1f})" for n in us if n != "float")
           + "  [target: within 20 us of float]")
     print(f"load average at end {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    if args.csv:
+        import pandas as pd
+        df = pd.DataFrame(rows)
+        for n, v in us.items():
+            df.loc[len(df)] = {"model": "linear120x84", "batch": 1, "threads": 1, "variant": n, "ms": v / 1e3}
+        df["cpu"] = cpu_line().split(",")[0]
+        df["flags"] = cpu_line().split("vector flags: ")[-1]
+        tmp = args.csv + ".tmp"
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, args.csv)
     return 0
 
 

@@ -286,3 +286,13 @@ def test_a_snapshot_never_compares_a_tensor_off_the_cpu_by_pointer():
     assert not snap.same(t.double()) and not snap.same(t.t()) and not snap.same(t[:8])
     t[0, 0] += 1
     assert not snap.same(t)
+
+
+def test_a_bias_replaced_through_data_is_used_at_the_next_call():
+    for layer in _layers():
+        x = _x(layer, 2)
+        with torch.no_grad():
+            layer(x)
+            layer(x)
+            layer.bias.data = layer.bias.data + 1.0            # the same Parameter object, new storage
+            assert torch.equal(layer(x), _full(layer, x))

@@ -160,7 +160,13 @@ def _conv_plan(key, x, codebook, indices, geometry, backend, bias) -> _Plan | No
     weight_shape, stride, padding, dilation, groups, segment = geometry
     geo = ([int(v) for v in weight_shape], _int_pair("stride", stride, 1), _int_pair("padding", padding, 0),
            _int_pair("dilation", dilation, 1), int(groups), segment)
-    add = (lambda y: y) if bias is None else (lambda y: y + bias.view(1, -1, 1, 1))
+    if bias is None:
+        def add(y):
+            return y
+    else:
+        def add(y):     # y + bias, into the product's fresh output where the dtypes agree
+            col = bias.view(1, -1, 1, 1)
+            return y.add_(col) if col.dtype == y.dtype and not col.requires_grad else y + col.to(y.dtype)
     r = route(x, codebook, indices, backend)
     if r.path == "direct":
         be = r.backend

@@ -390,13 +390,15 @@ class VQCode(VQCodeBase):
         """`vq_conv2d` in the layer's layout (input channels zero-padded per conv group for segment="input")."""
         if not self._runs_lut(layer):
             return None
-        cin_g, cin_pad = layer.in_channels // layer.groups, layer.cin_pad
+        book, indices = self.codebook.weight, self.indices
+        kh, kw = layer.kernel_size
+        cin_g = layer.in_channels // layer.groups
+        cin_pad = indices.shape[1] * book.shape[-1] // (kh * kw) if layer.segment == "input" else cin_g  # layer.cin_pad
         if cin_pad != cin_g:                                       # zero channels per conv group
             b, _, h, w_ = x.shape
             x = F.pad(x.reshape(b, layer.groups, cin_g, h, w_), (0, 0, 0, 0, 0, cin_pad - cin_g))
             x = x.reshape(b, layer.groups * cin_pad, h, w_)
-        kh, kw = layer.kernel_size
-        return plan.conv2d(self, x, self.codebook.weight, self.indices, (layer.out_channels, cin_pad, kh, kw),
+        return plan.conv2d(self, x, book, indices, (layer.out_channels, cin_pad, kh, kw),
                            layer.stride, layer.conv_padding, layer.dilation, layer.groups, segment=layer.segment,
                            bias=layer.bias, backend=self.backend)
 
