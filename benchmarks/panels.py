@@ -5,7 +5,8 @@
     python benchmarks/panels.py --panels qaf          # notebook 07's ADMM panel (minutes per move)
 
 Prints, per panel: the first render (building the panel: its baseline evaluation and first answer) and the
-median / p90 / max seconds of a move, moving every slider through every option one at a time (each slider visits
+median / p90 / max seconds of a move (until the full answer; "first answer": until the readout first shows a result,
+a labelled quick estimate where the panel gives one -- QAF's ADMM panel shows CP + PTQ first), moving every slider through every option one at a time (each slider visits
 its other options and returns to its start) -- first on the machine as it is ("quiet"), then again on fresh panels
 with one competing CPU-bound process this script starts itself (and stops by its process id).  Before the panels:
 the first evaluation of a VQ LeNet-5 (K=256, d=4) against the float model's, the k-means sweep the compression
@@ -50,16 +51,25 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _walk(panel) -> list[float]:
-    """Seconds of every move: each slider through its other options, then back to its start."""
-    times = []
+def _walk(panel) -> tuple[list[float], list[float]]:
+    """Seconds of every move, each slider through its other options and back to its start: until the full answer
+    (`set` returned) and until the first answer (the readout's first value after "computing …": a labelled quick
+    estimate where the panel gives one, else the full answer)."""
+    times, firsts, t0, first = [], [], [0.0], [None]
+
+    def seen(change):
+        if first[0] is None and not change["new"].startswith("<span class='vqlab-computing'"):
+            first[0] = time.perf_counter() - t0[0]
+    panel.readout.observe(seen, names="value")
     for name, s in panel.sliders.items():
         start = s.value
         for option in [o for o in s.options if o != start] + [start]:
+            first[0], t0[0] = None, time.perf_counter()
             times.append(_seconds(lambda: panel.set(**{name: option})))
+            firsts.append(first[0] if first[0] is not None else times[-1])
             if panel.error:
                 raise RuntimeError(f"{name}={option}: {panel.error}")
-    return times
+    return times, firsts
 
 
 def _builders(model, train, test, grid, candidates, dense_bytes):
@@ -88,7 +98,10 @@ def _builders(model, train, test, grid, candidates, dense_bytes):
         "qaf": lambda: method_panel(model, test, grid, {"rank_ratio": ([0.125, 0.25, 0.5, 1.0], 0.25),
                                                         "bits": ([2, 3, 4, 6, 8], 4)},
                                     lambda rank_ratio, bits: qaf.QAFConfig(rank_ratio=rank_ratio, bits=bits,
-                                                                           algorithm="admm", iters=10, als_iters=50)),
+                                                                           algorithm="admm", iters=10, als_iters=50),
+                                    quick=lambda rank_ratio, bits: qaf.QAFConfig(rank_ratio=rank_ratio, bits=bits,
+                                                                                 algorithm="ptq", als_iters=50),
+                                    quick_label="CP + PTQ"),                                            # nb07
     }
 
 
@@ -99,10 +112,11 @@ def _measure(names, builders, condition: str) -> list[dict]:
         try:
             holder = {}
             first = _seconds(lambda: holder.setdefault("p", builders[name]()))
-            moves = _walk(holder["p"])
+            moves, firsts = _walk(holder["p"])
             p90 = statistics.quantiles(moves, n=10, method="inclusive")[-1] if len(moves) > 1 else moves[0]
             rows.append({"condition": condition, "panel": name, "first render s": first, "moves": len(moves),
                          "median s": statistics.median(moves), "p90 s": p90, "max s": max(moves),
+                         "first answer median s": statistics.median(firsts), "first answer max s": max(firsts),
                          "load": os.getloadavg()[0]})
         except Exception as err:  # a benchmark reports what failed and goes on
             rows.append({"condition": condition, "panel": name, "first render s": first, "error": str(err)[:120]})
