@@ -38,6 +38,7 @@ bench: venv
 	$(PY) benchmarks/kmeans.py
 	$(PY) benchmarks/kernel.py --quick
 	$(PY) benchmarks/simd.py --rounds 5
+	$(PY) benchmarks/models.py
 
 clean-venv:
 	rm -rf $(VENV)

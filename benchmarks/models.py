@@ -10,8 +10,10 @@ benchmarks/simd.py), so a busy neighbour slows them alike:
 
     float              the model as torch runs it
     int8 dynamic       torch.ao's dynamic int8 quantization (nn.Linear only: convolutions stay float)
-    VQ K=256 d=4       vqlab.quantize_(model, VQConfig(k=256, d=4)) in eval mode (the default: first conv and last
-                       linear stay float), backend "auto"
+    VQ K=256 d=4       vqlab.quantize_(model, VQConfig(k=256, d=4), filter) in eval mode, backend "auto"; the filter
+                       takes every layer but a convolution over one input channel (the CNNs' first) and a layer
+                       with fewer than K segments, so VQ covers the layers int8 dynamic does (the last linear too,
+                       where K allows) plus the other convolutions
     VQ K=16 d=2        the same at K=16, d=2 (2 bits/weight)
     VQ K=16 d=2 packed + vqlab.pack_simd_ (the approximate register-table kernel; today it converts linears
                        only, so a CNN's convolutions run as in the row above)
@@ -78,6 +80,16 @@ def file_bytes(variant: str, model: nn.Module) -> int:
         return os.path.getsize(path + ".pt")
 
 
+def _layers_for(k: int, d: int):
+    """Every layer but a convolution over one input channel (the CNNs' first: no d > 1 divides it) and a layer with
+    fewer than K segments (LeNet-5's last, 840 weights, at K=256, d=4), so that VQ covers what int8 dynamic does
+    (every nn.Linear, the last one included where K allows) and the convolutions."""
+    def take(module: nn.Module, name: str) -> bool:
+        one_channel = isinstance(module, nn.Conv2d) and module.in_channels // module.groups == 1
+        return not one_channel and module.weight.numel() // d >= k
+    return take
+
+
 def variants(name: str, model: nn.Module) -> dict[str, nn.Module]:
     """Every variant of `model` (module docstring), in eval mode."""
     fast = {"init": "random", "iters": 2} if name == "mlp4096" else {}
@@ -88,7 +100,7 @@ def variants(name: str, model: nn.Module) -> dict[str, nn.Module]:
                                                                       dtype=torch.qint8)
     for k, d in ((256, 4), (16, 2)):
         q = copy.deepcopy(model)
-        vqlab.quantize_(q, VQConfig(k=k, d=d, seed=0, **fast), progress=False)
+        vqlab.quantize_(q, VQConfig(k=k, d=d, seed=0, **fast), _layers_for(k, d), progress=False)
         out[f"VQ K={k} d={d}"] = q.eval()
     packed = copy.deepcopy(out["VQ K=16 d=2"])
     vqlab.pack_simd_(packed)
