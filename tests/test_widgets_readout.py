@@ -113,3 +113,18 @@ def test_a_slow_method_shows_a_labelled_quick_estimate_then_the_full_answer(digi
     assert len(again) == 2 and again[1] == plain.text
     with pytest.raises(ValueError, match="quick_images"):
         method_panel(model, te, grid, {"K": ([4, 16], 4)}, make, quick=make, quick_images=0)
+
+
+def test_method_panel_names_stored_states_the_notebooks_way(digits_lenet, monkeypatch):
+    model, _, te, grid = digits_lenet
+    stored = experiments.compare_configs(model, te, {"VQ K=4 d=2": vqlab.VQConfig(k=4, d=2)}, progress=False)
+    calls = []
+    real = experiments.compare_configs
+    monkeypatch.setattr(experiments, "compare_configs", lambda *a, **k: calls.append(list(a[2])) or real(*a, **k))
+    panel = method_panel(model, te, grid, {"K": ([4, 16], 4)}, lambda K: vqlab.VQConfig(k=K, d=2), stored=stored,
+                         stored_label=lambda K: f"VQ K={K} d=2" if K != 16 else None)
+    assert calls == [] and "(from the stored table)" in panel.text
+    fresh = method_panel(model, te, grid, {"K": ([4, 16], 4)}, lambda K: vqlab.VQConfig(k=K, d=2))
+    assert fresh.text == panel.text.replace(" (from the stored table)", "")   # the same figures as computing it
+    panel.set(K=16)                                                       # stored_label None: computed
+    assert calls[-1] == ["K=16"] and "(from the stored table)" not in panel.text

@@ -277,7 +277,8 @@ def _swept_points(grid, ks: Sequence[int], ds: Sequence[int]) -> dict:
 
 def method_panel(model: nn.Module, test_ds, grid, knobs: dict[str, tuple[Sequence, object]],
                  make_config: Callable[..., object], title: str = "re-quantize and place the point",
-                 stored=None, quick: Callable[..., object] | None = None, quick_label: str = "a quick setting",
+                 stored=None, stored_label: Callable[..., str | None] | None = None,
+                 quick: Callable[..., object] | None = None, quick_label: str = "a quick setting",
                  quick_images: int = 1000) -> Panel:
     """Sliders over a method's knobs; each change quantizes a copy of `model` with `make_config(**values)`,
     evaluates it and places the point (red star) on the accuracy-vs-ratio plot of `grid`.
@@ -286,7 +287,9 @@ def method_panel(model: nn.Module, test_ds, grid, knobs: dict[str, tuple[Sequenc
     make_config(**values) -> a config for `vqlab.quantize_` (any registered method).  grid: a DataFrame from
     `sweep` / `compare_configs` (drawn underneath).  Results are cached per slider state.
     stored: optional `compare_configs` table of this model and test set whose `label`s name slider states the
-    way the readout does ("K=16, subspaces=2"): those states answer from their row without quantizing again.
+    way the readout does ("K=16, subspaces=2"), or as `stored_label(**values)` names them (e.g. the notebook's own
+    "PQ out K=16 s=2"; None: that state is not in the table): those states answer from their row without
+    quantizing again -- the table must come from the same configs `make_config` makes, on the same model and data.
     quick(**values) -> a config that answers fast (e.g. QAF without its ADMM sweeps), for methods whose full
     answer takes longer than a slider move should: a state not answered yet first shows that config's point,
     evaluated on a fixed `quick_images`-image subset of the test set (seeded) against the float model on the
@@ -306,7 +309,9 @@ def method_panel(model: nn.Module, test_ds, grid, knobs: dict[str, tuple[Sequenc
         by_label = {str(r["label"]): r for _, r in stored.iterrows()} if "label" in stored else {}
         for values in itertools.product(*(list(s.options) for s in sliders)):
             state = tuple(zip(knobs, values))
-            row = by_label.get(", ".join(f"{k}={v}" for k, v in state))
+            name = (stored_label(**dict(state)) if stored_label is not None
+                    else ", ".join(f"{k}={v}" for k, v in state))
+            row = by_label.get(name) if name is not None else None
             if row is not None:
                 cache[state] = row.copy()
                 cache[state]["swept"] = True
