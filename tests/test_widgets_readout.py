@@ -81,12 +81,18 @@ def test_compression_panel_answers_swept_points_from_the_sweep(digits_lenet, mon
     assert calls[-1] == (64, 2) and "(from the sweep)" not in panel.text
 
 
-def test_method_panel_answers_stored_states_from_the_table(digits_lenet, monkeypatch):
-    model, _, te, grid = digits_lenet
-    stored = experiments.compare_configs(model, te, {"K=4": vqlab.VQConfig(k=4, d=2)}, progress=False)
+def _count_compare_configs(monkeypatch) -> list:
+    """The labels of every compare_configs call the panels make from now on (the call still runs)."""
     calls = []
     real = experiments.compare_configs
     monkeypatch.setattr(experiments, "compare_configs", lambda *a, **k: calls.append(list(a[2])) or real(*a, **k))
+    return calls
+
+
+def test_method_panel_answers_stored_states_from_the_table(digits_lenet, monkeypatch):
+    model, _, te, grid = digits_lenet
+    stored = experiments.compare_configs(model, te, {"K=4": vqlab.VQConfig(k=4, d=2)}, progress=False)
+    calls = _count_compare_configs(monkeypatch)
     panel = method_panel(model, te, grid, {"K": ([4, 16], 4)}, lambda K: vqlab.VQConfig(k=K, d=2), stored=stored)
     assert calls == [] and "(from the stored table)" in panel.text
     assert f"accuracy {stored['acc'].item():.3f}" in panel.text
@@ -118,9 +124,7 @@ def test_a_slow_method_shows_a_labelled_quick_estimate_then_the_full_answer(digi
 def test_method_panel_names_stored_states_the_notebooks_way(digits_lenet, monkeypatch):
     model, _, te, grid = digits_lenet
     stored = experiments.compare_configs(model, te, {"VQ K=4 d=2": vqlab.VQConfig(k=4, d=2)}, progress=False)
-    calls = []
-    real = experiments.compare_configs
-    monkeypatch.setattr(experiments, "compare_configs", lambda *a, **k: calls.append(list(a[2])) or real(*a, **k))
+    calls = _count_compare_configs(monkeypatch)
     panel = method_panel(model, te, grid, {"K": ([4, 16], 4)}, lambda K: vqlab.VQConfig(k=K, d=2), stored=stored,
                          stored_label=lambda K: f"VQ K={K} d=2" if K != 16 else None)
     assert calls == [] and "(from the stored table)" in panel.text

@@ -58,7 +58,7 @@ def _check_x(x: torch.Tensor, min_dim: int) -> None:
         raise TypeError(f"x must be a float tensor (float16/bfloat16/float32/float64), got {x.dtype}")
 
 
-def _int_pair(name: str, v, low: int) -> list[int]:
+def int_pair(name: str, v, low: int) -> list[int]:
     """An int or a pair of ints (each >= low) -> [a, b]; anything else (e.g. padding='same') raises."""
     pair = [v, v] if isinstance(v, int) and not isinstance(v, bool) else v
     if (not isinstance(pair, (tuple, list)) or len(pair) != 2
@@ -70,7 +70,7 @@ def _int_pair(name: str, v, low: int) -> list[int]:
 
 # ---------------------------------------------------------------- matmul
 
-def _by_groups(be: KernelBackend, xf: torch.Tensor, codebook: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
+def by_groups(be: KernelBackend, xf: torch.Tensor, codebook: torch.Tensor, checked: CheckedIndices) -> torch.Tensor:
     """A backend's matmul over G codebook groups (G blocks of output rows), concatenated: (B, m)."""
     groups = codebook.shape[0] if codebook.dim() == 3 else 1
     outs = [be.matmul(xf, group_book(codebook, g), checked.rows(a, b))
@@ -78,11 +78,11 @@ def _by_groups(be: KernelBackend, xf: torch.Tensor, codebook: torch.Tensor, chec
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-def _batch_bucket(rows: int) -> int:
+def batch_bucket(rows: int) -> int:
     return 1 << max(0, (rows - 1).bit_length())
 
 
-def _direct_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, be: KernelBackend) -> torch.Tensor:
+def direct_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, be: KernelBackend) -> torch.Tensor:
     """vq_matmul through a backend's direct entry (the caller's uint8 indices, read and range-checked by the
     kernel on every call)."""
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -95,7 +95,7 @@ def _direct_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tenso
 def _matmul_impl(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.Tensor:
     r = route(x, codebook, indices, backend)
     if r.path == "direct":
-        return _direct_matmul(x, codebook, indices, r.backend)
+        return direct_matmul(x, codebook, indices, r.backend)
     lead, n = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n)
     if r.path == "reference":
@@ -106,15 +106,15 @@ def _matmul_impl(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
         if x2.shape[0] == 0:
             y = x2.new_zeros((0, indices.shape[0]), dtype=torch.float32)
         else:
-            y = _by_groups(get_backend(_matmul_choice(x2.shape[0], codebook, indices, r.name)), as_float32(x2),
+            y = by_groups(get_backend(matmul_choice(x2.shape[0], codebook, indices, r.name)), as_float32(x2),
                            codebook, checked)
     return y.to(x.dtype).reshape(*lead, indices.shape[0])
 
 
-def _matmul_choice(rows: int, codebook: torch.Tensor, indices: torch.Tensor, name: str) -> str:
+def matmul_choice(rows: int, codebook: torch.Tensor, indices: torch.Tensor, name: str) -> str:
     """The backend a "checked" matmul route of `rows` input rows runs (`route.choose`, kept per shape and bucket)."""
     k, d = codebook.shape[-2], codebook.shape[-1]
-    bucket = _batch_bucket(rows)
+    bucket = batch_bucket(rows)
     key = (tuple(indices.shape), tuple(codebook.shape), bucket, torch.get_num_threads())
     groups = codebook.shape[0] if codebook.dim() == 3 else 1
     return choose(name, k, d, key, Work(bucket, indices.shape[0], indices.shape[1], d, k, groups))
@@ -168,7 +168,7 @@ def _(x_shape, codebook_shape, indices_shape, *args, out_shape=None, **kwargs) -
 _PLAIN = (torch.Tensor, torch.nn.Parameter)   # a Parameter's torch function handling is disabled: a plain tensor
 
 
-def _plain_eager(*tensors: torch.Tensor) -> bool:
+def plain_eager(*tensors: torch.Tensor) -> bool:
     """Whether a call may skip the custom op's dispatch (about 20-40 us a call, and on its first call in a process
     the import of torch._dynamo, which the op's dispatch wraps it in: 1-2 s on a quiet 2-core machine, 15 s on a
     busy one): plain tensors, no dispatch or function mode (FlopCounterMode, ...), no functorch transform, not
@@ -206,14 +206,14 @@ def vq_matmul(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, ba
     if x.shape[-1] != n:
         raise ValueError(f"x has {x.shape[-1]} features but indices ({tuple(indices.shape)}) x d={codebook.shape[-1]} "
                          f"need n={n}")
-    if _plain_eager(x, codebook, indices):                  # the custom op would only redispatch: skip it
+    if plain_eager(x, codebook, indices):                  # the custom op would only redispatch: skip it
         return _matmul_impl(x, codebook, indices, backend)
     return torch.ops.vqlab.vq_matmul(x, codebook, indices, backend)
 
 
 # ---------------------------------------------------------------- convolution
 
-class _RawRows:
+class RawRows:
     """The caller's contiguous uint8 indices, for a backend's `direct` entry, sliced by output rows like
     `CheckedIndices.rows` (a block of rows of a contiguous tensor is contiguous)."""
 
@@ -224,9 +224,9 @@ class _RawRows:
         return self.indices[a:b]
 
 
-def _conv_im2col(entry, x, codebook, blocks, weight_shape, stride, padding, dilation, groups, segment):
+def conv_im2col(entry, x, codebook, blocks, weight_shape, stride, padding, dilation, groups, segment):
     """im2col (F.unfold) in the row layout's column order, then entry(xf, book, rows) per (conv group,
-    codebook group) block of output rows; `blocks` slices the index rows (`CheckedIndices` or `_RawRows`)."""
+    codebook group) block of output rows; `blocks` slices the index rows (`CheckedIndices` or `RawRows`)."""
     out_c, cin_g, kh, kw = weight_shape
     b = x.shape[0]
     cols = F.unfold(x.to(torch.float32), (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C*kh*kw, L)
@@ -248,11 +248,11 @@ def _conv_im2col(entry, x, codebook, blocks, weight_shape, stride, padding, dila
     return y.permute(0, 2, 1).reshape(b, out_c, ho, wo).to(x.dtype)
 
 
-def _conv_with(name: str, x, codebook, checked, *args):
+def conv_with(name: str, x, codebook, checked, *args):
     be = get_backend(name)
     if be.conv is not None:
         return be.conv(x, codebook, checked, *args)
-    return _conv_im2col(be.matmul, x, codebook, checked, *args)
+    return conv_im2col(be.matmul, x, codebook, checked, *args)
 
 
 @torch.library.custom_op("vqlab::vq_conv2d", mutates_args=())
@@ -272,20 +272,20 @@ def _conv_impl(x, codebook, indices, weight_shape, stride, padding, dilation, gr
         ho, wo = conv_out_hw(x.shape, weight_shape[2:], stride, padding, dilation)
         return x.new_zeros((0, weight_shape[0], ho, wo))
     if r.path == "direct":
-        return _conv_im2col(r.backend.direct, x, codebook, _RawRows(indices), *geometry)
+        return conv_im2col(r.backend.direct, x, codebook, RawRows(indices), *geometry)
     checked = checked_indices(indices, codebook.shape[-2])
-    return _conv_with(_conv_choice(x, codebook, indices, geometry, r.name), x, codebook, checked, *geometry)
+    return conv_with(conv_choice(x, codebook, indices, geometry, r.name), x, codebook, checked, *geometry)
 
 
-def _conv_choice(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, geometry: tuple, name: str) -> str:
+def conv_choice(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, geometry: tuple, name: str) -> str:
     """The backend a "checked" convolution route runs (`route.choose`, kept per shape and batch bucket).
     geometry: (weight_shape, stride, padding, dilation, groups, segment) as `_conv_impl` takes them."""
     weight_shape, stride, padding, dilation, groups, segment = geometry
-    key = ("conv", tuple(x.shape[1:]), _batch_bucket(x.shape[0]), tuple(weight_shape), tuple(codebook.shape),
+    key = ("conv", tuple(x.shape[1:]), batch_bucket(x.shape[0]), tuple(weight_shape), tuple(codebook.shape),
            tuple(stride), tuple(padding), tuple(dilation), groups, segment, torch.get_num_threads())
     ho, wo = conv_out_hw(x.shape, weight_shape[2:], stride, padding, dilation)
     books = codebook.shape[0] if codebook.dim() == 3 else 1
-    work = Work(_batch_bucket(x.shape[0]) * ho * wo, weight_shape[0], indices.shape[1], codebook.shape[-1],
+    work = Work(batch_bucket(x.shape[0]) * ho * wo, weight_shape[0], indices.shape[1], codebook.shape[-1],
                 codebook.shape[-2], table_count(groups, books), im2col=True)
     return choose(name, codebook.shape[-2], codebook.shape[-1], key, work)
 
@@ -353,7 +353,7 @@ def vq_conv2d(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, we
     if indices.shape[0] != out_c or indices.shape[1] * codebook.shape[-1] != cin_g * kh * kw:
         raise ValueError(f"indices {tuple(indices.shape)} with d={codebook.shape[-1]} do not fit weight shape "
                          f"{tuple(weight_shape)}")
-    args = (x, codebook, indices, [out_c, cin_g, kh, kw], _int_pair("stride", stride, 1),
-            _int_pair("padding", padding, 0), _int_pair("dilation", dilation, 1), int(groups), segment, backend)
-    y = _conv_impl(*args) if _plain_eager(x, codebook, indices) else torch.ops.vqlab.vq_conv2d(*args)
+    args = (x, codebook, indices, [out_c, cin_g, kh, kw], int_pair("stride", stride, 1),
+            int_pair("padding", padding, 0), int_pair("dilation", dilation, 1), int(groups), segment, backend)
+    y = _conv_impl(*args) if plain_eager(x, codebook, indices) else torch.ops.vqlab.vq_conv2d(*args)
     return y if bias is None else y + bias.view(1, -1, 1, 1).to(y.dtype)

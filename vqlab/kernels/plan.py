@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from .backends import DENSE_CACHE_FLOATS, as_float32, conv_weight_from_rows, group_book, rebuilt_weight
 from .checked import Snapshot, checked_indices
-from .ops import (_batch_bucket, _by_groups, _conv_choice, _conv_im2col, _conv_with, _direct_matmul, _int_pair,
-                  _matmul_choice, _plain_eager, _RawRows, vq_conv2d, vq_matmul)
+from .ops import (batch_bucket, by_groups, conv_choice, conv_im2col, conv_with, direct_matmul, int_pair,
+                  matmul_choice, plain_eager, RawRows, vq_conv2d, vq_matmul)
 from .registry import get_backend, pinned_backend, registry_changes
 from .route import route
 
@@ -70,7 +70,7 @@ def _switches() -> tuple:
 def _plannable(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> bool:
     return (x.dtype == torch.float32 and x.device.type == "cpu" and codebook.dtype == torch.float32
             and codebook.device.type == "cpu" and codebook.is_contiguous() and indices.device.type == "cpu"
-            and indices.is_contiguous() and _plain_eager(x, codebook, indices))
+            and indices.is_contiguous() and plain_eager(x, codebook, indices))
 
 
 def _snapshots(codebook: torch.Tensor, indices: torch.Tensor) -> tuple[Snapshot, Snapshot]:
@@ -84,10 +84,10 @@ def linear(owner: object, x: torch.Tensor, codebook: torch.Tensor, indices: torc
     """vq_matmul(x, codebook, indices, backend) + bias, through `owner`'s plan (module docstring).
     x: (..., n) -> (..., m)."""
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-    key = ("linear", x.dtype, x.is_cpu, x.dim(), x.shape[-1], _batch_bucket(rows) if rows else 0, backend,
+    key = ("linear", x.dtype, x.is_cpu, x.dim(), x.shape[-1], batch_bucket(rows) if rows else 0, backend,
            codebook.shape, indices.shape, *_switches())
     p = _PLANS.get(owner)
-    if p is not None and p.key == key and _plain_eager(x, codebook, indices) and p.fresh(codebook, indices, bias):
+    if p is not None and p.key == key and plain_eager(x, codebook, indices) and p.fresh(codebook, indices, bias):
         return p.run(x)
     y = vq_matmul(x, codebook, indices, backend=backend)
     y = y if bias is None else y + bias.to(y.dtype)
@@ -109,14 +109,14 @@ def _linear_plan(key, x, rows, codebook, indices, backend, bias) -> _Plan | None
     if r.path == "direct":
         be = r.backend
         return _Plan(key, codebook, indices, bias, None, None,
-                     lambda x: add(_direct_matmul(x, codebook, indices, be)))
+                     lambda x: add(direct_matmul(x, codebook, indices, be)))
     if r.path != "checked":
         return None
     checked = checked_indices(indices, codebook.shape[-2])
-    name = _matmul_choice(rows, codebook, indices, r.name)
+    name = matmul_choice(rows, codebook, indices, r.name)
     index_copy, book_copy = _snapshots(codebook, indices)
     if name == "dense" and (codebook.dim() == 2 or codebook.shape[0] == 1) and m * n <= DENSE_CACHE_FLOATS:
-        w = rebuilt_weight("dense", group_book(codebook, 0), checked.rows(0, m))     # as `_by_groups` calls it
+        w = rebuilt_weight("dense", group_book(codebook, 0), checked.rows(0, m))     # as `by_groups` calls it
 
         if bias is None:
             def run(x):
@@ -129,7 +129,7 @@ def _linear_plan(key, x, rows, codebook, indices, backend, bias) -> _Plan | None
         be = get_backend(name)
 
         def run(x):
-            return add(_by_groups(be, as_float32(x.reshape(-1, n)), codebook, checked).reshape(*x.shape[:-1], m))
+            return add(by_groups(be, as_float32(x.reshape(-1, n)), codebook, checked).reshape(*x.shape[:-1], m))
     return _Plan(key, codebook, indices, bias, index_copy, book_copy, run)
 
 
@@ -141,10 +141,10 @@ def conv2d(owner: object, x: torch.Tensor, codebook: torch.Tensor, indices: torc
     """vq_conv2d(...) with the same arguments, through `owner`'s plan (module docstring).
     x: (B, C, H, W) -> (B, out, Ho, Wo)."""
     geometry = (tuple(weight_shape), stride, padding, dilation, groups, segment)
-    key = ("conv", x.dtype, x.is_cpu, x.shape[1:], _batch_bucket(x.shape[0]) if x.dim() and x.shape[0] else 0,
+    key = ("conv", x.dtype, x.is_cpu, x.shape[1:], batch_bucket(x.shape[0]) if x.dim() and x.shape[0] else 0,
            geometry, backend, codebook.shape, indices.shape, *_switches())
     p = _PLANS.get(owner)
-    if p is not None and p.key == key and _plain_eager(x, codebook, indices) and p.fresh(codebook, indices, bias):
+    if p is not None and p.key == key and plain_eager(x, codebook, indices) and p.fresh(codebook, indices, bias):
         return p.run(x)
     y = vq_conv2d(x, codebook, indices, weight_shape, stride, padding, dilation, groups, segment, bias, backend)
     p = (_conv_plan(key, x, codebook, indices, geometry, backend, bias)
@@ -158,8 +158,8 @@ def conv2d(owner: object, x: torch.Tensor, codebook: torch.Tensor, indices: torc
 
 def _conv_plan(key, x, codebook, indices, geometry, backend, bias) -> _Plan | None:
     weight_shape, stride, padding, dilation, groups, segment = geometry
-    geo = ([int(v) for v in weight_shape], _int_pair("stride", stride, 1), _int_pair("padding", padding, 0),
-           _int_pair("dilation", dilation, 1), int(groups), segment)
+    geo = ([int(v) for v in weight_shape], int_pair("stride", stride, 1), int_pair("padding", padding, 0),
+           int_pair("dilation", dilation, 1), int(groups), segment)
     if bias is None:
         def add(y):
             return y
@@ -171,11 +171,11 @@ def _conv_plan(key, x, codebook, indices, geometry, backend, bias) -> _Plan | No
     if r.path == "direct":
         be = r.backend
         return _Plan(key, codebook, indices, bias, None, None,
-                     lambda x: add(_conv_im2col(be.direct, x, codebook, _RawRows(indices), *geo)))
+                     lambda x: add(conv_im2col(be.direct, x, codebook, RawRows(indices), *geo)))
     if r.path != "checked":
         return None
     checked = checked_indices(indices, codebook.shape[-2])
-    name = _conv_choice(x, codebook, indices, geo, r.name)
+    name = conv_choice(x, codebook, indices, geo, r.name)
     index_copy, book_copy = _snapshots(codebook, indices)
     if name == "dense" and indices.shape[0] * indices.shape[1] * codebook.shape[-1] <= DENSE_CACHE_FLOATS:
         w = conv_weight_from_rows(rebuilt_weight("dense-conv", codebook, checked), geo[0], segment)
@@ -185,5 +185,5 @@ def _conv_plan(key, x, codebook, indices, geometry, backend, bias) -> _Plan | No
             return add(F.conv2d(x, w, None, st, pad, dil, g))
     else:
         def run(x):
-            return add(_conv_with(name, x, codebook, checked, *geo))
+            return add(conv_with(name, x, codebook, checked, *geo))
     return _Plan(key, codebook, indices, bias, index_copy, book_copy, run)
