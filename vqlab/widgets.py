@@ -321,8 +321,9 @@ def method_panel(model: nn.Module, test_ds, grid, knobs: dict[str, tuple[Sequenc
     def drawn(row, label: str, base_acc: float, note: str):
         import matplotlib.pyplot as plt
 
-        if isinstance(row["error"], str):
-            raise ValueError(row["error"])
+        error = row.get("error")                                  # a stored table may come without the column
+        if isinstance(error, str):
+            raise ValueError(error)
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         pareto_plot(grid, ax=ax, live={"ratio": row["ratio"], "acc": row["acc"], "label": f"live: {label}"})
         text = (f"{label}: <b>{row['ratio']:.1f}× smaller</b> ({row['compressed_bytes'] / 1024:.1f} KiB, "
