@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-round", type=int, default=200)
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--distill", action="store_true", help="fine-tune from the float model's soft targets too")
     p.add_argument("--tag", default="")
     a = p.parse_args(argv)
     if a.threads:
@@ -86,11 +87,12 @@ def main(argv=None) -> int:
     elif a.pipeline == "vqdnn":
         q, rep = pipelines.vqdnn(model, train, test, k=a.k, d=a.d, codebook=a.codebook,
                                  finetune_steps=a.finetune_steps, reassign_every=a.reassign_every, lr=a.lr,
-                                 seed=a.seed)
+                                 seed=a.seed, distill=a.distill)
         stages, setting = rep.stages, rep.setting
     elif a.pipeline == "qaf":
         q, rep = pipelines.qaf(model, train, test, rank_ratio=a.rank_ratio, bits=a.bits, algorithm=a.algorithm,
-                               iters=a.iters, finetune_steps=a.finetune_steps, lr=a.lr, seed=a.seed)
+                               iters=a.iters, finetune_steps=a.finetune_steps, lr=a.lr, seed=a.seed,
+                               distill=a.distill)
         stages, setting = rep.stages, rep.setting
     elif a.pipeline == "gong":
         import vqlab.methods.gong as gong
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
                   "pq": lambda: gong.PQConfig(k=a.k, subspaces=a.subspaces, seed=a.seed),
                   "rvq": lambda: gong.RVQConfig(k=a.k, stages=a.stages, d=a.d, seed=a.seed),
                   "binary": gong.BinaryConfig}[a.method]()
-        q, rep = pipelines.gong(model, config, train, test, finetune_steps=a.finetune_steps, lr=a.lr, seed=a.seed)
+        q, rep = pipelines.gong(model, config, train, test, finetune_steps=a.finetune_steps, lr=a.lr, seed=a.seed,
+                                distill=a.distill)
         stages, setting = rep.stages, rep.setting
     elif a.pipeline == "vq4all":
         cnn, _ = vqlab.train_or_load("cnn", DATASET, epochs=2, progress=False)

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 import vqlab
+from vqlab import filemeta
 from vqlab.io import VQFileError
 
 from test_io_security import _build, _split
@@ -164,7 +165,8 @@ _JUNK = [None, -1, 0, 1, 2, 3, 7, 2 ** 31, 2 ** 62, -2 ** 40, 0.5, -0.25, 1e-30,
 # the intended input can tell; these are the errors that say so (a shape, not a field, is wrong).
 _CHAIN = re.compile(r"shapes cannot be multiplied|Kernel size can't be greater than actual input size|"
                     r"x has \d+ features but|Output size is too small|to have \d+ channels, but got|"
-                    r"must match the size of tensor|size mismatch|is invalid for input of size|Dimension out of range")
+                    r"must match the size of tensor|size mismatch|is invalid for input of size|Dimension out of range|"
+                    r"array of sliding blocks as \(-?\d+, -?\d+\), but its components must be at least one")
 
 
 def _spots(v, path=()):
@@ -183,16 +185,31 @@ def _forward(model) -> None:
             m.eval()(x)
 
 
+def _build_v5(small: dict, payload: bytes) -> bytes:
+    """A version-5 file: compact metadata (`vqlab.filemeta`), DEFLATE-coded, valid checksum."""
+    import hashlib
+    import struct
+    meta_b = filemeta.deflate(small)
+    body = struct.pack("<8sHHIQ", b"\x89VQLAB\r\n", 5, 0, len(meta_b), len(payload)) + meta_b + payload
+    return body + hashlib.sha256(body).digest()
+
+
 @child_only
+@pytest.mark.parametrize("layout", [4, 5])
 @pytest.mark.parametrize("fname", _fixtures() if CHILD else [])
-def test_child_damaged_fields_and_bytes(tmp_path, fname):
+def test_child_damaged_fields_and_bytes(tmp_path, fname, layout):
     """Junk in a random JSON value of "modules" (configs, states: padding, stride, dilation, steps, sizes) or of
-    "tensors", or random payload bytes (checksum recomputed): VQFileError, or a model whose forward runs."""
+    "tensors" (and format 5's "params", "store", "coding"), or random payload bytes (checksum recomputed), in the
+    version-4 and the compact version-5 metadata: VQFileError, or a model whose forward runs."""
     meta, payload = _v4(fname)
-    rng = random.Random(fname + os.environ.get("VQLAB_FUZZ_SEED", ""))
+    build = _build
+    if layout == 5:
+        meta, build = filemeta.compact({**meta, "version": 5}), _build_v5
+    rng = random.Random(fname + str(layout) + os.environ.get("VQLAB_FUZZ_SEED", ""))
     paths = [p for p in _spots(meta) if len(p) > 1 and p[0] in ("modules", "tensors")]
+    paths += [(k,) for k in ("params", "store", "coding") if k in meta]
     module_paths = [p for p in paths if p[0] == "modules" and len(p) >= 4 and p[2] in ("config", "state")]
-    for i in range(60):
+    for i in range(60 if layout == 4 else 40):
         bad, data = copy.deepcopy(meta), payload
         if i % 4 == 3 and payload:
             data = bytearray(payload)
@@ -203,7 +220,7 @@ def test_child_damaged_fields_and_bytes(tmp_path, fname):
             path = rng.choice(module_paths if i % 4 < 2 and module_paths else paths)
             parent = functools.reduce(lambda v, k: v[k], path[:-1], bad)
             parent[path[-1]] = copy.deepcopy(rng.choice(_JUNK))
-        (tmp_path / "f.vqz").write_bytes(_build(bad, data))
+        (tmp_path / "f.vqz").write_bytes(build(bad, data))
         try:
             model = vqlab.load(tmp_path / "f.vqz")
         except VQFileError:

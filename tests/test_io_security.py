@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from vqlab import filemeta
 from vqlab.io import FORMAT_VERSION, VQFileError, load, save
 from vqlab.methods.vq import VQLinear
 from vqlab.models import get_model
@@ -33,19 +34,26 @@ _CRAFT_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 1, "dict_size": 1 << 20}]
 
 
 def _split(data: bytes) -> tuple[int, dict, bytes]:
-    """(version, meta, payload) of a vqlab file."""
+    """(version, meta, payload) of a vqlab file; a version-5 file's compact metadata comes back in the version-4
+    layout (`vqlab.filemeta.expand`) as version 4, so `_build` writes it back as a version-4 file."""
     _, version, _, meta_len, _ = _HDR.unpack_from(data)
-    raw = lzma.decompress(data[_HDR.size:_HDR.size + meta_len], format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
-    return version, json.loads(raw), data[_HDR.size + meta_len:-32]
+    meta_b = data[_HDR.size:_HDR.size + meta_len]
+    if version >= 5:
+        meta = filemeta.expand(json.loads(filemeta.inflate(meta_b, 1 << 24)))
+        meta["version"] = version = 4
+    else:
+        meta = json.loads(lzma.decompress(meta_b, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS))
+    return version, meta, data[_HDR.size + meta_len:-32]
 
 
-def _pack(meta_b: bytes, payload: bytes, version: int = FORMAT_VERSION) -> bytes:
+def _pack(meta_b: bytes, payload: bytes, version: int = 4) -> bytes:
     """Assemble a file around already compressed metadata, with a valid checksum."""
     body = _HDR.pack(b"\x89VQLAB\r\n", version, 0, len(meta_b), len(payload)) + meta_b + payload
     return body + hashlib.sha256(body).digest()
 
 
-def _build(meta, payload: bytes, version: int = FORMAT_VERSION) -> bytes:
+def _build(meta, payload: bytes, version: int = 4) -> bytes:
+    """A version-4 file (LZMA'd metadata in full), or of `version`, around meta and payload."""
     meta_b = lzma.compress(json.dumps(meta).encode(), format=lzma.FORMAT_RAW, filters=_CRAFT_FILTERS)
     return _pack(meta_b, payload, version)
 
@@ -151,7 +159,7 @@ def test_load_never_unpickles(tmp_path, monkeypatch):
 
 def test_metadata_bomb_is_refused_without_inflating_it(tmp_path):
     comp = lzma.LZMACompressor(format=lzma.FORMAT_RAW, filters=_CRAFT_FILTERS)
-    parts = [comp.compress(f'{{"format":"vqlab","version":{FORMAT_VERSION},"x":"'.encode())]
+    parts = [comp.compress(b'{"format":"vqlab","version":4,"x":"')]
     chunk = b"a" * (1 << 20)
     parts += [comp.compress(chunk) for _ in range(64)]      # 64 MiB of JSON string
     parts += [comp.compress(b'"}'), comp.flush()]

@@ -89,6 +89,23 @@ def test_vqdnn_pipeline_reports_kmeans_then_fine_tuned(digits):
     assert st.loc["k-means", "ratio"] > 5 and st.loc["fine-tuned", "ratio"] >= st.loc["k-means", "ratio"] * 0.99
 
 
+def test_vqdnn_distillation_learns_from_the_float_model_and_leaves_it_alone(digits):
+    model, train, test = digits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(k=16, d=2, codebook="layer", finetune_steps=30, progress=False)
+    q0, rep0 = pipelines.vqdnn(model, train, test, **kw)
+    q1, rep1 = pipelines.vqdnn(model, train, test, distill=True, **kw)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())        # the teacher is a copy
+    assert all(p.requires_grad for p in model.parameters())
+    assert rep1.setting["distill"] is True and "distill" not in rep0.setting
+    assert rep1.final["what"].endswith("distilled")
+    s0, s1 = rep0.stages.set_index("stage"), rep1.stages.set_index("stage")
+    assert s0.loc["k-means", "accuracy"] == s1.loc["k-means", "accuracy"]               # same start
+    books0 = [m.codebook.weight for m in q0.modules() if isinstance(m, vqlab.methods.vq.VQCode)]
+    books1 = [m.codebook.weight for m in q1.modules() if isinstance(m, vqlab.methods.vq.VQCode)]
+    assert books0 and not all(torch.equal(a, b) for a, b in zip(books0, books1))       # a different loss
+
+
 def test_qaf_fine_tuning_keeps_the_factors_on_their_grid(digits):
     model, train, test = digits
     q, rep = pipelines.qaf(model, train, test, rank_ratio=0.3, bits=3, iters=3, finetune_steps=40, progress=False)

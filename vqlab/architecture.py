@@ -57,6 +57,30 @@ ALLOWED_TYPES = frozenset(
         "torchvision.models.vision_transformer.MLPBlock",
     ])
 _LAYERS = {"vqlab:linear": QuantizedLinear, "vqlab:conv2d": QuantizedConv2d}
+_WB, _NORM_BUFFERS = ("weight", "bias"), ("running_mean", "running_var", "num_batches_tracked")
+_MHA = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias")
+# type -> (parameter slots, buffer slots, optional parameter slots, children) its forward reads: a by-state node of
+# these types must name these (a slot: a tensor or null; a child: a module; more are allowed, e.g. a buffer of
+# your own).  `tests/test_architecture_slots.py` holds the table
+# to the classes.
+_SLOTS = {
+    **{f"torch.nn.{n}": (_WB, (), (), ()) for n in ("Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d",
+                                                    "ConvTranspose1d", "ConvTranspose2d", "LayerNorm", "GroupNorm")},
+    "torch.nn.modules.linear.NonDynamicallyQuantizableLinear": (_WB, (), (), ()),
+    **{f"torch.nn.{n}": (_WB, _NORM_BUFFERS, (), ()) for n in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+                                                               "InstanceNorm1d", "InstanceNorm2d")},
+    "torch.nn.PReLU": (("weight",), (), (), ()), "torch.nn.Embedding": (("weight",), (), (), ()),
+    "torch.nn.MultiheadAttention": (_MHA, (), ("bias_k", "bias_v"), ("out_proj",)),
+    "model:LeNet5": ((), (), (), ("features", "classifier")),
+    "model:SmallCNN": ((), (), (), ("features", "classifier")),
+    "model:BasicBlock": ((), (), (), ("conv1", "bn1", "conv2", "bn2")),
+    "model:CifarResNet": ((), (), (), ("conv1", "bn1", "layers", "fc")),
+    "model:Attention": ((), (), (), ("qkv", "proj")),
+    "model:TransformerBlock": ((), (), (), ("norm1", "attn", "norm2", "mlp")),
+    "model:TinyViT": (("cls_token", "pos_embed"), (), (), ("patch_embed", "blocks", "norm", "head")),
+}
+_UNCHECKED_SLOTS = frozenset(["torch.nn.Sequential", "torch.nn.ModuleList", "torch.nn.ModuleDict",
+                              "torch.nn.ParameterList"])
 _MODULE_BASE = frozenset(nn.Module().__dict__)  # nn.Module's own bookkeeping (hooks, _parameters, ...)
 _MAX_DEPTH = 8                # nesting of an attribute value (lists in lists ...)
 
@@ -504,10 +528,28 @@ def _build_by_config(name: str, node: dict, children: dict[str, nn.Module | None
     return m
 
 
+def _check_slots(name: str, node: dict, field: str) -> None:
+    """A by-state torch or model-zoo module names (at least, each once) the parameter, buffer and child slots its
+    class's forward reads (`_SLOTS`): a renamed slot would load and then fail in forward."""
+    if name in _UNCHECKED_SLOTS or not (name.startswith("torch.nn.") or name in _SLOTS):
+        return
+    params, buffers, _, children = _SLOTS.get(name, ((), (), (), ()))
+    for key, want in (("params", params), ("buffers", buffers), ("children", children)):
+        got = [n for n, _ in node.get(key, [])]
+        if not set(want) <= set(got) or len(got) != len(set(got)):
+            raise ValueError(f"{field}.{key} names {got}, but a {name} has {list(want)} (each once)")
+    if any(c is None for n, c in node.get("children", []) if n in children):
+        raise ValueError(f"{field}.children: a {name} needs its child modules {list(children)}, got "
+                         f"{node['children']}")
+
+
 def _attach_tensors(m: nn.Module, node: dict, entries: list[Entry], holders: dict[int, torch.Tensor],
                     field: str, by_config: bool) -> None:
     """Put a shared meta placeholder for every recorded tensor slot (one per tensor index).  A module built from
-    its config only takes slots it has, with the shape (integers: the dtype) its config implies."""
+    its config only takes slots it has, with the shape (integers: the dtype) its config implies; a torch module
+    built from its state only the slots its class has (`_check_slots`)."""
+    if not by_config:
+        _check_slots(node["type"], node, field)
     for key, kind, slots in (("params", "param", m._parameters), ("buffers", "buffer", m._buffers)):
         for name, ti in node.get(key, []):
             if by_config and name not in slots:
@@ -536,6 +578,17 @@ def _attach_tensors(m: nn.Module, node: dict, entries: list[Entry], holders: dic
     m._non_persistent_buffers_set = nonpersistent
 
 
+def _check_parts(name: str, children: dict, field: str) -> None:
+    """Codes are held only by quantized layers, codebooks only by codes: neither has a forward of its own, so a
+    file that hangs one into a Sequential would load and then fail in forward."""
+    for cname, c in children.items():
+        if isinstance(c, WeightCode) and name not in _LAYERS:
+            raise ValueError(f"{field}.children {cname!r} is a code ({type(c).__name__}), which only a quantized "
+                             f"layer may hold, not a {name}")
+        if isinstance(c, Codebook) and not name.startswith("code:"):
+            raise ValueError(f"{field}.children {cname!r} is a codebook, which only a code may hold, not a {name}")
+
+
 def build_model(nodes: Any, entries: list[Entry], *, allowed_type=allowed, resolve=resolve_type,
                 decode=decode_value) -> nn.Module:
     """Rebuild the architecture from checked nodes with meta-device tensors (filled by `vqlab.io`).  raises
@@ -550,6 +603,7 @@ def build_model(nodes: Any, entries: list[Entry], *, allowed_type=allowed, resol
         field, name = f"modules[{i}]", node["type"]
         try:
             children = {cname: None if c is None else built[c] for cname, c in node.get("children", [])}
+            _check_parts(name, children, field)
             by_config = _by_config(name)
             if by_config:
                 m = _build_by_config(name, node, children, field)

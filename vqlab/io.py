@@ -5,11 +5,12 @@ Loading never runs code from the file: there is no pickle.  The architecture is 
 only from registry names and an allow-list of module types (`vqlab.architecture`); every field is checked
 before it is used, and `load` knows every built-in method without being told.
 
-File layout, format version 4 (all integers little-endian; versions 2 and 3, written before, are read too):
+File layout, format version 5 (all integers little-endian; versions 2-4, written before, are read too):
 
     offset 0   magic  b"\\x89VQLAB\\r\\n"                      8 bytes
                version u16, reserved u16, meta_len u32, payload_len u64   16 bytes
-    24         meta: raw LZMA2 (1 MiB dictionary) of UTF-8 JSON           meta_len bytes
+    24         meta: UTF-8 JSON, raw DEFLATE against a preset dictionary  meta_len bytes
+               (`vqlab.filemeta`; versions 2-4: raw LZMA2, 1 MiB dictionary)
                payload: the tensor sections, back to back                 payload_len bytes
     end - 32   sha256 of everything before it (a checksum against damage, not a signature)
 
@@ -19,7 +20,9 @@ memory map), so neither a huge file nor a device (/dev/zero) nor a decompression
 that decode compressed streams (lattice) may together decode at most `DECODE_CAP` + `DECODE_PER_BYTE` values per
 payload byte, checked before any is decoded, and each stream at most what its layer's size needs.
 
-JSON meta: {"format": "vqlab", "version": 4, "torch": version, "tensors": [...], "modules": [...],
+JSON meta, as version 4 wrote it (version 5 writes the compact form of `vqlab.filemeta`, which leaves out what a
+reader derives: offsets, names, default dtypes and flags; `load` expands it to this and checks it the same way):
+{"format": "vqlab", "version": 4, "torch": version, "tensors": [...], "modules": [...],
 "models": count (only for a list of models)}.
 
 "tensors": one entry per unique parameter/buffer (shared codebooks and tied weights are stored once),
@@ -68,6 +71,7 @@ from .architecture import ALLOWED_TYPES, Entry, TreeError, build_model, module_n
 from .bits import ans_decode, ans_encode, pack_indices, packed_bytes, unpack_indices
 from .codes import WeightCode, stored_dtype
 from .dtypes import FILE_DTYPES, check_store_dtype, dtype_name
+from .filemeta import compact, deflate, expand, inflate
 from .layers import QuantizedLayer
 from .legacy import build_legacy_model
 from .size import check_store_range, model_store_dtype, training_only_ids
@@ -76,8 +80,9 @@ __all__ = ["save", "load", "VQFileError", "FORMAT_VERSION", "READ_VERSIONS", "AL
            "ANS_CAP", "ANS_PER_BYTE", "DECODE_CAP", "DECODE_PER_BYTE", "INDEX_CODINGS"]
 
 MAGIC = b"\x89VQLAB\r\n"
-FORMAT_VERSION = 4
-READ_VERSIONS = (2, 3, 4)     # versions `load` reads (2: entries without `stored`; 2-3: class-path nodes)
+FORMAT_VERSION = 5
+READ_VERSIONS = (2, 3, 4, 5)  # versions `load` reads (2: entries without `stored`; 2-3: class-path nodes; 2-4: LZMA'd
+                              # metadata in full, 5: the compact metadata of `vqlab.filemeta`)
 META_CAP = 16 << 20           # bytes the JSON metadata may decompress to
 ANS_CAP, ANS_PER_BYTE = 1 << 26, 64   # values ANS entries may decode to: ANS_CAP + ANS_PER_BYTE * payload bytes
 DECODE_CAP, DECODE_PER_BYTE = 1 << 22, 64   # values codes may decode from their streams (lattice coordinates)
@@ -219,8 +224,8 @@ def save(model: nn.Module | list[nn.Module], path: str | os.PathLike, store_dtyp
     index_coding: "packed" (bit-packed at ceil(log2 K) bits) or "ans": every bit-packed stream (VQ indices, the
         other codes' packed buffers) ANS-coded from its own histogram (`vqlab.bits.ans_encode`).
     The size is compressed_size(model, store_dtype=store_dtype).compressed_bytes (index_coding="ans": its
-    ans_bytes) plus the header and the JSON metadata (a few KB at most).  The file is replaced atomically:
-    if saving fails, an existing `path` is left unchanged.
+    ans_bytes) plus the 56-byte envelope and the compact metadata (a few hundred bytes, `vqlab.filemeta`).
+    The file is replaced atomically: if saving fails, an existing `path` is left unchanged.
     Raises ValueError for a meta-device model, out-of-range indices, a bad store_dtype or index_coding, or a
     value beyond store_dtype's range (float16: |x| > 65504).
     Example: `vqlab.save(model, "lenet.vqz"); model2 = vqlab.load("lenet.vqz")`;
@@ -252,8 +257,7 @@ def save(model: nn.Module | list[nn.Module], path: str | os.PathLike, store_dtyp
             "modules": module_nodes(model, tindex)}
     if count is not None:
         meta["models"] = count
-    meta_b = lzma.compress(json.dumps(meta, separators=(",", ":")).encode(), format=lzma.FORMAT_RAW,
-                           filters=_META_FILTERS)
+    meta_b = deflate(compact(meta))
     chunks = [_HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(meta_b), offset), meta_b, *sections]
     digest = hashlib.sha256()
     for c in chunks:
@@ -339,7 +343,13 @@ def _open_checked(path: str | os.PathLike, stack: contextlib.ExitStack) -> tuple
     payload.hash_into(digest)
     if digest.digest() != f.read(_DIGEST):
         raise VQFileError(f"{where} is corrupted: sha256 checksum mismatch")
-    raw = _decompress_meta(meta_b, where)
+    if version >= 5:
+        try:
+            raw = inflate(meta_b, META_CAP)
+        except ValueError as e:
+            raise VQFileError(f"{where}: {e}") from None
+    else:
+        raw = _decompress_meta(meta_b, where)
     try:
         meta = json.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -350,6 +360,11 @@ def _open_checked(path: str | os.PathLike, stack: contextlib.ExitStack) -> tuple
         raise VQFileError(f"{where}: field 'format' must be 'vqlab', got {short(meta.get('format'))}")
     if meta.get("version") != version or isinstance(meta.get("version"), bool):
         raise VQFileError(f"{where}: field 'version' is {short(meta.get('version'))}, the header says {version}")
+    if version >= 5:
+        try:
+            meta = expand(meta)
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
+            raise VQFileError(f"{where}: {str(e)[:300]}") from None
     return meta, payload, where
 
 

@@ -99,18 +99,28 @@ def _epochs_for(steps: int, n: int, batch_size: int) -> int:
 
 
 def _finetune(model: nn.Module, train_ds: TensorDataset, steps: int, lr: float, batch_size: int, seed: int,
-              progress: bool) -> None:
+              progress: bool, teacher: nn.Module | None = None) -> None:
     if steps > 0:
         fit(model, train_ds, epochs=_epochs_for(steps, len(train_ds), batch_size), max_steps=steps, lr=lr,
-            batch_size=batch_size, seed=seed, progress=progress, distributed=False)
+            batch_size=batch_size, seed=seed, progress=progress, distributed=False, teacher=teacher)
+
+
+def _teacher(model: nn.Module, distill: bool) -> nn.Module | None:
+    """A frozen copy of the float model to distil from (fine-tuning with `distill=True`), or None."""
+    if not distill:
+        return None
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def _finetune_stage(work: nn.Module, train_ds, val_ds, *, steps: int, lr: float, batch_size: int, seed: int,
-                    progress: bool, float_acc: float, store_dtype, what: str, after=None) -> dict:
-    """Fine-tune `work` for `steps` (seed + 1), run `after(work)` (training-only state ends), round the floats to
-    store_dtype, and measure the "fine-tuned" stage."""
+                    progress: bool, float_acc: float, store_dtype, what: str, after=None,
+                    teacher: nn.Module | None = None) -> dict:
+    """Fine-tune `work` for `steps` (seed + 1; distilling from `teacher` when given), run `after(work)`
+    (training-only state ends), round the floats to store_dtype, and measure the "fine-tuned" stage."""
     t0 = time.perf_counter()
-    _finetune(work, train_ds, steps, lr, batch_size, seed + 1, progress)
+    _finetune(work, train_ds, steps, lr, batch_size, seed + 1, progress, teacher)
     if after is not None:
         after(work)
     if store_dtype is not None:
@@ -231,11 +241,12 @@ def choi(model: nn.Module, train_ds: TensorDataset, val_ds: TensorDataset | None
 def vqdnn(model: nn.Module, train_ds: TensorDataset, val_ds: TensorDataset | None = None, *, k: int = 256,
           d: int = 8, codebook: str = "shared", finetune_steps: int = 500, reassign_every: int = 0,
           lr: float = 1e-3, batch_size: int = 128, seed: int = 0, filter_fn=None, store_dtype="float16",
-          progress: bool = True) -> tuple[nn.Module, PipelineReport]:
+          distill: bool = False, progress: bool = True) -> tuple[nn.Module, PipelineReport]:
     """VQ-DNN at fixed K, d: k-means codebooks (`codebook` "layer" or "shared" across the model), then
     `finetune_steps` of codebook fine-tuning with the indices re-assigned every `reassign_every` steps (0, the
     default: fixed indices; re-assignment from Adam-trained latent weights measured much worse on LeNet-5 and in
-    `vqlab.compress`), then floats at `store_dtype`.  returns (model, PipelineReport) with stages float, k-means,
+    `vqlab.compress`), then floats at `store_dtype`.  distill=True: the fine-tuning learns the float model's soft
+    targets too (`fit(teacher=)`; not in the paper, reported in the setting).  returns (model, PipelineReport) with stages float, k-means,
     fine-tuned."""
     _check_budget(finetune_steps, lr, batch_size)
     config = VQConfig(k=k, d=d, codebook=codebook, seed=seed, reassign_every=reassign_every, pad=True)
@@ -251,11 +262,12 @@ def vqdnn(model: nn.Module, train_ds: TensorDataset, val_ds: TensorDataset | Non
                 m.reassign_every, m.latent = 0, None
 
     what = f"codebooks, {finetune_steps} steps" + (f", re-assigned every {reassign_every}" if reassign_every else "")
+    what += ", distilled" if distill else ""
     rows.append(_finetune_stage(work, train_ds, val_ds, steps=finetune_steps, lr=lr, batch_size=batch_size, seed=seed,
                                 progress=progress, float_acc=float_acc, store_dtype=store_dtype, what=what,
-                                after=end_training))
+                                after=end_training, teacher=_teacher(model, distill)))
     setting = {"pipeline": "vqdnn", "k": k, "d": d, "codebook": codebook, "finetune_steps": finetune_steps,
-               "reassign_every": reassign_every, "seed": seed}
+               "reassign_every": reassign_every, "seed": seed, **({"distill": True} if distill else {})}
     return work, PipelineReport(pd.DataFrame(rows), setting, float_acc)
 
 
@@ -263,7 +275,7 @@ def vqdnn(model: nn.Module, train_ds: TensorDataset, val_ds: TensorDataset | Non
 
 def _quantize_then_finetune(name: str, model, train_ds, val_ds, config, what: str, finetune_steps: int, lr: float,
                             batch_size: int, seed: int, filter_fn, store_dtype, progress: bool,
-                            setting: dict) -> tuple[nn.Module, PipelineReport]:
+                            setting: dict, distill: bool = False) -> tuple[nn.Module, PipelineReport]:
     _check_budget(finetune_steps, lr, batch_size)
     work, float_acc, rows = _start(model, val_ds, store_dtype)
     t0 = time.perf_counter()
@@ -273,33 +285,37 @@ def _quantize_then_finetune(name: str, model, train_ds, val_ds, config, what: st
     if finetune_steps:
         rows.append(_finetune_stage(work, train_ds, val_ds, steps=finetune_steps, lr=lr, batch_size=batch_size,
                                     seed=seed, progress=progress, float_acc=float_acc, store_dtype=store_dtype,
-                                    what=f"{finetune_steps} steps"))
+                                    what=f"{finetune_steps} steps" + (", distilled" if distill else ""),
+                                    teacher=_teacher(model, distill)))
     return work, PipelineReport(pd.DataFrame(rows), {"pipeline": name, **setting, "finetune_steps": finetune_steps,
-                                                     "seed": seed}, float_acc)
+                                                     "seed": seed, **({"distill": True} if distill else {})},
+                                float_acc)
 
 
 def qaf(model: nn.Module, train_ds: TensorDataset, val_ds: TensorDataset | None = None, *, rank_ratio: float = 0.25,
         bits: int = 4, algorithm: str = "admm", iters: int = 30, finetune_steps: int = 500, lr: float = 1e-3,
-        batch_size: int = 128, seed: int = 0, filter_fn=None, store_dtype="float16",
+        batch_size: int = 128, seed: int = 0, filter_fn=None, store_dtype="float16", distill: bool = False,
         progress: bool = True) -> tuple[nn.Module, PipelineReport]:
     """Quantization-aware CP factorization: every targeted layer factorized with its factors on the `bits` grid
     (`algorithm` "admm", or "ptq" for the baseline CP-ALS + post-training quantization), then `finetune_steps` of
     fine-tuning with the factors kept on their grid (`QAFConfig(finetune=True)`: straight-through rounding of float
-    copies, scales trained).  Run it with both algorithms and the same budget for a fair comparison."""
+    copies, scales trained; distill=True: from the float model's soft targets too).  Run it with both algorithms and
+    the same budget for a fair comparison."""
     config = _qaf.QAFConfig(rank_ratio=rank_ratio, bits=bits, algorithm=algorithm, iters=iters, seed=seed,
                             finetune=finetune_steps > 0)
     return _quantize_then_finetune("qaf", model, train_ds, val_ds, config,
                                    f"{algorithm}, rank ratio {rank_ratio:g}, {bits} bits", finetune_steps, lr,
                                    batch_size, seed, filter_fn, store_dtype, progress,
-                                   {"algorithm": algorithm, "rank_ratio": rank_ratio, "bits": bits})
+                                   {"algorithm": algorithm, "rank_ratio": rank_ratio, "bits": bits}, distill)
 
 
 def gong(model: nn.Module, config, train_ds: TensorDataset | None = None, val_ds: TensorDataset | None = None, *,
          finetune_steps: int = 0, lr: float = 1e-3, batch_size: int = 128, seed: int = 0, filter_fn=None,
-         store_dtype="float16", progress: bool = True) -> tuple[nn.Module, PipelineReport]:
+         store_dtype="float16", distill: bool = False, progress: bool = True) -> tuple[nn.Module, PipelineReport]:
     """Gong et al.'s post-training codes (`vqlab.methods.gong` ScalarConfig / PQConfig / RVQConfig / BinaryConfig);
     with finetune_steps > 0 the config's codebooks are made trainable (`finetune=True`) and fine-tuned — an
-    option the paper does not have, reported as a separate stage."""
+    option the paper does not have, reported as a separate stage (distill=True: from the float model's soft targets
+    too)."""
     import dataclasses
 
     if finetune_steps and hasattr(config, "finetune"):
@@ -309,7 +325,7 @@ def gong(model: nn.Module, config, train_ds: TensorDataset | None = None, val_ds
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("finetune",)}
     return _quantize_then_finetune("gong", model, train_ds, val_ds, config, f"{config.name} {fields}",
                                    finetune_steps, lr, batch_size, seed, filter_fn, store_dtype, progress,
-                                   {"method": config.name, **fields})
+                                   {"method": config.name, **fields}, distill)
 
 
 # ---------------------------------------------------------------- VQ4ALL
