@@ -102,7 +102,7 @@ def test_a_tied_weight_keeps_its_first_name_and_stays_tied(saved):
 def test_the_header_costs_a_few_hundred_bytes():
     """The compact header of a LeNet-5 and a ResNet-20 VQ file against the version-4 one (LZMA'd JSON)."""
     torch.manual_seed(0)
-    for model, cap in ((vqlab.get_model("lenet5"), 400), (vqlab.get_model("resnet20", in_channels=1), 900)):
+    for model, cap in ((vqlab.get_model("lenet5"), 300), (vqlab.get_model("resnet20", in_channels=1), 600)):
         vqlab.quantize_(model, VQConfig(k=16, d=4, codebook="shared", iters=1), progress=False)
         import io as _io
         import tempfile
@@ -189,3 +189,21 @@ def test_malformed_compact_fields_name_the_field(saved, tmp_path):
         (tmp_path / "m.vqz").write_bytes(_file(filemeta.deflate(bad), payload, 5))
         with pytest.raises(VQFileError, match=match):
             load(tmp_path / "m.vqz")
+
+
+def test_the_preset_dictionary_is_frozen():
+    """Format 5 means this preset: a changed byte would make every written file unreadable."""
+    assert hashlib.sha256(filemeta.PRESET).hexdigest() == \
+        "91e8f72ed04f3c35f3d0cd302da7aa31c56dfae6683f890e37fe8a29a646ceb7"
+    assert len(filemeta.PRESET) <= 32 << 10                          # DEFLATE's window
+
+
+def test_node_defaults_round_trip_also_when_a_field_is_absent():
+    full = {"format": "vqlab", "version": 5, "tensors": [], "modules": [
+        {"type": "torch.nn.ReLU", "training": False, "state": {}},                    # inplace absent
+        {"type": "torch.nn.ReLU", "training": True, "state": {"inplace": True}},
+        {"type": "torch.nn.Flatten", "training": False, "state": {"start_dim": 1.0, "end_dim": -1}},   # 1.0, not 1
+        {"type": "torch.nn.Sequential", "training": False, "children": [["0", 0], ["1", 1], ["2", 2]]}]}
+    small = filemeta.compact(full)
+    assert small["modules"][0]["~"] == ["inplace"] and small["modules"][2]["state"] == {"start_dim": 1.0}
+    assert filemeta.expand(small) == full

@@ -32,42 +32,32 @@ import json
 import zlib
 from typing import Any
 
+from .filemeta_preset import PRESET   # DEFLATE's preset dictionary, frozen with the format
+
 __all__ = ["compact", "expand", "deflate", "inflate", "tree_names", "PRESET"]
 
-# Words and fragments of the JSON every vqlab file writes (the compact layout), as DEFLATE's preset dictionary:
-# the first occurrence of a type or field name then costs a back-reference, not its letters.  Frozen: changing
-# it changes what format 5 means.
-PRESET = (
-    b'"momentum":0.1,"affine":true,"track_running_stats":true},"params":[["weight",0],["bias",0]],'
-    b'"buffers":[["running_mean",0],["running_var",0],["num_batches_tracked",0]]},'
-    b'{"type":"torch.nn.BatchNorm1d","state":{"num_features":'
-    b'{"type":"torch.nn.ReLU","state":{"inplace":false}},{"type":"torch.nn.Flatten","state":{"start_dim":1,'
-    b'"end_dim":-1}},{"type":"torch.nn.MaxPool2d","state":{"kernel_size":2,"stride":2,"padding":0,"dilation":1,'
-    b'"return_indices":false,"ceil_mode":false}},{"type":"torch.nn.AdaptiveAvgPool2d","state":{"output_size":'
-    b'{"type":"torch.nn.Dropout","state":{"p":0.5,"inplace":false}},{"type":"torch.nn.Identity"},'
-    b'{"type":"torch.nn.Linear","state":{"in_features":'
-    b'{"type":"torch.nn.Sequential","children":[["0",1],["1",1],["2",1],["3",1]'
-    b'{"type":"torch.nn.ModuleList","children":'
-    b'{"type":"code:lattice","config":{"type":"code:qaf","config":{"type":"code:pq","config":'
-    b'{"type":"code:rvq","config":{"type":"code:scalar","config":{"type":"code:binary","config":'
-    b'{"type":"model:BasicBlock","state":{"pad":0,"stride":1},"children":[["conv1",5],["bn1",5],["conv2",5],'
-    b'["bn2",5]]},{"type":"torch.nn.Conv2d","state":{"in_channels":1,"out_channels":16,"kernel_size":{"t":[3,3]},'
-    b'"stride":{"t":[1,1]},"padding":{"t":[1,1]},"dilation":{"t":[1,1]},"transposed":false,'
-    b'"output_padding":{"t":[0,0]},"groups":1,"padding_mode":"zeros","_reversed_padding_repeated_twice":'
-    b'{"t":[1,1,1,1]}},"params":[["weight",0],["bias",null]]},{"type":"torch.nn.BatchNorm2d",'
-    b'"state":{"num_features":16,"eps":1e-05,'
-    b'{"type":"vqlab:linear","config":{"in_features":400,"out_features":120,"bias":true},"children":[["code",1]],'
-    b'"params":[["bias",0]]},{"type":"vqlab:conv2d","config":{"in_channels":16,"out_channels":16,'
-    b'"kernel_size":[3,3],"stride":[1,1],"padding":[1,1],"dilation":[1,1],"groups":1,"bias":false,'
-    b'"padding_mode":"zeros","segment":"input"},"children":[["code",1]]},'
-    b'{"type":"vqlab:codebook","config":{"k":256,"d":4,"codebook_groups":1,"frozen":false,"dtype":"float32"},'
-    b'"params":[["weight",0]]},{"type":"code:vq","config":{"rows":16,"n_pad":144,"k":256,"d":4,'
-    b'"codebook_groups":1,"dtype":"float32"},"children":[["codebook",1]],"buffers":[["indices",0]]},'
-    b'{"format":"vqlab","version":5,"torch":"2.14.1","params":0,"store":"float16","coding":"ans",'
-    b'"tensors":[[288,0,[16,1,3,3]],[32,0,[16]],[4096,0,[1,256,8]],[4,0,[]],[144,8,[16,144]],[8,0,[],'
-    b'{"t":"int64","g":false}]],"modules":[')
+
 
 _DEFAULT_DTYPE = ("float32", "uint8")      # (bits 0, bits > 0)
+# node type -> (field, {key: default}): a value equal to its default is left out of the node's config/state; a
+# key the node does not have at all is listed in the node's "~" (so expand gives back exactly what was there).
+# Frozen with the format, like PRESET.
+_ONE, _ZERO = [1, 1], [0, 0]
+_NODE_DEFAULTS = {
+    "vqlab:codebook": ("config", {"codebook_groups": 1, "frozen": False, "dtype": "float32"}),
+    "code:vq": ("config", {"codebook_groups": 1, "dtype": "float32"}),
+    "vqlab:linear": ("config", {"bias": True}),
+    "vqlab:conv2d": ("config", {"stride": _ONE, "padding": _ZERO, "dilation": _ONE, "groups": 1, "bias": True,
+                                "padding_mode": "zeros", "segment": "input"}),
+    "torch.nn.ReLU": ("state", {"inplace": False}),
+    "torch.nn.MaxPool2d": ("state", {"padding": 0, "dilation": 1, "return_indices": False, "ceil_mode": False}),
+    "torch.nn.Flatten": ("state", {"start_dim": 1, "end_dim": -1}),
+    "torch.nn.BatchNorm2d": ("state", {"eps": 1e-05, "momentum": 0.1, "affine": True, "track_running_stats": True}),
+    "torch.nn.BatchNorm1d": ("state", {"eps": 1e-05, "momentum": 0.1, "affine": True, "track_running_stats": True}),
+    "torch.nn.Conv2d": ("state", {"stride": {"t": _ONE}, "padding": {"t": _ZERO}, "dilation": {"t": _ONE},
+                                  "transposed": False, "output_padding": {"t": _ZERO}, "groups": 1,
+                                  "padding_mode": "zeros"}),
+}
 _FLOATS = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}   # float dtypes a file holds -> itemsize
 _WBITS = -15                               # raw DEFLATE, 32 KiB window
 
@@ -168,6 +158,13 @@ def compact(meta: dict) -> dict:
                 small[key] = refs
             else:
                 small[key] = value
+        field, defaults = _NODE_DEFAULTS.get(node.get("type"), (None, {}))
+        if isinstance(small.get(field), dict):
+            values = small[field]
+            small[field] = {k: v for k, v in values.items() if not (k in defaults and _same(v, defaults[k]))}
+            absent = [k for k in defaults if k not in values]
+            if absent:
+                small["~"] = absent
         mods.append(small)
     out["modules"] = mods
     return out
@@ -196,7 +193,19 @@ def expand(small: dict) -> dict:
         f = f"field 'modules[{i}]'"
         if not isinstance(node, dict):
             raise ValueError(f"{f} must be an object, got {node!r:.60}")
-        full = {"training": False, **node}
+        full = {"training": False, **{k: v for k, v in node.items() if k != "~"}}
+        field, defaults = _NODE_DEFAULTS.get(node.get("type"), (None, {}))
+        if field is not None and isinstance(node.get(field, {}), dict):
+            absent = node.get("~", [])
+            if not isinstance(absent, list) or not all(isinstance(k, str) for k in absent):
+                raise ValueError(f"{f}.~ must be a list of field names, got {absent!r:.60}")
+            given = node.get(field, {})
+            full[field] = {**{k: json.loads(json.dumps(v)) for k, v in defaults.items() if k not in absent
+                              and k not in given}, **given}
+            if not full[field] and field not in node:
+                del full[field]
+        elif "~" in node:
+            raise ValueError(f"{f} has a '~' field, which a {node.get('type')!r:.60} node does not take")
         last = {"params": -1, "buffers": n_params - 1}
         for key in ("children", "params", "buffers"):
             value = node.get(key)
@@ -242,6 +251,12 @@ def expand(small: dict) -> dict:
     out = {k: v for k, v in small.items() if k not in ("tensors", "modules", "params", "store", "coding")}
     out["tensors"], out["modules"] = entries, mods
     return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON values, types included (1 is not 1.0 or True)."""
+    return type(a) is type(b) and (a == b if not isinstance(a, (list, dict)) else
+                                   json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True))
 
 
 def _plain_tree(node: dict) -> bool:
