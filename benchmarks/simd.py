@@ -148,6 +148,7 @@ def main(argv=None) -> int:
             for batch in args.batches:
                 x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch))
                 cases = [("cache", layers[:1], int8[:1], packed[:1])]
+                stream = [torch.zeros(m * n * 2 // 8 // 4) for _ in layers]   # float32 buffers of the packed bytes
                 if not args.no_dram and batch == 1:
                     cases.append(("dram", layers, int8, packed))
                 for case, lays, qs, ps in cases:
@@ -159,7 +160,8 @@ def main(argv=None) -> int:
                                "numba": lambda: vq_matmul(x, book, idx, backend="numba"),
                                "numba K256 d4": lambda: vq_matmul(x, k256[0], k256[1], backend="numba"),
                                "fp32": lambda: F.linear(x, w),
-                               "int8 dynamic": lambda: qs[0](x)}
+                               "int8 dynamic": lambda: qs[0](x),
+                               "read packed": lambda: stream[0].sum()}
                     else:
                         it = {}
 
@@ -174,7 +176,8 @@ def main(argv=None) -> int:
                         fns = {"simd": rot("simd", lambda i: (lambda: vq_matmul(x, lays[i][0], lays[i][1], backend="simd"))),
                                "simd kernel": rot("simd kernel", lambda i: kernel_fn(lays[i][0], lays[i][1], x)),
                                "simd packed": rot("simd packed", lambda i: (lambda: ps[i](x))),
-                               "int8 dynamic": rot("int8", lambda i: (lambda: qs[i](x)))}
+                               "int8 dynamic": rot("int8", lambda i: (lambda: qs[i](x))),
+                               "read packed": rot("read", lambda i: (lambda: stream[i].sum()))}
                     res = timings(fns, args.rounds, args.block)
                     print(f"\n{m}x{n}, K={k}, d={d} (2 bits/weight), batch {batch}, {threads} thread(s), {case}: "
                           f"ms per call, median [min, max] over {args.rounds} rounds")
@@ -184,6 +187,11 @@ def main(argv=None) -> int:
                         ratio = [a / b for a, b in zip(res["int8 dynamic"], res[name])]
                         print(f"  int8 dynamic / {name:12s} = {statistics.median(ratio):.2f}x "
                               f"[{min(ratio):.2f}, {max(ratio):.2f}]  (> 1: {name} faster)")
+                    if batch == 1:
+                        ratio = [a / b for a, b in zip(res["simd packed"], res["read packed"])]
+                        print(f"  simd packed / reading its {m * n * 2 // 8 >> 20} MiB of packed bytes ({case}) = "
+                              f"{statistics.median(ratio):.2f}x [{min(ratio):.2f}, {max(ratio):.2f}]  (target <= 2; "
+                              f"read = one summing pass over a buffer of that size)")
                     if "numba" in res:
                         for name in ("numba", "fp32"):
                             ratio = [a / b for a, b in zip(res[name], res["simd"])]

@@ -49,6 +49,11 @@ def verdict(pipeline: str, file_ratio: float, delta_points: float) -> str:
 
 def describe(setting: dict, run: str = "") -> tuple[str, str]:
     """(pipeline, a one-line setting) from a run's stored setting (the JSON `benchmarks/pipelines.py` writes)."""
+    p, text = _describe(setting, run)
+    return p, text + (", distilled from the float model" if setting.get("distill") else "")
+
+
+def _describe(setting: dict, run: str) -> tuple[str, str]:
     s = setting
     p = s.get("pipeline", run.split("-")[0])
     if p == "choi":
