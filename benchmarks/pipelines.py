@@ -36,9 +36,16 @@ def baseline():
 
 
 def _append(df: pd.DataFrame, path: Path) -> None:
+    """Add df's rows to the CSV at path, its columns in the file's order (a new column: the file rewritten with it
+    at the end), through a temporary file and os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = not path.exists()
-    df.to_csv(path, mode="a", header=header, index=False)
+    if path.exists():
+        old = pd.read_csv(path)
+        df = pd.concat([old, df[[c for c in old.columns if c in df.columns] + [c for c in df.columns
+                                                                               if c not in old.columns]]])
+    tmp = path.with_suffix(".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -73,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--distill", action="store_true", help="fine-tune from the float model's soft targets too")
+    p.add_argument("--store", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="the float dtype files store (bfloat16: float16's size with float32's range)")
     p.add_argument("--tag", default="")
     a = p.parse_args(argv)
     if a.threads:
@@ -92,7 +101,7 @@ def main(argv=None) -> int:
     elif a.pipeline == "qaf":
         q, rep = pipelines.qaf(model, train, test, rank_ratio=a.rank_ratio, bits=a.bits, algorithm=a.algorithm,
                                iters=a.iters, finetune_steps=a.finetune_steps, lr=a.lr, seed=a.seed,
-                               distill=a.distill)
+                               distill=a.distill, store_dtype=a.store)
         stages, setting = rep.stages, rep.setting
     elif a.pipeline == "gong":
         import vqlab.methods.gong as gong
@@ -125,12 +134,16 @@ def main(argv=None) -> int:
         setting = {"pipeline": "compress", "target": a.target, "epochs": a.epochs, "seeds": a.seeds or [a.seed]}
     seconds = time.perf_counter() - t0
     run = f"{a.pipeline}-{a.tag or int(time.time())}"
+    if a.store != "float16":
+        setting = {**setting, "store": a.store}
     stages = stages.assign(run=run, setting=json.dumps(setting), total_seconds=seconds,
                            float_acc=meta["test_acc"])
     _append(stages, RESULTS / "pipelines_resnet20.csv")
-    _append(stages.tail(len(stages) if a.pipeline == "compress" else 1), RESULTS / "pipelines_resnet20_final.csv")
+    final = (stages if a.pipeline == "compress" else
+             stages[stages["stage"] == "all"] if a.pipeline == "vq4all" else stages.tail(1))   # vq4all: the file
+    _append(final, RESULTS / "pipelines_resnet20_final.csv")
     os.makedirs(ROOT / "runs", exist_ok=True)
-    vqlab.save(q, ROOT / "runs" / f"{run}.vqz", store_dtype="float16", index_coding="ans")
+    vqlab.save(q, ROOT / "runs" / f"{run}.vqz", store_dtype=a.store, index_coding="ans")
     print(stages.drop(columns=["setting"]).round(4).to_string())
     return 0
 

@@ -49,8 +49,8 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def resave(runs: Path = README.parent / "runs") -> list[tuple[str, int, int]]:
-    """Every run whose model file is in `runs/`: load it, save it again (float16, ANS-coded indices, today's
-    format) into a temporary file and put that file's size and ratio into its final rows of both tables.
+    """Every run whose model file is in `runs/`: load it, save it again (float16, or bfloat16 where a value
+    exceeds float16's range; ANS-coded indices; today's format) into a temporary file and put that file's size and ratio into its final rows of both tables.
     returns [(run, old bytes, new bytes)]."""
     final, stages = pd.read_csv(FINAL_CSV), pd.read_csv(STAGES_CSV)
     done = []
@@ -58,8 +58,12 @@ def resave(runs: Path = README.parent / "runs") -> list[tuple[str, int, int]]:
         path = runs / f"{r['run']}.vqz"
         if not path.exists() or pd.isna(r["file_bytes"]):
             continue
+        model = vqlab.load(path)
         with tempfile.TemporaryDirectory() as d:
-            new = vqlab.save(vqlab.load(path), os.path.join(d, "m.vqz"), store_dtype="float16", index_coding="ans")
+            try:
+                new = vqlab.save(model, os.path.join(d, "m.vqz"), store_dtype="float16", index_coding="ans")
+            except ValueError:           # beyond float16's range: the run stored bfloat16 (same size), as here
+                new = vqlab.save(model, os.path.join(d, "m.vqz"), store_dtype="bfloat16", index_coding="ans")
         dense = r["file_ratio"] * r["file_bytes"]
         for df, rows in ((final, [i]), (stages, stages.index[(stages["run"] == r["run"]) & (stages["stage"] == r["stage"])
                                                               & (stages["file_bytes"] == r["file_bytes"])])):

@@ -158,7 +158,7 @@ def test_the_readme_pipeline_table_is_the_stored_table():
     import importlib.util
     from pathlib import Path
 
-    from vqlab.paper_results import results_table, to_markdown, verdict
+    from vqlab.paper_results import describe, results_table, to_markdown, verdict
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("pipelines_table", root / "benchmarks" / "pipelines_table.py")
@@ -169,3 +169,6 @@ def test_the_readme_pipeline_table_is_the_stored_table():
     assert mod.readme_block((root / "README.md").read_text()) == to_markdown(df).strip()
     assert verdict("choi", 13.7, -0.72) == "missed: ratio 2.9× short" and verdict("vqdnn", 23.2, -0.5) == "met"
     assert verdict("vqdnn", 23.2, -2.72) == "missed: 1.72 points too low" and verdict("gong", 5, -9) == "—"
+    setting = {"pipeline": "vqdnn", "k": 256, "d": 8, "codebook": "shared", "finetune_steps": 4000}
+    assert describe(setting) == ("vqdnn", "K=256 d=8 (shared codebook), 4000 steps")
+    assert describe({**setting, "distill": True})[1] == "K=256 d=8 (shared codebook), 4000 steps, distilled from the float model"

@@ -50,7 +50,8 @@ def verdict(pipeline: str, file_ratio: float, delta_points: float) -> str:
 def describe(setting: dict, run: str = "") -> tuple[str, str]:
     """(pipeline, a one-line setting) from a run's stored setting (the JSON `benchmarks/pipelines.py` writes)."""
     p, text = _describe(setting, run)
-    return p, text + (", distilled from the float model" if setting.get("distill") else "")
+    return p, text + (", distilled from the float model" if setting.get("distill") else "") + (
+        f", {setting['store']} storage" if setting.get("store") else "")
 
 
 def _describe(setting: dict, run: str) -> tuple[str, str]:
