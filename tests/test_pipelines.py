@@ -172,3 +172,4 @@ def test_the_readme_pipeline_table_is_the_stored_table():
     setting = {"pipeline": "vqdnn", "k": 256, "d": 8, "codebook": "shared", "finetune_steps": 4000}
     assert describe(setting) == ("vqdnn", "K=256 d=8 (shared codebook), 4000 steps")
     assert describe({**setting, "distill": True})[1] == "K=256 d=8 (shared codebook), 4000 steps, distilled from the float model"
+    assert describe({**setting, "seed": 1})[1] == "K=256 d=8 (shared codebook), 4000 steps, seed 1"

@@ -51,7 +51,8 @@ def describe(setting: dict, run: str = "") -> tuple[str, str]:
     """(pipeline, a one-line setting) from a run's stored setting (the JSON `benchmarks/pipelines.py` writes)."""
     p, text = _describe(setting, run)
     return p, text + (", distilled from the float model" if setting.get("distill") else "") + (
-        f", {setting['store']} storage" if setting.get("store") else "")
+        f", {setting['store']} storage" if setting.get("store") else "") + (
+        f", seed {setting['seed']}" if setting.get("seed") not in (None, 0) and p != "compress" else "")
 
 
 def _describe(setting: dict, run: str) -> tuple[str, str]:
