@@ -28,6 +28,7 @@ from .config import QuantConfig, register_handler
 from .quantize import all_layers, keep_first_last, quantize_, quantize_layer, set_submodule
 from .methods.vq import VQCode, VQConfig, VQConv2d, VQLinear
 from .methods.vq_simd import SimdCode, pack_simd_
+from .methods.vq_simd_conv import SimdConvCode
 from .methods.uniform import UniformConfig, uniform_quantize_
 from .methods.gong import BinaryConfig, PQConfig, RVQConfig, ScalarConfig
 from .methods.lattice import LatticeConfig
@@ -47,7 +48,7 @@ __all__ = [
     "Codebook", "KMeansResult", "PQResult", "RVQResult", "assign", "decode", "kmeans", "pq_decode", "product_quantize",
     "residual_quantize", "rvq_decode", "CodeSize", "WeightCode", "register_code", "QuantizedConv2d", "QuantizedLayer",
     "QuantizedLinear", "QuantConfig", "register_handler", "all_layers", "keep_first_last", "quantize_",
-    "quantize_layer", "set_submodule", "VQCode", "VQConfig", "VQConv2d", "VQLinear", "SimdCode", "pack_simd_",
+    "quantize_layer", "set_submodule", "VQCode", "VQConfig", "VQConv2d", "VQLinear", "SimdCode", "SimdConvCode", "pack_simd_",
     "UniformConfig", "uniform_quantize_", "BinaryConfig", "PQConfig", "RVQConfig", "ScalarConfig", "LatticeConfig",
     "VQ4ALLConfig", "QAFConfig", "count_flops", "SizeReport", "compressed_size", "VQFileError", "load", "save",
     "DatasetNotFoundError", "dataset_info", "load_dataset", "loader", "pick_dataset", "default_input_shape", "get_model",

@@ -203,7 +203,7 @@ def _bind(lib: Path) -> ctypes.CDLL:
         dll = ctypes.CDLL(str(lib))
     except OSError as e:
         raise _Unavailable(f"loading the compiled kernel failed ({e})") from None
-    if dll.vq_abi_version() != 3:
+    if dll.vq_abi_version() != 4:
         raise _Unavailable("compiled kernel has another ABI version")
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     dll.vq_isa_supported.argtypes, dll.vq_isa_supported.restype = [i32], i32

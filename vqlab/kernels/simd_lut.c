@@ -54,7 +54,7 @@
 
 enum { VQ_SCALAR = 0, VQ_AVX2 = 1 };
 
-int vq_abi_version(void) { return 3; }
+int vq_abi_version(void) { return 4; }
 
 int vq_isa_supported(int isa)
 {
@@ -62,7 +62,7 @@ int vq_isa_supported(int isa)
 #ifdef VQ_X86
     if (isa == VQ_AVX2) {
         __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") ? 1 : 0;
+        return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1 : 0;
     }
 #endif
     return 0;
@@ -782,4 +782,494 @@ int vq_matmul_rows(const float *x, int64_t B, int64_t d, const float *cb, int64_
     const int rc = B ? tables_run(x, B, S, d, cb, K, group, ngroups, tab, steps, offset, isa) : 0;
     if (rc != 0) return rc;
     return vq_lut_rows(idx, m, S, row0, row1, tab, steps, offset, y, ldy, B, ngroups, group, maxval, isa);
+}
+
+/* ------------------------------------------------------------------ convolution
+ *
+ * vq_conv_lut: one conv group of a segment="input" VQ convolution (K <= 16) by lookup tables per input pixel.
+ *   x (B, ldx, H, W) float32 (NCHW); the group's S * d input channels start at channel cx0.
+ *   P (nblk, kh * kw, S2, 16) uint8, nblk = ceil(cout / 16), S2 = ceil(S / 2): byte c of vector (blk, tap, p) =
+ *     I[16 blk + c, tap, 2p] | I[16 blk + c, tap, 2p + 1] << 4   (zero for padded channels and the padded segment)
+ *   y (B, ldy, Ho, Wo) float32 (NCHW); the group's cout outputs go to channels yc0 ...
+ * Tables are built once per image on the zero-padded grid (Hp = H + 2 ph, Wp = W + 2 pw), one 16-byte table per
+ * (pixel, segment), and every output channel and every kernel tap that reads the pixel looks it up:
+ *   step  = max over the image's pixels and segments of r / 255,  r = |x_0| w_0 + ... + |x_{d-1}| w_{d-1}
+ *           (w_j = cmax_j - cmin_j over the K codewords: r bounds T[k] - lo), inv = 1 / step (0 when step = 0)
+ *   lo    = e_0 + ... + e_{d-1},  e_j = (x_j >= 0 ? x_j * cmin_j : x_j * cmax_j)    (lo <= T[k] for every k)
+ *   v[k]  = fma(x_{d-1}, c'[d-1, k], ... fma(x_0, c'[0, k], 0.5 - lo * inv)),  c' = C * inv
+ *   q[k]  = trunc(min(255, v[k])) when v[k] > -1, else 0 (and 0 for k >= K)   ~ round((T[k] - lo) / step)
+ *   y[o, oy, ox] = sum_{i, j} LO[py, px] + step * sum_{i, j, s} q[py, px, s, I[o, i, j, s]]
+ *                  (py = oy sh + i dh, px = ox sw + j dw on the padded grid; LO = lo_0 + ... + lo_{S-1})
+ * The integer sums restart every CONV_CHUNK (tap, pair) steps: uint16 lanes hold even + 256 odd bytes and the odd
+ * bytes apart, both lanes (segments 2p, 2p + 1) add up to at most 2 * 128 * 255 < 65536, so every sum is exact,
+ * and both paths flush the same integers in the same order with the same float operations (fmaf = vfmadd):
+ * AVX2 and scalar outputs are bit-identical.  A nibble selects an entry inside a 16-byte register (scalar: & 15
+ * in a 16-byte row), so no index value can address memory; vq_conv_maxnib reports the largest nibble for the
+ * range check.  An image whose step is 0 (all-zero input) skips the lookups: every q is 0. */
+
+#define CONV_CHUNK 128
+
+static inline int64_t conv_align(int64_t n) { return (n + 63) & ~(int64_t)63; }
+
+/* bytes of scratch vq_conv_lut needs */
+int64_t vq_conv_scratch(int64_t H, int64_t W, int64_t S, int64_t ph, int64_t pw, int64_t Wo)
+{
+    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, S2 = (S + 1) / 2;
+    return conv_align(Hp * Wp * S2 * 32) + conv_align(Hp * Wp * 4) + conv_align(H * W * 12)
+           + conv_align(Wo * 16 * 4) + conv_align(Wo * 4) + 64;
+}
+
+/* The step of one image (see above); x: the group's first channel plane, planes HW floats apart. */
+static float conv_step_scalar(const float *x, int64_t HW, int64_t S, int64_t d, const float *wid, int64_t p0)
+{
+    float m = 0.0f;
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t p = p0; p < HW; p++) {
+            const float *xs = x + s * d * HW + p;
+            float r = fabsf(xs[0]) * wid[0];
+            for (int64_t j = 1; j < d; j++) r += fabsf(xs[j * HW]) * wid[j];
+            m = r > m ? r : m;
+        }
+    return m;
+}
+
+/* One pixel's S tables (scalar): lo, q -> tab + off, returns LO. */
+static float conv_pixel_scalar(const float *xp, int64_t HW, int64_t S, int64_t d, const float *cs,
+                               const float *cmin, const float *cmax, float inv, int64_t K, uint8_t *t)
+{
+    float LO = 0.0f;
+    for (int64_t s = 0; s < S; s++) {
+        const float *xs = xp + s * d * HW;
+        float lo = xs[0] >= 0.0f ? xs[0] * cmin[0] : xs[0] * cmax[0];
+        for (int64_t j = 1; j < d; j++) {
+            const float v = xs[j * HW];
+            lo += v >= 0.0f ? v * cmin[j] : v * cmax[j];
+        }
+        LO = s ? LO + lo : lo;
+        const float bias = 0.5f - lo * inv;
+        uint8_t *q = t + s * VQ_ROW;
+        for (int k = 0; k < VQ_ROW; k++) {
+            float v = fmaf(xs[0], cs[k], bias);
+            for (int64_t j = 1; j < d; j++) v = fmaf(xs[j * HW], cs[j * VQ_ROW + k], v);
+            v = 255.0f < v ? 255.0f : v;
+            q[k] = (k < K && v > -1.0f) ? (uint8_t)(int)v : 0;
+        }
+    }
+    return LO;
+}
+
+#ifdef VQ_X86
+__attribute__((target("avx2,fma")))
+static float conv_step_avx2(const float *x, int64_t HW, int64_t S, int64_t d, const float *wid)
+{
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    const int64_t n8 = HW & ~(int64_t)7;
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t p = 0; p < n8; p += 8) {
+            const float *xs = x + s * d * HW + p;
+            __m256 r = _mm256_mul_ps(_mm256_and_ps(_mm256_loadu_ps(xs), sign), _mm256_set1_ps(wid[0]));
+            for (int64_t j = 1; j < d; j++)
+                r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_and_ps(_mm256_loadu_ps(xs + j * HW), sign),
+                                                   _mm256_set1_ps(wid[j])));
+            m = _mm256_max_ps(r, m);                         /* (r > m) ? r : m, as the scalar path */
+        }
+    float v[8], top = n8 < HW ? conv_step_scalar(x, HW, S, d, wid, n8) : 0.0f;
+    _mm256_storeu_ps(v, m);
+    for (int k = 0; k < 8; k++) top = v[k] > top ? v[k] : top;
+    return top;
+}
+
+/* 8 pixels' S tables: the scalar path's float operations lane by lane. */
+static inline __attribute__((always_inline, target("avx2,fma")))
+void conv_pixels8(const float *xp, int64_t HW, int64_t S, int64_t d, const float *cs, const float *cmin,
+                  const float *cmax, float inv, int masked, __m128i mask, uint8_t *tab, const int64_t *off,
+                  float *LOout)
+{
+    const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(255.0f), half = _mm256_set1_ps(0.5f);
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i tr = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m256i m2 = _mm256_broadcastsi128_si256(mask);
+    __m256 LO = zero;
+    for (int64_t s = 0; s < S; s++) {
+        const float *xs = xp + s * d * HW;
+        __m256 x0 = _mm256_loadu_ps(xs);
+        __m256 lo = _mm256_mul_ps(x0, _mm256_blendv_ps(_mm256_set1_ps(cmax[0]), _mm256_set1_ps(cmin[0]),
+                                                       _mm256_cmp_ps(x0, zero, _CMP_GE_OQ)));
+        for (int64_t j = 1; j < d; j++) {
+            const __m256 xj = _mm256_loadu_ps(xs + j * HW);
+            lo = _mm256_add_ps(lo, _mm256_mul_ps(xj, _mm256_blendv_ps(_mm256_set1_ps(cmax[j]),
+                                   _mm256_set1_ps(cmin[j]), _mm256_cmp_ps(xj, zero, _CMP_GE_OQ))));
+        }
+        LO = s ? _mm256_add_ps(LO, lo) : lo;
+        const __m256 bias = _mm256_sub_ps(half, _mm256_mul_ps(lo, vinv));
+        __m256i B[4];
+        for (int kq = 0; kq < 4; kq++) {
+            __m256i V[4];
+            for (int kk = 0; kk < 4; kk++) {
+                const int k = 4 * kq + kk;
+                __m256 v = _mm256_fmadd_ps(x0, _mm256_set1_ps(cs[k]), bias);
+                for (int64_t j = 1; j < d; j++)
+                    v = _mm256_fmadd_ps(_mm256_loadu_ps(xs + j * HW), _mm256_set1_ps(cs[j * VQ_ROW + k]), v);
+                V[kk] = _mm256_cvttps_epi32(_mm256_min_ps(top, v));     /* (255 < v) ? 255 : v */
+            }
+            const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(V[0], V[1]), _mm256_packs_epi32(V[2], V[3]));
+            B[kq] = _mm256_shuffle_epi8(b, tr);              /* dword p of a lane: entries 4kq..4kq+3 of pixel p */
+        }
+        const __m256i t0 = _mm256_unpacklo_epi32(B[0], B[1]), t1 = _mm256_unpackhi_epi32(B[0], B[1]);
+        const __m256i t2 = _mm256_unpacklo_epi32(B[2], B[3]), t3 = _mm256_unpackhi_epi32(B[2], B[3]);
+        __m256i r[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                        _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+        for (int p = 0; p < 4; p++) {
+            if (masked) r[p] = _mm256_and_si256(r[p], m2);
+            _mm_storeu_si128((__m128i *)(tab + off[p] + s * VQ_ROW), _mm256_castsi256_si128(r[p]));
+            _mm_storeu_si128((__m128i *)(tab + off[p + 4] + s * VQ_ROW), _mm256_extracti128_si256(r[p], 1));
+        }
+    }
+    _mm256_storeu_ps(LOout, LO);
+}
+
+__attribute__((target("avx2,fma")))
+static void conv_fill_avx2(const float *x, int64_t HW, int64_t S, int64_t d, const float *cs, const float *cmin,
+                           const float *cmax, float inv, int64_t K, uint8_t *tab, const int64_t *off, float *LOp)
+{
+    uint8_t keep[VQ_ROW];
+    for (int k = 0; k < VQ_ROW; k++) keep[k] = k < K ? 0xff : 0;
+    const __m128i mask = _mm_loadu_si128((const __m128i *)keep);
+    const int64_t n8 = HW & ~(int64_t)7;
+    for (int64_t p = 0; p < n8; p += 8) {
+        if (d == 2) {
+            if (K < VQ_ROW) conv_pixels8(x + p, HW, S, 2, cs, cmin, cmax, inv, 1, mask, tab, off + p, LOp + p);
+            else conv_pixels8(x + p, HW, S, 2, cs, cmin, cmax, inv, 0, mask, tab, off + p, LOp + p);
+        } else {
+            conv_pixels8(x + p, HW, S, d, cs, cmin, cmax, inv, K < VQ_ROW, mask, tab, off + p, LOp + p);
+        }
+    }
+    for (int64_t p = n8; p < HW; p++) LOp[p] = conv_pixel_scalar(x + p, HW, S, d, cs, cmin, cmax, inv, K, tab + off[p]);
+}
+#endif
+
+/* The tables and LO of one image on the padded grid; returns the step. */
+static float conv_tables(const float *x, int64_t H, int64_t W, int64_t S, int64_t d, const float *cb, int64_t K,
+                         int64_t ph, int64_t pw, uint8_t *tab, float *LO, int64_t *off, int isa)
+{
+    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, S2 = (S + 1) / 2, ts = S2 * 32, HW = H * W;
+    float cmin[64], cmax[64], wid[64], cs[64 * VQ_ROW];
+    for (int64_t j = 0; j < d; j++) {
+        cmin[j] = cmax[j] = cb[j];
+        for (int64_t k = 1; k < K; k++) {
+            const float v = cb[k * d + j];
+            cmin[j] = v < cmin[j] ? v : cmin[j];
+            cmax[j] = v > cmax[j] ? v : cmax[j];
+        }
+        wid[j] = cmax[j] - cmin[j];
+    }
+    float m;
+#ifdef VQ_X86
+    if (isa == VQ_AVX2) m = conv_step_avx2(x, HW, S, d, wid);
+    else
+#endif
+    m = conv_step_scalar(x, HW, S, d, wid, 0);
+    const float step = m / 255.0f, inv = step > 0.0f ? 1.0f / step : 0.0f;
+    for (int64_t j = 0; j < d; j++)
+        for (int64_t k = 0; k < VQ_ROW; k++) cs[j * VQ_ROW + k] = (k < K ? cb[k * d + j] : 0.0f) * inv;
+    /* zero the padding: border pixels, and the padded segment of every pixel when S is odd */
+    memset(tab, 0, (size_t)(ph * Wp * ts));
+    memset(tab + (ph + H) * Wp * ts, 0, (size_t)(ph * Wp * ts));
+    for (int64_t h = 0; h < H; h++) {
+        memset(tab + (ph + h) * Wp * ts, 0, (size_t)(pw * ts));
+        memset(tab + ((ph + h) * Wp + pw + W) * ts, 0, (size_t)(pw * ts));
+        if (S % 2)
+            for (int64_t w = 0; w < W; w++) memset(tab + ((ph + h) * Wp + pw + w) * ts + S * VQ_ROW, 0, VQ_ROW);
+    }
+    memset(LO, 0, (size_t)(Hp * Wp) * sizeof(float));
+    if (!(step > 0.0f)) return 0.0f;                         /* every q is 0: the lookups are skipped */
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t w = 0; w < W; w++) off[h * W + w] = ((ph + h) * Wp + pw + w) * ts;
+    float *LOp = (float *)(off + HW);                         /* LO per real pixel, then placed on the grid */
+#ifdef VQ_X86
+    if (isa == VQ_AVX2) conv_fill_avx2(x, HW, S, d, cs, cmin, cmax, inv, K, tab, off, LOp);
+    else
+#endif
+    for (int64_t p = 0; p < HW; p++) LOp[p] = conv_pixel_scalar(x + p, HW, S, d, cs, cmin, cmax, inv, K, tab + off[p]);
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t w = 0; w < W; w++) LO[(ph + h) * Wp + pw + w] = LOp[h * W + w];
+    return step;
+}
+
+/* acc[p][c] += step * (integer sum of a chunk) for the np pixels whose tap-(0, 0) tables start at tp[p]. */
+static void conv_px_scalar(int np, const uint8_t *const *tp, int64_t istep, int64_t jstep, const uint8_t *pv,
+                           int64_t kh, int64_t kw, int64_t S2, float step, float *acc)
+{
+    int32_t sum[4][VQ_ROW];
+    memset(sum, 0, sizeof(sum));
+    int64_t n = 0;
+    for (int64_t i = 0; i < kh; i++)
+        for (int64_t j = 0; j < kw; j++)
+            for (int64_t sp = 0; sp < S2; sp++) {
+                const uint8_t *v = pv + ((i * kw + j) * S2 + sp) * 16;
+                for (int p = 0; p < np; p++) {
+                    const uint8_t *t = tp[p] + i * istep + j * jstep + sp * 32;
+                    for (int c = 0; c < 16; c++) sum[p][c] += t[v[c] & 15] + t[16 + ((v[c] >> 4) & 15)];
+                }
+                if (++n == CONV_CHUNK || (i == kh - 1 && j == kw - 1 && sp == S2 - 1)) {
+                    for (int p = 0; p < np; p++)
+                        for (int c = 0; c < 16; c++) {
+                            acc[p * 16 + c] += step * (float)sum[p][c];
+                            sum[p][c] = 0;
+                        }
+                    n = 0;
+                }
+            }
+}
+
+#ifdef VQ_X86
+static inline __attribute__((always_inline, target("avx2")))
+void conv_flush(__m256i A, __m256i C, float step, float *a)
+{
+    const __m256i even = _mm256_sub_epi16(A, _mm256_slli_epi16(C, 8));
+    const __m128i e = _mm_add_epi16(_mm256_castsi256_si128(even), _mm256_extracti128_si256(even, 1));
+    const __m128i o = _mm_add_epi16(_mm256_castsi256_si128(C), _mm256_extracti128_si256(C, 1));
+    const __m256 st = _mm256_set1_ps(step);
+    const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_unpacklo_epi16(e, o)));
+    const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_unpackhi_epi16(e, o)));
+    _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), _mm256_mul_ps(st, f0)));
+    _mm256_storeu_ps(a + 8, _mm256_add_ps(_mm256_loadu_ps(a + 8), _mm256_mul_ps(st, f1)));
+}
+
+/* odd bytes by vpmaddubsw (odd byte * 1 + even byte * 0), which does not compete with the shuffles for ports */
+#define CONV_LOOK(T, A, C) do {                                                    \
+        const __m256i r_ = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(T)), iv); \
+        A = _mm256_add_epi16(A, r_);                                               \
+        C = _mm256_add_epi16(C, _mm256_maddubs_epi16(r_, odd1));                   \
+    } while (0)
+
+static inline __attribute__((always_inline, target("avx2")))
+void conv_px_body(const int np, const uint8_t *const *tp, int64_t istep, int64_t jstep, const uint8_t *pv,
+                  int64_t kh, int64_t kw, int64_t S2, float step, float *acc)
+{
+    const __m256i sh = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), low = _mm256_set1_epi8(15);
+    const __m256i zero = _mm256_setzero_si256(), odd1 = _mm256_set1_epi16(0x0100);
+    __m256i A0 = zero, C0 = zero, A1 = zero, C1 = zero, A2 = zero, C2 = zero, A3 = zero, C3 = zero;
+    int64_t n = 0;
+    for (int64_t i = 0; i < kh; i++)
+        for (int64_t j = 0; j < kw; j++) {
+            const int64_t o = i * istep + j * jstep;
+            const uint8_t *t0 = tp[0] + o, *t1 = tp[np > 1 ? 1 : 0] + o, *t2 = tp[np > 2 ? 2 : 0] + o;
+            const uint8_t *t3 = tp[np > 3 ? 3 : 0] + o, *vj = pv + (i * kw + j) * S2 * 16;
+            for (int64_t sp = 0; sp < S2; sp++) {
+                const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(vj + sp * 16)));
+                const __m256i iv = _mm256_and_si256(_mm256_srlv_epi32(v, sh), low);
+                CONV_LOOK(t0 + sp * 32, A0, C0);
+                if (np > 1) CONV_LOOK(t1 + sp * 32, A1, C1);
+                if (np > 2) CONV_LOOK(t2 + sp * 32, A2, C2);
+                if (np > 3) CONV_LOOK(t3 + sp * 32, A3, C3);
+                if (__builtin_expect(++n == CONV_CHUNK, 0)) {
+                    conv_flush(A0, C0, step, acc);
+                    if (np > 1) conv_flush(A1, C1, step, acc + 16);
+                    if (np > 2) conv_flush(A2, C2, step, acc + 32);
+                    if (np > 3) conv_flush(A3, C3, step, acc + 48);
+                    A0 = C0 = A1 = C1 = A2 = C2 = A3 = C3 = zero;
+                    n = 0;
+                }
+            }
+        }
+    if (n) {
+        conv_flush(A0, C0, step, acc);
+        if (np > 1) conv_flush(A1, C1, step, acc + 16);
+        if (np > 2) conv_flush(A2, C2, step, acc + 32);
+        if (np > 3) conv_flush(A3, C3, step, acc + 48);
+    }
+}
+
+__attribute__((target("avx2")))
+static void conv_px_avx2(int np, const uint8_t *const *tp, int64_t istep, int64_t jstep, const uint8_t *pv,
+                         int64_t kh, int64_t kw, int64_t S2, float step, float *acc)
+{
+    switch (np) {
+    case 4: conv_px_body(4, tp, istep, jstep, pv, kh, kw, S2, step, acc); break;
+    case 3: conv_px_body(3, tp, istep, jstep, pv, kh, kw, S2, step, acc); break;
+    case 2: conv_px_body(2, tp, istep, jstep, pv, kh, kw, S2, step, acc); break;
+    default: conv_px_body(1, tp, istep, jstep, pv, kh, kw, S2, step, acc); break;
+    }
+}
+
+/* y[c * ldc + ox] = acc[ox * 16 + c] + offs[ox] for c < nc and the whole groups of 8 ox (8 x 8 transposes);
+ * returns the first ox left to the caller. */
+__attribute__((target("avx2")))
+static int64_t conv_store_avx2(const float *acc, const float *offs, float *y, int64_t ldc, int64_t Wo, int64_t nc)
+{
+    const int64_t n8 = Wo & ~(int64_t)7;
+    for (int64_t ox = 0; ox < n8; ox += 8) {
+        const __m256 o = _mm256_loadu_ps(offs + ox);
+        for (int h = 0; h < 2 && 8 * h < nc; h++) {
+            __m256 r[8], t[8];
+            for (int p = 0; p < 8; p++) r[p] = _mm256_loadu_ps(acc + (ox + p) * 16 + 8 * h);
+            for (int p = 0; p < 8; p += 2) {
+                t[p] = _mm256_unpacklo_ps(r[p], r[p + 1]);
+                t[p + 1] = _mm256_unpackhi_ps(r[p], r[p + 1]);
+            }
+            for (int p = 0; p < 8; p += 4) {
+                r[p] = _mm256_shuffle_ps(t[p], t[p + 2], 0x44);
+                r[p + 1] = _mm256_shuffle_ps(t[p], t[p + 2], 0xee);
+                r[p + 2] = _mm256_shuffle_ps(t[p + 1], t[p + 3], 0x44);
+                r[p + 3] = _mm256_shuffle_ps(t[p + 1], t[p + 3], 0xee);
+            }
+            /* r[0..3]: channels (0, 1, 2, 3) of pixels 0-3 | 4-7 ... as lanes; r[4..7] the same for pixels 4-7 */
+            for (int c = 0; c < 4; c++) {
+                const __m256 lo4 = _mm256_permute2f128_ps(r[c], r[c + 4], 0x20);   /* channel c, pixels 0..7 */
+                const __m256 hi4 = _mm256_permute2f128_ps(r[c], r[c + 4], 0x31);   /* channel c + 4 */
+                const int64_t ca = 8 * h + c, cb2 = 8 * h + c + 4;
+                if (ca < nc) _mm256_storeu_ps(y + ca * ldc + ox, _mm256_add_ps(lo4, o));
+                if (cb2 < nc) _mm256_storeu_ps(y + cb2 * ldc + ox, _mm256_add_ps(hi4, o));
+            }
+        }
+    }
+    return n8;
+}
+
+__attribute__((target("avx2")))
+static int conv_maxnib_avx2(const uint8_t *P, int64_t n)
+{
+    const __m256i low = _mm256_set1_epi8(15);
+    __m256i mlo = _mm256_setzero_si256(), mall = mlo;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(P + i));
+        mlo = _mm256_max_epu8(mlo, _mm256_and_si256(v, low));
+        mall = _mm256_max_epu8(mall, v);
+    }
+    uint8_t a[32], b[32];
+    _mm256_storeu_si256((__m256i *)a, mlo);
+    _mm256_storeu_si256((__m256i *)b, mall);
+    int top = 0;
+    for (int k = 0; k < 32; k++) {
+        top = a[k] > top ? a[k] : top;
+        top = (b[k] >> 4) > top ? (b[k] >> 4) : top;
+    }
+    for (; i < n; i++) {
+        top = (P[i] & 15) > top ? (P[i] & 15) : top;
+        top = (P[i] >> 4) > top ? (P[i] >> 4) : top;
+    }
+    return top;
+}
+#endif
+
+/* The largest nibble of the n bytes at P (the range check of a packed convolution code). */
+int vq_conv_maxnib(const uint8_t *P, int64_t n, int isa)
+{
+    if (n < 0 || !vq_isa_supported(isa)) return -1;
+#ifdef VQ_X86
+    if (isa == VQ_AVX2) return conv_maxnib_avx2(P, n);
+#endif
+    int top = 0;
+    for (int64_t i = 0; i < n; i++) {
+        top = (P[i] & 15) > top ? (P[i] & 15) : top;
+        top = (P[i] >> 4) > top ? (P[i] >> 4) : top;
+    }
+    return top;
+}
+
+/* Returns 0, -1 for arguments outside what the kernel handles (nothing written), -3 for too little scratch. */
+int vq_conv_lut(const float *x, int64_t B, int64_t H, int64_t W, int64_t ldx, int64_t cx0, int64_t S, int64_t d,
+                const float *cb, int64_t K, const uint8_t *P, int64_t cout, int64_t kh, int64_t kw, int64_t sh,
+                int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, const float *bias, float *y, int64_t ldy,
+                int64_t yc0, uint8_t *scratch, int64_t scratch_bytes, int isa)
+{
+    if (B < 0 || H < 1 || W < 1 || S < 1 || d < 1 || d > 64 || K < 1 || K > VQ_ROW || cout < 1 || kh < 1
+        || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || dh < 1 || dw < 1 || cx0 < 0 || cx0 + S * d > ldx
+        || yc0 < 0 || !vq_isa_supported(isa))
+        return -1;
+    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+    if (Hp < dh * (kh - 1) + 1 || Wp < dw * (kw - 1) + 1) return -1;
+    const int64_t Ho = (Hp - dh * (kh - 1) - 1) / sh + 1, Wo = (Wp - dw * (kw - 1) - 1) / sw + 1;
+    if (yc0 + cout > ldy) return -1;
+    if (scratch_bytes < vq_conv_scratch(H, W, S, ph, pw, Wo)) return -3;
+    const int64_t S2 = (S + 1) / 2, ts = S2 * 32, nblk = (cout + 15) / 16, taps = kh * kw, HoWo = Ho * Wo;
+    uint8_t *tab = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float *LO = (float *)(tab + conv_align(Hp * Wp * ts));
+    int64_t *off = (int64_t *)((uint8_t *)LO + conv_align(Hp * Wp * 4));
+    float *acc = (float *)((uint8_t *)off + conv_align(H * W * 12));
+    float *offs = (float *)((uint8_t *)acc + conv_align(Wo * 16 * 4));
+    for (int64_t b = 0; b < B; b++) {
+        const float step = conv_tables(x + (b * ldx + cx0) * H * W, H, W, S, d, cb, K, ph, pw, tab, LO, off, isa);
+        float *yb = y + (b * ldy + yc0) * HoWo;
+        for (int64_t oy = 0; oy < Ho; oy++) {
+            for (int64_t ox = 0; ox < Wo; ox++) offs[ox] = 0.0f;
+            for (int64_t i = 0; i < kh; i++)
+                for (int64_t j = 0; j < kw; j++) {
+                    const float *l = LO + (oy * sh + i * dh) * Wp + j * dw;
+                    if (sw == 1)
+                        for (int64_t ox = 0; ox < Wo; ox++) offs[ox] += l[ox];
+                    else
+                        for (int64_t ox = 0; ox < Wo; ox++) offs[ox] += l[ox * sw];
+                }
+            for (int64_t blk = 0; blk < nblk; blk++) {
+                memset(acc, 0, (size_t)(Wo * 16) * sizeof(float));
+                if (step > 0.0f) {
+                    const uint8_t *pv = P + blk * taps * S2 * 16;
+                    for (int64_t ox = 0; ox < Wo; ox += 4) {
+                        const int np = (int)(Wo - ox < 4 ? Wo - ox : 4);
+                        const uint8_t *tp[4];
+                        for (int p = 0; p < np; p++) tp[p] = tab + (oy * sh * Wp + (ox + p) * sw) * ts;
+#ifdef VQ_X86
+                        if (isa == VQ_AVX2) {
+                            conv_px_avx2(np, tp, dh * Wp * ts, dw * ts, pv, kh, kw, S2, step, acc + ox * 16);
+                            continue;
+                        }
+#endif
+                        conv_px_scalar(np, tp, dh * Wp * ts, dw * ts, pv, kh, kw, S2, step, acc + ox * 16);
+                    }
+                }
+                const int64_t nc = cout - blk * 16 < 16 ? cout - blk * 16 : 16;
+                int64_t ox0 = 0;
+#ifdef VQ_X86
+                if (isa == VQ_AVX2) ox0 = conv_store_avx2(acc, offs, yb + blk * 16 * HoWo + oy * Wo, HoWo, Wo, nc);
+#endif
+                for (int64_t c = 0; c < nc; c++) {
+                    float *yc = yb + (blk * 16 + c) * HoWo + oy * Wo;
+                    for (int64_t ox = ox0; ox < Wo; ox++) yc[ox] = acc[ox * 16 + c] + offs[ox];
+                }
+                if (bias)                                            /* (lookups + offset) + bias */
+                    for (int64_t c = 0; c < nc; c++) {
+                        float *yc = yb + (blk * 16 + c) * HoWo + oy * Wo;
+                        const float bc = bias[yc0 + blk * 16 + c];
+                        for (int64_t ox = 0; ox < Wo; ox++) yc[ox] += bc;
+                    }
+            }
+        }
+    }
+    return 0;
+}
+
+/* The whole convolution in one call: geo = {B, H, W, C, S, d, K, cout, kh, kw, sh, sw, ph, pw, dh, dw, groups,
+ * scratch_bytes, isa}: x (B, C, H, W), groups of C / groups input channels (S segments of d) and cout / groups
+ * outputs, P (groups, ...) as vq_conv_lut's per group, bias (cout) or NULL, y (B, cout, Ho, Wo).
+ * Returns 0; -1 / -3 as vq_conv_lut; -4 when the codebook holds a NaN or Inf (nothing written: run the exact
+ * product); -5 when a nibble is >= K (*top = the largest; nothing written). */
+int vq_conv_call(const int64_t *geo, const float *x, const float *cb, const uint8_t *P, const float *bias, float *y,
+                 uint8_t *scratch, int *top)
+{
+    const int64_t B = geo[0], H = geo[1], W = geo[2], C = geo[3], S = geo[4], d = geo[5], K = geo[6];
+    const int64_t cout = geo[7], kh = geo[8], kw = geo[9], groups = geo[16];
+    const int isa = (int)geo[18];
+    *top = 0;
+    if (groups < 1 || C % groups || cout % groups || S * d * groups != C || K < 1 || K > VQ_ROW || d < 1
+        || d > 64 || !vq_isa_supported(isa))
+        return -1;
+    for (int64_t i = 0; i < K * d; i++)
+        if (!isfinite(cb[i])) return -4;
+    const int64_t per = cout / groups, pstride = ((per + 15) / 16) * kh * kw * ((S + 1) / 2) * 16;
+    if (K < VQ_ROW) {
+        *top = vq_conv_maxnib(P, groups * pstride, isa);
+        if (*top >= K) return -5;
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        const int rc = vq_conv_lut(x, B, H, W, C, g * S * d, S, d, cb, K, P + g * pstride, per, kh, kw, geo[10],
+                                   geo[11], geo[12], geo[13], geo[14], geo[15], bias, y, cout, g * per, scratch,
+                                   geo[17], isa);
+        if (rc) return rc;
+    }
+    return 0;
 }

@@ -18,8 +18,8 @@ hold every output within 6 sigma of the float reference (`vqlab.kernels.simd`). 
 (exact, F.linear on `rows()`) in training mode, on CUDA, for float64 inputs and where no native kernel exists
 (one notice).  Gradients, when asked for in eval mode, are those of the exact product (as for the backend).
 
-Only linears without padding (in_features divisible by d) are converted; convolutions keep their layout (their
-backend "simd" path reads the indices in place).
+Only linears without padding (in_features divisible by d) get a SimdCode; `pack_simd_` gives convolutions with
+segment="input" a `SimdConvCode` (`vqlab.methods.vq_simd_conv`, the lookup-table convolution).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from ..kernels.backends import as_float32
 from ..kernels.reference import check_indices, dequantize
 from ..layers import QuantizedConv2d, QuantizedLayer
 from .vq import VQCode, VQCodeBase
+from .vq_simd_conv import SimdConvCode
 
 __all__ = ["SimdCode", "pack_simd_"]
 
@@ -210,20 +211,34 @@ class SimdCode(VQCodeBase):
 
 # ---------------------------------------------------------------- the simd layout for a whole model
 
+def _why_not(mod: QuantizedLayer, code: VQCodeBase) -> str:
+    """Why `pack_simd_` leaves a VQ layer as it is ("" when it converts it)."""
+    if code.k > _simd.ROW:
+        return f"K={code.k} > {_simd.ROW}"
+    if isinstance(mod, QuantizedConv2d):
+        if mod.segment != "input":
+            return "segment='kernel' (the lookup-table convolution needs segment='input')"
+        if mod.cin_pad != mod.in_channels // mod.groups:
+            return f"padded channels (in_channels/groups={mod.in_channels // mod.groups} not divisible by d={code.d})"
+        if code.codebook_groups != 1:
+            return f"codebook_groups={code.codebook_groups} (the convolution layout holds one codebook)"
+        return ""
+    return f"padded rows (in_features={mod.n} not divisible by d={code.d})" if mod.n_pad != mod.n else ""
+
+
 def pack_simd_(model: nn.Module) -> pd.DataFrame:
-    """Store the indices of every VQ linear with K <= 16 and no padding in the simd kernel's layout (`SimdCode`,
-    sharing the codebook), in place: the layers stay where they are, only their code changes.  Returns one row
-    per VQ layer: layer, K, d, packed (bool), reason (why not, else "")."""
+    """Store the indices of every VQ layer with K <= 16 in a simd kernel's layout, in place: linears without
+    padding get a `SimdCode`, convolutions with segment="input", unpadded channels and one codebook group a
+    `SimdConvCode` (both share the codebook); the layers stay where they are, only their code changes.  Returns
+    one row per VQ layer: layer, K, d, packed (bool), reason (why not, else "")."""
     rows, done = [], set()
     for name, mod in model.named_modules(remove_duplicate=False):
         if not isinstance(mod, QuantizedLayer) or not isinstance(mod.code, VQCodeBase):
             continue
         code = mod.code
-        why = ("a convolution keeps its own layout" if isinstance(mod, QuantizedConv2d)
-               else f"K={code.k} > {_simd.ROW}" if code.k > _simd.ROW
-               else f"padded rows (in_features={mod.n} not divisible by d={code.d})" if mod.n_pad != mod.n else "")
+        why = _why_not(mod, code)
         if not why and id(mod) not in done and isinstance(code, VQCode):
-            mod.code = SimdCode.from_vq(code)
+            mod.code = SimdConvCode.from_vq(code, mod) if isinstance(mod, QuantizedConv2d) else SimdCode.from_vq(code)
         if not why:
             done.add(id(mod))
         rows.append({"layer": name, "K": code.k, "d": code.d, "packed": not why, "reason": why})
