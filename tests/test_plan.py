@@ -224,6 +224,7 @@ print("ok")
 # ---------------------------------------------------------------- packed layers (pack_simd_): the small-call path
 
 from vqlab.kernels import dequantize, simd  # noqa: E402
+from vqlab.methods import vq_simd  # noqa: E402
 
 needs_native = pytest.mark.skipif(simd.native_isa() is None, reason="no native simd kernel here")
 
@@ -244,6 +245,7 @@ def test_a_packed_layers_small_call_equals_the_general_path_bit_for_bit(batch, m
     with torch.no_grad():
         fast = [m(x) for _ in range(3)]
         monkeypatch.setattr(simd, "packed_small_call", lambda *a, **k: None)     # the general path only
+        vq_simd._FAST.clear()
         general = m(x)
     assert all(torch.equal(y, general) for y in fast)
 

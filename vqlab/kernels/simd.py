@@ -55,7 +55,6 @@ import subprocess
 import tempfile
 import threading
 import warnings
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -626,27 +625,37 @@ def _run_packed(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m
     return _drive(x, codebook, m, table_group, code, threads, nblk, fused, part, 1 << 23)
 
 
-class _SmallCall:
-    """A packed layer's single-threaded call on a small batch, decided once (`packed_small_call`)."""
+class PackedCall:
+    """A packed layer's single-threaded call on a small batch, decided once (`packed_small_call`): the geometry
+    array of `vq_packed_call`, the output shape, the scratch size.  `run` is one ctypes call."""
 
-    __slots__ = ("key", "book", "finite", "run")
+    __slots__ = ("geo", "shape", "need", "k", "lib", "top", "key", "owner")
+
+    def run(self, x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, m) float32 = the packed product + bias, or None for a codebook with a NaN / Inf (the caller runs the
+        exact product).  raises ValueError for a nibble >= K.  Arguments as `packed_small_call` checked them."""
+        y = torch.empty(self.shape, dtype=torch.float32)
+        rc = self.lib.vq_packed_call(self.geo, x.data_ptr(), codebook.data_ptr(), packed.data_ptr(),
+                                     None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                     _scratch(self.need, 1)[0], self.top)
+        if rc:
+            if rc == -4:
+                return None
+            if rc == -5:
+                raise _out_of_range(self.top.value, self.k)
+            raise RuntimeError(f"simd: the kernel refused its arguments ({rc})")
+        return y
 
 
-_SMALL: "weakref.WeakKeyDictionary[object, _SmallCall]" = weakref.WeakKeyDictionary()
-
-
-def packed_small_call(owner: object, x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int,
-                      table_group: int, isa: str) -> torch.Tensor | None:
-    """`_matmul_packed(x, codebook, packed, m, table_group, isa)` for the calls `_drive` runs in one C call (at most
-    CHUNK rows, one codebook group, fewer lookups than the thread pool's threshold), with every Python decision
-    of that path (plan sizes, scratch, the finite-codebook test, argument checks) made once per `owner` and input
-    width: bit-identical outputs, about 10 us less per call.  The codebook's bytes are compared with a private
-    snapshot on every call (a changed codebook is tested for NaN/Inf again), the index nibbles range-checked by
-    the kernel as always.  Returns None for any other call (the caller runs `_matmul_packed`).
-    x: (B, S*d) float32 contiguous CPU; packed: checked by the caller (`SimdCode`: dtype, device, contiguity,
-    shape for m)."""
-    from .checked import Snapshot
-
+def packed_small_call(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int, table_group: int,
+                      isa: str) -> PackedCall | None:
+    """The plan of `_matmul_packed(x, codebook, packed, m, table_group, isa)` (+ bias) for the calls `_drive` runs
+    in one C call (at most CHUNK rows, one codebook group, fewer lookups than the thread pool's threshold), with
+    every Python decision of that path (plan sizes, scratch, argument checks) made once: bit-identical outputs.
+    The C call checks the codebook for NaN / Inf and every nibble against K itself, on every call.  None for any
+    other call (the caller runs `_matmul_packed`).  x: (B, S*d) float32 contiguous CPU; codebook (K, d) or
+    (1, K, d) float32 contiguous; packed: checked by the caller (`SimdCode`: dtype, device, contiguity, shape)."""
     b, n = x.shape if x.dim() == 2 else (0, 0)
     d, k = codebook.shape[-1], codebook.shape[-2]
     s = n // d
@@ -654,33 +663,18 @@ def packed_small_call(owner: object, x: torch.Tensor, codebook: torch.Tensor, pa
             or not x.is_cpu or not x.is_contiguous() or n != s * d or b * m * s >= 1 << 23
             or codebook.dtype != torch.float32 or not codebook.is_cpu or not codebook.is_contiguous()):
         return None
-    key = (b, n, m, k, d, table_group, isa, tuple(packed.shape), os.getpid())
-    c = _SMALL.get(owner)
-    if c is None or c.key != key or not c.book.same(codebook):
-        _check_x_book(x, codebook, s)
-        c = _SmallCall()
-        c.key, c.book, c.finite = key, Snapshot(codebook), _finite(codebook)
-        if c.finite:
-            lib, code = _loaded()[0], ISAS[isa]
-            g, ngroups, chunk, size, need = _plan(s, b, table_group)
-            check = int(k < ROW)
-
-            def run(x, codebook, packed):
-                out = torch.empty((b, m), dtype=torch.float32)
-                tab, top = _scratch(need, 1)
-                rc = lib.vq_matmul_packed(x.data_ptr(), b, s, d, codebook.data_ptr(), k, packed.data_ptr(), m,
-                                          out.data_ptr(), m, g, ngroups, tab, tab + size, tab + size + 4 * chunk * ngroups,
-                                          check, ctypes.addressof(top), code)
-                if rc != 0:
-                    raise RuntimeError(f"simd: the kernel refused its arguments ({rc})")
-                if top[0] >= k:
-                    raise _out_of_range(top[0], k)
-                return out
-            c.run = run
-        _SMALL[owner] = c
-    if not c.finite:
-        return None
-    return c.run(x, codebook, packed)
+    _check_x_book(x, codebook, s)
+    lib = _loaded()[0]
+    if not getattr(lib, "_packed_call_bound", False):
+        ptr = ctypes.c_void_p
+        lib.vq_packed_call.argtypes = [ptr] * 7 + [ctypes.POINTER(ctypes.c_int)]
+        lib.vq_packed_call.restype = ctypes.c_int
+        lib._packed_call_bound = True
+    g, ngroups, chunk, size, need = _plan(s, b, table_group)
+    c = PackedCall()
+    c.geo = (ctypes.c_int64 * 10)(b, s, d, k, m, g, ngroups, int(k < ROW), ISAS[isa], size)
+    c.shape, c.need, c.k, c.lib, c.top, c.key, c.owner = (b, m), need, k, lib, ctypes.c_int(0), None, None
+    return c
 
 
 # ---------------------------------------------------------------- the registered backend

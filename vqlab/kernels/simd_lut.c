@@ -1273,3 +1273,27 @@ int vq_conv_call(const int64_t *geo, const float *x, const float *cb, const uint
     }
     return 0;
 }
+
+/* A packed layer's small single-threaded call in one: geo = {B, S, d, K, rows, group, ngroups, check, isa,
+ * table bytes (64-aligned)}; x (B, S * d), cb (K, d), P the packed code, bias (rows) or NULL, y (B, rows).
+ * Returns 0; -1 as vq_matmul_packed; -4 when the codebook holds a NaN or Inf (run the exact product); -5 when a
+ * nibble read is >= K (*top = the largest).  y is then not to be used. */
+int vq_packed_call(const int64_t *geo, const float *x, const float *cb, const uint8_t *P, const float *bias, float *y,
+                   uint8_t *scratch, int *top)
+{
+    const int64_t B = geo[0], S = geo[1], d = geo[2], K = geo[3], rows = geo[4], group = geo[5], ngroups = geo[6];
+    *top = 0;
+    if (K < 1 || K > VQ_ROW || d < 1) return -1;
+    for (int64_t i = 0; i < K * d; i++)
+        if (!isfinite(cb[i])) return -4;
+    uint8_t *tab = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float *steps = (float *)(tab + geo[9]), *off = steps + B * ngroups;
+    const int rc = vq_matmul_packed(x, B, S, d, cb, K, P, rows, y, rows, group, ngroups, tab, steps, off,
+                                    (int)geo[7], top, (int)geo[8]);
+    if (rc) return rc;
+    if (*top >= K) return -5;
+    if (bias)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t o = 0; o < rows; o++) y[b * rows + o] += bias[o];
+    return 0;
+}

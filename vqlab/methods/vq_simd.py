@@ -23,6 +23,8 @@ segment="input" a `SimdConvCode` (`vqlab.methods.vq_simd_conv`, the lookup-table
 """
 from __future__ import annotations
 
+import weakref
+
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -41,6 +43,8 @@ from .vq import VQCode, VQCodeBase
 from .vq_simd_conv import SimdConvCode
 
 __all__ = ["SimdCode", "pack_simd_"]
+
+_FAST: "weakref.WeakKeyDictionary[object, _simd.PackedCall]" = weakref.WeakKeyDictionary()
 
 
 class _PackedMatmul(torch.autograd.Function):
@@ -133,6 +137,22 @@ class SimdCode(VQCodeBase):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
         """x (..., n_pad) -> (..., rows) + bias by the kernel on CPU for float16/bfloat16/float32 inputs (computed in
         float32); None (the exact reference) elsewhere or where no native kernel exists."""
+        call = _FAST.get(self)
+        if (call is not None and not torch.is_grad_enabled() and call.key == x.shape and x.dtype == torch.float32
+                and x.is_contiguous() and not x.is_cuda):
+            owner = call.owner                                    # (packed, codebook weight, bias, threads)
+            if (owner[0] is self.packed and owner[1] is self.codebook.weight and owner[2] is bias
+                    and owner[3] == torch.get_num_threads()):
+                y = call.run(x, owner[1], owner[0], bias)
+                if y is not None:
+                    return y
+        return self._matmul(x, bias)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """matmul's full path: every check; a small float32 call in no-grad mode leaves a plan the fast path of
+        `matmul` reuses while the packed buffer, codebook and bias are the same objects (their values are read
+        on every call)."""
+        _FAST.pop(self, None)
         book = self.book()
         n = self.shape[1]
         if (not x.is_cpu or not book.is_cpu or x.dtype == torch.float64 or not x.is_floating_point()
@@ -151,7 +171,16 @@ class SimdCode(VQCodeBase):
                     or tuple(p.shape) != _simd.packed_shape(self.m, self.s, book.shape[0], self.table_group)):
                 self.validate()                                        # raises, naming what is wrong
             xf, bk = as_float32(x2), (book.detach() if book.requires_grad else book)
-            y = _simd.packed_small_call(self, xf, bk, p, self.m, self.table_group, isa)
+            weight = self.codebook.weight
+            call = _simd.packed_small_call(xf, bk, p, self.m, self.table_group, isa)
+            plain = (call is not None and x.dim() == 2 and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                     and not self.pinned_zero
+                     and (bias is None or (bias.dtype == torch.float32 and bias.is_cpu and bias.is_contiguous())))
+            y = call.run(xf, bk, p, bias if plain else None) if call is not None else None
+            if y is not None and plain:
+                call.key, call.owner = x.shape, (p, weight, bias, torch.get_num_threads())
+                _FAST[self] = call
+                return y
             if y is None:
                 y = _simd._matmul_packed(xf, bk, p, self.m, self.table_group, isa)
         if y.dtype != x.dtype:
