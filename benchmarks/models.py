@@ -15,8 +15,8 @@ benchmarks/simd.py), so a busy neighbour slows them alike:
                        with fewer than K segments, so VQ covers the layers int8 dynamic does (the last linear too,
                        where K allows) plus the other convolutions
     VQ K=16 d=2        the same at K=16, d=2 (2 bits/weight)
-    VQ K=16 d=2 packed + vqlab.pack_simd_ (the approximate register-table kernel; today it converts linears
-                       only, so a CNN's convolutions run as in the row above)
+    VQ K=16 d=2 packed + vqlab.pack_simd_ (the approximate register-table kernels: linears get a SimdCode, the
+                       convolutions a SimdConvCode, the lookup-table convolution with one table per input pixel)
 
 The MLP's codebooks come from 2 iterations of randomly initialised k-means (its 67 M weights would take minutes of
 k-means; the time of a call does not depend on how good the codebook is).  Printed: per-call ms (median

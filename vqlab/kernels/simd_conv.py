@@ -62,7 +62,7 @@ def _bind(lib) -> None:
     global _BOUND
     if not _BOUND:
         i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.vq_conv_scratch.argtypes, lib.vq_conv_scratch.restype = [i64] * 6, i64
+        lib.vq_conv_scratch.argtypes, lib.vq_conv_scratch.restype = [i64] * 8, i64
         lib.vq_conv_call.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.POINTER(ctypes.c_int)]
         lib.vq_conv_call.restype = i32
         _BOUND = True
@@ -144,7 +144,7 @@ def conv_call(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, out
     _bind(lib)
     call = ConvCall()
     call.lib, call.k, call.shape, call.top, call.key, call.owner = lib, k, (b, out_channels, ho, wo), ctypes.c_int(0), None, None
-    call.need = lib.vq_conv_scratch(h, w, s, ph, pw, wo)
+    call.need = lib.vq_conv_scratch(h, w, s, ph, pw, wo, kh, kw)
     threads = torch.get_num_threads() if threads is None else threads
     n = max(1, min(threads, b))
     cuts = [b * i // n for i in range(n + 1)]

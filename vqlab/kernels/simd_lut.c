@@ -812,11 +812,11 @@ int vq_matmul_rows(const float *x, int64_t B, int64_t d, const float *cb, int64_
 static inline int64_t conv_align(int64_t n) { return (n + 63) & ~(int64_t)63; }
 
 /* bytes of scratch vq_conv_lut needs */
-int64_t vq_conv_scratch(int64_t H, int64_t W, int64_t S, int64_t ph, int64_t pw, int64_t Wo)
+int64_t vq_conv_scratch(int64_t H, int64_t W, int64_t S, int64_t ph, int64_t pw, int64_t Wo, int64_t kh, int64_t kw)
 {
     const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, S2 = (S + 1) / 2;
     return conv_align(Hp * Wp * S2 * 32) + conv_align(Hp * Wp * 4) + conv_align(H * W * 12)
-           + conv_align(Wo * 16 * 4) + conv_align(Wo * 4) + 64;
+           + conv_align(Wo * 16 * 4) + conv_align(Wo * 4) + 64 + conv_align(kh * kw * S2 * 8);
 }
 
 /* The step of one image (see above); x: the group's first channel plane, planes HW floats apart. */
@@ -884,8 +884,11 @@ static float conv_step_avx2(const float *x, int64_t HW, int64_t S, int64_t d, co
 static inline __attribute__((always_inline, target("avx2,fma")))
 void conv_pixels8(const float *xp, int64_t HW, int64_t S, int64_t d, const float *cs, const float *cmin,
                   const float *cmax, float inv, int masked, __m128i mask, uint8_t *tab, const int64_t *off,
-                  float *LOout)
+                  float *LOout, const int nv)
 {
+    /* nv < 8: the last pixels of the image; lanes >= nv load 0 (masked loads) and are not stored */
+    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(nv), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+#define CONV_LOAD(ptr) (nv == 8 ? _mm256_loadu_ps(ptr) : _mm256_maskload_ps((ptr), lanes))
     const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(255.0f), half = _mm256_set1_ps(0.5f);
     const __m256 vinv = _mm256_set1_ps(inv);
     const __m256i tr = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
@@ -894,11 +897,11 @@ void conv_pixels8(const float *xp, int64_t HW, int64_t S, int64_t d, const float
     __m256 LO = zero;
     for (int64_t s = 0; s < S; s++) {
         const float *xs = xp + s * d * HW;
-        __m256 x0 = _mm256_loadu_ps(xs);
+        __m256 x0 = CONV_LOAD(xs);
         __m256 lo = _mm256_mul_ps(x0, _mm256_blendv_ps(_mm256_set1_ps(cmax[0]), _mm256_set1_ps(cmin[0]),
                                                        _mm256_cmp_ps(x0, zero, _CMP_GE_OQ)));
         for (int64_t j = 1; j < d; j++) {
-            const __m256 xj = _mm256_loadu_ps(xs + j * HW);
+            const __m256 xj = CONV_LOAD(xs + j * HW);
             lo = _mm256_add_ps(lo, _mm256_mul_ps(xj, _mm256_blendv_ps(_mm256_set1_ps(cmax[j]),
                                    _mm256_set1_ps(cmin[j]), _mm256_cmp_ps(xj, zero, _CMP_GE_OQ))));
         }
@@ -911,7 +914,7 @@ void conv_pixels8(const float *xp, int64_t HW, int64_t S, int64_t d, const float
                 const int k = 4 * kq + kk;
                 __m256 v = _mm256_fmadd_ps(x0, _mm256_set1_ps(cs[k]), bias);
                 for (int64_t j = 1; j < d; j++)
-                    v = _mm256_fmadd_ps(_mm256_loadu_ps(xs + j * HW), _mm256_set1_ps(cs[j * VQ_ROW + k]), v);
+                    v = _mm256_fmadd_ps(CONV_LOAD(xs + j * HW), _mm256_set1_ps(cs[j * VQ_ROW + k]), v);
                 V[kk] = _mm256_cvttps_epi32(_mm256_min_ps(top, v));     /* (255 < v) ? 255 : v */
             }
             const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(V[0], V[1]), _mm256_packs_epi32(V[2], V[3]));
@@ -923,11 +926,19 @@ void conv_pixels8(const float *xp, int64_t HW, int64_t S, int64_t d, const float
                         _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
         for (int p = 0; p < 4; p++) {
             if (masked) r[p] = _mm256_and_si256(r[p], m2);
-            _mm_storeu_si128((__m128i *)(tab + off[p] + s * VQ_ROW), _mm256_castsi256_si128(r[p]));
-            _mm_storeu_si128((__m128i *)(tab + off[p + 4] + s * VQ_ROW), _mm256_extracti128_si256(r[p], 1));
+            if (p < nv) _mm_storeu_si128((__m128i *)(tab + off[p] + s * VQ_ROW), _mm256_castsi256_si128(r[p]));
+            if (p + 4 < nv)
+                _mm_storeu_si128((__m128i *)(tab + off[p + 4] + s * VQ_ROW), _mm256_extracti128_si256(r[p], 1));
         }
     }
-    _mm256_storeu_ps(LOout, LO);
+    if (nv == 8) {
+        _mm256_storeu_ps(LOout, LO);
+    } else {
+        float t[8];
+        _mm256_storeu_ps(t, LO);
+        for (int p = 0; p < nv; p++) LOout[p] = t[p];
+    }
+#undef CONV_LOAD
 }
 
 __attribute__((target("avx2,fma")))
@@ -940,13 +951,15 @@ static void conv_fill_avx2(const float *x, int64_t HW, int64_t S, int64_t d, con
     const int64_t n8 = HW & ~(int64_t)7;
     for (int64_t p = 0; p < n8; p += 8) {
         if (d == 2) {
-            if (K < VQ_ROW) conv_pixels8(x + p, HW, S, 2, cs, cmin, cmax, inv, 1, mask, tab, off + p, LOp + p);
-            else conv_pixels8(x + p, HW, S, 2, cs, cmin, cmax, inv, 0, mask, tab, off + p, LOp + p);
+            if (K < VQ_ROW) conv_pixels8(x + p, HW, S, 2, cs, cmin, cmax, inv, 1, mask, tab, off + p, LOp + p, 8);
+            else conv_pixels8(x + p, HW, S, 2, cs, cmin, cmax, inv, 0, mask, tab, off + p, LOp + p, 8);
         } else {
-            conv_pixels8(x + p, HW, S, d, cs, cmin, cmax, inv, K < VQ_ROW, mask, tab, off + p, LOp + p);
+            conv_pixels8(x + p, HW, S, d, cs, cmin, cmax, inv, K < VQ_ROW, mask, tab, off + p, LOp + p, 8);
         }
     }
-    for (int64_t p = n8; p < HW; p++) LOp[p] = conv_pixel_scalar(x + p, HW, S, d, cs, cmin, cmax, inv, K, tab + off[p]);
+    if (n8 < HW)                                               /* the last HW % 8 pixels, masked */
+        conv_pixels8(x + n8, HW, S, d, cs, cmin, cmax, inv, K < VQ_ROW, mask, tab, off + n8, LOp + n8,
+                     (int)(HW - n8));
 }
 #endif
 
@@ -998,30 +1011,29 @@ static float conv_tables(const float *x, int64_t H, int64_t W, int64_t S, int64_
     return step;
 }
 
-/* acc[p][c] += step * (integer sum of a chunk) for the np pixels whose tap-(0, 0) tables start at tp[p]. */
-static void conv_px_scalar(int np, const uint8_t *const *tp, int64_t istep, int64_t jstep, const uint8_t *pv,
-                           int64_t kh, int64_t kw, int64_t S2, float step, float *acc)
+/* acc[p][c] += step * (integer sum of a chunk of CONV_CHUNK (tap, pair) steps) for the np pixels whose tap-(0, 0)
+ * tables start at tp[p]; step q reads index vector q and the tables at tp[p] + qoff[q]. */
+static void conv_px_scalar(int np, const uint8_t *const *tp, const int64_t *qoff, int64_t Q, const uint8_t *pv,
+                           float step, float *acc)
 {
     int32_t sum[4][VQ_ROW];
     memset(sum, 0, sizeof(sum));
     int64_t n = 0;
-    for (int64_t i = 0; i < kh; i++)
-        for (int64_t j = 0; j < kw; j++)
-            for (int64_t sp = 0; sp < S2; sp++) {
-                const uint8_t *v = pv + ((i * kw + j) * S2 + sp) * 16;
-                for (int p = 0; p < np; p++) {
-                    const uint8_t *t = tp[p] + i * istep + j * jstep + sp * 32;
-                    for (int c = 0; c < 16; c++) sum[p][c] += t[v[c] & 15] + t[16 + ((v[c] >> 4) & 15)];
+    for (int64_t q = 0; q < Q; q++) {
+        const uint8_t *v = pv + q * 16;
+        for (int p = 0; p < np; p++) {
+            const uint8_t *t = tp[p] + qoff[q];
+            for (int c = 0; c < 16; c++) sum[p][c] += t[v[c] & 15] + t[16 + ((v[c] >> 4) & 15)];
+        }
+        if (++n == CONV_CHUNK || q == Q - 1) {
+            for (int p = 0; p < np; p++)
+                for (int c = 0; c < 16; c++) {
+                    acc[p * 16 + c] += step * (float)sum[p][c];
+                    sum[p][c] = 0;
                 }
-                if (++n == CONV_CHUNK || (i == kh - 1 && j == kw - 1 && sp == S2 - 1)) {
-                    for (int p = 0; p < np; p++)
-                        for (int c = 0; c < 16; c++) {
-                            acc[p * 16 + c] += step * (float)sum[p][c];
-                            sum[p][c] = 0;
-                        }
-                    n = 0;
-                }
-            }
+            n = 0;
+        }
+    }
 }
 
 #ifdef VQ_X86
@@ -1046,35 +1058,32 @@ void conv_flush(__m256i A, __m256i C, float step, float *a)
     } while (0)
 
 static inline __attribute__((always_inline, target("avx2")))
-void conv_px_body(const int np, const uint8_t *const *tp, int64_t istep, int64_t jstep, const uint8_t *pv,
-                  int64_t kh, int64_t kw, int64_t S2, float step, float *acc)
+void conv_px_body(const int np, const uint8_t *const *tp, const int64_t *qoff, int64_t Q, const uint8_t *pv,
+                  float step, float *acc)
 {
     const __m256i sh = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), low = _mm256_set1_epi8(15);
     const __m256i zero = _mm256_setzero_si256(), odd1 = _mm256_set1_epi16(0x0100);
     __m256i A0 = zero, C0 = zero, A1 = zero, C1 = zero, A2 = zero, C2 = zero, A3 = zero, C3 = zero;
+    const uint8_t *t0 = tp[0], *t1 = tp[np > 1 ? 1 : 0], *t2 = tp[np > 2 ? 2 : 0], *t3 = tp[np > 3 ? 3 : 0];
     int64_t n = 0;
-    for (int64_t i = 0; i < kh; i++)
-        for (int64_t j = 0; j < kw; j++) {
-            const int64_t o = i * istep + j * jstep;
-            const uint8_t *t0 = tp[0] + o, *t1 = tp[np > 1 ? 1 : 0] + o, *t2 = tp[np > 2 ? 2 : 0] + o;
-            const uint8_t *t3 = tp[np > 3 ? 3 : 0] + o, *vj = pv + (i * kw + j) * S2 * 16;
-            for (int64_t sp = 0; sp < S2; sp++) {
-                const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(vj + sp * 16)));
-                const __m256i iv = _mm256_and_si256(_mm256_srlv_epi32(v, sh), low);
-                CONV_LOOK(t0 + sp * 32, A0, C0);
-                if (np > 1) CONV_LOOK(t1 + sp * 32, A1, C1);
-                if (np > 2) CONV_LOOK(t2 + sp * 32, A2, C2);
-                if (np > 3) CONV_LOOK(t3 + sp * 32, A3, C3);
-                if (__builtin_expect(++n == CONV_CHUNK, 0)) {
-                    conv_flush(A0, C0, step, acc);
-                    if (np > 1) conv_flush(A1, C1, step, acc + 16);
-                    if (np > 2) conv_flush(A2, C2, step, acc + 32);
-                    if (np > 3) conv_flush(A3, C3, step, acc + 48);
-                    A0 = C0 = A1 = C1 = A2 = C2 = A3 = C3 = zero;
-                    n = 0;
-                }
-            }
+#pragma GCC unroll 2
+    for (int64_t q = 0; q < Q; q++) {                        /* (tap, pair) in order: table offset qoff[q] */
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(pv + q * 16)));
+        const __m256i iv = _mm256_and_si256(_mm256_srlv_epi32(v, sh), low);
+        const int64_t o = qoff[q];
+        CONV_LOOK(t0 + o, A0, C0);
+        if (np > 1) CONV_LOOK(t1 + o, A1, C1);
+        if (np > 2) CONV_LOOK(t2 + o, A2, C2);
+        if (np > 3) CONV_LOOK(t3 + o, A3, C3);
+        if (__builtin_expect(++n == CONV_CHUNK, 0)) {
+            conv_flush(A0, C0, step, acc);
+            if (np > 1) conv_flush(A1, C1, step, acc + 16);
+            if (np > 2) conv_flush(A2, C2, step, acc + 32);
+            if (np > 3) conv_flush(A3, C3, step, acc + 48);
+            A0 = C0 = A1 = C1 = A2 = C2 = A3 = C3 = zero;
+            n = 0;
         }
+    }
     if (n) {
         conv_flush(A0, C0, step, acc);
         if (np > 1) conv_flush(A1, C1, step, acc + 16);
@@ -1084,14 +1093,14 @@ void conv_px_body(const int np, const uint8_t *const *tp, int64_t istep, int64_t
 }
 
 __attribute__((target("avx2")))
-static void conv_px_avx2(int np, const uint8_t *const *tp, int64_t istep, int64_t jstep, const uint8_t *pv,
-                         int64_t kh, int64_t kw, int64_t S2, float step, float *acc)
+static void conv_px_avx2(int np, const uint8_t *const *tp, const int64_t *qoff, int64_t Q, const uint8_t *pv,
+                         float step, float *acc)
 {
     switch (np) {
-    case 4: conv_px_body(4, tp, istep, jstep, pv, kh, kw, S2, step, acc); break;
-    case 3: conv_px_body(3, tp, istep, jstep, pv, kh, kw, S2, step, acc); break;
-    case 2: conv_px_body(2, tp, istep, jstep, pv, kh, kw, S2, step, acc); break;
-    default: conv_px_body(1, tp, istep, jstep, pv, kh, kw, S2, step, acc); break;
+    case 4: conv_px_body(4, tp, qoff, Q, pv, step, acc); break;
+    case 3: conv_px_body(3, tp, qoff, Q, pv, step, acc); break;
+    case 2: conv_px_body(2, tp, qoff, Q, pv, step, acc); break;
+    default: conv_px_body(1, tp, qoff, Q, pv, step, acc); break;
     }
 }
 
@@ -1185,13 +1194,18 @@ int vq_conv_lut(const float *x, int64_t B, int64_t H, int64_t W, int64_t ldx, in
     if (Hp < dh * (kh - 1) + 1 || Wp < dw * (kw - 1) + 1) return -1;
     const int64_t Ho = (Hp - dh * (kh - 1) - 1) / sh + 1, Wo = (Wp - dw * (kw - 1) - 1) / sw + 1;
     if (yc0 + cout > ldy) return -1;
-    if (scratch_bytes < vq_conv_scratch(H, W, S, ph, pw, Wo)) return -3;
+    if (scratch_bytes < vq_conv_scratch(H, W, S, ph, pw, Wo, kh, kw)) return -3;
     const int64_t S2 = (S + 1) / 2, ts = S2 * 32, nblk = (cout + 15) / 16, taps = kh * kw, HoWo = Ho * Wo;
     uint8_t *tab = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float *LO = (float *)(tab + conv_align(Hp * Wp * ts));
     int64_t *off = (int64_t *)((uint8_t *)LO + conv_align(Hp * Wp * 4));
     float *acc = (float *)((uint8_t *)off + conv_align(H * W * 12));
     float *offs = (float *)((uint8_t *)acc + conv_align(Wo * 16 * 4));
+    int64_t *qoff = (int64_t *)((uint8_t *)offs + conv_align(Wo * 4));
+    const int64_t Q = taps * S2;
+    for (int64_t i = 0; i < kh; i++)                          /* (tap, pair) -> table offset from tap (0, 0) */
+        for (int64_t j = 0; j < kw; j++)
+            for (int64_t sp = 0; sp < S2; sp++) qoff[(i * kw + j) * S2 + sp] = (i * dh * Wp + j * dw) * ts + sp * 32;
     for (int64_t b = 0; b < B; b++) {
         const float step = conv_tables(x + (b * ldx + cx0) * H * W, H, W, S, d, cb, K, ph, pw, tab, LO, off, isa);
         float *yb = y + (b * ldy + yc0) * HoWo;
@@ -1215,11 +1229,11 @@ int vq_conv_lut(const float *x, int64_t B, int64_t H, int64_t W, int64_t ldx, in
                         for (int p = 0; p < np; p++) tp[p] = tab + (oy * sh * Wp + (ox + p) * sw) * ts;
 #ifdef VQ_X86
                         if (isa == VQ_AVX2) {
-                            conv_px_avx2(np, tp, dh * Wp * ts, dw * ts, pv, kh, kw, S2, step, acc + ox * 16);
+                            conv_px_avx2(np, tp, qoff, Q, pv, step, acc + ox * 16);
                             continue;
                         }
 #endif
-                        conv_px_scalar(np, tp, dh * Wp * ts, dw * ts, pv, kh, kw, S2, step, acc + ox * 16);
+                        conv_px_scalar(np, tp, qoff, Q, pv, step, acc + ox * 16);
                     }
                 }
                 const int64_t nc = cout - blk * 16 < 16 ? cout - blk * 16 : 16;
