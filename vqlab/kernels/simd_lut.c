@@ -1065,26 +1065,18 @@ void conv_px_body(const int np, const uint8_t *const *tp, const int64_t *qoff, i
     const __m256i zero = _mm256_setzero_si256(), odd1 = _mm256_set1_epi16(0x0100);
     __m256i A0 = zero, C0 = zero, A1 = zero, C1 = zero, A2 = zero, C2 = zero, A3 = zero, C3 = zero;
     const uint8_t *t0 = tp[0], *t1 = tp[np > 1 ? 1 : 0], *t2 = tp[np > 2 ? 2 : 0], *t3 = tp[np > 3 ? 3 : 0];
-    int64_t n = 0;
-#pragma GCC unroll 2
-    for (int64_t q = 0; q < Q; q++) {                        /* (tap, pair) in order: table offset qoff[q] */
-        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(pv + q * 16)));
-        const __m256i iv = _mm256_and_si256(_mm256_srlv_epi32(v, sh), low);
-        const int64_t o = qoff[q];
-        CONV_LOOK(t0 + o, A0, C0);
-        if (np > 1) CONV_LOOK(t1 + o, A1, C1);
-        if (np > 2) CONV_LOOK(t2 + o, A2, C2);
-        if (np > 3) CONV_LOOK(t3 + o, A3, C3);
-        if (__builtin_expect(++n == CONV_CHUNK, 0)) {
-            conv_flush(A0, C0, step, acc);
-            if (np > 1) conv_flush(A1, C1, step, acc + 16);
-            if (np > 2) conv_flush(A2, C2, step, acc + 32);
-            if (np > 3) conv_flush(A3, C3, step, acc + 48);
-            A0 = C0 = A1 = C1 = A2 = C2 = A3 = C3 = zero;
-            n = 0;
+    for (int64_t q0 = 0; q0 < Q; q0 += CONV_CHUNK) {          /* chunks of CONV_CHUNK steps, then a flush */
+        const int64_t q1 = Q - q0 < CONV_CHUNK ? Q : q0 + CONV_CHUNK;
+        A0 = C0 = A1 = C1 = A2 = C2 = A3 = C3 = zero;
+        for (int64_t q = q0; q < q1; q++) {                   /* (tap, pair) in order: table offset qoff[q] */
+            const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(pv + q * 16)));
+            const __m256i iv = _mm256_and_si256(_mm256_srlv_epi32(v, sh), low);
+            const int64_t o = qoff[q];
+            CONV_LOOK(t0 + o, A0, C0);
+            if (np > 1) CONV_LOOK(t1 + o, A1, C1);
+            if (np > 2) CONV_LOOK(t2 + o, A2, C2);
+            if (np > 3) CONV_LOOK(t3 + o, A3, C3);
         }
-    }
-    if (n) {
         conv_flush(A0, C0, step, acc);
         if (np > 1) conv_flush(A1, C1, step, acc + 16);
         if (np > 2) conv_flush(A2, C2, step, acc + 32);
