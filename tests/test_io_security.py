@@ -397,6 +397,39 @@ def test_crafted_simd_packed_buffers_are_refused(tmp_path):
             with pytest.raises(ValueError, match=match):
                 load(tmp_path / "bad.vqz", **kw)
 
+def test_crafted_simd_conv_buffers_and_geometry_are_refused(tmp_path):
+    """A packed convolution code (SimdConvCode, K=11): a nibble >= K, a non-zero padding nibble (channels 8..15
+    of a conv group with 8 outputs), and a code whose taps or groups disagree with its layer are refused by load,
+    with and without model= (checksum recomputed: the file is otherwise valid)."""
+    from vqlab.methods.vq_simd import pack_simd_
+
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 4))
+        quantize_(m, VQConfig(k=11, d=2, iters=2), filter_fn=all_layers, progress=False)
+        pack_simd_(m)
+        return m
+
+    path = tmp_path / "conv.vqz"
+    save(model(), path)
+    _, meta, payload = _split(path.read_bytes())
+    _, _, off, n, bits = next(e for e in meta["tensors"] if e[0] == "0.code.packed")[:5]
+    assert bits == 8 and n == 2 * 1 * 9 * 1 * 16        # (groups, blocks of 16, taps, S2, 16)
+    for where, value, match in [(3, 0x0B, r"K=11"), (3, 0xB0, r"K=11"), (12, 0x01, r"padding")]:
+        patched = bytearray(payload)
+        patched[off + where] = value
+        (tmp_path / "bad.vqz").write_bytes(_build(meta, bytes(patched)))
+        for kw in ({}, {"model": model()}):
+            with pytest.raises(ValueError, match=match):
+                load(tmp_path / "bad.vqz", **kw)
+    text = json.dumps(meta)
+    for old, new in [('"taps": 9', '"taps": 3'), ('"groups": 2', '"groups": 4')]:
+        assert old in text
+        (tmp_path / "bad.vqz").write_bytes(_build(json.loads(text.replace(old, new, 1)), payload))
+        with pytest.raises((ValueError, VQFileError)):
+            load(tmp_path / "bad.vqz")
+
+
 # ---------------------------------------------------------------- atomic save
 
 class _FullDisk:

@@ -118,6 +118,10 @@ class SimdConvCode(VQCodeBase):
         """conv2d's full path: every check, then a new call plan (kept when inputs, codebook, bias and layer are
         plain float32 CPU tensors that the fast path may reuse)."""
         _CALLS.pop(self, None)
+        kh, kw = layer.kernel_size
+        if self.taps != kh * kw or self.groups != layer.groups or layer.segment != "input":
+            raise ValueError(f"SimdConvCode: taps={self.taps}, groups={self.groups} do not fit a segment='input' "
+                             f"{kh}x{kw} convolution with groups={layer.groups} (segment={layer.segment!r})")
         book = self.book()
         bias = layer.bias
         if (not x.is_cpu or not book.is_cpu or x.dtype == torch.float64 or not x.is_floating_point() or x.dim() != 4
