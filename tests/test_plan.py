@@ -238,7 +238,7 @@ def _packed(k=16):
 
 
 @needs_native
-@pytest.mark.parametrize("batch", [1, 3, 64])
+@pytest.mark.parametrize("batch", [1, 3, 64, 200])        # 200: one C call against the general path's chunks of 64
 def test_a_packed_layers_small_call_equals_the_general_path_bit_for_bit(batch, monkeypatch):
     m = _packed()
     x = torch.randn(batch, 96)

@@ -75,6 +75,7 @@ TILE_ROWS = 16      # output rows the kernel transposes together
 TILE_SEGMENTS = 32  # segments per transposed block (two 128-bit lanes of 16)
 ROW = 16            # table entries per segment
 CHUNK = 64          # input rows per table build (tables of 64 rows x S x 16 bytes)
+SMALL_ROWS = 256    # rows a packed layer's single-threaded call plan (packed_small_call) takes in one C call
 ISAS = {"scalar": 0, "avx2": 1}
 FLAGS = ["-O3", "-fno-tree-pre", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing"]
 _SOURCE = Path(__file__).with_name("simd_lut.c")
@@ -651,7 +652,8 @@ class PackedCall:
 def packed_small_call(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Tensor, m: int, table_group: int,
                       isa: str) -> PackedCall | None:
     """The plan of `_matmul_packed(x, codebook, packed, m, table_group, isa)` (+ bias) for the calls `_drive` runs
-    in one C call (at most CHUNK rows, one codebook group, fewer lookups than the thread pool's threshold), with
+    on one thread (at most SMALL_ROWS rows, one codebook group, fewer lookups than the thread pool's threshold) as
+    one C call over all rows (`_drive` builds tables CHUNK rows at a time, one call each), with
     every Python decision of that path (plan sizes, scratch, argument checks) made once: bit-identical outputs.
     The C call checks the codebook for NaN / Inf and every nibble against K itself, on every call.  None for any
     other call (the caller runs `_matmul_packed`).  x: (B, S*d) float32 contiguous CPU; codebook (K, d) or
@@ -659,7 +661,7 @@ def packed_small_call(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Ten
     b, n = x.shape if x.dim() == 2 else (0, 0)
     d, k = codebook.shape[-1], codebook.shape[-2]
     s = n // d
-    if (not 0 < b <= CHUNK or (codebook.dim() == 3 and codebook.shape[0] != 1) or x.dtype != torch.float32
+    if (not 0 < b <= SMALL_ROWS or (codebook.dim() == 3 and codebook.shape[0] != 1) or x.dtype != torch.float32
             or not x.is_cpu or not x.is_contiguous() or n != s * d or b * m * s >= 1 << 23
             or codebook.dtype != torch.float32 or not codebook.is_cpu or not codebook.is_contiguous()):
         return None
@@ -670,7 +672,9 @@ def packed_small_call(x: torch.Tensor, codebook: torch.Tensor, packed: torch.Ten
         lib.vq_packed_call.argtypes = [ptr] * 7 + [ctypes.POINTER(ctypes.c_int)]
         lib.vq_packed_call.restype = ctypes.c_int
         lib._packed_call_bound = True
-    g, ngroups, chunk, size, need = _plan(s, b, table_group)
+    g, ngroups = _plan(s, b, table_group)[:2]
+    size = (b * ngroups * _stored(g) * ROW + 63) // 64 * 64                 # the tables of all b rows, one call
+    need = 64 + size + 4 * (b * ngroups + b)
     c = PackedCall()
     c.geo = (ctypes.c_int64 * 10)(b, s, d, k, m, g, ngroups, int(k < ROW), ISAS[isa], size)
     c.shape, c.need, c.k, c.lib, c.top, c.key, c.owner = (b, m), need, k, lib, ctypes.c_int(0), None, None
