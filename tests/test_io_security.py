@@ -370,6 +370,27 @@ def test_out_of_range_indices_are_refused(tmp_path):
 
 
 
+def _packed_file(tmp_path, model) -> tuple[dict, bytes, int, int, int]:
+    """Save model() (packed by vqlab.pack_simd_): (meta, payload, offset, length, bits) of layer 0's packed buffer."""
+    path = tmp_path / "packed.vqz"
+    save(model(), path)
+    _, meta, payload = _split(path.read_bytes())
+    _, _, off, n, bits = next(e for e in meta["tensors"] if e[0] == "0.code.packed")[:5]
+    return meta, payload, off, n, bits
+
+
+def _patched_are_refused(tmp_path, model, meta, payload, off, cases) -> None:
+    """Each (byte, value, match) written into the packed buffer at off: load refuses the file (checksum
+    recomputed: otherwise valid) with a ValueError matching `match`, with and without model=."""
+    for where, value, match in cases:
+        patched = bytearray(payload)
+        patched[off + where] = value
+        (tmp_path / "bad.vqz").write_bytes(_build(meta, bytes(patched)))
+        for kw in ({}, {"model": model()}):
+            with pytest.raises(ValueError, match=match):
+                load(tmp_path / "bad.vqz", **kw)
+
+
 def test_crafted_simd_packed_buffers_are_refused(tmp_path):
     """A packed simd code (vqlab.pack_simd_) with K=5: a nibble >= K at a real position, or a non-zero padding
     nibble, in an otherwise valid file (checksum recomputed) is refused by load, with and without model=."""
@@ -382,20 +403,12 @@ def test_crafted_simd_packed_buffers_are_refused(tmp_path):
         pack_simd_(m)
         return m
 
-    path = tmp_path / "packed.vqz"
-    save(model(), path)
-    _, meta, payload = _split(path.read_bytes())
-    _, _, off, n, bits = next(e for e in meta["tensors"] if e[0] == "0.code.packed")[:5]
+    meta, payload, off, n, bits = _packed_file(tmp_path, model)
     assert bits == 8
     assert n == 2 * 16 * 32      # layout (1, 1, 2, 16, 32): 32 segments, blocks of rows 0-31 and 32-63
     # byte 0: rows 0 / 16 at segment 0; byte 512 (block 1): row 32 (real) / row 48 (padding: 40 rows)
-    for where, value, match in [(0, 0x07, r"K=5"), (512, 0x10, r"padding")]:
-        patched = bytearray(payload)
-        patched[off + where] = value
-        (tmp_path / "bad.vqz").write_bytes(_build(meta, bytes(patched)))
-        for kw in ({}, {"model": model()}):
-            with pytest.raises(ValueError, match=match):
-                load(tmp_path / "bad.vqz", **kw)
+    _patched_are_refused(tmp_path, model, meta, payload, off, [(0, 0x07, r"K=5"), (512, 0x10, r"padding")])
+
 
 def test_crafted_simd_conv_buffers_and_geometry_are_refused(tmp_path):
     """A packed convolution code (SimdConvCode, K=11): a nibble >= K, a non-zero padding nibble (channels 8..15
@@ -410,18 +423,10 @@ def test_crafted_simd_conv_buffers_and_geometry_are_refused(tmp_path):
         pack_simd_(m)
         return m
 
-    path = tmp_path / "conv.vqz"
-    save(model(), path)
-    _, meta, payload = _split(path.read_bytes())
-    _, _, off, n, bits = next(e for e in meta["tensors"] if e[0] == "0.code.packed")[:5]
+    meta, payload, off, n, bits = _packed_file(tmp_path, model)
     assert bits == 8 and n == 2 * 1 * 9 * 1 * 16        # (groups, blocks of 16, taps, S2, 16)
-    for where, value, match in [(3, 0x0B, r"K=11"), (3, 0xB0, r"K=11"), (12, 0x01, r"padding")]:
-        patched = bytearray(payload)
-        patched[off + where] = value
-        (tmp_path / "bad.vqz").write_bytes(_build(meta, bytes(patched)))
-        for kw in ({}, {"model": model()}):
-            with pytest.raises(ValueError, match=match):
-                load(tmp_path / "bad.vqz", **kw)
+    _patched_are_refused(tmp_path, model, meta, payload, off,
+                         [(3, 0x0B, r"K=11"), (3, 0xB0, r"K=11"), (12, 0x01, r"padding")])
     text = json.dumps(meta)
     for old, new in [('"taps": 9', '"taps": 3'), ('"groups": 2', '"groups": 4')]:
         assert old in text

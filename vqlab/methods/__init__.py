@@ -4,6 +4,7 @@
     vq       VQ-DNN: k-means codebooks (VQConfig, VQCode, the VQLinear / VQConv2d names)
     vq_simd  the same VQ code in the simd kernel's 4-bit layout (SimdCode, pack_simd_)
     vq_simd_conv  a VQ convolution's code in the lookup-table convolution's layout (SimdConvCode)
+    vq_packed  what the two packed layouts share (PackedVQCode)
     uniform  uniform per-channel int-b quantization, the int8/int4 baselines (UniformConfig)
     gong     Gong et al. 2014: binarization, scalar k-means, product and residual quantization
     lattice  Choi et al.: universal randomized (dithered) lattice quantization with universal source coding

@@ -32,14 +32,14 @@ import torch.nn.functional as F
 
 from ..checks import check_int
 from ..codebook import Codebook
-from ..codes import CodeSize, add_bias, packed_ans_bytes, register_code
-from ..bits import huffman_bytes, pack_indices
+from ..codes import add_bias, register_code
 from ..dtypes import float_dtype
 from ..kernels import simd as _simd
 from ..kernels.backends import as_float32
-from ..kernels.reference import check_indices, dequantize
+from ..kernels.reference import dequantize
 from ..layers import QuantizedConv2d, QuantizedLayer
 from .vq import VQCode, VQCodeBase
+from .vq_packed import PackedVQCode
 from .vq_simd_conv import SimdConvCode
 
 __all__ = ["SimdCode", "pack_simd_"]
@@ -72,7 +72,7 @@ class _PackedMatmul(torch.autograd.Function):
 
 
 @register_code
-class SimdCode(VQCodeBase):
+class SimdCode(PackedVQCode):
     """A VQ code (Codebook (G, K <= 16, d), one index per segment) stored only in the simd kernel's layout:
     buffer `packed` (G, ngroups, nblk, Gs/2, 32) uint8 (`vqlab.kernels.simd.simd_pack`), 4 bits per index,
     rows padded to 32 and each table group of `table_group` segments to a multiple of 32 with zeros.
@@ -118,17 +118,16 @@ class SimdCode(VQCodeBase):
         """A copy of the indices: (rows, n_pad / d) uint8.  Writing to it changes nothing; use set_indices."""
         return _simd._unpack(self.packed, self.m, self.s, self.table_group)
 
-    index_values = unpack
+    def index_shape(self) -> tuple[int, int]:
+        return self.m, self.s
 
-    def set_indices(self, indices: torch.Tensor) -> None:
-        """Store new (rows, n_pad / d) integer indices in [0, K) (checked; ValueError otherwise)."""
-        if not isinstance(indices, torch.Tensor) or tuple(indices.shape) != (self.m, self.s):
-            raise ValueError(f"indices must have shape {(self.m, self.s)}, got "
-                             f"{tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__}")
-        check_indices(indices, self.k, what="indices")
-        packed = _simd.simd_pack(indices.to(self.packed.device), self.k, self.codebook_groups, self.table_group)
-        with torch.no_grad():
-            self.packed.copy_(packed)
+    def packed_shape(self) -> tuple[int, ...]:
+        return _simd.packed_shape(self.m, self.s, self.codebook.weight.shape[0], self.table_group)
+
+    def pack(self, indices: torch.Tensor) -> torch.Tensor:
+        """(rows, n_pad / d) indices in [0, K) -> this layout (`simd.simd_pack`)."""
+        book = self.codebook.weight
+        return _simd.simd_pack(indices, book.shape[1], book.shape[0], self.table_group)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -192,14 +191,6 @@ class SimdCode(VQCodeBase):
             return y.add_(bias)                                        # y + bias, into the fresh output
         return add_bias(y, bias)
 
-    def size(self, seen: set[int]) -> CodeSize:
-        book_bytes = self._codebook_size(seen)
-        seen.add(id(self.packed))
-        idx = self.unpack()
-        return CodeSize(index_bytes=self.packed.numel(), codebook_bytes=book_bytes,
-                        entropy_index_bytes=huffman_bytes(idx, self.k), ans_index_bytes=packed_ans_bytes(self),
-                        streams=[pack_indices(idx, 4)], k=self.k, d=self.d, index_bits=4)
-
     def config(self) -> dict:
         return {**self._base_config(), "table_group": self.table_group}
 
@@ -212,21 +203,11 @@ class SimdCode(VQCodeBase):
         return cls(rows, n_pad, k, d, codebook_groups, table_group=table_group, pinned_zero=pinned_zero,
                    dtype=float_dtype(dtype, "SimdCode dtype"))
 
-    def packing(self) -> dict[str, int]:
-        return {"packed": 8}          # the layout's bytes as they are (ANS-coded by save(index_coding="ans"))
-
     def validate(self) -> None:
         """A (G, K <= 16, d) float codebook, G dividing the rows, `packed` of the layout's shape and dtype, every
         index < K and the padding zero (the buffer equals the packing of its own indices)."""
         self._validate_codebook(self.m, _simd.ROW)
-        book = self.codebook.weight
-        want = _simd.packed_shape(self.m, self.s, book.shape[0], self.table_group)
-        if self.packed.dtype != torch.uint8 or tuple(self.packed.shape) != want:
-            raise ValueError(f"packed must be uint8 {want}, got {tuple(self.packed.shape)} {self.packed.dtype}")
-        idx = self.unpack()
-        check_indices(idx, book.shape[1], what="packed indices")
-        if not torch.equal(_simd.simd_pack(idx, book.shape[1], book.shape[0], self.table_group), self.packed):
-            raise ValueError("packed: the padding of the layout must be zero")
+        self._validate_packed()
 
     def describe(self) -> dict:
         out = super().describe()

@@ -19,16 +19,15 @@ import weakref
 
 import torch
 
-from ..bits import huffman_bytes, pack_indices
 from ..checks import check_int
 from ..codebook import Codebook
-from ..codes import CodeSize, packed_ans_bytes, register_code
+from ..codes import register_code
 from ..dtypes import float_dtype
 from ..kernels import simd as _simd
 from ..kernels import simd_conv as _conv
-from ..kernels.reference import check_indices
 from ..layers import QuantizedConv2d
-from .vq import VQCode, VQCodeBase
+from .vq import VQCode
+from .vq_packed import PackedVQCode
 
 __all__ = ["SimdConvCode"]
 
@@ -36,7 +35,7 @@ _CALLS: "weakref.WeakKeyDictionary[object, _conv.ConvCall]" = weakref.WeakKeyDic
 
 
 @register_code
-class SimdConvCode(VQCodeBase):
+class SimdConvCode(PackedVQCode):
     """A VQ code of a segment="input" convolution (Codebook (1, K <= 16, d)) stored only in the lookup-table
     convolution's layout: buffer `packed` (groups, ceil(out / groups / 16), taps, ceil(S / 2), 16) uint8
     (`vqlab.kernels.simd_conv.conv_pack`), rows = output channels, n_pad = taps * S * d (taps = kh * kw).
@@ -81,17 +80,15 @@ class SimdConvCode(VQCodeBase):
         """A copy of the indices: (rows, taps * S) uint8.  Writing to it changes nothing; use set_indices."""
         return _conv.conv_unpack(self.packed, self.m, self.taps, self.s)
 
-    index_values = unpack
+    def index_shape(self) -> tuple[int, int]:
+        return self.m, self.taps * self.s
 
-    def set_indices(self, indices: torch.Tensor) -> None:
-        """Store new (rows, taps * S) integer indices in [0, K) (checked; ValueError otherwise)."""
-        want = (self.m, self.taps * self.s)
-        if not isinstance(indices, torch.Tensor) or tuple(indices.shape) != want:
-            raise ValueError(f"indices must have shape {want}, got "
-                             f"{tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__}")
-        check_indices(indices, self.k, what="indices")
-        with torch.no_grad():
-            self.packed.copy_(_conv.conv_pack(indices.to(self.packed.device), self.taps, self.groups))
+    def packed_shape(self) -> tuple[int, ...]:
+        return _conv.conv_packed_shape(self.m, self.taps, self.s, self.groups)
+
+    def pack(self, indices: torch.Tensor) -> torch.Tensor:
+        """(rows, taps * S) indices in [0, 16) -> this layout (`simd_conv.conv_pack`)."""
+        return _conv.conv_pack(indices, self.taps, self.groups)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -131,7 +128,7 @@ class SimdConvCode(VQCodeBase):
             return None
         p = self.packed
         if (p.dtype != torch.uint8 or not p.is_cpu or not p.is_contiguous()
-                or tuple(p.shape) != _conv.conv_packed_shape(self.m, self.taps, self.s, self.groups)):
+                or tuple(p.shape) != self.packed_shape()):
             self.validate()                                        # raises, naming what is wrong
         isa = _simd.native_isa()
         if isa is None:
@@ -165,14 +162,6 @@ class SimdConvCode(VQCodeBase):
         b, c, h, w = x_shape
         return 2 * b * h * w * c * self.k, rows * self.m * self.taps * self.s
 
-    def size(self, seen: set[int]) -> CodeSize:
-        book_bytes = self._codebook_size(seen)
-        seen.add(id(self.packed))
-        idx = self.unpack()
-        return CodeSize(index_bytes=self.packed.numel(), codebook_bytes=book_bytes,
-                        entropy_index_bytes=huffman_bytes(idx, self.k), ans_index_bytes=packed_ans_bytes(self),
-                        streams=[pack_indices(idx, 4)], k=self.k, d=self.d, index_bits=4)
-
     def config(self) -> dict:
         out = self._base_config()
         out["taps"] = self.taps
@@ -189,22 +178,13 @@ class SimdConvCode(VQCodeBase):
         return cls(rows, n_pad, k, d, codebook_groups, taps=taps, groups=groups, pinned_zero=pinned_zero,
                    dtype=float_dtype(dtype, "SimdConvCode dtype"))
 
-    def packing(self) -> dict[str, int]:
-        return {"packed": 8}
-
     def validate(self) -> None:
         """A (1, K <= 16, d) float codebook, `packed` of the layout's shape and dtype, every index < K and the
         padding zero (the buffer equals the packing of its own indices)."""
         self._validate_codebook(self.m, _simd.ROW)
         if self.codebook.weight.shape[0] != 1:
             raise ValueError(f"SimdConvCode needs one codebook group, got {self.codebook.weight.shape[0]}")
-        want = _conv.conv_packed_shape(self.m, self.taps, self.s, self.groups)
-        if self.packed.dtype != torch.uint8 or tuple(self.packed.shape) != want:
-            raise ValueError(f"packed must be uint8 {want}, got {tuple(self.packed.shape)} {self.packed.dtype}")
-        idx = self.unpack()
-        check_indices(idx, self.codebook.weight.shape[1], what="packed indices")
-        if not torch.equal(_conv.conv_pack(idx, self.taps, self.groups), self.packed):
-            raise ValueError("packed: the padding of the layout must be zero")
+        self._validate_packed()
 
     def describe(self) -> dict:
         out = super().describe()
