@@ -17,7 +17,7 @@ the source, the compiler's version and the flags, and loaded through ctypes (cal
 loaded only from a folder and file that belong to this user and that no other user can write (`_unsafe`): a
 folder that fails is skipped with a warning, for $TMPDIR/vqlab-<uid> next, else a fresh private folder per process.  ISA:
 AVX2 where the CPU has it; $VQLAB_SIMD_ISA=scalar (or isa="scalar") forces the portable C path, which gives
-bit-identical results.  Without a compiler or without AVX2 the backend runs the numba kernel (exact) after one
+bit-identical results.  Without a compiler or without AVX2 and FMA the backend runs the numba kernel (exact) after one
 warnings.warn notice.  AVX-512 and NEON paths are not written (no such machine to test them on).
 
 Two index forms.  (1) A packed code (`vqlab.methods.vq.SimdCode`, made by `vqlab.pack_simd_`): the indices are
