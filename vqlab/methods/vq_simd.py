@@ -138,7 +138,7 @@ class SimdCode(PackedVQCode):
         float32); None (the exact reference) elsewhere or where no native kernel exists."""
         call = _FAST.get(self)
         if (call is not None and not torch.is_grad_enabled() and call.key == x.shape and x.dtype == torch.float32
-                and x.is_contiguous() and not x.is_cuda):
+                and x.is_contiguous() and x.is_cpu):
             owner = call.owner                                    # (packed, codebook weight, bias, threads)
             if (owner[0] is self.packed and owner[1] is self.codebook.weight and owner[2] is bias
                     and owner[3] == torch.get_num_threads()):

@@ -102,7 +102,7 @@ class SimdConvCode(PackedVQCode):
         product of the rebuilt weight) elsewhere."""
         call = _CALLS.get(self)
         if (call is not None and not torch.is_grad_enabled() and call.key[0] == x.shape and x.dtype == torch.float32
-                and x.is_contiguous() and not x.is_cuda):
+                and x.is_contiguous() and x.is_cpu):
             owner = call.owner                                     # (packed, codebook weight, bias, layer, threads)
             if (owner[0] is self.packed and owner[1] is self.codebook.weight and owner[2] is layer.bias
                     and owner[3] is layer and owner[4] == torch.get_num_threads()):
