@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--distill", action="store_true", help="fine-tune from the float model's soft targets too")
+    p.add_argument("--recalibrate-bn", type=int, default=0,
+                   help="vq4all: re-estimate BatchNorm statistics from this many batches after the last round")
     p.add_argument("--store", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="the float dtype files store (bfloat16: float16's size with float32's range)")
     p.add_argument("--tag", default="")
@@ -117,7 +119,8 @@ def main(argv=None) -> int:
         lenet, _ = vqlab.train_or_load("lenet5", DATASET, epochs=10, progress=False)
         nets, rep = pipelines.vq4all([model, cnn.eval(), lenet.eval()], [train] * 3, [test] * 3, k=a.k, d=a.d,
                                      candidates=a.candidates, alpha=a.alpha, rounds=a.rounds,
-                                     steps_per_round=a.steps_per_round, seed=a.seed)
+                                     steps_per_round=a.steps_per_round, seed=a.seed, distill=a.distill,
+                                     recalibrate_bn=a.recalibrate_bn)
         q, stages, setting = nets, rep.stages, rep.setting
     else:
         rows, sens = [], None

@@ -173,3 +173,19 @@ def test_the_readme_pipeline_table_is_the_stored_table():
     assert describe(setting) == ("vqdnn", "K=256 d=8 (shared codebook), 4000 steps")
     assert describe({**setting, "distill": True})[1] == "K=256 d=8 (shared codebook), 4000 steps, distilled from the float model"
     assert describe({**setting, "seed": 1})[1] == "K=256 d=8 (shared codebook), 4000 steps, seed 1"
+
+
+def test_vq4all_batchnorm_re_estimation_adds_a_row_per_network_and_the_total_takes_it(digits):
+    _, train, test = digits
+    torch.manual_seed(2)
+    cnn = vqlab.get_model("cnn", input_size=8)
+    vqlab.fit(cnn, train, epochs=2, lr=3e-3, progress=False)
+    nets, rep = pipelines.vq4all([cnn], [train], [test], k=32, d=4, rounds=2, steps_per_round=10, progress=False,
+                                 distill=True, recalibrate_bn=4)
+    st = rep.stages.set_index("stage")
+    assert list(st.index) == ["0: SmallCNN", "0: SmallCNN, BN re-estimated", "all", "all, codebook in ROM"]
+    assert st.loc["all", "delta_points"] == st.loc["0: SmallCNN, BN re-estimated", "delta_points"]
+    assert abs(st.loc["0: SmallCNN, BN re-estimated", "accuracy"] - vqlab.evaluate(nets[0], test)) < 1e-6
+    assert rep.setting["recalibrate_bn"] == 4 and rep.setting["distill"] is True
+    from vqlab.paper_results import describe
+    assert "re-estimated (4 batches)" in describe(rep.setting)[1]

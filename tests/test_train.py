@@ -119,3 +119,29 @@ def test_huge_lr_names_the_step_and_lr():
     torch.manual_seed(0)
     with pytest.raises(NonFiniteLossError, match=r"at step \d+ of \d+ \(epoch 1, lr=\d(\.\d+)?e\+(29|30)\)"):
         fit(get_model("lenet5", input_size=8), tr, epochs=1, lr=1e30, progress=False, device="cpu")
+
+
+def test_recalibrate_batchnorm_equals_the_average_of_the_batch_statistics():
+    """The re-estimated running mean/variance are the plain average of the per-batch statistics of the seeded
+    batches; the weights, the modes and the momentum are what they were."""
+    from vqlab.train import recalibrate_batchnorm_
+
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, momentum=0.3)
+    model = nn.Sequential(conv, bn, nn.ReLU(), nn.Dropout(0.5), nn.Flatten()).eval()
+    ds = torch.utils.data.TensorDataset(torch.randn(100, 1, 6, 6) * 3 + 1, torch.zeros(100, dtype=torch.long))
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert recalibrate_batchnorm_(model, ds, batches=4, batch_size=20, seed=7) == 1
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(7))[:80]
+    with torch.no_grad():
+        acts = [conv(ds.tensors[0][order[s:s + 20]]).transpose(0, 1).reshape(3, -1) for s in range(0, 80, 20)]
+    torch.testing.assert_close(bn.running_mean, torch.stack([a.mean(1) for a in acts]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([a.var(1) for a in acts]).mean(0))
+    assert not model.training and not bn.training and bn.momentum == 0.3
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    # the model's other modules stayed in eval mode: dropout did not run (two calls agree)
+    x = torch.randn(2, 1, 6, 6)
+    assert torch.equal(model(x), model(x))
+    with pytest.raises(ValueError, match="batches"):
+        recalibrate_batchnorm_(model, ds, batches=0)
+    assert recalibrate_batchnorm_(nn.Sequential(nn.Linear(2, 2)), ds) == 0

@@ -69,7 +69,8 @@ def _describe(setting: dict, run: str) -> tuple[str, str]:
         knobs = ", ".join(f"{k}={v}" for k, v in s.items() if k in ("k", "d", "stages", "subspaces"))
         return p, f"{s['method']} {knobs}, {s['finetune_steps']} steps"
     if p == "vq4all":
-        return p, f"K={s['k']} d={s['d']}, {s['rounds']} rounds × {s['steps_per_round']} steps"
+        return p, f"K={s['k']} d={s['d']}, {s['rounds']} rounds × {s['steps_per_round']} steps" + (
+            f", BatchNorm statistics re-estimated ({s['recalibrate_bn']} batches)" if s.get("recalibrate_bn") else "")
     return p, f"target {s.get('target', float('nan')):g}×, {s.get('epochs', '?')} epochs, seed {s.get('seed', '?')}"
 
 

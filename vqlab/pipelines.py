@@ -39,7 +39,7 @@ from .methods.lattice import LATTICES, LatticeConfig
 from .methods.vq import VQCode, VQConfig
 from .quantize import keep_first_last, quantize_
 from .size import compressed_size, round_to_store_dtype_
-from .train import evaluate, fit
+from .train import evaluate, fit, recalibrate_batchnorm_
 
 __all__ = ["PipelineReport", "measure", "prune_by_magnitude_", "finish_pruning_", "choi", "vqdnn", "qaf", "gong",
            "vq4all"]
@@ -333,14 +333,20 @@ def gong(model: nn.Module, config, train_ds: TensorDataset | None = None, val_ds
 def vq4all(models: list[nn.Module], train_sets: list[TensorDataset], val_sets: list[TensorDataset | None], *,
            k: int = 256, d: int = 4, candidates: int = 4, alpha: float = 0.9, rounds: int = 10,
            steps_per_round: int = 200, lr: float = 0.05, batch_size: int = 128, seed: int = 0, filter_fn=None,
-           store_dtype="float16", progress: bool = True) -> tuple[list[nn.Module], PipelineReport]:
+           store_dtype="float16", progress: bool = True, distill: bool = False,
+           recalibrate_bn: int = 0) -> tuple[list[nn.Module], PipelineReport]:
     """VQ4ALL: one frozen universal codebook (K codewords of length d) sampled from the KDE of all the networks'
     sub-vectors; per network the differentiable candidate assignments trained by progressive construction
     (`progressive_fit`: `rounds` of `steps_per_round` steps, sub-vectors whose largest ratio passes alpha fixed
     after each, the rest forced in the last round), then plain VQ layers sharing the codebook (`finalize`).
     Stages per network (stage "<i>: ..."), then "all" with the three counted together (the codebook once) and
     "all, codebook in ROM".  The report's rows also carry fixed_before_last: the fraction of sub-vectors that fixed
-    on their own before the forced last round."""
+    on their own before the forced last round.
+    distill: the candidate training also learns from each float network's soft targets (not in the paper).
+    recalibrate_bn: after the last round, re-estimate every BatchNorm's statistics from this many training batches
+        of 256 (`vqlab.train.recalibrate_batchnorm_`; 0 = off, as the paper): the forced last round hard-fixes the
+        remaining sub-vectors after the statistics were gathered under their soft mixture.  Each network then gets
+        a second row "<i>: <name>, BN re-estimated", and "all" takes the networks' last rows."""
     if not (len(models) == len(train_sets) == len(val_sets)) or not models:
         raise ValueError(f"vq4all needs as many train and val sets as models, got {len(models)} models, "
                          f"{len(train_sets)} train and {len(val_sets)} val sets")
@@ -351,10 +357,11 @@ def vq4all(models: list[nn.Module], train_sets: list[TensorDataset], val_sets: l
     rows, accs = [], []
     for i, (w, tr, va) in enumerate(zip(works, train_sets, val_sets)):
         t1 = time.perf_counter()
+        teacher = _teacher(w, distill)
         quantize_(w, _vq4all.VQ4ALLConfig(codebook=book, candidates=candidates, alpha=alpha), filter_fn=filter_fn,
                   progress=False)
         hist = _vq4all.progressive_fit(w, tr, rounds=rounds, steps_per_round=steps_per_round, lr=lr,
-                                       batch_size=batch_size, seed=seed, progress=progress)
+                                       batch_size=batch_size, seed=seed, progress=progress, teacher=teacher)
         before = float(hist["fixed_fraction"].iloc[-2]) if len(hist) > 1 else 0.0
         forced = len(hist) == rounds
         _vq4all.finalize(w)
@@ -365,6 +372,16 @@ def vq4all(models: list[nn.Module], train_sets: list[TensorDataset], val_sets: l
                       seconds=time.perf_counter() - t1, steps=int(hist["steps"].sum()), store_dtype=store_dtype)
         row["fixed_before_last"] = before if forced else 1.0
         rows.append(row)
+        if recalibrate_bn:
+            t2 = time.perf_counter()
+            recalibrate_batchnorm_(w, tr, batches=recalibrate_bn, seed=seed)
+            if store_dtype is not None:
+                round_to_store_dtype_(w, store_dtype)
+            row = measure(w.eval(), va, stage=f"{i}: {type(models[i]).__name__}, BN re-estimated",
+                          what=f"{recalibrate_bn} batches", float_accuracy=floats[i],
+                          seconds=time.perf_counter() - t2, store_dtype=store_dtype)
+            row["fixed_before_last"] = rows[-1]["fixed_before_last"]
+            rows.append(row)
         accs.append(row["accuracy"])
     for rom in (False, True):
         size = compressed_size(works, codebook_in_rom=rom, store_dtype=store_dtype)
@@ -377,6 +394,10 @@ def vq4all(models: list[nn.Module], train_sets: list[TensorDataset], val_sets: l
     rows[-2]["file_bytes"], rows[-2]["file_ratio"] = nbytes, compressed_size(works).dense_bytes / nbytes
     setting = {"pipeline": "vq4all", "k": k, "d": d, "candidates": candidates, "alpha": alpha, "rounds": rounds,
                "steps_per_round": steps_per_round, "seed": seed}
+    if distill:
+        setting["distill"] = True
+    if recalibrate_bn:
+        setting["recalibrate_bn"] = recalibrate_bn
     return works, PipelineReport(pd.DataFrame(rows), setting, float("nan"))
 
 

@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 
 from . import distributed as _dist
 from .utils import default_device, seed_everything
+from .checks import check_int
 from .data import loader
 
 __all__ = ["fit", "evaluate", "predict", "train_or_load", "checkpoint_path", "NonFiniteLossError",
-           "distillation_loss"]
+           "distillation_loss", "recalibrate_batchnorm_"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -208,6 +209,46 @@ def predict(model: nn.Module, ds: TensorDataset, batch_size: int = 1000, device:
     out = [model(x.to(dev)).argmax(1).cpu() for x, _ in loader(ds, batch_size)]
     model.train(was_training)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm_(model: nn.Module, train_ds: TensorDataset, batches: int = 50, batch_size: int = 256,
+                           seed: int = 0, device: str | torch.device | None = None) -> int:
+    """Re-estimate every BatchNorm's running mean and variance (in place) from `batches` random batches of
+    `train_ds` (x: (N, C, H, W)), forward only: no weight changes, no gradients.
+
+    Use it after a step that changes the weights without training, e.g. VQ4ALL's forced last round, where the
+    statistics gathered under the soft candidate mixture no longer fit the hard assignments.  Only the
+    BatchNorm layers run in train mode (the statistics are a plain average over the batches, momentum=None);
+    every module's mode and momentum are restored.  Reproducible from `seed`.
+    returns: the number of BatchNorm layers re-estimated (0: none, and nothing runs).
+    """
+    check_int("batches", batches, 1)
+    check_int("batch_size", batch_size, 1)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or len(train_ds) == 0:
+        if norms:
+            raise ValueError("recalibrate_batchnorm_: train_ds is empty")
+        return 0
+    dev = _model_device(model, device)
+    modes = {m: m.training for m in model.modules()}
+    momenta = [m.momentum for m in norms]
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_ds), generator=g)[:batches * batch_size]
+    try:
+        model.to(dev).eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for start in range(0, len(order), batch_size):
+            model(train_ds.tensors[0][order[start:start + batch_size]].to(dev))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        for m, mode in modes.items():
+            m.training = mode
+    return len(norms)
 
 
 def evaluate(model: nn.Module, ds: TensorDataset, batch_size: int = 1000, device: str | torch.device | None = None,

@@ -368,13 +368,14 @@ def _mean_top_ratio(model: nn.Module) -> float:
 def progressive_fit(model: nn.Module, train_ds: TensorDataset, rounds: int = 10, steps_per_round: int = 200,
                     alpha: float | None = None, lr: float = 0.05, batch_size: int = 128, seed: int = 0,
                     train_other: bool = False, val_ds: TensorDataset | None = None, device=None,
-                    progress: bool = True) -> pd.DataFrame:
+                    progress: bool = True, teacher: nn.Module | None = None) -> pd.DataFrame:
     """Progressive network construction: up to `rounds` rounds of `steps_per_round` `vqlab.fit` steps on the
     candidate logits, each followed by fixing every sub-vector whose largest ratio exceeds alpha (default:
     each code's own); the last round fixes the rest at their largest ratio, so all end fixed.
 
     train_other: also train the model's other trainable parameters (biases, float layers, norms); by
         default only the ratios are trained (the codebook is frozen anyway).
+    teacher: a frozen float model to distil from (`vqlab.fit`'s teacher); None = labels alone, as the paper.
     returns one row per round: round, steps, loss, fixed_now, fixed_fraction, mean_top_ratio, val_acc.
     The model ends in eval mode with every sub-vector fixed; `finalize(model)` makes it plain VQ.
     """
@@ -394,7 +395,7 @@ def progressive_fit(model: nn.Module, train_ds: TensorDataset, rounds: int = 10,
             p.requires_grad_(False)
         for r in tqdm(range(1, rounds + 1), desc="progressive_fit", unit="round", disable=not _dist.show_progress(progress), leave=False):
             hist = fit(model, train_ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed + r,
-                       max_steps=steps_per_round, device=device, progress=False)
+                       max_steps=steps_per_round, device=device, progress=False, teacher=teacher)
             top = _mean_top_ratio(model)
             now = fix_assignments(model, alpha, force=r == rounds)
             frac = fixed_fraction(model)
