@@ -42,18 +42,7 @@ def _run(body: str, env: dict | None = None, timeout: int = 240) -> str:
     return out
 
 
-_FORK = """
-import numba
-print("layer", numba.threading_layer())
-pid = os.fork()
-if pid == 0:
-    torch.set_num_threads(1)
-    ok = False
-    try:
-        with torch.no_grad():
-            ok = torch.allclose(m(x), y_numba, atol=1e-5) and torch.allclose(m(x[:1]), y_numba[:1], atol=1e-5)
-    finally:
-        os._exit(0 if ok else 3)
+_WAIT = """
 import signal, time
 t0 = time.time()
 while time.time() - t0 < 120:
@@ -66,6 +55,20 @@ else:
     sys.exit("the forked child hung")
 sys.exit(0 if status == 0 else f"the forked child ended with wait status {status}")
 """
+
+_FORK = """
+import numba
+print("layer", numba.threading_layer())
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(1)
+    ok = False
+    try:
+        with torch.no_grad():
+            ok = torch.allclose(m(x), y_numba, atol=1e-5) and torch.allclose(m(x[:1]), y_numba[:1], atol=1e-5)
+    finally:
+        os._exit(0 if ok else 3)
+""" + _WAIT
 
 
 def test_forked_child_runs_the_vq_model():
@@ -130,3 +133,65 @@ def test_where_numba_may_not_run_every_backend_runs_the_reference(monkeypatch):
     book.requires_grad_(True)
     dequantize(book, idx).sum().backward()
     assert torch.equal(book.grad, torch.bincount(idx.long().reshape(-1), minlength=16).float()[:, None].expand(16, 2))
+
+
+_PACKED_FORK = """
+torch.set_num_threads(2)                      # the parent splits the batch over vqlab's two pool threads
+c = get_model("cnn", input_size=8)
+quantize_(c, VQConfig(k=16, d=2), progress=False)
+report = vqlab.pack_simd_(c)
+assert report["packed"].sum() >= 3, report
+c.eval()
+xc = torch.randn(8, 1, 8, 8)
+with torch.no_grad():
+    yc, yc1 = c(xc), c(xc[:1])
+print("native", vqlab.kernels.simd.native_isa())
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(CHILD_THREADS)
+    ok = False
+    try:
+        with torch.no_grad():                # the parent's cached call plans, a new pool in the child
+            ok = torch.equal(c(xc), yc) and torch.equal(c(xc[:1]), yc1) and torch.equal(c(xc), yc)
+    finally:
+        os._exit(0 if ok else 3)
+""" + _WAIT
+
+
+def test_forked_child_runs_packed_convolutions_with_the_parents_outputs():
+    """Packed (simd) convolutions and linears planned and run on two threads in the parent give the same outputs
+    in a forked child (one thread, as a DataLoader worker): the parent's pool threads are not the child's."""
+    out = _run(_PACKED_FORK.replace("CHILD_THREADS", "1"))
+    assert "native" in out
+
+
+_PACKED_LAYERS_FORK = """
+torch.set_num_threads(2)
+c = get_model("cnn", input_size=8)
+quantize_(c, VQConfig(k=16, d=2), progress=False)
+vqlab.pack_simd_(c)
+c.eval()
+seen = []
+convs = [m for m in c.modules() if isinstance(getattr(m, "code", None), vqlab.SimdConvCode)]
+assert len(convs) >= 2, convs
+hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m, i[0], o))) for m in convs]
+with torch.no_grad():
+    c(torch.randn(8, 1, 8, 8))
+for h in hooks:
+    h.remove()
+pid = os.fork()
+if pid == 0:
+    ok = False                                # two threads: the batch split over a pool made in the child
+    try:
+        with torch.no_grad():
+            ok = all(torch.equal(m(i), o) for m, i, o in seen) and all(torch.equal(m(i), o) for m, i, o in seen)
+    finally:
+        os._exit(0 if ok else 3)
+""" + _WAIT
+
+
+def test_forked_child_on_two_threads_runs_packed_convolutions():
+    """The packed convolutions alone (no torch op that would use torch's OpenMP team, which hangs a forked
+    child on two threads with or without vqlab) on two threads in a forked child: the parent's cached two-part
+    call plans, a fresh pool; the outputs equal the parent's."""
+    _run(_PACKED_LAYERS_FORK)
