@@ -24,6 +24,7 @@ import torch
 
 import vqlab
 from vqlab import pipelines
+from vqlab.recipes import DEFAULT_D, DEFAULT_K, default_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "data" / "tables"
@@ -78,6 +79,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--steps-per-round", type=int, default=200)
     p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--ks", type=int, nargs="*", default=None,
+                   help="compress: the codebook sizes each layer may take (default: recipes.DEFAULT_K)")
+    p.add_argument("--ds", type=int, nargs="*", default=None,
+                   help="compress: the segment lengths each layer may take (default: recipes.DEFAULT_D)")
+    p.add_argument("--calib-size", type=int, default=2048, help="compress: training images the scan scores on")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--distill", action="store_true", help="fine-tune from the float model's soft targets too")
     p.add_argument("--recalibrate-bn", type=int, default=0,
@@ -124,10 +130,12 @@ def main(argv=None) -> int:
         q, stages, setting = nets, rep.stages, rep.setting
     else:
         rows, sens = [], None
+        grid = {"ks": tuple(a.ks or DEFAULT_K), "ds": tuple(a.ds or DEFAULT_D)}
+        methods = None if not (a.ks or a.ds) else lambda layer: default_methods(layer, **grid)
         for seed in a.seeds or [a.seed]:
             t1 = time.perf_counter()
             q, report = vqlab.compress(model, train, target_ratio=a.target, val_ds=test, epochs=a.epochs, seed=seed,
-                                       sensitivity=sens)
+                                       sensitivity=sens, methods=methods, calib_size=a.calib_size)
             sens = report.candidates
             row = pipelines.measure(q, test, stage=f"compress seed {seed}", what=f"target {a.target:g}x",
                                     float_accuracy=report.float_accuracy, seconds=time.perf_counter() - t1)
@@ -135,12 +143,16 @@ def main(argv=None) -> int:
             rows.append(row)
         stages = pd.DataFrame(rows)
         setting = {"pipeline": "compress", "target": a.target, "epochs": a.epochs, "seeds": a.seeds or [a.seed]}
+        if methods is not None or a.calib_size != 2048:
+            setting.update(ks=list(grid["ks"]), ds=list(grid["ds"]), calib_size=a.calib_size)
     seconds = time.perf_counter() - t0
     run = f"{a.pipeline}-{a.tag or int(time.time())}"
     if a.store != "float16":
         setting = {**setting, "store": a.store}
     stages = stages.assign(run=run, setting=json.dumps(setting), total_seconds=seconds,
                            float_acc=meta["test_acc"])
+    if a.pipeline == "compress":                  # one row per seed, each naming its own
+        stages["setting"] = [json.dumps({**setting, "seeds": [seed]}) for seed in setting["seeds"]]
     _append(stages, RESULTS / "pipelines_resnet20.csv")
     final = (stages if a.pipeline == "compress" else
              stages[stages["stage"] == "all"] if a.pipeline == "vq4all" else stages.tail(1))   # vq4all: the file

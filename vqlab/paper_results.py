@@ -71,7 +71,11 @@ def _describe(setting: dict, run: str) -> tuple[str, str]:
     if p == "vq4all":
         return p, f"K={s['k']} d={s['d']}, {s['rounds']} rounds × {s['steps_per_round']} steps" + (
             f", BatchNorm statistics re-estimated ({s['recalibrate_bn']} batches)" if s.get("recalibrate_bn") else "")
-    return p, f"target {s.get('target', float('nan')):g}×, {s.get('epochs', '?')} epochs, seed {s.get('seed', '?')}"
+    grid = (f", K in {{{', '.join(map(str, s['ks']))}}}, d in {{{', '.join(map(str, s['ds']))}}}, "
+            f"scan on {s['calib_size']} images" if s.get("ks") else "")
+    seeds = s.get("seeds", [s.get("seed", "?")])
+    return p, f"target {s.get('target', float('nan')):g}×, {s.get('epochs', '?')} epochs{grid}, " \
+              f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
 def results_table(path: str | Path = FINAL_CSV) -> pd.DataFrame:
