@@ -173,6 +173,10 @@ def test_the_readme_pipeline_table_is_the_stored_table():
     assert describe(setting) == ("vqdnn", "K=256 d=8 (shared codebook), 4000 steps")
     assert describe({**setting, "distill": True})[1] == "K=256 d=8 (shared codebook), 4000 steps, distilled from the float model"
     assert describe({**setting, "seed": 1})[1] == "K=256 d=8 (shared codebook), 4000 steps, seed 1"
+    compress = {"pipeline": "compress", "target": 64.0, "epochs": 2.0, "seeds": [1]}
+    assert describe(compress)[1] == "target 64×, 2.0 epochs, seed 1"
+    assert describe({**compress, "ks": [2, 16], "ds": [4, 8], "calib_size": 512})[1] == \
+        "target 64×, 2.0 epochs, K in {2, 16}, d in {4, 8}, scan on 512 images, seed 1"
 
 
 def test_vq4all_batchnorm_re_estimation_adds_a_row_per_network_and_the_total_takes_it(digits):
