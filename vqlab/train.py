@@ -226,10 +226,10 @@ def recalibrate_batchnorm_(model: nn.Module, train_ds: TensorDataset, batches: i
     check_int("batches", batches, 1)
     check_int("batch_size", batch_size, 1)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms or len(train_ds) == 0:
-        if norms:
-            raise ValueError("recalibrate_batchnorm_: train_ds is empty")
+    if not norms:
         return 0
+    if len(train_ds) == 0:
+        raise ValueError("recalibrate_batchnorm_: train_ds is empty")
     dev = _model_device(model, device)
     modes = {m: m.training for m in model.modules()}
     momenta = [m.momentum for m in norms]
